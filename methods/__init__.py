@@ -1,0 +1,1 @@
+"""Pruning methods. Each produces a :class:`sparsekern.Plan` (see METHODS.md)."""

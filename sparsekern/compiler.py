@@ -1,0 +1,383 @@
+"""Static channel compiler: ``masked`` (the dense reference) and ``compile`` (physically smaller layers).
+
+Both start from the same :class:`~sparsekern.graph.ChannelGraph`, so they agree on which positions of
+which tensor a plan removes:
+
+* :func:`masked` keeps every shape and multiplies each tensor that carries a pruned channel by a 0/1 mask,
+  right after the op that produced it. Normalisation layers that pool statistics over channels
+  (LayerNorm, GroupNorm) compute them over the kept channels only: a pruned channel is absent, not zero.
+* :func:`compile` slices the weights of every conv, linear and norm layer to the kept channels and rewrites
+  the few graph arguments that name channel counts (split sizes, chunk, view/reshape sizes). The result
+  is a plain :class:`torch.fx.GraphModule` (scriptable and exportable) with the original submodule names.
+
+In eval mode ``compile(model, plan)(x)`` equals ``masked(model, plan)(x)`` at the kept positions, and the
+pruned positions do not exist (DESIGN.md, "Semantics").
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, trace_channels
+from sparsekern.plan import GroupKeep, Plan, PlanError
+
+__all__ = ["compile", "masked", "round_plan", "example_inputs_for"]
+
+
+# ----------------------------------------------------------------------------- inputs
+def _as_tuple(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def input_spec(example_inputs: Any) -> list[dict[str, Any]]:
+    """JSON description (shape, dtype) of example inputs, recorded in plans and manifests."""
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _as_tuple(example_inputs)]
+
+
+def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: int = 0) -> tuple:
+    """``example_inputs`` if given, else seeded random inputs of the shapes recorded in a plan's meta."""
+    if example_inputs is not None:
+        return _as_tuple(example_inputs)
+    spec = plan_or_spec.meta.get("inputs") if isinstance(plan_or_spec, Plan) else plan_or_spec
+    if not spec:
+        raise PlanError(
+            "example_inputs are needed to trace the model: pass example_inputs=..., or build the plan with "
+            "Plan.from_channel_masks(..., example_inputs=x), which records the input shapes"
+        )
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s["shape"], generator=g).to(getattr(torch, s["dtype"])) for s in spec)
+
+
+def _trace(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple[ChannelGraph, tuple]:
+    inputs = example_inputs_for(plan, example_inputs)
+    return trace_channels(model, inputs), inputs
+
+
+# ----------------------------------------------------------------------------- masked reference
+class _MaskedLayerNorm(nn.Module):
+    """LayerNorm over the last axis whose statistics use only the kept channels ``mask`` (bool, (C,))."""
+
+    def __init__(self, ln: nn.LayerNorm, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.ln = ln
+        self.register_buffer("mask", mask.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.dtype)
+        k = m.sum()
+        mean = (x * m).sum(-1, keepdim=True) / k
+        var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / k
+        y = (x - mean) / torch.sqrt(var + self.ln.eps)
+        if self.ln.weight is not None:
+            y = y * self.ln.weight
+        if self.ln.bias is not None:
+            y = y + self.ln.bias
+        return y
+
+
+class _MaskedGroupNorm(nn.Module):
+    """GroupNorm whose per-group statistics use only the kept channels ``mask`` (bool, (C,))."""
+
+    def __init__(self, gn: nn.GroupNorm, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.gn = gn
+        self.register_buffer("mask", mask.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        g = self.gn.num_groups
+        xs = x.reshape(n, g, c // g, -1)
+        m = self.mask.to(x.dtype).reshape(1, g, c // g, 1)
+        count = m.sum(dim=2, keepdim=True) * xs.shape[-1]
+        mean = (xs * m).sum(dim=(2, 3), keepdim=True) / count
+        var = (((xs - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / count
+        y = ((xs - mean) / torch.sqrt(var + self.gn.eps)).reshape(x.shape)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        if self.gn.weight is not None:
+            y = y * self.gn.weight.reshape(shape) + self.gn.bias.reshape(shape)
+        return y
+
+
+def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """The dense reference of ``plan``: same shapes, pruned channels zero in every tensor of their group.
+
+    Args:
+        model: the unpruned model (not modified; the result holds copies of its parameters).
+        plan: a static channel plan for ``model``.
+        example_inputs: inputs to trace with; defaults to random inputs of the shapes recorded in the plan.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the original submodule names and an extra multiply by a 0/1 channel
+        mask after every op whose output carries a pruned channel.
+    """
+    cg, _ = _trace(model, plan, example_inputs)
+    keep = cg.root_keep(plan)
+    gm = copy.deepcopy(cg.gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    count = 0
+    for name, lay in list(cg.layouts.items()):
+        if not isinstance(lay, Layout):
+            continue
+        kept = keep[cg.roots[lay.atoms]]
+        if kept.all():
+            continue
+        node = nodes[name]
+        shape = [1] * len(cg.shapes[name])
+        shape[lay.cdim] = lay.size
+        mask = torch.from_numpy(kept.astype(np.float32)).reshape(shape)
+        if node.op == "call_module":
+            _mask_norm_statistics(gm, node, cg, keep)
+        buf = f"_sk_mask_{count}"
+        count += 1
+        gm.register_buffer(buf, mask)
+        with gm.graph.inserting_after(node):
+            attr = gm.graph.get_attr(buf)
+        with gm.graph.inserting_after(attr):
+            mul = gm.graph.call_function(torch.mul, (node, attr))
+        node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    gm.sk_plan = plan
+    return gm
+
+
+def _mask_norm_statistics(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    module = gm.get_submodule(node.target)
+    lay = cg.layouts[node.name]
+    mask = torch.from_numpy(keep[cg.roots[lay.atoms]])
+    if isinstance(module, nn.LayerNorm):
+        gm.set_submodule(node.target, _MaskedLayerNorm(module, mask))
+    elif isinstance(module, nn.GroupNorm):
+        gm.set_submodule(node.target, _MaskedGroupNorm(module, mask))
+
+
+# ----------------------------------------------------------------------------- compile
+def compile(  # noqa: A001 (public API name from DESIGN.md)
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Any = None,
+    *,
+    round_to: int | None = None,
+    passes: Sequence[str] = (),
+) -> torch.fx.GraphModule:
+    """Compile a static channel ``plan`` into a physically smaller model.
+
+    Args:
+        model: the unpruned model (not modified).
+        plan: channel keep-sets per dependency group (see :class:`~sparsekern.plan.Plan`).
+        example_inputs: a tensor or tuple of tensors to trace with; defaults to random inputs of the shapes
+            recorded in the plan.
+        round_to: hardware-aware rounding: round every pruned group's kept count up to a multiple of this
+            (e.g. 8 or 16), adding back the most important pruned channels (plan scores, else the L1 norm of
+            the group's producer weights). The rounded plan is stored on the result as ``sk_plan``.
+        passes: inference passes from :mod:`sparsekern.passes` applied after slicing (e.g. ``("fold_bn",)``);
+            give the dense baseline the same passes (``sparsekern.passes.apply``) for fair comparisons.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the original submodule names, smaller weights, the model's train/eval
+        mode, and attributes ``sk_plan`` (the plan compiled), ``sk_arch`` (the model's architecture
+        reference, if any) and ``sk_compile`` (options, for :func:`sparsekern.save`).
+    """
+    cg, inputs = _trace(model, plan, example_inputs)
+    if round_to:
+        plan = round_plan(cg, plan, round_to)
+    keep = cg.root_keep(plan)
+    gm = copy.deepcopy(cg.gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            _slice_module(gm.get_submodule(node.target), node, cg, keep)
+        elif node.op in ("call_function", "call_method"):
+            _rewrite_channel_args(gm, node, cg, keep)
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    if passes:
+        from sparsekern.passes import apply
+
+        gm = apply(gm, passes)
+    gm.sk_plan = plan
+    gm.sk_arch = getattr(model, "sk_arch", None)
+    gm.sk_compile = {"round_to": round_to, "passes": list(passes), "inputs": input_spec(inputs)}
+    return gm
+
+
+def _positions(cg: ChannelGraph, lay: Any, keep: np.ndarray, size: int) -> torch.Tensor | None:
+    """Kept indices along a tracked layout, or None when nothing is removed (untracked or all kept)."""
+    if not isinstance(lay, Layout):
+        return None
+    idx = cg.kept_positions(lay, keep)
+    return None if len(idx) == size else torch.from_numpy(idx)
+
+
+def _slice_param(module: nn.Module, name: str, index: torch.Tensor | None, dim: int) -> None:
+    p = getattr(module, name, None)
+    if p is None or index is None:
+        return
+    data = p.data.index_select(dim, index.to(p.device)).clone()
+    if isinstance(p, nn.Parameter):
+        setattr(module, name, nn.Parameter(data, requires_grad=p.requires_grad))
+    else:
+        setattr(module, name, data)
+
+
+def _slice_module(m: nn.Module, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    out_lay = cg.layouts.get(node.name)
+    in_node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    in_lay = cg.layouts.get(in_node.name) if in_node is not None else None
+    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+        _slice_conv(m, cg, keep, in_lay, out_lay)
+    elif isinstance(m, nn.Linear):
+        out_idx = _positions(cg, out_lay, keep, m.out_features)
+        in_idx = _positions(cg, in_lay, keep, m.in_features)
+        _slice_param(m, "weight", out_idx, 0)
+        _slice_param(m, "weight", in_idx, 1)
+        _slice_param(m, "bias", out_idx, 0)
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        idx = _positions(cg, out_lay, keep, m.num_features)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            _slice_param(m, p, idx, 0)
+        if idx is not None:
+            m.num_features = len(idx)
+    elif isinstance(m, nn.LayerNorm):
+        idx = _positions(cg, out_lay, keep, m.normalized_shape[0])
+        _slice_param(m, "weight", idx, 0)
+        _slice_param(m, "bias", idx, 0)
+        if idx is not None:
+            m.normalized_shape = (len(idx),)
+    elif isinstance(m, nn.GroupNorm):
+        idx = _positions(cg, out_lay, keep, m.num_channels)
+        _slice_param(m, "weight", idx, 0)
+        _slice_param(m, "bias", idx, 0)
+        if idx is not None:
+            m.num_channels = len(idx)
+    elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
+        idx = _positions(cg, out_lay, keep, m.num_parameters)
+        _slice_param(m, "weight", idx, 0)
+        if idx is not None:
+            m.num_parameters = len(idx)
+
+
+def _slice_conv(m: nn.Module, cg: ChannelGraph, keep: np.ndarray, in_lay: Any, out_lay: Any) -> None:
+    out_idx = _positions(cg, out_lay, keep, m.out_channels)
+    in_idx = _positions(cg, in_lay, keep, m.in_channels)
+    if out_idx is None and in_idx is None:
+        return
+    if _is_depthwise(m):
+        # weight (C * mult, 1, k, k): only output rows go; the conv keeps one group per kept input channel
+        _slice_param(m, "weight", out_idx, 0)
+        _slice_param(m, "bias", out_idx, 0)
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = m.groups = m.in_channels if in_idx is None else len(in_idx)
+        return
+    g = m.groups
+    if g == 1:
+        _slice_param(m, "weight", out_idx, 0)
+        _slice_param(m, "weight", in_idx, 1)
+        _slice_param(m, "bias", out_idx, 0)
+        m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
+        return
+    # grouped conv: rows of group i read its own slice of input channels (equal kept counts per group,
+    # checked by ChannelGraph.check_plan)
+    out_per, in_per = m.out_channels // g, m.in_channels // g
+    out_all = torch.arange(m.out_channels) if out_idx is None else out_idx
+    in_all = torch.arange(m.in_channels) if in_idx is None else in_idx
+    w = m.weight.data
+    blocks = []
+    for i in range(g):
+        rows = out_all[(out_all >= i * out_per) & (out_all < (i + 1) * out_per)]
+        cols = in_all[(in_all >= i * in_per) & (in_all < (i + 1) * in_per)] - i * in_per
+        blocks.append(w.index_select(0, rows.to(w.device)).index_select(1, cols.to(w.device)))
+    m.weight = nn.Parameter(torch.cat(blocks).clone(), requires_grad=m.weight.requires_grad)
+    _slice_param(m, "bias", out_idx, 0)
+    m.out_channels, m.in_channels = len(out_all), len(in_all)
+
+
+def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    """Rewrite graph arguments that spell out channel counts: split/chunk sizes and view/reshape sizes."""
+    lay = cg.layouts.get(node.name)
+    target = node.target
+    is_split = target in (torch.split, torch.chunk, "split", "chunk")
+    if is_split and isinstance(lay, tuple) and lay and isinstance(lay[0], Layout):
+        src_lay = cg.layouts.get(node.args[0].name)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not isinstance(src_lay, Layout) or dim % len(cg.shapes[node.args[0].name]) != src_lay.cdim:
+            return
+        sizes = [int(len(cg.kept_positions(piece, keep))) for piece in lay]
+        if sizes == [piece.size for piece in lay]:
+            return
+        node.target = torch.split if callable(target) else "split"
+        node.args = (node.args[0], sizes, *node.args[2:])
+        return
+    if target in ("view", "reshape", torch.reshape) and isinstance(lay, Layout):
+        new = int(len(cg.kept_positions(lay, keep)))
+        if new == lay.size:
+            return
+        if target is torch.reshape:
+            shape = list(node.args[1])
+            shape[lay.cdim] = _replace_count(shape[lay.cdim], new)
+            node.args = (node.args[0], tuple(shape))
+            return
+        flat = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        shape = list(node.args[1]) if flat else list(node.args[1:])
+        shape[lay.cdim] = _replace_count(shape[lay.cdim], new)
+        node.args = (node.args[0], tuple(shape)) if flat else (node.args[0], *shape)
+
+
+def _replace_count(arg: Any, new: int) -> Any:
+    return new if isinstance(arg, int) and arg != -1 else arg
+
+
+# ----------------------------------------------------------------------------- rounding
+def group_importance(cg: ChannelGraph, group: str) -> np.ndarray:
+    """L1 norm of the weights that produce each channel of ``group`` (summed over producers), shape (size,)."""
+    cls = cg.group_classes[group]
+    index = {int(r): i for i, r in enumerate(cls.tolist())}
+    score = np.zeros(len(cls), dtype=np.float64)
+    for node_name, lay in cg.layouts.items():
+        if not isinstance(lay, Layout):
+            continue
+        node = next((n for n in cg.gm.graph.nodes if n.name == node_name), None)
+        if node is None or node.op != "call_module":
+            continue
+        m = cg.modules[node.target]
+        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or m.weight.shape[0] != lay.size:
+            continue
+        w = m.weight.detach().abs().reshape(lay.size, -1).sum(1).double().cpu().numpy()
+        for pos, r in enumerate(cg.roots[lay.atoms].tolist()):
+            if r in index:
+                score[index[r]] += w[pos]
+    return score
+
+
+def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
+    """Round each pruned group's kept count up to a multiple of ``multiple`` (capped at the group size).
+
+    Channels are added back in order of importance: the plan's ``scores`` when it has them, else
+    :func:`group_importance`. Groups that the plan leaves whole are untouched.
+    """
+    if multiple < 1:
+        raise ValueError(f"round_to must be a positive channel multiple, got {multiple}")
+    cg.check_plan(plan)
+    channels: dict[str, GroupKeep] = {}
+    for name, g in plan.channels.items():
+        target = min(g.size, math.ceil(g.n_keep / multiple) * multiple)
+        if target == g.n_keep:
+            channels[name] = g
+            continue
+        scores = np.asarray(g.scores) if g.scores is not None else group_importance(cg, name)
+        kept = set(g.keep)
+        candidates = sorted((c for c in range(g.size) if c not in kept), key=lambda c: (-scores[c], c))
+        keep = sorted(kept | set(candidates[: target - g.n_keep]))
+        channels[name] = GroupKeep(g.size, tuple(keep), g.members, g.scores)
+    rounded = plan.with_channels(channels)
+    rounded.meta["round_to"] = multiple
+    return rounded

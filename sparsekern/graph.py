@@ -1,0 +1,730 @@
+"""Channel dependency graph: which channels of which layers must be pruned together.
+
+This is the only module that reads a model's dataflow. It traces the model with :mod:`torch.fx`, runs the
+graph once on example inputs, and follows every tensor's *channel axis* through the ops:
+
+* each channel of a producer (a conv or linear output) is an **atom**;
+* a tensor's channel axis is a **layout**: one atom per position (a flattened ``(C, H, W)`` feature vector
+  repeats each channel's atom ``H * W`` times; a concatenation concatenates layouts);
+* ops that tie channels together (residual add, elementwise mul, depthwise conv) **unify** atoms
+  position by position (union-find);
+* a **dependency group** is the set of producers whose atoms are tied; its channels are the distinct
+  atom classes, numbered in topological order. A plan keeps or prunes each class.
+
+Channels that must never be pruned are **pinned** with a reason: the model output (logits), and every
+channel that reaches an op this module cannot slice (a reduction over channels, a reshape that mixes
+channels, an unknown module). Tensors whose channels are not tracked (the model input, outputs of such
+ops) are never sliced. Unknown constructs are therefore kept dense, never compiled wrongly.
+
+The vocabulary follows Torch-Pruning (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023);
+the union-find formulation over per-position atoms is this package's own.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
+
+
+class GraphError(RuntimeError):
+    """The model cannot be analysed (untraceable); the message names the module or node and a fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Channel axis ``cdim`` of a tensor and the atom at each position along it (int64, length = size)."""
+
+    cdim: int
+    atoms: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.atoms.shape[0])
+
+
+@dataclass(frozen=True)
+class GroupConstraint:
+    """A layer that needs the same number of kept channels in each of ``groups`` equal slices of a layout.
+
+    Grouped convolutions (per conv group, on input and output) and GroupNorm (per norm group).
+    """
+
+    node: str
+    module: str
+    layout: Layout
+    groups: int
+    what: str
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # keep the older atom as the root so class numbering follows creation order
+            lo, hi = (ra, rb) if ra < rb else (rb, ra)
+            self.parent[hi] = lo
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- op tables
+_CHANNELWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+_CHANNELWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.dropout2d, torch.clamp,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+    F.interpolate, torch.abs, torch.exp, operator.neg, torch.neg,
+}
+_CHANNELWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clamp_min", "contiguous", "clone",
+    "float", "half", "bfloat16", "to", "detach", "abs", "exp", "neg", "type_as",
+}
+_BINARY = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
+
+
+# ----------------------------------------------------------------------------- tracing
+class _PathTracer(torch.fx.Tracer):
+    """fx tracer that remembers which module it is inside, to name it when tracing fails."""
+
+    def __init__(self, leaf_modules: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.extra_leaves = leaf_modules
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: D102 (fx override)
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> torch.fx.GraphModule:
+    """Trace ``model`` with torch.fx; on failure raise :class:`GraphError` naming the module being traced."""
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, ...); all mean "not traceable"
+        where = tracer.stack[-1] if tracer.stack else "<top level>"
+        raise GraphError(
+            f"cannot trace {type(model).__name__} with torch.fx inside module {where!r}: {type(e).__name__}: {e}. "
+            "sparsekern needs a torch.fx-traceable forward: replace data-dependent Python control flow on "
+            "tensor values with tensor ops, or pass that submodule's type in `leaf_modules=` to keep it "
+            "dense and opaque."
+        ) from e
+    name = type(model).__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+class ChannelGraph:
+    """The channel dependency analysis of one model for one input shape.
+
+    Attributes:
+        gm: the traced ``torch.fx.GraphModule`` (shares parameters with the model).
+        layouts: fx node name -> :class:`Layout`, tuple of layouts (split outputs), or None (untracked).
+        groups: group name -> :class:`~sparsekern.plan.GroupSpec`.
+        constraints: grouped convolutions and GroupNorms that need equal kept counts per group.
+        opaque: node name -> why its tracked input channels were pinned.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = ()) -> None:
+        self.model = model
+        self.gm = symbolic_trace(model, leaf_modules)
+        self.modules = dict(self.gm.named_modules())
+        self._uf = _UnionFind()
+        self._spaces: list[tuple[str, np.ndarray]] = []
+        self._pin_reason: dict[int, str] = {}
+        self._module_outputs: dict[str, list[Layout]] = {}
+        self.layouts: dict[str, Any] = {}
+        self.shapes: dict[str, Any] = {}
+        self.constraints: list[GroupConstraint] = []
+        self.opaque: dict[str, str] = {}
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        self.input_spec = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                _LayoutInterpreter(self).run(*inputs)
+        finally:
+            model.train(was_training)
+        self._finalize()
+
+    # ------------------------------------------------------------------ atoms
+    def new_space(self, name: str, n: int) -> np.ndarray:
+        atoms = self._uf.add(n)
+        self._spaces.append((name, atoms))
+        return atoms
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            self._uf.union(x, y)
+
+    def pin(self, layout: Any, reason: str) -> None:
+        for lay in _flatten_layouts(layout):
+            for a in lay.atoms.tolist():
+                self._pin_reason.setdefault(a, reason)
+
+    def record_output(self, module_name: str, layout: Any) -> None:
+        if isinstance(layout, Layout):
+            self._module_outputs.setdefault(module_name, []).append(layout)
+
+    # ------------------------------------------------------------------ groups
+    def _finalize(self) -> None:
+        roots = self._uf.roots()
+        self.roots = roots
+        n = len(roots)
+        # group = connected component of spaces that share an atom class
+        group_of_root: dict[int, int] = {}
+        space_group = list(range(len(self._spaces)))
+
+        def gfind(i: int) -> int:
+            while space_group[i] != i:
+                space_group[i] = space_group[space_group[i]]
+                i = space_group[i]
+            return i
+
+        for si, (_, atoms) in enumerate(self._spaces):
+            for r in np.unique(roots[atoms]).tolist():
+                if r in group_of_root:
+                    a, b = gfind(group_of_root[r]), gfind(si)
+                    if a != b:
+                        space_group[max(a, b)] = min(a, b)
+                else:
+                    group_of_root[r] = si
+        members: dict[int, list[str]] = {}
+        classes: dict[int, list[int]] = {}
+        for si, (name, atoms) in enumerate(self._spaces):
+            g = gfind(si)
+            members.setdefault(g, []).append(name)
+            seen = classes.setdefault(g, [])
+            for r in roots[atoms].tolist():
+                if r not in seen:
+                    seen.append(r)
+        for name, lays in self._module_outputs.items():
+            for lay in lays:
+                for r in np.unique(roots[lay.atoms]).tolist():
+                    g = gfind(group_of_root[r])
+                    if name not in members[g]:
+                        members[g].append(name)
+        pinned_root: dict[int, str] = {}
+        for a, reason in self._pin_reason.items():
+            pinned_root.setdefault(int(roots[a]), reason)
+        self.groups: dict[str, GroupSpec] = {}
+        self.group_classes: dict[str, np.ndarray] = {}
+        self.root_group: np.ndarray = np.full(n, -1, dtype=np.int64)
+        self._group_names: list[str] = []
+        for g in sorted(classes):
+            name = self._spaces[g][0]
+            cls = np.array(classes[g], dtype=np.int64)
+            pinned = {i: pinned_root[r] for i, r in enumerate(cls.tolist()) if r in pinned_root}
+            self.groups[name] = GroupSpec(len(cls), tuple(members[g]), pinned)
+            self.group_classes[name] = cls
+
+    def group_of(self, layer: str) -> list[str]:
+        """Names of the groups that ``layer``'s output channels belong to."""
+        return [g for g, spec in self.groups.items() if layer in spec.members]
+
+    # ------------------------------------------------------------------ plans
+    def root_keep(self, plan: Plan) -> np.ndarray:
+        """Bool per atom root: False where the plan prunes that channel class. Validates the plan."""
+        self.check_plan(plan)
+        keep = np.ones(len(self.roots), dtype=bool)
+        for name, g in plan.channels.items():
+            cls = self.group_classes[name]
+            pruned = np.ones(len(cls), dtype=bool)
+            pruned[list(g.keep)] = False
+            keep[cls[pruned]] = False
+        return keep
+
+    def kept_positions(self, layout: Layout, root_keep: np.ndarray) -> np.ndarray:
+        """Indices along ``layout``'s channel axis that survive (int64)."""
+        return np.nonzero(root_keep[self.roots[layout.atoms]])[0]
+
+    def check_plan(self, plan: Plan) -> None:
+        """Validate ``plan`` against this model: groups, sizes, pinned channels, per-group equal counts."""
+        plan.validate(self.groups)
+        if not plan.is_static_only:
+            parts = [p for p in ("removed_blocks", "dynamic", "lowrank") if getattr(plan, p)]
+            raise PlanError(
+                f"the plan has {parts} parts; this compiler handles channel keep-sets only. Depth, dynamic "
+                "and low-rank plans are compiled by their own methods (sparsekern.methods.tas / sanp / flop)."
+            )
+        if not plan.channels:
+            return
+        keep = np.ones(len(self.roots), dtype=bool)
+        for name, g in plan.channels.items():
+            cls = self.group_classes[name]
+            pruned = np.ones(len(cls), dtype=bool)
+            pruned[list(g.keep)] = False
+            keep[cls[pruned]] = False
+        for c in self.constraints:
+            kept = keep[self.roots[c.layout.atoms]].reshape(c.groups, -1).sum(axis=1)
+            if len(set(kept.tolist())) > 1:
+                raise PlanError(
+                    f"{c.what} {c.module!r} (groups={c.groups}) needs the same number of kept channels in each "
+                    f"of its {c.groups} groups, got {kept.tolist()}; keep as many channels in every group"
+                )
+            if kept[0] == 0:
+                raise PlanError(f"{c.what} {c.module!r}: every channel of the layer would be pruned")
+
+    def plan_from_masks(self, masks: Mapping[str, Any], *, conflict: str = "error") -> Plan:
+        """See :meth:`sparsekern.plan.Plan.from_channel_masks`."""
+        if conflict not in ("error", "union", "intersection"):
+            raise ValueError(f"conflict must be 'error', 'union' or 'intersection', got {conflict!r}")
+        decided: dict[int, tuple[bool, str]] = {}
+        keep_root = np.ones(len(self.roots), dtype=bool)
+        for name, mask in masks.items():
+            for atoms, m in self._mask_targets(name, mask):
+                for r, k in zip(self.roots[atoms].tolist(), m.tolist()):
+                    if r in decided and decided[r][0] != k:
+                        if conflict == "error":
+                            g = self._group_name_of_root(r)
+                            raise PlanError(
+                                f"conflicting masks in dependency group {g!r}: {decided[r][1]!r} "
+                                f"{'keeps' if decided[r][0] else 'prunes'} a channel that {name!r} "
+                                f"{'keeps' if k else 'prunes'}. Channels in one group are pruned together; give "
+                                "one mask per group, or pass conflict='union' or 'intersection'"
+                            )
+                        k = (decided[r][0] or k) if conflict == "union" else (decided[r][0] and k)
+                    decided[r] = (bool(k), name)
+                    keep_root[r] = k
+        channels: dict[str, GroupKeep] = {}
+        for gname, cls in self.group_classes.items():
+            kept = keep_root[cls]
+            if not kept.all():
+                spec = self.groups[gname]
+                channels[gname] = GroupKeep(spec.size, tuple(np.nonzero(kept)[0].tolist()), spec.members)
+        plan = Plan(channels=channels, meta={"inputs": self.input_spec})
+        self.check_plan(plan)
+        return plan
+
+    def _mask_targets(self, name: str, mask: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+        if m.ndim != 1:
+            raise PlanError(f"mask for {name!r} must be 1-D (one entry per channel), got shape {m.shape}")
+        m = m.astype(bool)
+        if name in self._module_outputs:
+            layouts = self._module_outputs[name]
+            targets = []
+            for lay in layouts:
+                if lay.size != m.shape[0]:
+                    raise PlanError(
+                        f"mask for {name!r} has {m.shape[0]} entries but the layer has {lay.size} output "
+                        f"channels; give one boolean per output channel"
+                    )
+                targets.append((lay.atoms, m))
+            return targets
+        if name in self.groups:
+            cls = self.group_classes[name]
+            if len(cls) != m.shape[0]:
+                raise PlanError(f"mask for group {name!r} has {m.shape[0]} entries, the group has {len(cls)}")
+            return [(cls, m)]
+        if name in self.modules:
+            raise PlanError(
+                f"{name!r} ({type(self.modules[name]).__name__}) has no tracked output channels: it is not "
+                "called in forward, or its channels pass through an op that is not sliced. Mask a conv, "
+                "linear or norm layer whose output feeds the network"
+            )
+        close = sorted(self._module_outputs, key=lambda k: _edit(k, name))[:3]
+        raise PlanError(f"the model has no layer {name!r}; closest names: {close}")
+
+    def _group_name_of_root(self, r: int) -> str:
+        for gname, cls in self.group_classes.items():
+            if r in cls:
+                return gname
+        return "?"
+
+
+def _edit(a: str, b: str) -> int:
+    from sparsekern.plan import _distance
+
+    return _distance(a, b)
+
+
+def _flatten_layouts(layout: Any) -> Iterable[Layout]:
+    if isinstance(layout, Layout):
+        yield layout
+    elif isinstance(layout, (tuple, list)):
+        for item in layout:
+            yield from _flatten_layouts(item)
+    elif isinstance(layout, dict):
+        for item in layout.values():
+            yield from _flatten_layouts(item)
+
+
+def trace_channels(model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = ()) -> ChannelGraph:
+    """Analyse ``model``'s channel dependencies on ``example_inputs`` (a tensor or tuple of tensors)."""
+    return ChannelGraph(model, example_inputs, leaf_modules=leaf_modules)
+
+
+# ----------------------------------------------------------------------------- layout propagation
+class _LayoutInterpreter(torch.fx.Interpreter):
+    """Runs the graph on real inputs and computes each node's :class:`Layout` beside its value."""
+
+    def __init__(self, cg: ChannelGraph) -> None:
+        super().__init__(cg.gm)
+        self.cg = cg
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        self.cg.shapes[n.name] = _shapes(value)
+        self.cg.layouts[n.name] = self._layout(n, value)
+        return value
+
+    # -- helpers
+    def lay(self, arg: Any) -> Any:
+        return self.cg.layouts.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    def val(self, arg: Any) -> Any:
+        return self.env[arg] if isinstance(arg, torch.fx.Node) else arg
+
+    def opaque(self, n: torch.fx.Node, why: str) -> None:
+        tracked = [self.lay(a) for a in n.all_input_nodes]
+        if any(lay is not None for lay in tracked):
+            self.cg.opaque[n.name] = why
+            self.cg.pin(tracked, f"it reaches {n.name!r} ({why})")
+        return None
+
+    # -- dispatch
+    def _layout(self, n: torch.fx.Node, value: Any) -> Any:
+        if n.op in ("placeholder", "get_attr"):
+            return None
+        if n.op == "output":
+            self.cg.pin([self.lay(a) for a in n.all_input_nodes], "it is a model output (never prune logits)")
+            return None
+        if n.op == "call_module":
+            return self._module(n, self.cg.modules[n.target], value)
+        if n.op == "call_function":
+            return self._function(n, n.target, value)
+        if n.op == "call_method":
+            return self._method(n, n.target, value)
+        return self.opaque(n, f"unsupported node kind {n.op}")
+
+    def _module(self, n: torch.fx.Node, m: nn.Module, value: Any) -> Any:
+        name = str(n.target)
+        x = self.lay(n.args[0]) if n.args else None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                return self.opaque(n, "transposed convolutions are kept dense")
+            if _is_depthwise(m):
+                if x is None:
+                    out = Layout(1, self.cg.new_space(name, m.out_channels))
+                else:
+                    # output channel j reads input channel j // multiplier: they live and die together
+                    out = Layout(1, np.repeat(x.atoms, m.out_channels // m.in_channels))
+                return self._record(name, out)
+            out = Layout(1, self.cg.new_space(name, m.out_channels))
+            if m.groups > 1:
+                if x is not None:
+                    self.cg.constraints.append(GroupConstraint(n.name, name, x, m.groups, "grouped conv input of"))
+                self.cg.constraints.append(GroupConstraint(n.name, name, out, m.groups, "grouped conv"))
+            if x is not None and x.cdim != 1:
+                self.opaque(n, "conv input whose channel axis is not dim 1")
+            return self._record(name, out)
+        if isinstance(m, nn.Linear):
+            ndim = value.dim()
+            if x is not None and x.cdim != ndim - 1:
+                self.opaque(n, "linear input whose feature axis is not the last dim")
+            return self._record(name, Layout(ndim - 1, self.cg.new_space(name, m.out_features)))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return self._record(name, self._passthrough(n, x, value))
+        if isinstance(m, nn.GroupNorm):
+            if x is not None:
+                if x.cdim != 1:
+                    return self.opaque(n, "GroupNorm over a non-channel axis")
+                self.cg.constraints.append(GroupConstraint(n.name, name, x, m.num_groups, "GroupNorm"))
+            return self._record(name, self._passthrough(n, x, value))
+        if isinstance(m, nn.LayerNorm):
+            if x is not None and (len(m.normalized_shape) != 1 or x.cdim != value.dim() - 1):
+                return self.opaque(n, "LayerNorm over more than the channel axis")
+            return self._record(name, self._passthrough(n, x, value))
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters > 1 and x is not None and x.cdim != 1:
+                return self.opaque(n, "per-channel PReLU on a non-channel axis")
+            return self._record(name, self._passthrough(n, x, value))
+        if isinstance(m, nn.Flatten):
+            return self._record(name, self._reshape(n, x, value))
+        if isinstance(m, _CHANNELWISE_MODULES):
+            return self._record(name, self._passthrough(n, x, value))
+        return self.opaque(n, f"module {type(m).__name__} is not sliceable")
+
+    def _record(self, name: str, layout: Any) -> Any:
+        self.cg.record_output(name, layout)
+        return layout
+
+    def _passthrough(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
+        if x is None or not isinstance(value, torch.Tensor):
+            return None
+        in_val = self.val(n.args[0])
+        if value.dim() != in_val.dim() or value.shape[x.cdim] != x.size:
+            return self.opaque(n, "changes the channel axis")
+        return x
+
+    def _function(self, n: torch.fx.Node, fn: Callable, value: Any) -> Any:
+        if fn is operator.getitem:
+            return self._getitem(n, value)
+        if fn in _CHANNELWISE_FUNCTIONS:
+            return self._passthrough(n, self.lay(n.args[0]), value)
+        if fn in _BINARY:
+            return self._binary(n, value)
+        if fn in _CAT:
+            return self._cat(n, value)
+        if fn in (torch.split, torch.chunk):
+            return self._split(n, value)
+        if fn in (torch.flatten, torch.reshape):
+            return self._reshape(n, self.lay(n.args[0]), value)
+        if fn in (torch.permute, torch.transpose):
+            return self._permute(n, value)
+        if fn in _REDUCE_FUNCTIONS:
+            return self._reduce(n, value)
+        if not _has_tensor(value):
+            return None
+        return self.opaque(n, f"function {getattr(fn, '__name__', fn)} is not sliceable")
+
+    def _method(self, n: torch.fx.Node, name: str, value: Any) -> Any:
+        if name in ("size", "dim", "numel") or not _has_tensor(value):
+            return None
+        x = self.lay(n.args[0])
+        if name in _CHANNELWISE_METHODS:
+            return self._passthrough(n, x, value)
+        if name in _BINARY_METHODS:
+            return self._binary(n, value)
+        if name in ("view", "reshape", "flatten"):
+            return self._reshape(n, x, value)
+        if name in ("split", "chunk"):
+            return self._split(n, value)
+        if name in ("permute", "transpose"):
+            return self._permute(n, value)
+        if name in _REDUCE_METHODS:
+            return self._reduce(n, value)
+        return self.opaque(n, f"method .{name}() is not sliceable")
+
+    # -- op rules
+    def _binary(self, n: torch.fx.Node, value: Any) -> Any:
+        a, b = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+        la, lb = self.lay(a), self.lay(b)
+        if la is None and lb is None:
+            return None
+        out_dim = value.dim()
+        result = None
+        for arg, lay in ((a, la), (b, lb)):
+            v = self.val(arg)
+            if lay is None:
+                continue
+            cdim = lay.cdim + (out_dim - v.dim())  # broadcasting aligns from the right
+            cand = Layout(cdim, lay.atoms)
+            if value.shape[cdim] != lay.size:
+                return self.opaque(n, "broadcasts a channel axis")
+            if result is None:
+                result = cand
+            elif result.cdim != cand.cdim:
+                return self.opaque(n, "combines tensors whose channel axes differ")
+            else:
+                self.cg.unify(result.atoms, cand.atoms)
+        for arg, lay in ((a, la), (b, lb)):
+            v = self.val(arg)
+            if lay is None and isinstance(v, torch.Tensor) and v.dim() > 0:
+                axis = result.cdim - (out_dim - v.dim())
+                if axis >= 0 and v.shape[axis] != 1:
+                    self.cg.opaque[n.name] = "combines tracked channels with an untracked per-channel tensor"
+                    self.cg.pin(result, f"it is combined with an untracked tensor at {n.name!r}")
+        return result
+
+    def _cat(self, n: torch.fx.Node, value: Any) -> Any:
+        tensors = n.args[0]
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        lays = [self.lay(t) for t in tensors]
+        if all(lay is None for lay in lays):
+            return None
+        ndim = value.dim()
+        dim = dim % ndim
+        ref = next(lay for lay in lays if lay is not None)
+        if dim == ref.cdim:
+            if any(lay is None or lay.cdim != dim for lay in lays):
+                # an untracked piece: give it fresh, pinned atoms so offsets stay right
+                parts = []
+                for t, lay in zip(tensors, lays):
+                    if lay is None or lay.cdim != dim:
+                        atoms = self.cg.new_space(f"{n.name}:untracked", self.val(t).shape[dim])
+                        self.cg.pin(Layout(dim, atoms), f"it is concatenated at {n.name!r} with untracked data")
+                        parts.append(atoms)
+                    else:
+                        parts.append(lay.atoms)
+                return Layout(dim, np.concatenate(parts))
+            return Layout(dim, np.concatenate([lay.atoms for lay in lays]))
+        if any(lay is None or lay.cdim != ref.cdim for lay in lays):
+            return self.opaque(n, "concatenates tracked and untracked tensors along a non-channel axis")
+        for lay in lays[1:]:
+            self.cg.unify(ref.atoms, lay.atoms)
+        return ref
+
+    def _split(self, n: torch.fx.Node, value: Any) -> Any:
+        x = self.lay(n.args[0])
+        if x is None:
+            return None
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        dim = dim % self.val(n.args[0]).dim()
+        if dim != x.cdim:
+            return tuple(x for _ in value)
+        out, start = [], 0
+        for piece in value:
+            size = piece.shape[dim]
+            out.append(Layout(dim, x.atoms[start : start + size]))
+            start += size
+        return tuple(out)
+
+    def _getitem(self, n: torch.fx.Node, value: Any) -> Any:
+        container, index = n.args
+        lay = self.lay(container)
+        if lay is None:
+            return None
+        if isinstance(lay, tuple):
+            return lay[index]
+        src = self.val(container)
+        if not isinstance(src, torch.Tensor):
+            return None
+        idx = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (torch.fx.Node, torch.Tensor, list)) for i in idx):
+            return self.opaque(n, "advanced indexing")
+        # walk source dims
+        n_explicit = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        src_dim, out_dim, new_cdim = 0, 0, None
+        for i in idx:
+            if i is Ellipsis:
+                skip = src.dim() - n_explicit
+                if src_dim <= lay.cdim < src_dim + skip:
+                    new_cdim = out_dim + (lay.cdim - src_dim)
+                src_dim += skip
+                out_dim += skip
+            elif i is None:
+                out_dim += 1
+            elif isinstance(i, int):
+                if src_dim == lay.cdim:
+                    return self.opaque(n, "indexes a single channel")
+                src_dim += 1
+            elif isinstance(i, slice):
+                if src_dim == lay.cdim:
+                    if i != slice(None):
+                        return self.opaque(n, "slices the channel axis")
+                    new_cdim = out_dim
+                src_dim += 1
+                out_dim += 1
+            else:
+                return self.opaque(n, "unsupported index")
+        if new_cdim is None:
+            new_cdim = out_dim + (lay.cdim - src_dim)
+        return Layout(new_cdim, lay.atoms)
+
+    def _reshape(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
+        if x is None:
+            return None
+        in_shape = tuple(self.val(n.args[0]).shape)
+        out_shape = tuple(value.shape)
+        lead = int(np.prod(in_shape[: x.cdim]))
+        cum = 1
+        for p, s in enumerate(out_shape):
+            if cum == lead:
+                if s == in_shape[x.cdim] and _same_after(in_shape, x.cdim, out_shape, p):
+                    return Layout(p, x.atoms)
+                if p == len(out_shape) - 1 and s == int(np.prod(in_shape[x.cdim :])):
+                    return Layout(p, np.repeat(x.atoms, int(np.prod(in_shape[x.cdim + 1 :]))))
+            cum *= s
+        return self.opaque(n, f"reshape {in_shape} -> {out_shape} mixes the channel axis")
+
+    def _permute(self, n: torch.fx.Node, value: Any) -> Any:
+        x = self.lay(n.args[0])
+        if x is None:
+            return None
+        ndim = value.dim()
+        if n.target in (torch.transpose, "transpose"):
+            d0, d1 = (a % ndim for a in n.args[1:3])
+            cdim = d1 if x.cdim == d0 else d0 if x.cdim == d1 else x.cdim
+        else:
+            perm = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+            cdim = [p % ndim for p in perm].index(x.cdim)
+        return Layout(cdim, x.atoms)
+
+    def _reduce(self, n: torch.fx.Node, value: Any) -> Any:
+        x = self.lay(n.args[0])
+        if x is None:
+            return None
+        src = self.val(n.args[0])
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if dims is None:
+            return self.opaque(n, "reduces over all axes")
+        dims = {d % src.dim() for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if x.cdim in dims:
+            return self.opaque(n, "reduces over the channel axis")
+        cdim = x.cdim if keepdim else x.cdim - sum(1 for d in dims if d < x.cdim)
+        return Layout(cdim, x.atoms)
+
+
+def _same_after(in_shape: Sequence[int], c: int, out_shape: Sequence[int], p: int) -> bool:
+    return int(np.prod(in_shape[c + 1 :])) == int(np.prod(out_shape[p + 1 :]))
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shapes(v) for v in value)
+    return None
