@@ -135,6 +135,7 @@ class _PathTracer(torch.fx.Tracer):
         super().__init__()
         self.extra_leaves = leaf_modules
         self.stack: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
@@ -143,6 +144,10 @@ class _PathTracer(torch.fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -153,16 +158,16 @@ def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tor
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...); all mean "not traceable"
-        where = tracer.stack[-1] if tracer.stack else "<top level>"
+        where = tracer.failed_in or "<top level>"
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx inside module {where!r}: {type(e).__name__}: {e}. "
             "sparsekern needs a torch.fx-traceable forward: replace data-dependent Python control flow on "
             "tensor values with tensor ops, or pass that submodule's type in `leaf_modules=` to keep it "
             "dense and opaque."
         ) from e
-    name = type(model).__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
-    return gm
+    for node in graph.nodes:
+        node.type = None  # fx aliases annotated types in generated code, which TorchScript cannot parse
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 class ChannelGraph:

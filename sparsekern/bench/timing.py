@@ -1,0 +1,222 @@
+"""The one timing helper every sparsekern benchmark uses.
+
+Rules (DESIGN.md, "Measuring"): candidates are timed in the same process, *interleaved* (each
+repeat runs every candidate once, in a rotating order, so that clock drift, thermal throttling
+and background load hit all of them alike), after warm-up, and summarised by the median of many
+repeats with the spread reported next to it. CPU: ``time.perf_counter``; CUDA: a pair of
+``torch.cuda.Event`` around each call, synchronised before the call.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "rotation"]
+
+
+@dataclass
+class Timing:
+    """Summary of the samples of one timed callable. All times in milliseconds.
+
+    Attributes:
+        median_ms: median of the samples (the figure to report).
+        mean_ms: arithmetic mean.
+        p10_ms, p90_ms: 10th / 90th percentiles (linear interpolation).
+        iqr_ms: interquartile range, p75 - p25.
+        spread: ``iqr_ms / median_ms`` (dimensionless; 0.05 = 5 % spread).
+        n: number of samples.
+        samples: the raw samples in ms, in the order they were taken.
+    """
+
+    median_ms: float
+    mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    spread: float
+    n: int
+    samples: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> "Timing":
+        """Summarise raw samples (ms)."""
+        if not samples_ms:
+            raise ValueError("no samples")
+        xs = sorted(samples_ms)
+        med = _quantile(xs, 0.5)
+        iqr = _quantile(xs, 0.75) - _quantile(xs, 0.25)
+        return cls(
+            median_ms=med,
+            mean_ms=sum(xs) / len(xs),
+            p10_ms=_quantile(xs, 0.10),
+            p90_ms=_quantile(xs, 0.90),
+            iqr_ms=iqr,
+            spread=iqr / med if med > 0 else float("inf"),
+            n=len(xs),
+            samples=list(samples_ms),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable dict (``from_dict`` inverts it)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Timing":
+        return cls(**d)
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    """Quantile with linear interpolation between order statistics (numpy's default)."""
+    pos = (len(sorted_xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def rotation(names: list[str], r: int) -> list[str]:
+    """Order in which round ``r`` runs the candidates: ``names`` rotated left by ``r``."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+    device: str | torch.device = "cpu",
+    min_time_s: float | None = None,
+) -> dict[str, Timing]:
+    """Time several zero-argument callables against each other, interleaved.
+
+    Round ``r`` calls every function once, in the order ``rotation(names, r)``, so each function
+    runs first, second, ... equally often. ``warmup`` untimed rounds come first (same rotation).
+
+    Args:
+        fns: name -> callable with no arguments (close over inputs; return value is ignored).
+        warmup: untimed rounds before timing.
+        repeats: timed rounds (samples per function), at least 1.
+        device: ``"cpu"`` times with ``time.perf_counter``; a CUDA device times each call with
+            a pair of ``torch.cuda.Event`` after a ``torch.cuda.synchronize``.
+        min_time_s: if given, keep adding rounds after ``repeats`` until the wall time spent in
+            timed rounds (all functions together) reaches ``min_time_s`` seconds.
+
+    Returns:
+        name -> :class:`Timing` (times in ms), in the order of ``fns``.
+    """
+    if not fns:
+        raise ValueError("nothing to time")
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    names = list(fns)
+    cuda = _is_cuda(device)
+    timer = _cuda_call_ms if cuda else _cpu_call_ms
+
+    for r in range(warmup):
+        for name in rotation(names, r):
+            fns[name]()
+    if cuda:
+        torch.cuda.synchronize(device)
+
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    r = 0
+    while True:
+        for name in rotation(names, warmup + r):
+            samples[name].append(timer(fns[name], device))
+        r += 1
+        if r >= repeats and (min_time_s is None or time.perf_counter() - start >= min_time_s):
+            break
+    return {n: Timing.from_samples(samples[n]) for n in names}
+
+
+def _cpu_call_ms(fn: Callable[[], Any], device: str | torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _cuda_call_ms(fn: Callable[[], Any], device: str | torch.device) -> float:
+    begin = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(begin.elapsed_time(end))
+
+
+@contextmanager
+def set_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, restoring the previous value after.
+
+    ``None`` leaves the thread count alone.
+    """
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What a benchmark figure depends on; hostname-free, JSON-serializable.
+
+    Args:
+        device: the device benchmarked (default: ``"cuda"`` if available else ``"cpu"``).
+
+    Keys: ``device`` (type), ``device_name`` (GPU name or CPU model), ``cpu_model``,
+    ``cpu_count``, ``threads`` (torch intra-op), ``interop_threads``, ``torch``, ``cuda``
+    (CUDA runtime version or None), ``python``, ``platform``, ``dtype`` and ``batch`` (None
+    placeholders that the caller fills in).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    cpu = _cpu_model()
+    name = cpu
+    if dev.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(dev)
+    return {
+        "device": dev.type,
+        "device_name": name,
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "dtype": None,
+        "batch": None,
+    }
