@@ -342,11 +342,9 @@ def group_importance(cg: ChannelGraph, group: str) -> np.ndarray:
     cls = cg.group_classes[group]
     index = {int(r): i for i, r in enumerate(cls.tolist())}
     score = np.zeros(len(cls), dtype=np.float64)
-    for node_name, lay in cg.layouts.items():
-        if not isinstance(lay, Layout):
-            continue
-        node = next((n for n in cg.gm.graph.nodes if n.name == node_name), None)
-        if node is None or node.op != "call_module":
+    for node in cg.gm.graph.nodes:
+        lay = cg.layouts.get(node.name)
+        if not isinstance(lay, Layout) or node.op != "call_module":
             continue
         m = cg.modules[node.target]
         if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or m.weight.shape[0] != lay.size:

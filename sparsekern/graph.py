@@ -177,6 +177,8 @@ class ChannelGraph:
         gm: the traced ``torch.fx.GraphModule`` (shares parameters with the model).
         layouts: fx node name -> :class:`Layout`, tuple of layouts (split outputs), or None (untracked).
         groups: group name -> :class:`~sparsekern.plan.GroupSpec`.
+        producers: group name -> the convs/linears whose outputs create its channels (several when a
+            residual add ties them).
         constraints: grouped convolutions and GroupNorms that need equal kept counts per group.
         opaque: node name -> why its tracked input channels were pinned.
     """
@@ -247,10 +249,12 @@ class ChannelGraph:
                 else:
                     group_of_root[r] = si
         members: dict[int, list[str]] = {}
+        producers: dict[int, list[str]] = {}
         classes: dict[int, list[int]] = {}
         for si, (name, atoms) in enumerate(self._spaces):
             g = gfind(si)
             members.setdefault(g, []).append(name)
+            producers.setdefault(g, []).append(name)
             seen = classes.setdefault(g, [])
             for r in roots[atoms].tolist():
                 if r not in seen:
@@ -265,6 +269,7 @@ class ChannelGraph:
         for a, reason in self._pin_reason.items():
             pinned_root.setdefault(int(roots[a]), reason)
         self.groups: dict[str, GroupSpec] = {}
+        self.producers: dict[str, tuple[str, ...]] = {}
         self.group_classes: dict[str, np.ndarray] = {}
         self.root_group: np.ndarray = np.full(n, -1, dtype=np.int64)
         self._group_names: list[str] = []
@@ -273,6 +278,7 @@ class ChannelGraph:
             cls = np.array(classes[g], dtype=np.int64)
             pinned = {i: pinned_root[r] for i, r in enumerate(cls.tolist()) if r in pinned_root}
             self.groups[name] = GroupSpec(len(cls), tuple(members[g]), pinned)
+            self.producers[name] = tuple(producers[g])
             self.group_classes[name] = cls
 
     def group_of(self, layer: str) -> list[str]:
