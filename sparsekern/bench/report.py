@@ -11,12 +11,14 @@ timed on the very inputs that layer saw during a forward pass of its own model.
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -163,6 +165,7 @@ def compare(
     threads: int | None = None,
     label: str = "",
     device: str | torch.device | None = None,
+    passes: Sequence[str] = (),
 ) -> BenchReport:
     """Benchmark ``dense`` against ``fast`` on ``example_inputs``: theoretical vs measured speedup.
 
@@ -182,6 +185,9 @@ def compare(
         threads: ``torch.set_num_threads`` during the run (None: leave as is).
         label: free text stored in the report.
         device: where to time; inputs are moved there. Default: the first input tensor's device.
+        passes: inference passes (:mod:`sparsekern.passes`, e.g. ``("fold_bn", "freeze")``) applied to
+            copies of both models, and of each audited layer, before timing; FLOPs are counted on the
+            models as given, so both sides get exactly the same treatment.
 
     Raises:
         ValueError: an input is all zeros, or there is no tensor input.
@@ -206,16 +212,17 @@ def compare(
         if fast_cost.total <= 0:
             raise ValueError("the fast model counts 0 FLOPs (uncounted ops: "
                              f"{sorted(fast_cost.uncounted_ops)}); theoretical speedup undefined")
+        run_dense, run_fast = _with_passes(dense, passes), _with_passes(fast, passes)
         with torch.inference_mode():
             t = time_interleaved(
-                {"dense": lambda: dense(*args), "fast": lambda: fast(*args)},
+                {"dense": lambda: run_dense(*args), "fast": lambda: run_fast(*args)},
                 warmup=warmup, repeats=repeats, device=device,
             )
             layers: list[LayerBench] = []
             unmatched: list[str] = []
             if per_layer:
-                layers, unmatched = _layer_audit(dense, fast, args, dense_cost, fast_cost,
-                                                 warmup=warmup, repeats=repeats, device=device)
+                layers, unmatched = _layer_audit(dense, fast, args, dense_cost, fast_cost, warmup=warmup,
+                                                 repeats=repeats, device=device, passes=passes)
 
     env = environment(device)
     env.update(dtype=dtype, batch=batch, threads=n_threads)
@@ -257,6 +264,7 @@ def _layer_audit(
     warmup: int,
     repeats: int,
     device: torch.device,
+    passes: Sequence[str] = (),
 ) -> tuple[list[LayerBench], list[str]]:
     """Time every conv/linear name of ``dense`` that also names a FLOP-counted module of ``fast``,
     on the (args, kwargs) each model passed to it on its first call.
@@ -286,7 +294,8 @@ def _layer_audit(
         if name not in fast_in:
             unmatched.append(name)
             continue
-        dm, fm = dense.get_submodule(name), fast_modules[name]
+        dm = _with_passes(dense.get_submodule(name), passes)
+        fm = _with_passes(fast_modules[name], passes)
         (da, dk), (fa, fk) = dense_in[name], fast_in[name]
         t = time_interleaved(
             {"dense": lambda: dm(*da, **dk), "fast": lambda: fm(*fa, **fk)},
@@ -305,6 +314,15 @@ def _layer_audit(
             dense_input_shape=_shape(da), fast_input_shape=_shape(fa),
         ))
     return rows, unmatched
+
+
+def _with_passes(model: nn.Module, passes: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` after ``passes`` (the model itself when there are none)."""
+    if not passes:
+        return model
+    from sparsekern.passes import apply
+
+    return apply(copy.deepcopy(model), passes)
 
 
 def _per_call(cost: FlopReport, name: str, module: nn.Module) -> tuple[int, str]:

@@ -1,0 +1,78 @@
+"""The ``sparsekern`` command line: ``demo`` and ``bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sparsekern.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs, ratio=args.ratio,
+             threads=args.threads, progress=not args.no_progress)
+    return 0
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    from sparsekern.bench.models import STANDARD_CASES, Case, run_suite, summary_table
+
+    if args.model:
+        cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None)
+                 for b in args.batch for r in args.ratio]
+    else:
+        cases = list(STANDARD_CASES)
+    passes = tuple(p for p in args.passes.split(",") if p)
+    doc = run_suite(cases, passes=passes, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                    per_layer=args.per_layer, out=args.out, progress=not args.no_progress)
+    print(summary_table(doc))
+    if args.out:
+        print(f"wrote {args.out}")
+    if args.plot:
+        from sparsekern.bench.plot import plot_speedup
+
+        print(f"wrote {plot_speedup(doc['results'], args.plot)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train, prune, compile and benchmark a ResNet-20 on embedded data")
+    demo.add_argument("--out", default="sparsekern-demo", help="output folder (report.json, model.sk)")
+    demo.add_argument("--epochs", type=float, default=6)
+    demo.add_argument("--finetune-epochs", type=float, default=3)
+    demo.add_argument("--ratio", type=float, default=0.5, help="fraction of channels pruned per group")
+    demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: dense vs compiled, theoretical vs measured speedup")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    models = bench_sub.add_parser("models", help="uniform L1-norm pruning of zoo models (default: the standard set)")
+    models.add_argument("--model", help="zoo model name; default: the standard ResNet-50/ResNet-56 set")
+    models.add_argument("--ratio", type=float, nargs="+", default=[0.3, 0.5])
+    models.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    models.add_argument("--size", type=int, default=224, help="input height and width")
+    models.add_argument("--scope", choices=("all", "internal"), default="all")
+    models.add_argument("--round-to", type=int, default=16, help="channel multiple (0: no rounding)")
+    models.add_argument("--passes", default="fold_bn,freeze", help="comma-separated inference passes")
+    models.add_argument("--threads", type=int, default=2)
+    models.add_argument("--warmup", type=int, default=10)
+    models.add_argument("--repeats", type=int, default=50)
+    models.add_argument("--per-layer", action="store_true", help="also time every conv/linear layer")
+    models.add_argument("--out", help="write the JSON here (e.g. bench/results/cpu.json)")
+    models.add_argument("--plot", help="write a PNG of measured vs theoretical speedup here")
+    models.add_argument("--no-progress", action="store_true")
+    models.set_defaults(run=_bench_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Plan validation: wrong names, wrong lengths, empty keep-sets, conflicts, pinned channels, versions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.models import build
+from sparsekern.plan import GroupKeep, Plan, PlanError
+from tests.conftest import ConcatSplitNet
+
+
+@pytest.fixture
+def resnet() -> tuple[torch.nn.Module, torch.Tensor]:
+    return build("resnet20").eval(), torch.randn(1, 3, 32, 32)
+
+
+def test_wrong_layer_name_suggests_close_names(resnet) -> None:
+    model, x = resnet
+    with pytest.raises(PlanError, match=r"no layer 'layer1\.0\.cnv1'.*layer1\.0\.conv1"):
+        Plan.from_channel_masks(model, {"layer1.0.cnv1": torch.ones(16, dtype=torch.bool)}, x)
+
+
+def test_wrong_mask_length_names_layer_and_channels(resnet) -> None:
+    model, x = resnet
+    with pytest.raises(PlanError, match=r"'layer1\.0\.conv1' has 10 entries but the layer has 16 output channels"):
+        Plan.from_channel_masks(model, {"layer1.0.conv1": torch.ones(10, dtype=torch.bool)}, x)
+
+
+def test_empty_keep_set_is_refused(resnet) -> None:
+    model, x = resnet
+    with pytest.raises(PlanError, match="keep-set is empty"):
+        Plan.from_channel_masks(model, {"layer1.0.conv1": torch.zeros(16, dtype=torch.bool)}, x)
+
+
+def test_pruning_logits_is_refused(resnet) -> None:
+    model, x = resnet
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[3] = False
+    with pytest.raises(PlanError, match="channel 3 cannot be pruned because it is a model output"):
+        Plan.from_channel_masks(model, {"fc": keep}, x)
+
+
+def test_conflicting_masks_in_one_group(resnet) -> None:
+    model, x = resnet
+    a = torch.ones(16, dtype=torch.bool)
+    b = torch.ones(16, dtype=torch.bool)
+    a[0], b[1] = False, False
+    masks = {"conv1": a, "layer1.0.conv2": b}  # both produce the stage-1 residual stream
+    with pytest.raises(PlanError, match="conflicting masks in dependency group 'conv1'"):
+        Plan.from_channel_masks(model, masks, x)
+    union = Plan.from_channel_masks(model, masks, x, conflict="union")
+    assert union.channels == {} or union.channels["conv1"].n_keep == 16
+    inter = Plan.from_channel_masks(model, masks, x, conflict="intersection")
+    assert inter.channels["conv1"].keep == tuple(range(2, 16))
+
+
+def test_plan_for_another_model_is_refused(resnet) -> None:
+    model, x = resnet
+    plan = Plan(channels={"layer1.0.conv1": GroupKeep(32, tuple(range(8)))})
+    with pytest.raises(PlanError, match="plan has 32 channels but the model has 16"):
+        sk.compile(model, plan, x)
+    plan = Plan(channels={"layer1.0.bn1": GroupKeep(16, tuple(range(8)))})
+    with pytest.raises(PlanError, match="member of group 'layer1.0.conv1'"):
+        sk.compile(model, plan, x)
+
+
+def test_keep_indices_are_checked() -> None:
+    with pytest.raises(PlanError, match="sorted and unique"):
+        Plan(channels={"g": GroupKeep(4, (2, 1))}).validate()
+    with pytest.raises(PlanError, match=r"lie in \[0, 4\)"):
+        Plan(channels={"g": GroupKeep(4, (1, 4))}).validate()
+
+
+def test_version_and_json_round_trip() -> None:
+    plan = Plan(channels={"g": GroupKeep(4, (0, 2), ("a", "b"), (1.0, 0.5, 2.0, 0.1))}, meta={"method": "x"})
+    assert Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
+    data = plan.to_dict()
+    data["version"] = 99
+    with pytest.raises(PlanError, match="version 99"):
+        Plan.from_dict(data)
+
+
+def test_masks_need_example_inputs_or_recorded_shapes() -> None:
+    model = ConcatSplitNet().eval()
+    plan = Plan(channels={"a1": GroupKeep(16, tuple(range(8)))})
+    with pytest.raises(PlanError, match="example_inputs are needed"):
+        sk.masked(model, plan)
+
+
+def test_dynamic_parts_are_not_compiled_silently(resnet) -> None:
+    model, x = resnet
+    with pytest.raises(PlanError, match="dynamic"):
+        sk.compile(model, Plan(dynamic={"layer1.0.conv1": {"granularity": 4}}), x)
