@@ -139,3 +139,16 @@ def test_compiled_model_trains() -> None:
     loss = fast(x).logsumexp(1).mean()
     loss.backward()
     assert all(p.grad is not None for p in fast.parameters())
+
+
+@pytest.mark.parametrize("name,size", [("resnet56", 32), ("mobilenet_v2", 32), ("vgg16_bn", 32)])
+def test_flops_agree_with_flop_counter_on_compiled_models(name: str, size: int) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(name).eval()
+    x = torch.randn(2, 3, size, size)
+    fast = sk.compile(model, random_plan(model, x, 4), x)
+    for m in (model, fast):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(x)
+        assert sk.flops(m, x).total == counter.get_total_flops()
