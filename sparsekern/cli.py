@@ -18,12 +18,12 @@ def _bench_models(args: argparse.Namespace) -> int:
     from sparsekern.bench.models import STANDARD_CASES, Case, run_suite, summary_table
 
     if args.model:
-        cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None)
-                 for b in args.batch for r in args.ratio]
+        paths = [tuple(p for p in spec.split(",") if p) for spec in args.passes]
+        cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None, passes=p)
+                 for p in paths for b in args.batch for r in args.ratio]
     else:
         cases = list(STANDARD_CASES)
-    passes = tuple(p for p in args.passes.split(",") if p)
-    doc = run_suite(cases, passes=passes, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+    doc = run_suite(cases, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                     per_layer=args.per_layer, out=args.out, progress=not args.no_progress)
     print(summary_table(doc))
     if args.out:
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--size", type=int, default=224, help="input height and width")
     models.add_argument("--scope", choices=("all", "internal"), default="all")
     models.add_argument("--round-to", type=int, default=16, help="channel multiple (0: no rounding)")
-    models.add_argument("--passes", default="fold_bn,freeze", help="comma-separated inference passes")
+    models.add_argument("--passes", nargs="+", default=["fold_bn,onednn"],
+                        help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze)")
     models.add_argument("--threads", type=int, default=2)
     models.add_argument("--warmup", type=int, default=10)
     models.add_argument("--repeats", type=int, default=50)

@@ -85,9 +85,9 @@ def run_demo(
         identical = bool(torch.equal(loaded(x), fast(x)))
     say(f"      reloaded outputs bit-identical: {identical}")
 
-    say(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, passes fold_bn + freeze")
+    say(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, passes fold_bn + onednn")
     report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo",
-                     passes=("fold_bn", "freeze"))
+                     passes=("fold_bn", "onednn"))
     say(report.table())
     dense_flops, pruned_flops = sk.flops(model, x), sk.flops(fast, x)
     result = {

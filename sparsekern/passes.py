@@ -10,6 +10,11 @@ Passes (names for :func:`apply`):
   The result is for inference: the folded layers no longer have batch statistics.
 * ``"channels_last"``: store 4-D conv weights and the model's 4-D inputs in NHWC order, the layout that
   oneDNN (CPU) and cuDNN (tensor cores) run natively, so no reorder happens at every layer.
+* ``"onednn"``: the CPU inference path. Every 2-D conv becomes one oneDNN call whose weights are prepacked
+  once for the actual input shape (no per-call weight reorder) and which fuses the ReLU that follows it,
+  or the residual add (and ReLU) that consumes it; activations stay NHWC (``view`` becomes ``reshape``).
+  Needs ``example_inputs``;
+  run ``"fold_bn"`` first. Other batch sizes still run correctly (oneDNN may then reorder).
 * ``"freeze"``: TorchScript-script the model, freeze it and run ``torch.jit.optimize_for_inference``:
   constants folded, conv weights prepacked once into oneDNN's blocked layout, conv+add+relu fused. On CPU
   this removes the per-call weight reorder and primitive set-up that dominate small batches (measured on
@@ -18,16 +23,18 @@ Passes (names for :func:`apply`):
 """
 from __future__ import annotations
 
+import operator
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sparsekern.graph import symbolic_trace
 
-__all__ = ["apply", "fold_bn", "channels_last", "freeze", "PASSES"]
+__all__ = ["apply", "fold_bn", "channels_last", "onednn", "freeze", "PASSES"]
 
 
 def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
@@ -94,15 +101,24 @@ def channels_last(model: nn.Module) -> torch.fx.GraphModule:
     """
     gm = _as_graph_module(model)
     gm.to(memory_format=torch.channels_last)
+    _channels_last_inputs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _channels_last_inputs(gm: torch.fx.GraphModule) -> None:
+    """Convert 4-D inputs to NHWC at the top of the graph, and make ``view`` calls ``reshape`` (a view of an
+    NHWC tensor across its channel axis is not expressible; reshape copies where it must)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target == "view":
+            node.target = "reshape"
     for node in list(gm.graph.nodes):
         if node.op != "placeholder":
             continue
         with gm.graph.inserting_after(node):
             conv = gm.graph.call_function(_to_channels_last, (node,))
         node.replace_all_uses_with(conv, delete_user_cb=lambda user: user is not conv)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +127,98 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 torch.fx.wrap("_to_channels_last")
+
+
+_RELU = {F.relu, torch.relu, "relu", "relu_"}
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _is(node: torch.fx.Node, targets: set, modules: dict[str, nn.Module], module_type: type) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), module_type)
+    if node.op in ("call_function", "call_method") and node.target in targets:
+        return not node.kwargs.get("alpha") and (len(node.args) < 3 or node.target not in _ADD)
+    return False
+
+
+def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fusable_chain(
+    conv: torch.fx.Node, modules: dict[str, nn.Module]
+) -> tuple[list[torch.fx.Node], str | None, torch.fx.Node | None]:
+    """The nodes oneDNN can run as one call: conv [-> add(other)] [-> relu].
+
+    Returns (chain of nodes starting at ``conv``, ``"relu"`` or None, the add's other operand or None).
+    """
+    chain, unary, other = [conv], None, None
+    user = _single_user(conv)
+    if user is not None and _is(user, _ADD, modules, type(None)) and len(user.args) == 2:
+        a, b = user.args
+        candidate = b if a is conv else a
+        cm = candidate.meta.get("tensor_meta") if isinstance(candidate, torch.fx.Node) else None
+        om = user.meta.get("tensor_meta")
+        if candidate is not conv and cm is not None and om is not None and cm.shape == om.shape and cm.dtype == om.dtype:
+            chain.append(user)
+            other = candidate
+            user = _single_user(user)
+    if user is not None and user is not chain[-1] and _is(user, _RELU, modules, nn.ReLU):
+        chain.append(user)
+        unary = "relu"
+    return chain, unary, other
+
+
+def onednn(model: nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
+    """Prepacked, fused oneDNN convolutions (see the module docstring). ``model`` is modified if it is a
+    GraphModule; the result is for inference."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = _as_graph_module(model).eval()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+    modules = dict(gm.named_modules())
+    count = 0
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
+            continue
+        x = node.args[0]
+        meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+        if meta is None or meta.dtype != torch.float32 or conv.weight.dtype != torch.float32:
+            continue
+        chain, unary, other = _fusable_chain(node, modules)
+        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            conv.weight.detach().to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, list(meta.shape),
+        )
+        wname, bname = f"_sk_onednn_w{count}", f"_sk_onednn_b{count}"
+        count += 1
+        gm.register_buffer(wname, weight, persistent=False)
+        gm.register_buffer(bname, None if conv.bias is None else conv.bias.detach().clone(), persistent=False)
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        last = chain[-1]
+        with gm.graph.inserting_before(last):
+            w = gm.graph.get_attr(wname)
+            b = gm.graph.get_attr(bname) if conv.bias is not None else None
+            if other is None:
+                fused = gm.graph.call_function(
+                    torch.ops.mkldnn._convolution_pointwise.default, (x, w, b, *geometry, unary or "none", [], ""))
+            else:
+                fused = gm.graph.call_function(
+                    torch.ops.mkldnn._convolution_pointwise.binary,
+                    (x, other, w, b, *geometry, "add", None, unary, [], ""))
+        fused.meta = dict(last.meta)
+        last.replace_all_uses_with(fused)
+        for dead in reversed(chain):
+            gm.graph.erase_node(dead)
+    _channels_last_inputs(gm)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def freeze(model: nn.Module) -> torch.jit.ScriptModule:
@@ -124,19 +232,30 @@ def freeze(model: nn.Module) -> torch.jit.ScriptModule:
         scripted = torch.jit.script(model)
         return torch.jit.optimize_for_inference(torch.jit.freeze(scripted))
 
-PASSES: dict[str, Callable[[nn.Module], torch.fx.GraphModule]] = {
+PASSES: dict[str, Callable[..., nn.Module]] = {
     "fold_bn": fold_bn,
     "channels_last": channels_last,
+    "onednn": onednn,
     "freeze": freeze,
 }
+_NEEDS_INPUTS = {"onednn"}
 
 
-def apply(model: nn.Module, passes: Sequence[str]) -> nn.Module:
-    """Apply the named passes in order; the model is modified in place when it is a GraphModule."""
+def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None) -> nn.Module:
+    """Apply the named passes in order; the model is modified in place when it is a GraphModule.
+
+    ``example_inputs`` (a tensor or tuple) are needed by the passes that specialise to input shapes
+    (``"onednn"``).
+    """
     for i, name in enumerate(passes):
         if name == "freeze" and i != len(passes) - 1:
             raise ValueError(f"'freeze' must be the last inference pass, got {list(passes)}")
         if name not in PASSES:
             raise ValueError(f"unknown inference pass {name!r}; available: {sorted(PASSES)}")
-        model = PASSES[name](model)
+        if name in _NEEDS_INPUTS:
+            if example_inputs is None:
+                raise ValueError(f"inference pass {name!r} needs example_inputs (it prepacks for their shapes)")
+            model = PASSES[name](model, example_inputs)
+        else:
+            model = PASSES[name](model)
     return model

@@ -185,7 +185,7 @@ def compare(
         threads: ``torch.set_num_threads`` during the run (None: leave as is).
         label: free text stored in the report.
         device: where to time; inputs are moved there. Default: the first input tensor's device.
-        passes: inference passes (:mod:`sparsekern.passes`, e.g. ``("fold_bn", "freeze")``) applied to
+        passes: inference passes (:mod:`sparsekern.passes`, e.g. ``("fold_bn", "onednn")``) applied to
             copies of both models, and of each audited layer, before timing; FLOPs are counted on the
             models as given, so both sides get exactly the same treatment.
 
@@ -212,7 +212,7 @@ def compare(
         if fast_cost.total <= 0:
             raise ValueError("the fast model counts 0 FLOPs (uncounted ops: "
                              f"{sorted(fast_cost.uncounted_ops)}); theoretical speedup undefined")
-        run_dense, run_fast = _with_passes(dense, passes), _with_passes(fast, passes)
+        run_dense, run_fast = _with_passes(dense, passes, args), _with_passes(fast, passes, args)
         with torch.inference_mode():
             t = time_interleaved(
                 {"dense": lambda: run_dense(*args), "fast": lambda: run_fast(*args)},
@@ -294,9 +294,9 @@ def _layer_audit(
         if name not in fast_in:
             unmatched.append(name)
             continue
-        dm = _with_passes(dense.get_submodule(name), passes)
-        fm = _with_passes(fast_modules[name], passes)
         (da, dk), (fa, fk) = dense_in[name], fast_in[name]
+        dm = _with_passes(dense.get_submodule(name), passes, da)
+        fm = _with_passes(fast_modules[name], passes, fa)
         t = time_interleaved(
             {"dense": lambda: dm(*da, **dk), "fast": lambda: fm(*fa, **fk)},
             warmup=warmup, repeats=repeats, device=device,
@@ -316,13 +316,15 @@ def _layer_audit(
     return rows, unmatched
 
 
-def _with_passes(model: nn.Module, passes: Sequence[str]) -> nn.Module:
-    """A copy of ``model`` after ``passes`` (the model itself when there are none)."""
+def _with_passes(model: nn.Module, passes: Sequence[str], args: tuple[Any, ...]) -> nn.Module:
+    """A copy of ``model`` after ``passes``, specialised to ``args`` where a pass needs shapes (the model
+    itself when there are no passes)."""
     if not passes:
         return model
     from sparsekern.passes import apply
 
-    return apply(copy.deepcopy(model), passes)
+    with torch.no_grad():
+        return apply(copy.deepcopy(model), passes, args)
 
 
 def _per_call(cost: FlopReport, name: str, module: nn.Module) -> tuple[int, str]:

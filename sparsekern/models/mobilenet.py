@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from sparsekern.models.init import init_weights
+
 __all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetV2", "make_divisible", "mobilenet_v2"]
 
 # (expansion t, output channels c, repeats n, first stride s): Sandler et al. 2018, table 2.
@@ -114,21 +116,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out) convs, BN 1 / 0, Linear N(0, 0.01), all biases 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -26,6 +26,8 @@ from typing import Sequence, Type, Union
 import torch
 from torch import nn
 
+from sparsekern.models.init import init_weights
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -128,18 +130,6 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
-def _init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out, ReLU) convs; BN weight 1, bias 0. Linear layers keep PyTorch's default."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class CifarResNet(nn.Module):
     """CIFAR ResNet of He et al. 2016 (sec. 4.2) with projection shortcuts.
 
@@ -162,7 +152,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(64, n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64 * BasicBlock.expansion, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -211,7 +201,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        _init_weights(self)
+        init_weights(self)
         if zero_init_residual:  # Goyal et al. 2017: each residual branch starts as zero
             for m in self.modules():
                 if isinstance(m, Bottleneck):

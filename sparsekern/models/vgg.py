@@ -27,6 +27,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from sparsekern.models.init import init_weights
+
 __all__ = ["VGG", "CIFAR_CFGS", "IMAGENET_CFGS", "vgg_bn"]
 
 CfgItem = Union[int, str]
@@ -92,21 +94,7 @@ class VGG(nn.Module):
         else:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.classifier = nn.Linear(last, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out) convs with zero bias, BN 1 / 0, Linear N(0, 0.01) with zero bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
