@@ -281,6 +281,25 @@ class ChannelGraph:
             self.producers[name] = tuple(producers[g])
             self.group_classes[name] = cls
 
+    def consumers(self, group: str) -> dict[str, np.ndarray]:
+        """Conv/linear layers that read ``group``'s channels: layer name -> for each of its input positions,
+        the group channel it carries (-1 for positions from other groups or untracked inputs).
+
+        A flattened input repeats a channel's index over its H*W positions.
+        """
+        index = {int(r): i for i, r in enumerate(self.group_classes[group].tolist())}
+        out: dict[str, np.ndarray] = {}
+        for node in self.gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(self.modules[node.target], (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            lay = self.layouts.get(node.args[0].name) if isinstance(node.args[0], torch.fx.Node) else None
+            if not isinstance(lay, Layout):
+                continue
+            pos = np.array([index.get(int(r), -1) for r in self.roots[lay.atoms].tolist()], dtype=np.int64)
+            if (pos >= 0).any():
+                out[str(node.target)] = pos
+        return out
+
     def group_of(self, layer: str) -> list[str]:
         """Names of the groups that ``layer``'s output channels belong to."""
         return [g for g, spec in self.groups.items() if layer in spec.members]

@@ -84,3 +84,16 @@ def test_untraceable_model_names_the_module() -> None:
     # marking it a leaf keeps it dense and opaque instead
     cg = trace_channels(Net(), torch.randn(1, 3, 4, 4), leaf_modules=(Gate,))
     assert cg.groups["conv"].pinned
+
+
+def test_consumers_map_input_positions_to_group_channels() -> None:
+    cg = trace_channels(ConcatSplitNet().eval(), torch.randn(2, 3, 8, 8))
+    cons = cg.consumers("a1")
+    assert list(cons) == ["a2"] and cons["a2"].tolist() == list(range(16))
+    side = cg.consumers("side")
+    # side's channels reach the depthwise conv at offset 16 of the concat, then the grouped conv after the
+    # split/swap at offset 0
+    assert side["dw"].tolist() == [-1] * 16 + list(range(16))
+    assert side["grouped"].tolist() == list(range(16)) + [-1] * 16
+    fc = cg.consumers("grouped")["fc"]
+    assert fc.shape == (256,) and fc[:16].tolist() == [0] * 16 and fc[-1] == 15
