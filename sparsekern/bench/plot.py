@@ -30,10 +30,13 @@ def _theory(d: dict[str, Any]) -> float:
     return float(d["dense_flops"]) / float(d["fast_flops"])
 
 
-def _series_key(d: dict[str, Any]) -> str:
-    model = d.get("model") or d.get("label") or "model"
+def _series_key(d: dict[str, Any]) -> tuple[str, str]:
+    """(model and batch, inference path): one line per pair, across pruning ratios."""
+    case = d.get("case") or {}
+    model = case.get("model") or d.get("model") or d.get("label") or "model"
     batch = d.get("batch")
-    return f"{model} (batch {batch})" if batch is not None else str(model)
+    group = f"{model} (batch {batch})" if batch is not None else str(model)
+    return group, " + ".join(case.get("passes", ()))
 
 
 def plot_speedup(
@@ -60,13 +63,13 @@ def plot_speedup(
     """
     plt = _pyplot()
     rows = [_as_dict(r) for r in results]
-    series: OrderedDict[str, list[tuple[float, float]]] = OrderedDict()
+    series: OrderedDict[tuple[str, str], list[tuple[float, float]]] = OrderedDict()
     for d in rows:
         theory = _theory(d)
         xv = theory if x == "theoretical" else 1.0 - 1.0 / theory
         series.setdefault(_series_key(d), []).append((xv, float(d["measured_speedup"])))
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 5), dpi=120)
     xs_all = [p[0] for pts in series.values() for p in pts]
     ys_all = [p[1] for pts in series.values() for p in pts]
     if x == "theoretical":
@@ -82,9 +85,15 @@ def plot_speedup(
         ax.set_xlim(0.0, top)
         ax.set_xlabel("FLOP reduction (1 - pruned / dense)")
     ax.axhline(1.0, color="0.7", lw=0.8, ls=":")
-    for key, pts in series.items():
+    groups = list(dict.fromkeys(k[0] for k in series))
+    pipelines = list(dict.fromkeys(k[1] for k in series))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    for (group, pipeline), pts in series.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=5, lw=1.5, label=key)
+        marker, line = styles[pipelines.index(pipeline) % len(styles)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=line, ms=6, lw=1.5,
+                color=palette[groups.index(group) % len(palette)], label=f"{group} {pipeline}".strip())
     ax.set_ylim(0.0, max(ys_all + [ax.get_xlim()[1] if x == "theoretical" else 2.0]) * 1.05)
     ax.set_ylabel("measured speedup (dense time / pruned time)")
     if title is None:
@@ -94,7 +103,7 @@ def plot_speedup(
             title += f"\n{devices.pop()}"
     ax.set_title(title, fontsize=11)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
