@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, trace_channels
+from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, keep_attributes, trace_channels
 from sparsekern.plan import GroupKeep, Plan, PlanError
 
 __all__ = ["compile", "masked", "round_plan", "example_inputs_for"]
@@ -145,7 +145,7 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    gm.sk_plan = plan
+    keep_attributes(gm, sk_plan=plan)
     return gm
 
 
@@ -203,9 +203,8 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
         from sparsekern.passes import apply
 
         gm = apply(gm, passes)
-    gm.sk_plan = plan
-    gm.sk_arch = getattr(model, "sk_arch", None)
-    gm.sk_compile = {"round_to": round_to, "passes": list(passes), "inputs": input_spec(inputs)}
+    keep_attributes(gm, sk_plan=plan, sk_arch=getattr(model, "sk_arch", None),
+                    sk_compile={"round_to": round_to, "passes": list(passes), "inputs": input_spec(inputs)})
     return gm
 
 

@@ -170,6 +170,15 @@ def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tor
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def keep_attributes(gm: torch.fx.GraphModule, **attrs: Any) -> None:
+    """Set plain attributes (``sk_plan``, ``sk_arch``, ...) on ``gm`` so that they survive ``copy.deepcopy``,
+    which rebuilds a GraphModule from its graph and would otherwise drop them."""
+    preserved = gm.meta.setdefault("_user_preserved_attributes", {})
+    for name, value in attrs.items():
+        setattr(gm, name, value)
+        preserved[name] = value
+
+
 class ChannelGraph:
     """The channel dependency analysis of one model for one input shape.
 

@@ -32,7 +32,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.graph import symbolic_trace
+from sparsekern.graph import keep_attributes, symbolic_trace
 
 __all__ = ["apply", "fold_bn", "channels_last", "onednn", "freeze", "PASSES"]
 
@@ -42,9 +42,7 @@ def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
         return model
     gm = symbolic_trace(model)
     gm.train(model.training)
-    for attr in ("sk_plan", "sk_arch", "sk_compile"):
-        if hasattr(model, attr):
-            setattr(gm, attr, getattr(model, attr))
+    keep_attributes(gm, **{a: getattr(model, a) for a in ("sk_plan", "sk_arch", "sk_compile") if hasattr(model, a)})
     return gm
 
 

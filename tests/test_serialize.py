@@ -92,3 +92,13 @@ def test_bad_plan_files_fail_clearly(tmp_path: Path) -> None:
         sk.load(tmp_path / "q.json")
     with pytest.raises(FileNotFoundError):
         sk.load(tmp_path / "missing.sk")
+
+
+def test_a_deep_copy_of_a_compiled_model_still_saves(compiled, tmp_path: Path) -> None:
+    import copy
+
+    fast, x = compiled
+    clone = copy.deepcopy(fast)  # fx rebuilds GraphModules on deepcopy; the manifest attributes must survive
+    assert clone.sk_plan is not None and clone.sk_arch == fast.sk_arch
+    with torch.no_grad():
+        assert torch.equal(sk.load(sk.save(clone, tmp_path / "c.sk"))(x), fast(x))
