@@ -1,4 +1,4 @@
-"""The ``sparsekern`` command line: ``demo`` and ``bench``."""
+"""The ``sparsekern`` command line: ``demo``, ``prune`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ def _demo(args: argparse.Namespace) -> int:
     from sparsekern.demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs, ratio=args.ratio,
-             threads=args.threads, progress=not args.no_progress)
+             threads=args.threads, repeats=args.repeats, progress=not args.no_progress)
     return 0
 
 
@@ -35,6 +35,22 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparsekern.data import load
+    from sparsekern.methods import rethinking
+
+    out = Path(args.out)
+    arms = ("fine-tune", "Scratch-E", "Scratch-B") if args.protocol == "rethinking" else ("fine-tune",)
+    rethinking.run(args.method, load(args.data, image_size=args.image_size), model_name=args.model,
+                   budget=args.budget, epochs=args.epochs, finetune_epochs=args.finetune_epochs, arms=arms,
+                   seed=args.seed, progress=not args.no_progress, out=out / "report.json",
+                   model_out=out / "model.sk")
+    print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,8 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-epochs", type=float, default=3)
     demo.add_argument("--ratio", type=float, default=0.5, help="fraction of channels pruned per group")
     demo.add_argument("--threads", type=int, default=2)
+    demo.add_argument("--repeats", type=int, default=30, help="timed runs per model and layer")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
+
+    prune = sub.add_parser("prune", help="train, prune to a FLOPs budget, fine-tune, save and report")
+    prune.add_argument("--method", required=True, choices=("l1_norm", "slimming", "thinet", "lasso"))
+    prune.add_argument("--model", default="resnet56", help="zoo model name")
+    prune.add_argument("--budget", type=float, default=0.5, help="FLOPs to keep, as a fraction of the full model")
+    prune.add_argument("--data", default="digits", help="'digits' (embedded) or 'cifar10:PATH'")
+    prune.add_argument("--image-size", type=int, default=None, help="resize the data (digits default: 32)")
+    prune.add_argument("--protocol", choices=("rethinking",), help="also train Scratch-E and Scratch-B arms")
+    prune.add_argument("--epochs", type=float, default=10, help="epochs of the full model (and Scratch-E)")
+    prune.add_argument("--finetune-epochs", type=float, default=None, help="default: epochs / 4")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", default="sparsekern-prune", help="output folder (report.json, model.sk)")
+    prune.add_argument("--no-progress", action="store_true")
+    prune.set_defaults(run=_prune)
 
     bench = sub.add_parser("bench", help="benchmarks: dense vs compiled, theoretical vs measured speedup")
     bench_sub = bench.add_subparsers(dest="suite", required=True)

@@ -8,7 +8,8 @@ from sparsekern.cli import main
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--finetune-epochs", "1", "--repeats", "3",
+                 "--no-progress"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["compiled_vs_masked_error"] < 1e-4
     assert report["reload_bit_identical"] is True

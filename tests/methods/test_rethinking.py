@@ -1,0 +1,55 @@
+"""The Rethinking protocol runs its three arms on the same pruned architecture, with the right budgets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.cli import main
+from sparsekern.data import load
+from sparsekern.methods import rethinking
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return load("digits", image_size=16)
+
+
+def test_protocol_runs_three_arms_at_the_budget(digits16, tmp_path: Path) -> None:
+    report = rethinking.run("l1_norm", digits16, model_name="resnet20", budget=0.5, epochs=2,
+                            finetune_epochs=0.5, progress=False, out=tmp_path / "r.json", log=lambda s: None)
+    assert [a.name for a in report.arms] == ["fine-tune", "Scratch-E", "Scratch-B"]
+    assert report.flops_pruned <= 0.5 * report.flops_full
+    scratch_b = report.arms[2].epochs
+    assert scratch_b == pytest.approx(2 * report.flops_full / report.flops_pruned)
+    assert all(0.0 <= a.accuracy <= 1.0 for a in report.arms)
+    assert report.full_accuracy > 0.8  # two epochs on digits already learn them well
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["method"] == "l1_norm" and len(saved["arms"]) == 3 and saved["efficiency"] > 0
+
+
+def test_scratch_arms_start_from_fresh_weights(digits16) -> None:
+    model = sk.models.build("resnet20").eval()
+    fresh = rethinking._reinitialised(model)
+    assert not torch.equal(fresh.conv1.weight, model.conv1.weight)
+    assert fresh.conv1.weight.shape == model.conv1.weight.shape
+
+
+def test_cli_prune_saves_a_reloadable_model(tmp_path: Path) -> None:
+    argv = ["prune", "--method", "l1_norm", "--model", "resnet20", "--budget", "0.6", "--image-size", "16",
+            "--epochs", "0.3", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [a["name"] for a in report["arms"]] == ["fine-tune"]
+    model = sk.load(tmp_path / "model.sk")
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)
+    assert sk.flops(model, x).total <= 0.6 * report["flops_full"] / 64 * 2 + 1  # report counted at batch 64
+
+
+def test_unknown_method_and_arms_are_refused(digits16) -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        rethinking.run("magic", digits16)
