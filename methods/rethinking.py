@@ -86,21 +86,29 @@ class ProtocolReport:
 
 
 def prune_to_budget(
-    method: str, model: nn.Module, x: torch.Tensor, train_data: Any, budget: float, *, seed: int = 0
+    method: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    train_data: Any,
+    budget: float,
+    *,
+    seed: int = 0,
+    slimming_penalty: float | None = None,
 ) -> tuple[Plan, nn.Module]:
     """Run ``method`` on a trained ``model`` so the compiled plan has <= ``budget`` x its FLOPs.
 
     The ratio-based methods (L1-norm, ThiNet, LASSO) prune the block-internal layers by one uniform ratio
     found with :func:`sparsekern.methods.budget.ratio_for_budget`; Network Slimming thresholds its BN
     scales globally at the budget. Returns the plan and the model to compile it against (refitted for
-    ThiNet and LASSO, ``model`` itself otherwise).
+    ThiNet and LASSO, ``model`` itself otherwise). ``slimming_penalty`` (the s the model was trained with)
+    is recorded in Network Slimming's plan.
     """
     from sparsekern.methods import budget as budgets
 
     if method == "slimming":
         from sparsekern.methods import slimming
 
-        return slimming.prune(model, x, flops_budget=budget), model
+        return slimming.prune(model, x, flops_budget=budget, s=slimming_penalty), model
     ratio, _ = budgets.ratio_for_budget(model, x, budget, scope="internal")
     if method == "l1_norm":
         from sparsekern.methods import l1_norm
@@ -171,12 +179,13 @@ def run(
     if method == "slimming":
         from sparsekern.methods import slimming
 
-        hooks = (slimming.SparsityHook(slimming_penalty if slimming_penalty is not None else slimming.default_penalty(full)),)
+        slimming_penalty = slimming.default_penalty(full) if slimming_penalty is None else slimming_penalty
+        hooks = (slimming.SparsityHook(slimming_penalty),)
     log(f"[{method}] training the full {model_name} for {epochs} epochs")
     full_acc = fit(full, epochs, lr, hooks)
 
     log(f"[{method}] pruning to {budget:.0%} of the FLOPs")
-    plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed)
+    plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed, slimming_penalty=slimming_penalty)
     pruned = sk.compile(source, plan, x).eval()
     before = evaluate(pruned, test)["accuracy"]
     flops_full, flops_pruned = sk.flops(full, x), sk.flops(pruned, x)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, keep_attributes, trace_channels
 from sparsekern.plan import GroupKeep, Plan, PlanError

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 PLAN_FORMAT = "sparsekern.plan"
 PLAN_VERSION = 1
@@ -54,10 +54,6 @@ class GroupKeep:
     @property
     def n_keep(self) -> int:
         return len(self.keep)
-
-    def keep_mask(self) -> list[bool]:
-        kept = set(self.keep)
-        return [i in kept for i in range(self.size)]
 
     def check(self, name: str) -> None:
         """Raise :class:`PlanError` unless ``keep`` is a non-empty sorted unique subset of ``range(size)``."""
@@ -295,8 +291,3 @@ def _distance(a: str, b: str) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1]
-
-
-def sorted_members(members: Sequence[str]) -> tuple[str, ...]:
-    """Members deduplicated in first-seen order."""
-    return tuple(dict.fromkeys(members))

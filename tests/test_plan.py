@@ -92,3 +92,15 @@ def test_dynamic_parts_are_not_compiled_silently(resnet) -> None:
     model, x = resnet
     with pytest.raises(PlanError, match="dynamic"):
         sk.compile(model, Plan(dynamic={"layer1.0.conv1": {"granularity": 4}}), x)
+
+
+def test_from_keep_sets_fills_sizes_and_members(resnet) -> None:
+    from sparsekern.graph import trace_channels
+
+    model, x = resnet
+    groups = trace_channels(model, x).groups
+    plan = Plan.from_keep_sets(groups, {"layer2.0.conv1": [3, 1, 2]})
+    g = plan.channels["layer2.0.conv1"]
+    assert g.keep == (1, 2, 3) and g.size == 32 and "layer2.0.bn1" in g.members
+    with pytest.raises(PlanError, match="no dependency group 'layer9.conv1'"):
+        Plan.from_keep_sets(groups, {"layer9.conv1": [0]})
