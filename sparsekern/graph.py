@@ -316,21 +316,15 @@ class ChannelGraph:
     # ------------------------------------------------------------------ plans
     def root_keep(self, plan: Plan) -> np.ndarray:
         """Bool per atom root: False where the plan prunes that channel class. Validates the plan."""
-        self.check_plan(plan)
-        keep = np.ones(len(self.roots), dtype=bool)
-        for name, g in plan.channels.items():
-            cls = self.group_classes[name]
-            pruned = np.ones(len(cls), dtype=bool)
-            pruned[list(g.keep)] = False
-            keep[cls[pruned]] = False
-        return keep
+        return self.check_plan(plan)
 
     def kept_positions(self, layout: Layout, root_keep: np.ndarray) -> np.ndarray:
         """Indices along ``layout``'s channel axis that survive (int64)."""
         return np.nonzero(root_keep[self.roots[layout.atoms]])[0]
 
-    def check_plan(self, plan: Plan) -> None:
-        """Validate ``plan`` against this model: groups, sizes, pinned channels, per-group equal counts."""
+    def check_plan(self, plan: Plan) -> np.ndarray:
+        """Validate ``plan`` against this model (groups, sizes, pinned channels, per-group equal counts);
+        return the bool keep flag per atom root (see :meth:`root_keep`)."""
         plan.validate(self.groups)
         if not plan.is_static_only:
             parts = [p for p in ("removed_blocks", "dynamic", "lowrank") if getattr(plan, p)]
@@ -338,8 +332,6 @@ class ChannelGraph:
                 f"the plan has {parts} parts; this compiler handles channel keep-sets only. Depth, dynamic "
                 "and low-rank plans are compiled by their own methods (sparsekern.methods.tas / sanp / flop)."
             )
-        if not plan.channels:
-            return
         keep = np.ones(len(self.roots), dtype=bool)
         for name, g in plan.channels.items():
             cls = self.group_classes[name]
@@ -355,6 +347,7 @@ class ChannelGraph:
                 )
             if kept[0] == 0:
                 raise PlanError(f"{c.what} {c.module!r}: every channel of the layer would be pruned")
+        return keep
 
     def plan_from_masks(self, masks: Mapping[str, Any], *, conflict: str = "error") -> Plan:
         """See :meth:`sparsekern.plan.Plan.from_channel_masks`."""
