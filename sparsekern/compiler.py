@@ -107,16 +107,24 @@ class _MaskedGroupNorm(nn.Module):
 def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
     """The dense reference of ``plan``: same shapes, pruned channels zero in every tensor of their group.
 
+    Removed blocks keep their layers with the residual branch multiplied by zero; dynamic and low-rank parts
+    become their dense masked forms (:func:`sparsekern.dynamic.masked_dynamic`,
+    :func:`sparsekern.lowrank.masked_lowrank`).
+
     Args:
         model: the unpruned model (not modified; the result holds copies of its parameters).
-        plan: a static channel plan for ``model``.
+        plan: the plan (see :func:`compile`).
         example_inputs: inputs to trace with; defaults to random inputs of the shapes recorded in the plan.
 
     Returns:
         A ``torch.fx.GraphModule`` with the original submodule names and an extra multiply by a 0/1 channel
         mask after every op whose output carries a pruned channel.
     """
-    cg, _ = _trace(model, plan, example_inputs)
+    if plan.removed_blocks:
+        from sparsekern.depth import zero_branches
+
+        model = zero_branches(model, plan.removed_blocks)
+    cg, inputs = _trace(model, plan, example_inputs)
     keep = cg.root_keep(plan)
     gm = copy.deepcopy(cg.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -143,6 +151,14 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
         node.replace_all_uses_with(mul, delete_user_cb=lambda user: user is not mul)
     gm.graph.lint()
     gm.recompile()
+    if plan.dynamic:
+        from sparsekern.dynamic import masked_dynamic
+
+        gm = masked_dynamic(gm, plan, inputs)
+    if plan.lowrank:
+        from sparsekern.lowrank import masked_lowrank
+
+        gm = masked_lowrank(gm, plan, inputs)
     gm.train(model.training)
     keep_attributes(gm, sk_plan=plan)
     return gm
@@ -167,11 +183,17 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
     round_to: int | None = None,
     passes: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
-    """Compile a static channel ``plan`` into a physically smaller model.
+    """Compile ``plan`` into an accelerated model.
+
+    The parts of a plan compile in this order: removed residual blocks are replaced by their shortcut
+    (:mod:`sparsekern.depth`); channel keep-sets slice the layers physically; per-sample gated layers become
+    channel-skipping layers (:mod:`sparsekern.dynamic`); rank keep-sets become low-rank layers
+    (:mod:`sparsekern.lowrank`); then the inference ``passes`` run.
 
     Args:
         model: the unpruned model (not modified).
-        plan: channel keep-sets per dependency group (see :class:`~sparsekern.plan.Plan`).
+        plan: what to skip (see :class:`~sparsekern.plan.Plan`); channel keep-sets refer to the model after
+            its removed blocks are gone.
         example_inputs: a tensor or tuple of tensors to trace with; defaults to random inputs of the shapes
             recorded in the plan.
         round_to: hardware-aware rounding: round every pruned group's kept count up to a multiple of this
@@ -185,6 +207,10 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
         mode, and attributes ``sk_plan`` (the plan compiled), ``sk_arch`` (the model's architecture
         reference, if any) and ``sk_compile`` (options, for :func:`sparsekern.save`).
     """
+    if plan.removed_blocks:
+        from sparsekern.depth import remove_blocks
+
+        model = remove_blocks(model, plan.removed_blocks)
     cg, inputs = _trace(model, plan, example_inputs)
     if round_to:
         plan = round_plan(cg, plan, round_to)
@@ -197,6 +223,14 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
             _rewrite_channel_args(gm, node, cg, keep)
     gm.graph.lint()
     gm.recompile()
+    if plan.dynamic:
+        from sparsekern.dynamic import compile_dynamic
+
+        gm = compile_dynamic(gm, plan, inputs)
+    if plan.lowrank:
+        from sparsekern.lowrank import compile_lowrank
+
+        gm = compile_lowrank(gm, plan, inputs)
     gm.train(model.training)
     if passes:
         from sparsekern.passes import apply

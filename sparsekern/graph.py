@@ -138,7 +138,9 @@ class _PathTracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, qualname)
+        # sparsekern's own layers (gated, low-rank, ...) set ``sk_leaf = True``: they stay single nodes.
+        return (isinstance(m, self.extra_leaves) or getattr(m, "sk_leaf", False)
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 (fx override)
         self.stack.append(self.path_of_module(m))
@@ -326,12 +328,6 @@ class ChannelGraph:
         """Validate ``plan`` against this model (groups, sizes, pinned channels, per-group equal counts);
         return the bool keep flag per atom root (see :meth:`root_keep`)."""
         plan.validate(self.groups)
-        if not plan.is_static_only:
-            parts = [p for p in ("removed_blocks", "dynamic", "lowrank") if getattr(plan, p)]
-            raise PlanError(
-                f"the plan has {parts} parts; this compiler handles channel keep-sets only. Depth, dynamic "
-                "and low-rank plans are compiled by their own methods (sparsekern.methods.tas / sanp / flop)."
-            )
         keep = np.ones(len(self.roots), dtype=bool)
         for name, g in plan.channels.items():
             cls = self.group_classes[name]
