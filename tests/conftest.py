@@ -1,13 +1,19 @@
 """Shared test fixtures: small models exercising every coupling the dependency graph knows."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the variable when a
+# kernel is decorated, so it is set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Eager oneDNN convolutions reorder activations and weights on every call, which on the project's 2-core
 # machine costs ~10 ms per conv (10x the conv itself). Correctness does not depend on the conv backend, so
 # the test session uses PyTorch's native CPU convolution; benchmarks use the frozen oneDNN path instead.

@@ -51,7 +51,10 @@ def _sources(root: Path, with_cuda: bool) -> list[Path]:
 
 def _key(root: Path, sources: list[Path], with_cuda: bool) -> str:
     h = hashlib.sha256()
-    for path in sources + sorted(root.rglob("*.h")) + sorted(root.rglob("*.cuh")):
+    headers = sorted(root.glob("*.h")) + sorted((root / "cpu").glob("*.h"))
+    if with_cuda:
+        headers += sorted((root / "cuda").glob("*.cuh")) + sorted((root / "cuda").glob("*.h"))
+    for path in sources + headers:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     h.update(f"{torch.__version__}|{with_cuda}|{CPU_FLAGS}|{CUDA_FLAGS}".encode())
