@@ -35,6 +35,29 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+KERNEL_OPS = ("channel_skip_conv2d", "lowrank_linear")
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    import importlib
+
+    import torch
+
+    from sparsekern.bench.results import command_line, write_part
+
+    bench = importlib.import_module(f"sparsekern.bench.kernel_{args.op}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    doc = bench.run(device=device, dtype=dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                    quick=args.quick, progress=not args.no_progress)
+    print(bench.table(doc))
+    if args.out:
+        key = f"{args.op}/{device}/{str(dtype).replace('torch.', '')}"
+        write_part(args.out, {"command": command_line(), **doc}, "kernels", key)
+        print(f"wrote {args.out} (kernels / {key})")
+    return 0
+
+
 def _prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -98,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--plot", help="write a PNG of measured vs theoretical speedup here")
     models.add_argument("--no-progress", action="store_true")
     models.set_defaults(run=_bench_models)
+    kernels = bench_sub.add_parser("kernels", help="kernel microbenchmarks against the dense op and the naive baseline")
+    kernels.add_argument("--op", required=True, choices=KERNEL_OPS)
+    kernels.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    kernels.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                         help="default: float16 on cuda, float32 on cpu")
+    kernels.add_argument("--threads", type=int, default=2)
+    kernels.add_argument("--warmup", type=int, default=5)
+    kernels.add_argument("--repeats", type=int, default=30)
+    kernels.add_argument("--quick", action="store_true", help="a few shapes only")
+    kernels.add_argument("--out", help="merge the results into this JSON (e.g. bench/results/cpu.json)")
+    kernels.add_argument("--no-progress", action="store_true")
+    kernels.set_defaults(run=_bench_kernels)
     return parser
 
 

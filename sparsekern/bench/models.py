@@ -11,7 +11,6 @@ shape-specialised prepacking and fused ReLU/residual adds (best for narrow layer
 """
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from sparsekern.bench.report import BenchReport, compare
+from sparsekern.bench.results import command_line, write_part
 from sparsekern.bench.timing import environment
 
 DEFAULT_PASSES = ("fold_bn", "onednn")
@@ -101,14 +101,12 @@ def run_suite(
         print(report.table(), flush=True)
         results.append({"case": {**case.__dict__, "passes": list(case.passes)}, **report.to_dict()})
     doc = {
-        "command": " ".join(["sparsekern"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sparsekern")
-        else " ".join(sys.argv),
+        "command": command_line(),
         "environment": {**environment("cpu"), "python": platform.python_version()},
         "results": results,
     }
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(doc, indent=1))
+        write_part(out, doc)
     return doc
 
 
