@@ -10,6 +10,8 @@ changed kernel rebuilds and an unchanged one loads in a fraction of a second. ``
 disables the extension; ``SPARSEKERN_EXT_VERBOSE=1`` shows the compiler output.
 
 CUDA sources (``csrc/cuda/*.cu``) are compiled only when torch has CUDA and a device is present.
+An extension built ahead of time (``SPARSEKERN_BUILD_EXT=1 pip install --no-build-isolation .``, see
+setup.py) is used instead when it is installed.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -61,7 +62,19 @@ def _key(root: Path, sources: list[Path], with_cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _build() -> ModuleType:
+def _prebuilt() -> str | None:
+    """Load the extension built ahead of time by ``SPARSEKERN_BUILD_EXT=1 pip install`` (setup.py), if any;
+    return its path."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sparsekern._C")
+    if spec is None or spec.origin is None:
+        return None
+    torch.ops.load_library(spec.origin)
+    return spec.origin
+
+
+def _build() -> str:
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -72,7 +85,7 @@ def _build() -> ModuleType:
     key = _key(root, sources, with_cuda)
     build_dir = Path(os.environ.get("SPARSEKERN_CACHE", Path.home() / ".cache" / "sparsekern")) / f"ext-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
+    cpp_extension.load(
         name=f"sparsekern_ext_{key}",
         sources=[str(s) for s in sources],
         extra_include_paths=[str(root)],
@@ -82,10 +95,12 @@ def _build() -> ModuleType:
         is_python_module=False,
         verbose=os.environ.get("SPARSEKERN_EXT_VERBOSE") == "1",
     )
+    return str(build_dir)
 
 
-def load() -> ModuleType | None:
-    """The extension (building it on first use), or ``None`` with a warning if it cannot be built."""
+def load() -> str | None:
+    """Path of the loaded extension library (building it on first use), or ``None`` with a warning if it
+    cannot be built. Loading registers its ops under ``torch.ops.sparsekern``."""
     with _lock:
         if "module" in _state:
             return _state["module"]  # type: ignore[return-value]
@@ -93,7 +108,7 @@ def load() -> ModuleType | None:
             _state.update(module=None, error="disabled by SPARSEKERN_NO_EXT=1")
             return None
         try:
-            module = _build()
+            module = _prebuilt() or _build()
             _state.update(module=module, error=None)
         except Exception as e:  # a compiler error, a missing toolchain: the ops fall back, never fail import
             _state.update(module=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
