@@ -19,7 +19,12 @@ __all__ = ["plan_flops", "ratio_for_budget"]
 
 
 def plan_flops(cg: ChannelGraph, dense: "sk.cost.FlopReport", plan: Plan) -> int:
-    """FLOPs of ``plan`` compiled on the model behind ``cg``, from the dense model's per-layer FLOPs."""
+    """FLOPs of ``plan`` compiled on the model behind ``cg``, from the dense model's per-layer FLOPs.
+
+    For a plan with ``removed_blocks``, ``cg`` and ``dense`` must describe the model with those blocks removed
+    (:func:`sparsekern.depth.channel_graph` and ``sk.flops(sparsekern.depth.remove_blocks(model, blocks), x)``);
+    only the channel keep-sets are counted here.
+    """
     keep = cg.root_keep(plan)
     total = dense.total
     for node in cg.gm.graph.nodes:

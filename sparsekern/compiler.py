@@ -121,8 +121,10 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
         mask after every op whose output carries a pruned channel.
     """
     if plan.removed_blocks:
-        from sparsekern.depth import zero_branches
+        from sparsekern.depth import channel_graph, zero_branches
 
+        # the channel keep-sets refer to the model without its removed blocks: validate them there
+        channel_graph(model, plan.removed_blocks, example_inputs_for(plan, example_inputs)).check_plan(plan)
         model = zero_branches(model, plan.removed_blocks)
     cg, inputs = _trace(model, plan, example_inputs)
     keep = cg.root_keep(plan)

@@ -1,0 +1,174 @@
+"""TAS: differentiable expected FLOPs, the argmax architecture as a plan with removed blocks, a short search
+that lands in the FLOPs band, and distillation through the trainer's teacher path."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sparsekern.methods import tas
+
+import sparsekern as sk
+from sparsekern.data import digits, loader
+from sparsekern.models import build
+from sparsekern.plan import Plan, PlanError
+from sparsekern.train import Hook, TrainConfig, evaluate, train
+from tests.conftest import assert_close_to_scale, randomize_bn
+
+SIZE = 12
+
+
+def _random_logits(net: tas.TASResNet, seed: int, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def test_search_space_and_channel_interpolation() -> None:
+    assert tas.width_choices(16) == (4, 6, 8, 9, 11, 12, 14, 16)
+    assert tas.width_choices(64) == (19, 25, 32, 38, 44, 51, 57, 64)
+    assert tas.depth_choices(9) == (1, 3, 5, 7, 9)
+    assert tas.depth_choices(18) == (1, 3, 5, 7, 9, 11, 13, 15, 17, 18)
+    assert tas.depth_choices(3) == (1, 2, 3) and tas.depth_choices(1) == (1,)
+    x = torch.arange(4.0).reshape(1, 4, 1, 1)
+    assert tas.channel_interpolate(x, 2).flatten().tolist() == [0.5, 2.5]  # averages of channel pairs
+    assert tas.channel_interpolate(x[:, :2], 4).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]  # stretched
+
+
+def test_expected_flops_gradients_match_finite_differences_and_corners_are_exact() -> None:
+    model = build("resnet20").eval()
+    net = tas.TASResNet(model, torch.randn(2, 3, SIZE, SIZE)).double()
+    _random_logits(net, 0)
+    full = net.full_flops
+    value = net.expected_flops() / full
+    params = net.arch_parameters()
+    grads = torch.autograd.grad(value, params)
+    assert all(g.abs().min() > 0 for g in grads)  # every width and depth logit moves E[F]
+    h = 1e-6
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            for i in range(p.numel()):
+                p.view(-1)[i] += h
+                up = float(net.expected_flops()) / full
+                p.view(-1)[i] -= 2 * h
+                down = float(net.expected_flops()) / full
+                p.view(-1)[i] += h
+                assert abs((up - down) / (2 * h) - float(g.view(-1)[i])) < 1e-7
+    # a (numerically) deterministic distribution: E[F] is that architecture's FLOPs
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.zero_()[torch.randint(p.numel(), (1,), generator=gen)] = 60.0
+    with torch.no_grad():
+        assert abs(float(net.expected_flops()) / net.argmax_flops() - 1) < 1e-12
+    assert net.flops_of([w.channels for w in net.widths], net.blocks_per_stage) == sk.flops(model, torch.randn(1, 3, SIZE, SIZE)).total
+
+
+def test_argmax_plan_compiles_to_the_network_the_search_evaluates() -> None:
+    model = randomize_bn(build("resnet20"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    net = tas.TASResNet(model, x)
+    _random_logits(net, 0)  # depths 2/3/1 with this seed: blocks removed in two stages
+    net.mode = "argmax"
+    net.eval()
+    plan = tas.derive_plan(net, x)
+    assert plan.removed_blocks == net.removed_blocks() and len(plan.removed_blocks) == 3
+    source = net.export().eval()
+    fast = sk.compile(source, plan, x)
+    with torch.no_grad():
+        assert_close_to_scale(fast(x), net(x))
+        assert_close_to_scale(fast(x), sk.masked(source, plan, x)(x))
+    assert sk.flops(fast, x).total == 3 * net.argmax_flops()  # the search's FLOP count is the compiled one
+    names = {n for n, _ in fast.named_modules()}
+    assert not any(n.startswith(b + ".conv") for b in plan.removed_blocks for n in names)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    with torch.no_grad():
+        assert torch.equal(sk.compile(source, again, x)(x), fast(x))
+
+
+def test_flop_loss_follows_the_tolerance_rule() -> None:
+    e = torch.tensor(40e6, requires_grad=True)
+    below, inside, above = tas.flop_loss(e, 30e6, 50e6, 5e6), tas.flop_loss(e, 47e6, 50e6, 5e6), tas.flop_loss(e, 51e6, 50e6, 5e6)
+    assert inside is None
+    assert float(below.detach()) == pytest.approx(-torch.log(torch.tensor(40.0)).item())
+    assert float(above.detach()) == pytest.approx(torch.log(torch.tensor(40.0)).item())
+    with pytest.raises(PlanError, match="out of reach"):
+        tas.search(build("resnet20"), torch.randn(1, 3, SIZE, SIZE), (torch.randn(4, 3, SIZE, SIZE), torch.zeros(4)), 0.01)
+    with pytest.raises(PlanError, match="CIFAR ResNets"):
+        tas.TASResNet(build("vgg16_bn"), torch.randn(1, 3, 32, 32))
+
+
+def test_search_keeps_the_last_architecture_inside_the_band() -> None:
+    net = tas.TASResNet(build("resnet20"), torch.randn(1, 3, SIZE, SIZE))
+    _random_logits(net, 0)
+    found = net.argmax_flops()
+    hook = tas.FlopLossHook(net, target=found + 1000, tolerance=0.05 * net.full_flops)
+    hook.after_step(SimpleNamespace(stage="main", step=3))  # weight steps do not count
+    assert hook.feasible is None
+    hook.after_step(SimpleNamespace(stage="arch", step=4))
+    _random_logits(net, 1)  # a later step leaves the band ...
+    assert not hook.in_band(net.argmax_flops())
+    hook.after_step(SimpleNamespace(stage="arch", step=5))
+    assert hook.restore_feasible() and hook.feasible_step == 4  # ... and the in-band logits come back
+    assert net.argmax_flops() == found and not hook.restore_feasible()
+
+
+@pytest.fixture(scope="module")
+def searched() -> dict:
+    """A resnet20 trained 2 epochs on 12 px digits (the teacher), and a 3-epoch TAS search at 50% FLOPs."""
+    train_set, test_set = digits("train", image_size=SIZE), digits("test", image_size=SIZE)
+    torch.manual_seed(0)
+    teacher = build("resnet20")
+    train(teacher, train_set, TrainConfig(epochs=2, lr=0.1, batch_size=64, progress=False, seed=0))
+    teacher.eval()
+    x = test_set.tensors[0][:2]
+    plan, source = tas.prune_to_budget(teacher, x, train_set, 0.5, epochs=3, seed=0)
+    return {"teacher": teacher, "plan": plan, "source": source, "x": x, "train": train_set, "test": test_set}
+
+
+def test_short_search_lands_in_the_flops_band(searched: dict) -> None:
+    plan, source, x, teacher = searched["plan"], searched["source"], searched["x"], searched["teacher"]
+    fast = sk.compile(source, plan, x).eval()
+    ratio = sk.flops(fast, x).total / sk.flops(teacher, x).total
+    # TAS's rule accepts [budget - tolerance, budget]; the search starts from an argmax far below it
+    assert 0.5 - tas.FLOP_TOLERANCE <= ratio <= 0.5, ratio
+    assert ratio == pytest.approx(plan.meta["flops_ratio"], abs=1e-12)
+    assert plan.meta["method"] == "tas" and set(plan.meta["depths"]) == {"layer1", "layer2", "layer3"}
+    with torch.no_grad():
+        assert_close_to_scale(fast(x), sk.masked(source, plan, x)(x))
+    start = tas.TASResNet(teacher, x)
+    assert start.argmax_flops() / start.full_flops < 0.5 - tas.FLOP_TOLERANCE
+
+
+class _Capture(Hook):
+    def __init__(self) -> None:
+        self.seen: dict = {}
+
+    def after_backward(self, state) -> None:
+        if not self.seen:
+            x, y = state.batch[:2]
+            self.seen = {"x": x, "y": y, "out": state.extra["outputs"].detach(),
+                         "teacher": state.extra["teacher_outputs"], "loss": state.metrics["loss"]}
+
+
+def test_distillation_objective_is_the_papers_and_training_learns(searched: dict) -> None:
+    teacher, test = searched["teacher"], searched["test"]
+    pruned = sk.compile(searched["source"], searched["plan"], searched["x"])
+    capture = _Capture()
+    result = tas.train_pruned(pruned, teacher, searched["train"], epochs=2, eval_data=test, hooks=[capture])
+    s = capture.seen
+    with torch.no_grad():
+        assert torch.allclose(s["teacher"], teacher.eval()(s["x"]), atol=1e-5)  # teacher in eval mode
+    t, a = tas.DISTILL_TEMPERATURE, tas.DISTILL_ALPHA
+    p_t = F.softmax(s["teacher"] / t, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s["out"] / t, 1))).sum(1).mean()
+    expected = (1 - a) * F.cross_entropy(s["out"], s["y"]) + a * t * t * kl
+    assert s["loss"] == pytest.approx(float(expected), rel=1e-5)
+    fresh = tas.reinitialise(sk.compile(searched["source"], searched["plan"], searched["x"]))
+    before = evaluate(fresh, loader(test, 512, shuffle=False))["accuracy"]
+    assert result.final["accuracy"] > 0.8 > before + 0.5, (before, result.final)
+    assert isinstance(pruned, nn.Module) and sk.flops(pruned, searched["x"]).total < sk.flops(teacher, searched["x"]).total
