@@ -1,0 +1,280 @@
+"""ANP-VS: the beta-Bernoulli mask's statistics (KL, E[pi], relaxed samples) against Monte Carlo, mask
+placement, folding and pruning that compile exactly (residual groups, FC-input masks), the data-range PGD
+adversary, and the method's claims on digits: the masks prune channels, PGD is far stronger than random
+noise at the same eps, and the VS loss reduces the feature distortion |f(x) - f(x_adv)| at similar sparsity
+(the mechanism behind the paper's robustness claim; the accuracy effect itself is too noisy at this size)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsekern as sk
+from sparsekern.data import digits
+from sparsekern.methods import anp
+from sparsekern.models import build
+from sparsekern.plan import PlanError
+from sparsekern.train import TrainConfig, train
+from tests.conftest import assert_close_to_scale
+
+TINY_VGG = [16, "M", 32, 64]  # on 8x8 digits; masks on 3 conv outputs (112 channels) and the FC input (64)
+SIZE = 8
+EPS, STEP = 0.1, 0.025  # fractions of the data range (pixel units): digits need a larger radius than CIFAR's 0.03
+VS_TEST = 3.0  # lambda for the test's short run (the paper's 1e-4 barely moves a 92-step run)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _training_backend() -> Iterator[None]:
+    """Train with oneDNN (conftest disables it for inference checks; the native conv backward is much slower)."""
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits("train", image_size=SIZE), digits("test", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def dense(data):
+    """The trained starting point: a tiny VGG, 5 plain epochs (about 95% test accuracy)."""
+    train_set, _ = data
+    torch.manual_seed(0)
+    model = build("vgg16_bn", cfg=TINY_VGG)
+    with _training_backend():
+        train(model, train_set, TrainConfig(epochs=5, lr=0.05, batch_size=64, progress=False, seed=0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def runs(data, dense):
+    """ANP (lambda = 0) and ANP-VS from the same start, seed and schedule: 4 epochs, 3-step PGD."""
+    train_set, _ = data
+    x = train_set.tensors[0][:1]
+    out = {}
+    for key, lam in (("anp", 0.0), ("anp_vs", VS_TEST)):
+        with _training_backend():
+            net, result = anp.train_anp(copy.deepcopy(dense), train_set, x, epochs=4, eps=EPS, step=STEP, steps=3,
+                                        vs_weight=lam, mask_lr=0.1, seed=0)
+        out[key] = (net.eval(), result)
+    return out
+
+
+def _eval_attack(test):
+    return anp.data_range_pgd(test, EPS, STEP, 10)
+
+
+# ----------------------------------------------------------------------------- the mask
+def _kumaraswamy_samples(a: float, b: float, n: int, g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    return (1 - u ** (1 / b)) ** (1 / a)
+
+
+@pytest.mark.parametrize("a, b", [(2.0, 1.0), (0.5, 1.5), (1.2, 0.7)])
+def test_kl_and_mean_match_monte_carlo(a: float, b: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    pi = _kumaraswamy_samples(a, b, 400_000, g)
+    alpha = 0.5  # a prior the estimator can resolve; the formula is the same for alpha = 1e-4
+    log_q = math.log(a * b) + (a - 1) * pi.log() + (b - 1) * torch.log1p(-pi ** a)
+    log_p = math.log(alpha) + (alpha - 1) * pi.log()  # Beta(alpha, 1) density: alpha pi^(alpha - 1)
+    mc = float((log_q - log_p).mean())
+    kl = float(anp.kumaraswamy_beta_kl(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), alpha))
+    assert kl == pytest.approx(mc, abs=0.01)
+    mask = anp.BetaBernoulliMask(1, a_init=0.0)
+    with torch.no_grad():
+        mask.a_raw.fill_(math.log(math.expm1(a)))
+        mask.b_raw.fill_(math.log(math.expm1(b)))
+    assert float(mask.expected_pi().detach()) == pytest.approx(float(pi.mean()), abs=2e-3)
+
+
+def test_relaxed_training_masks_average_to_the_expected_keep_probability() -> None:
+    torch.manual_seed(0)
+    mask = anp.BetaBernoulliMask(3, a_init=2.0)
+    with torch.no_grad():
+        mask.a_raw.copy_(torch.tensor([2.0, -1.0, -8.0]))
+    z = torch.stack([mask.sample(64) for _ in range(400)])  # (400, 64, 3): a fresh pi per call, z per example
+    assert z.min() >= 0 and z.max() <= 1
+    assert torch.allclose(z.mean(dim=(0, 1)), mask.expected_pi().detach(), atol=0.02)
+    assert float(((z > 0.05) & (z < 0.95)).float().mean()) < 0.1  # temperature 0.1: nearly binary
+    e = mask.expected_pi().detach()
+    assert e[2] <= anp.THRESHOLD < e[1]
+    assert torch.equal(mask.test_mask().detach() == 0, torch.tensor([False, False, True]))
+
+
+def test_masks_sit_on_conv_outputs_before_bn_and_on_fc_inputs() -> None:
+    net = anp.ANPNet(build("resnet20"), torch.randn(1, 3, 16, 16))
+    sites = {s.layer: s for s in net.sites}
+    assert len(sites) == 22  # 21 convs (stem, 18 in blocks, 2 projections) and the classifier
+    assert sites["layer2.0.conv1"] == anp.MaskSite("layer2.0.conv1", "conv_out", 32, "layer2.0.bn1")
+    assert sites["layer2.0.downsample.0"].norm == "layer2.0.downsample.1"
+    assert sites["fc"] == anp.MaskSite("fc", "fc_in", 64)
+    conv = [m for s, m in zip(net.sites, net.masks) if s.kind == "conv_out"]
+    assert all(torch.allclose(m.a, nn.functional.softplus(torch.tensor(2.0))) for m in conv)
+    assert torch.allclose(net.masks[-1].a, nn.functional.softplus(torch.tensor(-1.0)))
+    assert torch.allclose(net.masks[0].b, torch.tensor(1.0), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- folding and plans
+def _randomize(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+def test_fold_and_plan_equal_the_test_time_network_across_residual_groups() -> None:
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    net = anp.ANPNet(_randomize(build("resnet20"), 1), x[:1])
+    at = {s.layer: i for i, s in enumerate(net.sites)}
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in net.masks:
+            m.a_raw.copy_(torch.randn(m.channels, generator=g))
+        for layer in ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"):  # every producer of stage 1
+            net.masks[at[layer]].a_raw[3] = -10.0
+        net.masks[at["layer1.1.conv2"]].a_raw[7] = -10.0  # one producer only: the channel stays
+        net.masks[at["layer2.1.conv1"]].a_raw[:5] = -10.0
+        net.masks[at["fc"]].a_raw[10:20] = -10.0  # stage 3 also feeds convs: FC-input zeros prune nothing
+    net.eval()
+    plan, folded = anp.prune(net)
+    assert {g: k.n_keep for g, k in plan.channels.items()} == {"conv1": 15, "layer2.1.conv1": 27}
+    assert 3 not in plan.channels["conv1"].keep
+    folded.eval()
+    with torch.no_grad():
+        ref = net(x)
+        assert_close_to_scale(folded(x), ref, 1e-5)
+        assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+    assert net.model is not folded and torch.count_nonzero(net.model.conv1.weight[3]) > 0  # the net is untouched
+
+
+def test_fc_input_masks_prune_the_channels_no_one_reads() -> None:
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    net = anp.ANPNet(_randomize(build("vgg16_bn", cfg=TINY_VGG), 3), x[:1])
+    with torch.no_grad():
+        net.masks[-1].a_raw[:12] = -10.0  # the classifier ignores channels 0..11 of the last conv
+    plan, folded = anp.prune(net.eval())
+    assert plan.channels["features.7"].keep == tuple(range(12, 64))
+    with torch.no_grad():
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net(x), 1e-5)
+
+
+# ----------------------------------------------------------------------------- the adversary
+def test_data_range_pgd_scales_eps_to_the_data(data) -> None:
+    _, test = data
+    lo, hi = anp.data_range(test)
+    assert lo.shape == (1, 3, 1, 1) and float(hi.min() - lo.max()) > 2.5  # digits: pixel 0..1 -> about -0.8..1.8
+    attack = anp.data_range_pgd(test, EPS, STEP, 0)
+    x = test.tensors[0][:64]
+    x_adv = attack(nn.Identity(), x, test.tensors[1][:64])
+    assert float((x_adv - x).abs().max()) <= float((EPS * (hi - lo)).max()) + 1e-6
+    assert (x_adv >= lo).all() and (x_adv <= hi).all()
+    assert float((x_adv - x).abs().max()) > 0.9 * float((EPS * (hi - lo)).max())
+
+
+def test_pgd_is_far_stronger_than_noise_at_the_same_eps(data, dense, runs) -> None:
+    _, test = data
+    for model in (dense, runs["anp_vs"][0]):
+        r = anp.robustness(model, test, EPS, step=STEP, steps=10, noise=True)
+        assert r["noise_accuracy"] > r["clean_accuracy"] - 0.05  # random directions barely matter ...
+        assert r["pgd_accuracy"] < r["noise_accuracy"] - 0.3  # ... the gradient's direction does
+
+
+# ----------------------------------------------------------------------------- the method's claims
+def test_anp_masks_prune_channels_and_the_plan_compiles_exactly(data, runs) -> None:
+    _, test = data
+    net, result = runs["anp_vs"]
+    dead = {s.layer: int((m.expected_pi() <= anp.THRESHOLD).sum()) for s, m in zip(net.sites, net.masks)}
+    print("E[pi] <= 1e-3 per site:", dead)
+    assert sum(dead.values()) >= 10
+    assert result.history[-1]["train_active"] < 1.0
+    plan, folded = anp.prune(net)
+    assert plan.channels and plan.meta["flops_ratio"] < 1.0
+    x = test.tensors[0][:32]
+    with torch.no_grad():
+        ref = net(x)
+        assert_close_to_scale(folded.eval()(x), ref, 1e-5)
+        assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+
+
+def test_vulnerability_suppression_reduces_feature_distortion_at_similar_sparsity(data, dense, runs) -> None:
+    """The paper's mechanism: the VS loss shrinks the latent distortion |f(x) - f(x_adv)|, which the paper credits
+    for ANP-VS's higher PGD accuracy. At this size the accuracy effect is not reliable: after these 4 epochs
+    it is +2 to +6 points over seeds 0-2, but after 12 epochs (lambda 3, both pruned to 60% FLOPs) it is -5
+    points, while the distortion drop holds in every run. So the test checks the mechanism, and only that
+    the VS run keeps a real robustness at a similar sparsity."""
+    _, test = data
+    attack = _eval_attack(test)
+    rows = {}
+    for key, (net, result) in runs.items():
+        r = anp.robustness(net, test, EPS, step=STEP, steps=10)
+        rows[key] = (net.active_fraction(), anp.feature_distortion(net, test, attack), r["pgd_accuracy"],
+                     r["clean_accuracy"], result.history[-1]["train_vulnerability"])
+    print("active, distortion, PGD acc, clean acc, train VS:", rows)
+    (act0, dist0, pgd0, _, tv0), (act1, dist1, pgd1, _, tv1) = rows["anp"], rows["anp_vs"]
+    assert abs(act0 - act1) < 0.03  # similar sparsity
+    assert tv1 < 0.92 * tv0  # the trained objective term fell ...
+    assert dist1 < 0.95 * dist0  # ... and so did the test-time distortion on held-out data
+    dense_pgd = anp.robustness(dense, test, EPS, step=STEP, steps=10)["pgd_accuracy"]
+    assert min(pgd0, pgd1) > 0.2 > dense_pgd  # both are adversarially robust, the plain network is not
+
+
+def test_budget_prunes_the_smallest_expected_keep_probabilities(data, runs) -> None:
+    train_set, test = data
+    net = copy.deepcopy(runs["anp_vs"][0])
+    natural, _ = anp.prune(net)
+    plan, folded = anp.prune(net, flops_budget=0.5)
+    s = plan.meta["search"]
+    assert natural.meta["flops_ratio"] > 0.5  # ANP alone stays above the budget, so the budget binds
+    # the closest keep count: within 0.1%, or within half of the one boundary channel's FLOPs (granularity)
+    assert s["within_tolerance"] or s["error"] <= s["step"] / 2
+    assert abs(plan.meta["flops_ratio"] - 0.5) == pytest.approx(0.5 * s["error"])
+    for g, k in natural.channels.items():
+        assert set(plan.channels[g].keep) <= set(k.keep)  # ANP's own prunings stay pruned
+    x = test.tensors[0][:32]
+    with torch.no_grad():
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net.eval()(x), 1e-5)
+    with pytest.raises(PlanError, match="fraction"):
+        anp.prune(net, flops_budget=0.0)
+
+
+def test_adversarial_training_baseline_at_the_same_channel_counts(data, dense, runs) -> None:
+    train_set, test = data
+    net, _ = runs["anp_vs"]
+    plan, _ = anp.prune(net)
+    model = copy.deepcopy(dense)
+    with _training_backend():
+        anp.adversarial_training(model, train_set, epochs=4, eps=EPS, step=STEP, steps=3, seed=0)
+    x = test.tensors[0][:1]
+    base = anp.magnitude_plan(model, x, plan)
+    assert {g: k.n_keep for g, k in base.channels.items()} == {g: k.n_keep for g, k in plan.channels.items()}
+    pruned = sk.compile(model.eval(), base, x).eval()
+    assert sk.flops(pruned, x).total == sk.flops(sk.compile(anp.fold(net), plan, x), x).total  # same FLOPs
+    r_at = anp.robustness(model, test, EPS, step=STEP, steps=10)
+    r_base = anp.robustness(pruned, test, EPS, step=STEP, steps=10)
+    r_anp = anp.robustness(net, test, EPS, step=STEP, steps=10)
+    print("AT dense:", r_at, "AT + magnitude pruning:", r_base, "ANP-VS:", r_anp)
+    assert r_at["pgd_accuracy"] > 0.2  # the baseline is a real adversarially trained network
