@@ -13,6 +13,12 @@ For one pruning method and a FLOPs budget:
 
 The paper's finding: for these structured methods, Scratch-B >= fine-tune. :func:`run` returns a
 :class:`ProtocolReport` with a table and JSON, so a run shows whether it reproduces.
+
+The learned methods run through the same steps with their own search in step 2 and their own arm in step 3
+(:data:`DEFAULT_ARMS`): Pruning from Scratch searches gates on a frozen random copy and trains the pruned
+network from scratch (Scratch-B); TAS searches widths and depths and trains the result from scratch with
+distillation from the full model (arm ``KD``); ANP-VS trains its masks adversarially from the full model,
+and its report adds clean and PGD accuracy against plain adversarial training pruned to the same channels.
 """
 from __future__ import annotations
 
@@ -34,7 +40,17 @@ from sparsekern.train import TrainConfig, evaluate, scratch_b_epochs, train
 
 __all__ = ["METHODS", "prune_to_budget", "run", "ProtocolReport", "Arm"]
 
-METHODS = ("l1_norm", "slimming", "thinet", "lasso")
+METHODS = ("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp")
+ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
+#: what ``sparsekern prune --method M`` trains without ``--protocol rethinking``
+DEFAULT_ARMS = {"scratch": ("Scratch-B",), "tas": ("KD",), "anp": ()}
+
+
+def default_arms(method: str, protocol: str | None = None) -> tuple[str, ...]:
+    """The arms a run trains: the three of the protocol (plus ``KD`` for TAS) or the method's own."""
+    if protocol == "rethinking":
+        return ("fine-tune", "Scratch-E", "Scratch-B") + (("KD",) if method == "tas" else ())
+    return DEFAULT_ARMS.get(method, ("fine-tune",))
 
 
 @dataclass
@@ -62,6 +78,7 @@ class ProtocolReport:
     theoretical_speedup: float
     arms: list[Arm] = field(default_factory=list)
     plan: dict[str, Any] = field(default_factory=dict)
+    robustness: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def efficiency(self) -> float:
@@ -82,6 +99,8 @@ class ProtocolReport:
             f"  full model {self.full_accuracy:.2%}; pruned, before training {self.pruned_accuracy_before_training:.2%}",
         ]
         lines += [f"  {a.name:<10s} {a.epochs:>6.1f} epochs  {a.accuracy:.2%}" for a in self.arms]
+        lines += [f"  {name}: clean {r['clean_accuracy']:.2%}, PGD {r['pgd_accuracy']:.2%}"
+                  for name, r in self.robustness.items()]
         return "\n".join(lines)
 
 
@@ -94,8 +113,13 @@ def prune_to_budget(
     *,
     seed: int = 0,
     slimming_penalty: float | None = None,
+    search_epochs: float = 5,
+    progress: bool = False,
 ) -> tuple[Plan, nn.Module]:
     """Run ``method`` on a trained ``model`` so the compiled plan has <= ``budget`` x its FLOPs.
+
+    ``search_epochs`` is the learned methods' search length (Pruning from Scratch's gate training, TAS's
+    architecture search, ANP-VS's adversarial mask training).
 
     The ratio-based methods (L1-norm, ThiNet, LASSO) prune the block-internal layers by one uniform ratio
     found with :func:`sparsekern.methods.budget.ratio_for_budget`; Network Slimming thresholds its BN
@@ -105,6 +129,12 @@ def prune_to_budget(
     """
     from sparsekern.methods import budget as budgets
 
+    if method in ("scratch", "tas", "anp"):
+        import importlib
+
+        module = importlib.import_module(f"sparsekern.methods.{method}")
+        return module.prune_to_budget(model, x, train_data, budget, seed=seed, epochs=search_epochs,
+                                      progress=progress)
     if method == "slimming":
         from sparsekern.methods import slimming
 
@@ -120,6 +150,26 @@ def prune_to_budget(
         module = importlib.import_module(f"sparsekern.methods.{method}")
         return module.prune(model, x, train_data, ratio=ratio, seed=seed)
     raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+
+
+def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle, x: torch.Tensor, epochs: float,
+                seed: int, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """ANP-VS's report: clean and PGD accuracy (40 steps) of the pruned model, and of the baseline: plain
+    adversarial training of the full model for the same epochs, pruned by filter norm to the same channels."""
+    from sparsekern.methods import anp
+
+    log(f"[anp] baseline: adversarial training for {epochs} epochs, pruned to ANP's channel counts")
+    baseline = copy.deepcopy(full)
+    anp.adversarial_training(baseline, data.train, epochs=epochs, seed=seed, progress=progress)
+    baseline.eval()
+    baseline_pruned = sk.compile(baseline, anp.magnitude_plan(baseline, x, plan), x).eval()
+    test = loader(data.test, 256, shuffle=False)
+    bounds = anp.data_range(data.train)
+    return {
+        "ANP-VS": anp.robustness(pruned.eval(), test, bounds=bounds, seed=seed),
+        "adversarial training": anp.robustness(baseline.eval(), test, bounds=bounds, seed=seed),
+        "adversarial training, pruned": anp.robustness(baseline_pruned, test, bounds=bounds, seed=seed),
+    }
 
 
 def _reinitialised(model: nn.Module) -> nn.Module:
@@ -144,8 +194,9 @@ def run(
     finetune_lr: float = 0.01,
     batch_size: int = 64,
     slimming_penalty: float | None = None,
+    search_epochs: float | None = None,
     seed: int = 0,
-    arms: tuple[str, ...] = ("fine-tune", "Scratch-E", "Scratch-B"),
+    arms: tuple[str, ...] | None = None,
     progress: bool = True,
     out: str | Path | None = None,
     model_out: str | Path | None = None,
@@ -153,8 +204,9 @@ def run(
 ) -> ProtocolReport:
     """Run the protocol (module docstring) for one method; write ``out`` (JSON) if given.
 
-    ``arms`` selects which of the three arms run (``sparsekern prune`` without ``--protocol`` runs only
-    the fine-tune arm); ``model_out`` saves the fine-tuned compiled model with :func:`sparsekern.save`.
+    ``arms`` selects which arms run (default: :func:`default_arms` of the protocol, plus ``KD`` for TAS);
+    ``model_out`` saves the first arm's trained model (the pruned model itself when no arm runs) with
+    :func:`sparsekern.save`. ``search_epochs`` (default ``epochs / 2``) goes to the learned methods' search.
 
     ``finetune_epochs`` defaults to ``epochs / 4`` (the paper fine-tunes 40 epochs after 160 on CIFAR).
     ``finetune_lr`` defaults to 0.01 rather than the paper's 0.001, which barely moves a model trained for
@@ -163,6 +215,11 @@ def run(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
     finetune_epochs = epochs / 4 if finetune_epochs is None else finetune_epochs
+    search_epochs = epochs / 2 if search_epochs is None else search_epochs
+    arms = default_arms(method, "rethinking") if arms is None else tuple(arms)
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
     torch.manual_seed(seed)
     test = loader(data.test, 512, shuffle=False)
     x = data.test.tensors[0][:batch_size] if hasattr(data.test, "tensors") else next(iter(test))[0][:batch_size]
@@ -185,29 +242,40 @@ def run(
     full_acc = fit(full, epochs, lr, hooks)
 
     log(f"[{method}] pruning to {budget:.0%} of the FLOPs")
-    plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed, slimming_penalty=slimming_penalty)
+    plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed, slimming_penalty=slimming_penalty,
+                                   search_epochs=search_epochs, progress=progress)
     pruned = sk.compile(source, plan, x).eval()
     before = evaluate(pruned, test)["accuracy"]
     flops_full, flops_pruned = sk.flops(full, x), sk.flops(pruned, x)
 
-    unknown = set(arms) - {"fine-tune", "Scratch-E", "Scratch-B"}
-    if unknown or (model_out is not None and "fine-tune" not in arms):
-        raise ValueError(f"arms must be among fine-tune, Scratch-E, Scratch-B (fine-tune to save a model), got {arms}")
-    results = []
-    if "fine-tune" in arms:
-        log(f"[{method}] fine-tune: {finetune_epochs} epochs at lr {finetune_lr}")
-        tuned = copy.deepcopy(pruned)
-        results.append(Arm("fine-tune", finetune_epochs, fit(tuned, finetune_epochs, finetune_lr)))
-        if model_out is not None:
-            sk.save(tuned, model_out)
-            log(f"[{method}] saved the fine-tuned model to {model_out}")
-    if "Scratch-E" in arms:
-        log(f"[{method}] Scratch-E: {epochs} epochs from random initialisation")
-        results.append(Arm("Scratch-E", epochs, fit(_reinitialised(pruned), epochs, lr)))
-    if "Scratch-B" in arms:
-        b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
-        log(f"[{method}] Scratch-B: {b_epochs:.1f} epochs from random initialisation")
-        results.append(Arm("Scratch-B", b_epochs, fit(_reinitialised(pruned), b_epochs, lr)))
+    results, trained = [], []
+    b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
+    for arm in arms:
+        if arm == "fine-tune":
+            log(f"[{method}] fine-tune: {finetune_epochs} epochs at lr {finetune_lr}")
+            model, n_epochs = copy.deepcopy(pruned), finetune_epochs
+            accuracy = fit(model, n_epochs, finetune_lr)
+        elif arm in ("Scratch-E", "Scratch-B"):
+            n_epochs = epochs if arm == "Scratch-E" else b_epochs
+            log(f"[{method}] {arm}: {n_epochs:.1f} epochs from random initialisation")
+            model = _reinitialised(pruned)
+            accuracy = fit(model, n_epochs, lr)
+        else:  # KD: TAS's training of the searched network, from scratch with distillation from the full model
+            from sparsekern.methods import tas
+
+            n_epochs = b_epochs
+            log(f"[{method}] KD: {n_epochs:.1f} epochs from random initialisation, teacher = the full model")
+            model = copy.deepcopy(pruned).train()
+            tas.train_pruned(model, full.eval(), data.train, epochs=n_epochs, lr=lr, batch_size=batch_size,
+                             seed=seed, progress=progress)
+            model.eval()
+            accuracy = evaluate(model, test)["accuracy"]
+        results.append(Arm(arm, n_epochs, accuracy))
+        trained.append(model)
+    if model_out is not None:
+        sk.save(trained[0] if trained else pruned, model_out)
+        log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
+    robustness = _robustness(full, pruned, plan, data, x, epochs, seed, progress, log) if method == "anp" else {}
 
     bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=30,
                              per_layer=False)
@@ -216,7 +284,7 @@ def run(
         pruned_accuracy_before_training=before, flops_full=flops_full.total, flops_pruned=flops_pruned.total,
         params_full=flops_full.params, params_pruned=flops_pruned.params,
         measured_speedup=bench.measured_speedup, theoretical_speedup=bench.theoretical_speedup, arms=results,
-        plan=plan.to_dict(),
+        plan=plan.to_dict(), robustness=robustness,
     )
     log(report.table())
     if out is not None:

@@ -65,9 +65,9 @@ def _prune(args: argparse.Namespace) -> int:
     from sparsekern.methods import rethinking
 
     out = Path(args.out)
-    arms = ("fine-tune", "Scratch-E", "Scratch-B") if args.protocol == "rethinking" else ("fine-tune",)
     rethinking.run(args.method, load(args.data, image_size=args.image_size), model_name=args.model,
-                   budget=args.budget, epochs=args.epochs, finetune_epochs=args.finetune_epochs, arms=arms,
+                   budget=args.budget, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                   search_epochs=args.search_epochs, arms=rethinking.default_arms(args.method, args.protocol),
                    seed=args.seed, progress=not args.no_progress, out=out / "report.json",
                    model_out=out / "model.sk")
     print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
@@ -89,14 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     prune = sub.add_parser("prune", help="train, prune to a FLOPs budget, fine-tune, save and report")
-    prune.add_argument("--method", required=True, choices=("l1_norm", "slimming", "thinet", "lasso"))
+    prune.add_argument("--method", required=True,
+                       choices=("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp"),
+                       help="scratch trains the pruned net from scratch (Scratch-B), tas with distillation (KD), "
+                            "anp reports clean and PGD accuracy against adversarial training")
     prune.add_argument("--model", default="resnet56", help="zoo model name")
     prune.add_argument("--budget", type=float, default=0.5, help="FLOPs to keep, as a fraction of the full model")
     prune.add_argument("--data", default="digits", help="'digits' (embedded) or 'cifar10:PATH'")
     prune.add_argument("--image-size", type=int, default=None, help="resize the data (digits default: 32)")
-    prune.add_argument("--protocol", choices=("rethinking",), help="also train Scratch-E and Scratch-B arms")
+    prune.add_argument("--protocol", choices=("rethinking",),
+                       help="train the fine-tune, Scratch-E and Scratch-B arms (and KD for tas)")
     prune.add_argument("--epochs", type=float, default=10, help="epochs of the full model (and Scratch-E)")
     prune.add_argument("--finetune-epochs", type=float, default=None, help="default: epochs / 4")
+    prune.add_argument("--search-epochs", type=float, default=None,
+                       help="scratch/tas/anp: gate training, architecture search, mask training (default: epochs / 2)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", default="sparsekern-prune", help="output folder (report.json, model.sk)")
     prune.add_argument("--no-progress", action="store_true")

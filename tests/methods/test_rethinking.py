@@ -53,3 +53,30 @@ def test_cli_prune_saves_a_reloadable_model(tmp_path: Path) -> None:
 def test_unknown_method_and_arms_are_refused(digits16) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         rethinking.run("magic", digits16)
+    with pytest.raises(ValueError, match="unknown arms \\['magic'\\]"):
+        rethinking.run("l1_norm", digits16, arms=("magic",))
+
+
+@pytest.mark.parametrize("method, arm", [("scratch", "Scratch-B"), ("tas", "KD")])
+def test_cli_prune_runs_the_learned_methods_with_their_own_arm(method: str, arm: str, tmp_path: Path) -> None:
+    argv = ["prune", "--method", method, "--model", "resnet20", "--budget", "0.5", "--image-size", "8",
+            "--epochs", "0.3", "--search-epochs", "0.3", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [a["name"] for a in report["arms"]] == [arm]
+    assert report["flops_pruned"] <= 0.5 * report["flops_full"] * 1.01  # scratch: the closest count to the budget
+    model = sk.load(tmp_path / "model.sk")
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).shape == (2, 10)
+    if method == "tas":
+        assert sk.Plan.from_dict(report["plan"]).removed_blocks or report["plan"]["channels"]
+
+
+def test_anp_report_compares_robustness_with_adversarial_training(digits16) -> None:
+    data = load("digits", image_size=8)
+    report = rethinking.run("anp", data, model_name="resnet20", budget=0.6, epochs=0.5, search_epochs=0.5, arms=(),
+                            progress=False, log=lambda s: None)
+    assert report.arms == [] and report.flops_pruned <= 0.6 * report.flops_full * 1.001
+    assert set(report.robustness) == {"ANP-VS", "adversarial training", "adversarial training, pruned"}
+    for r in report.robustness.values():
+        assert 0.0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1.0
