@@ -155,7 +155,8 @@ def prune_to_budget(
 def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle, x: torch.Tensor, epochs: float,
                 seed: int, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
     """ANP-VS's report: clean and PGD accuracy (40 steps) of the pruned model, and of the baseline: plain
-    adversarial training of the full model for the same epochs, pruned by filter norm to the same channels."""
+    adversarial training of the full model for as many epochs as ANP-VS trained its masks (``epochs`` here),
+    then pruned by filter norm to the same channels (same FLOPs)."""
     from sparsekern.methods import anp
 
     log(f"[anp] baseline: adversarial training for {epochs} epochs, pruned to ANP's channel counts")
@@ -275,7 +276,8 @@ def run(
     if model_out is not None:
         sk.save(trained[0] if trained else pruned, model_out)
         log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
-    robustness = _robustness(full, pruned, plan, data, x, epochs, seed, progress, log) if method == "anp" else {}
+    robustness = (_robustness(full, pruned, plan, data, x, search_epochs, seed, progress, log)
+                  if method == "anp" else {})
 
     bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=30,
                              per_layer=False)
