@@ -51,7 +51,13 @@ def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: i
             "Plan.from_channel_masks(..., example_inputs=x), which records the input shapes"
         )
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(s["shape"], generator=g).to(getattr(torch, s["dtype"])) for s in spec)
+
+    def draw(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=g).to(dtype)
+        return torch.randint(0, 2, shape, generator=g, dtype=dtype)  # valid indices for embeddings (token ids)
+
+    return tuple(draw(s["shape"], getattr(torch, s["dtype"])) for s in spec)
 
 
 def _trace(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple[ChannelGraph, tuple]:

@@ -192,7 +192,8 @@ class DataBundle:
     name: str
 
 
-_SPEC_HELP = "accepted data specs: 'digits' or 'cifar10:PATH' (PATH = folder with data_batch_1..5 and test_batch)"
+_SPEC_HELP = ("accepted data specs: 'digits' or 'cifar10:PATH' (PATH = folder with data_batch_1..5 and test_batch); "
+              "byte-level text corpora ('pystdlib', 'enwik8:PATH') load with sparsekern.text_data.load")
 
 
 def load(spec: str, *, image_size: int | None = None) -> DataBundle:

@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from .lm import sru_lm as _sru_lm
+from .lm import transformer_lm as _transformer_lm
 from .mobilenet import InvertedResidual, MobileNetV2
 from .mobilenet import mobilenet_v2 as _mobilenet_v2
 from .resnet import BasicBlock, Bottleneck, CifarResNet, ResNet, cifar_resnet, imagenet_resnet18, imagenet_resnet50
@@ -67,6 +69,9 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "vgg16_bn": (lambda **kw: vgg_bn(16, **kw), _CIFAR_INPUT),
     "vgg19_bn": (lambda **kw: vgg_bn(19, **kw), _CIFAR_INPUT),
     "mobilenet_v2": (_mobilenet_v2, _IMAGENET_INPUT),
+    # byte-level language models (FLOP): input (B, T) int64 bytes; the "input size" is the context length
+    "transformer_lm": (_transformer_lm, 128),
+    "sru_lm": (_sru_lm, 128),
 }
 
 

@@ -1,0 +1,174 @@
+"""Low-rank part of a plan: factorized layers with a rank keep-set (FLOP; DESIGN.md, "Low-rank").
+
+A *factorized layer* computes ``y = x Q^T diag(z) P^T + bias`` with ``P`` (out, r), ``Q`` (r, in) and gates
+``z`` (r,) (:class:`sparsekern.methods.flop.FactorizedLinear`; any module with attributes ``P``, ``Q`` and
+``bias`` of those shapes qualifies). ``plan.lowrank`` maps a layer's qualified name to its pruned gates::
+
+    {"in": in, "out": out, "rank": r, "keep": [k_1 < k_2 < ...], "scale": [z_k1, z_k2, ...]}
+
+(``in``/``out`` optional, checked when given; ``scale`` optional, default all ones), i.e. the gates
+``m`` with ``m[keep] = scale`` and zeros elsewhere. Then:
+
+* :func:`masked_lowrank` (the reference) replaces each such layer by the factorized layer with the fixed
+  gates ``m``, computed densely at full rank ``r``: ``((x Q^T) * m) P^T + bias``;
+* :func:`compile_lowrank` replaces it by a :class:`LowRankLinear` of rank ``r' = len(keep)`` with
+  ``Q' = diag(scale) Q[keep]`` (the gates folded into ``Q``) and ``P' = P[:, keep]``, running
+  :func:`sparsekern.ops.lowrank_linear`: ``y = x Q'^T P'^T + bias``, which equals the reference.
+
+Both are called by :func:`sparsekern.compiler.masked` / :func:`sparsekern.compiler.compile` on the traced
+``torch.fx.GraphModule``, where factorized layers (``sk_leaf``) are single ``call_module`` nodes under their
+qualified names; the submodule is swapped in place, so the graph is unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsekern import ops
+from sparsekern.plan import Plan, PlanError
+
+__all__ = ["LowRankLinear", "MaskedFactorizedLinear", "compile_lowrank", "lowrank_gates", "masked_lowrank"]
+
+
+class LowRankLinear(nn.Module):
+    """``y = x Q^T P^T + bias`` on the fused :func:`sparsekern.ops.lowrank_linear` kernel.
+
+    Shapes: x (..., in_features) -> (..., out_features); ``Q`` (rank, in), ``P`` (out, rank), ``bias`` (out,)
+    or None. ``rank`` may be 0 (every component pruned): the output is then the bias (or zeros).
+    """
+
+    sk_leaf = True
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1 or rank < 0:
+            raise ValueError(f"LowRankLinear needs in, out >= 1 and rank >= 0, got in={in_features}, "
+                             f"out={out_features}, rank={rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.Q = nn.Parameter(torch.zeros(rank, in_features))
+        self.P = nn.Parameter(torch.zeros(out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_factors(cls, Q: Tensor, P: Tensor, bias: Tensor | None = None) -> "LowRankLinear":
+        """A layer holding copies of ``Q`` (r, in), ``P`` (out, r) and ``bias`` (out,)."""
+        if Q.dim() != 2 or P.dim() != 2 or P.shape[1] != Q.shape[0]:
+            raise ValueError(f"LowRankLinear.from_factors: need Q (r, in) and P (out, r), got Q {tuple(Q.shape)}, "
+                             f"P {tuple(P.shape)}")
+        if bias is not None and bias.shape != (P.shape[0],):
+            raise ValueError(f"LowRankLinear.from_factors: bias must have shape ({P.shape[0]},), got {tuple(bias.shape)}")
+        layer = cls(Q.shape[1], P.shape[0], Q.shape[0], bias is not None)
+        layer.Q = nn.Parameter(Q.detach().clone())
+        layer.P = nn.Parameter(P.detach().clone())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone())
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rank == 0:
+            y = x.new_zeros((*x.shape[:-1], self.out_features))
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return ops.lowrank_linear(x, self.Q, self.P, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+class MaskedFactorizedLinear(nn.Module):
+    """The reference of a pruned factorized layer: ``((x Q^T) * gates) P^T + bias`` at full rank, with fixed
+    gates (r,) (zeros at pruned components). Shares ``P``, ``Q``, ``bias`` with the layer it wraps."""
+
+    sk_leaf = True
+
+    def __init__(self, layer: nn.Module, gates: Tensor) -> None:
+        super().__init__()
+        self.P, self.Q, self.bias = layer.P, layer.Q, layer.bias
+        self.register_buffer("gates", gates.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.Q) * self.gates.to(x.dtype), self.P, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.Q.shape[0]}, kept={int((self.gates != 0).sum())}"
+
+
+def _factorized(gm: nn.Module, name: str, entry: Any) -> nn.Module:
+    """The factorized layer ``name`` of ``gm``, checked against its plan entry."""
+    try:
+        layer = gm.get_submodule(name)
+    except AttributeError:
+        raise PlanError(f"plan.lowrank names {name!r}, but the model has no such layer; plan it on the factorized "
+                        "model (sparsekern.methods.flop.factorize) it was made for") from None
+    P, Q = getattr(layer, "P", None), getattr(layer, "Q", None)
+    if not (isinstance(P, Tensor) and isinstance(Q, Tensor) and P.dim() == 2 and Q.dim() == 2
+            and P.shape[1] == Q.shape[0]):
+        raise PlanError(
+            f"plan.lowrank names {name!r}, a {type(layer).__name__}, which is not a factorized layer (P (out, r), "
+            "Q (r, in)); factorize the model first with sparsekern.methods.flop.factorize(model)"
+        )
+    if not isinstance(entry, Mapping) or "keep" not in entry:
+        raise PlanError(f"plan.lowrank[{name!r}] must be a dict with 'keep' (kept component indices), got {entry!r}")
+    rank, in_f, out_f = Q.shape[0], Q.shape[1], P.shape[0]
+    for key, actual in (("rank", rank), ("in", in_f), ("out", out_f)):
+        if key in entry and int(entry[key]) != actual:
+            raise PlanError(f"plan.lowrank[{name!r}]: the plan has {key}={entry[key]} but the layer has {actual}; "
+                            "the plan was made for a different model")
+    return layer
+
+
+def lowrank_gates(name: str, entry: Mapping[str, Any], rank: int) -> tuple[Tensor, Tensor]:
+    """(kept indices int64 (r',), their scales float32 (r',)) of a plan entry for a layer of rank ``rank``.
+
+    Raises :class:`PlanError` for unsorted, repeated or out-of-range indices, or a scale list of the wrong
+    length.
+    """
+    keep = [int(k) for k in entry["keep"]]
+    if keep != sorted(set(keep)):
+        raise PlanError(f"plan.lowrank[{name!r}]: 'keep' must be sorted and unique, got {keep[:16]}")
+    if keep and (keep[0] < 0 or keep[-1] >= rank):
+        raise PlanError(f"plan.lowrank[{name!r}]: 'keep' indices must lie in [0, {rank}), got min {keep[0]}, "
+                        f"max {keep[-1]}")
+    scale = entry.get("scale")
+    if scale is None:
+        scale = [1.0] * len(keep)
+    if len(scale) != len(keep):
+        raise PlanError(f"plan.lowrank[{name!r}]: {len(scale)} scales for {len(keep)} kept components")
+    return torch.tensor(keep, dtype=torch.int64), torch.tensor([float(s) for s in scale], dtype=torch.float32)
+
+
+def masked_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """Replace every factorized layer named in ``plan.lowrank`` by :class:`MaskedFactorizedLinear` with the
+    plan's gates (in place; returns ``gm``). ``example_inputs`` is unused (the part needs no tracing)."""
+    for name, entry in plan.lowrank.items():
+        layer = _factorized(gm, name, entry)
+        rank = layer.Q.shape[0]
+        keep, scale = lowrank_gates(name, entry, rank)
+        gates = torch.zeros(rank, dtype=layer.Q.dtype, device=layer.Q.device)
+        gates[keep.to(gates.device)] = scale.to(gates)
+        gm.set_submodule(name, MaskedFactorizedLinear(layer, gates))
+    gm.recompile()
+    return gm
+
+
+def compile_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """Replace every factorized layer named in ``plan.lowrank`` by a :class:`LowRankLinear` of the kept rank
+    with the gates folded into ``Q`` (in place; returns ``gm``). ``example_inputs`` is unused."""
+    for name, entry in plan.lowrank.items():
+        layer = _factorized(gm, name, entry)
+        keep, scale = lowrank_gates(name, entry, layer.Q.shape[0])
+        with torch.no_grad():
+            idx = keep.to(layer.Q.device)
+            q = layer.Q.detach().index_select(0, idx) * scale.to(layer.Q)[:, None]
+            p = layer.P.detach().index_select(1, idx)
+        bias = getattr(layer, "bias", None)
+        new = LowRankLinear.from_factors(q, p, bias.detach() if isinstance(bias, Tensor) else None)
+        new.train(layer.training)
+        gm.set_submodule(name, new)
+    gm.recompile()
+    return gm
+

@@ -1,0 +1,106 @@
+"""Byte-level LMs: shapes, causality, the SRU recurrence against the paper's equations, fx-traceability
+(sk.compile with an empty plan) and the zoo record."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.methods import flop
+from sparsekern.models import build, list_models
+from sparsekern.models.lm import SRURecurrence
+from sparsekern.plan import Plan
+
+SMALL = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 24},
+         "sru_lm": {"d_model": 32, "layers": 2}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bytes(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_zoo_builds_lms_with_byte_logits(name: str) -> None:
+    assert name in list_models()
+    torch.manual_seed(0)
+    model = build(name, **SMALL[name]).eval()
+    x = _bytes(3, 20)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (3, 20, 256) and y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert (y[0] - y[1]).abs().max() > 1e-3
+    assert json.loads(json.dumps(model.sk_arch)) == {"name": name, "kwargs": SMALL[name]}
+    assert type(build(**model.sk_arch)) is type(model)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("factorized", [False, True])
+def test_lms_are_causal(name: str, factorized: bool) -> None:
+    torch.manual_seed(0)
+    model = build(name, **SMALL[name])
+    if factorized:
+        flop.factorize(model, init="random")
+    model.eval()
+    x = _bytes(2, 20)
+    t0 = 11
+    x2 = x.clone()
+    x2[:, t0] = (x2[:, t0] + 7) % 256
+    with torch.no_grad():
+        y, y2 = model(x), model(x2)
+    assert torch.equal(y[:, :t0], y2[:, :t0]), "a future byte changed past logits"
+    assert (y[:, t0] - y2[:, t0]).abs().max() > 1e-4, "the changed byte must change its own position's logits"
+    assert (y[:, -1] - y2[:, -1]).abs().max() > 1e-6
+
+
+def _sru_reference(u: torch.Tensor, x: torch.Tensor, cell: SRURecurrence) -> torch.Tensor:
+    """Lei et al. 2018, eqs. 3-7, one time step at a time."""
+    d = cell.d
+    c = torch.zeros(u.shape[0], d, dtype=torch.float64)
+    hs = []
+    for t in range(u.shape[1]):
+        wx, wf, wr = u[:, t, :d], u[:, t, d:2 * d], u[:, t, 2 * d:]
+        f = torch.sigmoid(wf + cell.v_f * c + cell.b_f)
+        r = torch.sigmoid(wr + cell.v_r * c + cell.b_r)
+        c = f * c + (1 - f) * wx
+        hs.append(r * c + (1 - r) * x[:, t])
+    return torch.stack(hs, 1)
+
+
+def test_sru_recurrence_follows_the_paper() -> None:
+    torch.manual_seed(0)
+    cell = SRURecurrence(8, highway_bias=-1.0).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()
+    u, x = torch.randn(3, 9, 24, dtype=torch.float64), torch.randn(3, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(cell(u, x), _sru_reference(u, x, cell), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="expected u"):
+        cell(u[..., :-1], x)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_lms_trace_and_compile_with_an_empty_plan(name: str) -> None:
+    torch.manual_seed(0)
+    model = build(name, **SMALL[name]).eval()
+    x = _bytes(2, 16)
+    fast = sk.compile(model, Plan(), example_inputs=x)
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+        assert torch.equal(fast(_bytes(2, 9, seed=1)), model(_bytes(2, 9, seed=1)))  # other lengths too
+
+
+def test_transformer_rejects_inputs_longer_than_its_context() -> None:
+    model = build("transformer_lm", **SMALL["transformer_lm"])
+    with pytest.raises(Exception, match="longer than the model's context"):
+        model(_bytes(1, 25))
