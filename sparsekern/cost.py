@@ -36,7 +36,25 @@ Custom ops (``torch.ops.sparsekern.*``) are counted if they have a formula regis
 :func:`torch.utils.flop_counter.register_flop_formula` (then ``FlopCounterMode`` agrees too).
 Non-aten ops that ran without a formula are listed in ``FlopReport.uncounted_ops`` so that a kernel
 silently counted as 0 FLOPs is visible. Higher-order ops (``torch.cond`` and friends) are not
-supported in the counted forward.
+supported in the counted forward. ``sparsekern::channel_skip_conv2d`` has a formula (registered
+here): ``2 k^2 H_out W_out |active in| |active out|`` summed over the samples, read from the masks it
+was called with, so a compiled dynamic model counts only the work its kernels do.
+
+Per-sample accounting (dynamic models, DESIGN.md "Dynamic"). When the forward contains per-sample
+work, ``FlopReport.per_sample`` and every ``LayerCost.per_sample`` hold the FLOPs of each sample of
+the batch (a :class:`SampleFlops`: a list of ints with ``mean``, ``min``, ``max``, ``std`` and
+``tensor()``); otherwise they are ``None``. Two sources:
+
+* ops with a per-sample formula (``channel_skip_conv2d``: the formula above, per sample);
+* modules that define ``sk_flops_per_sample(args, kwargs, output) -> Tensor (B,)``: the FLOPs each
+  sample of that call needs when the channels it masks off are skipped (the dense masked reference
+  layers of :mod:`sparsekern.dynamic`, and SANP's training form, which compute densely). The ops run
+  inside such a module still count in ``total`` (they ran), but its per-sample cost is the declared
+  one, charged to the module's own name.
+
+Every other counted op costs each sample ``flops / batch``. ``sum(per_sample)`` is the cost of the batch
+with every per-sample skip taken (:attr:`FlopReport.skipped_total`); for a compiled dynamic model it
+equals ``total`` (up to rounding of the even shares).
 """
 from __future__ import annotations
 
@@ -56,6 +74,7 @@ from torch.utils._pytree import tree_flatten
 __all__ = [
     "LayerCost",
     "FlopReport",
+    "SampleFlops",
     "flops",
     "theoretical_speedup",
     "LAYER_TYPES",
@@ -102,6 +121,34 @@ def is_layer(module: nn.Module) -> bool:
 Shape = tuple[int, ...]
 
 
+class SampleFlops(list):
+    """FLOPs of each sample of a batch (a plain list of ints, JSON-friendly), with summary statistics."""
+
+    def tensor(self) -> torch.Tensor:
+        """The values as an int64 tensor of shape (B,)."""
+        return torch.tensor(list(self), dtype=torch.int64)
+
+    @property
+    def mean(self) -> float:
+        return float(sum(self)) / len(self) if self else 0.0
+
+    @property
+    def min(self) -> int:
+        return min(self) if self else 0
+
+    @property
+    def max(self) -> int:
+        return max(self) if self else 0
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation over the batch."""
+        if not self:
+            return 0.0
+        mu = self.mean
+        return (sum((v - mu) ** 2 for v in self) / len(self)) ** 0.5
+
+
 @dataclass
 class LayerCost:
     """Cost of one layer (one module name), summed over all its calls in the forward.
@@ -116,8 +163,9 @@ class LayerCost:
         output_shape: shape of the first tensor output on the first call.
         calls: forward calls of the module; for a name that was not called as a module (an fx
             node scope, the root of a traced GraphModule) the number of counted ops charged to it.
-        per_sample: reserved for dynamic (per-sample gated) accounting: FLOPs of each sample of
-            the batch. ``None`` for static models (every sample costs ``flops / batch``).
+        per_sample: FLOPs of each sample of the batch in this layer when per-sample skips are taken
+            (see the module docstring); ``None`` for static models (every sample costs
+            ``flops / batch``).
     """
 
     kind: str
@@ -127,7 +175,7 @@ class LayerCost:
     input_shape: Shape | None
     output_shape: Shape | None
     calls: int = 0
-    per_sample: list[int] | None = None
+    per_sample: SampleFlops | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerCost":
@@ -136,6 +184,8 @@ class LayerCost:
         for key in ("input_shape", "output_shape"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        if d.get("per_sample") is not None:
+            d["per_sample"] = SampleFlops(d["per_sample"])
         return cls(**d)
 
 
@@ -150,8 +200,8 @@ class FlopReport:
         layers: qualified module name -> :class:`LayerCost`, in execution order.
         batch: size of dim 0 of the first input tensor (``None`` for 0-d inputs).
         uncounted_ops: non-aten ops that ran without a FLOP formula -> number of calls.
-        per_sample: reserved for dynamic (per-sample gated) accounting: total FLOPs of each
-            sample of the batch. ``None`` for static models.
+        per_sample: total FLOPs of each sample of the batch when per-sample skips are taken
+            (a :class:`SampleFlops`; see the module docstring). ``None`` for static models.
     """
 
     total: int
@@ -160,7 +210,12 @@ class FlopReport:
     layers: dict[str, LayerCost] = field(default_factory=dict)
     batch: int | None = None
     uncounted_ops: dict[str, int] = field(default_factory=dict)
-    per_sample: list[int] | None = None
+    per_sample: SampleFlops | None = None
+
+    @property
+    def skipped_total(self) -> int:
+        """FLOPs of the batch with every per-sample skip taken: ``sum(per_sample)``, else ``total``."""
+        return int(sum(self.per_sample)) if self.per_sample is not None else self.total
 
     # ----------------------------------------------------------------- views
     def to_dict(self) -> dict[str, Any]:
@@ -172,6 +227,8 @@ class FlopReport:
         """Rebuild a report from :meth:`to_dict` output (possibly after ``json`` round trip)."""
         d = dict(d)
         d["layers"] = {k: LayerCost.from_dict(v) for k, v in d.get("layers", {}).items()}
+        if d.get("per_sample") is not None:
+            d["per_sample"] = SampleFlops(d["per_sample"])
         return cls(**d)
 
     def table(self, top: int | None = None) -> str:
@@ -207,17 +264,18 @@ class FlopReport:
 
 
 def theoretical_speedup(dense: FlopReport, pruned: FlopReport) -> float:
-    """``dense.total / pruned.total``: the speedup a perfect implementation would reach."""
-    if pruned.total <= 0:
+    """``dense.total / pruned.skipped_total``: the speedup a perfect implementation would reach (for a
+    dynamic model, averaged over the batch; ``skipped_total`` is ``total`` for static models)."""
+    if pruned.skipped_total <= 0:
         raise ValueError("pruned model counts 0 FLOPs; theoretical speedup is undefined")
-    return dense.total / pruned.total
+    return dense.total / pruned.skipped_total
 
 
 # --------------------------------------------------------------------------- counting
 class _LayerAcc:
     """Mutable accumulator for one layer while counting."""
 
-    __slots__ = ("kind", "ops", "flops", "bytes", "params", "n_ops", "in_shape", "out_shape")
+    __slots__ = ("kind", "ops", "flops", "bytes", "params", "n_ops", "in_shape", "out_shape", "sample")
 
     def __init__(self, kind: str | None, params: int) -> None:
         self.kind = kind
@@ -228,6 +286,10 @@ class _LayerAcc:
         self.n_ops = 0  # counted ops charged here
         self.in_shape: Shape | None = None  # of the first counted op
         self.out_shape: Shape | None = None
+        self.sample: torch.Tensor | float = 0.0  # per-sample FLOPs (float64 (B,)) or an even share
+
+    def add_sample(self, value: torch.Tensor | float) -> None:
+        self.sample = self.sample + value
 
     def finish(self, calls: int | None, in_shape: Shape | None, out_shape: Shape | None) -> LayerCost:
         """Module entries pass their call count and first-call shapes; others use the ops'."""
@@ -235,6 +297,11 @@ class _LayerAcc:
         if calls is None:
             calls, in_shape, out_shape = self.n_ops, self.in_shape, self.out_shape
         return LayerCost(kind, self.flops, self.params, self.bytes, in_shape, out_shape, calls)
+
+    def per_sample(self, batch: int) -> SampleFlops:
+        v = self.sample if isinstance(self.sample, torch.Tensor) else torch.full((batch,), float(self.sample),
+                                                                                 dtype=torch.float64)
+        return SampleFlops(int(round(float(x))) for x in v.tolist())
 
 
 class _Counter:
@@ -251,6 +318,9 @@ class _Counter:
         self.mod_calls: dict[str, int] = {}  # forward calls seen by the hooks
         self.mod_in: dict[str, Shape | None] = {}  # first-call input / output shapes
         self.mod_out: dict[str, Shape | None] = {}
+        self.batch: int | None = None  # per-sample accounting needs a batch dimension
+        self.covered = 0  # depth of modules declaring their own per-sample cost
+        self.dynamic = False  # a per-sample formula or a module's declared per-sample cost ran
 
     # -- attribution
     def current(self) -> str:
@@ -266,7 +336,8 @@ class _Counter:
             params = 0
             if mod is not None:
                 params = sum(p.numel() for p in mod.parameters(recurse=False))
-                if is_layer(mod) or not any(True for _ in mod.children()):
+                if (is_layer(mod) or not any(True for _ in mod.children())
+                        or hasattr(mod, "sk_flops_per_sample")):
                     kind = type(mod).__name__
             self.layers[name] = _LayerAcc(kind, params)
         return self.layers[name]
@@ -290,6 +361,19 @@ class _Counter:
             acc.in_shape = _first_activation_shape(packet.__name__, args)
             acc.out_shape = _first_shape(out)
         acc.n_ops += 1
+        if self.batch and not self.covered:
+            formula = _PER_SAMPLE.get(packet)
+            if formula is None:
+                acc.add_sample(n / self.batch)
+            else:
+                acc.add_sample(self.checked_samples(formula(*args, **kwargs, out_val=out), str(packet)))
+
+    def checked_samples(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        value = torch.as_tensor(value).detach().to("cpu", torch.float64).reshape(-1)
+        if value.numel() != self.batch:
+            raise ValueError(f"per-sample FLOPs of {what} have {value.numel()} entries for a batch of {self.batch}")
+        self.dynamic = True
+        return value
 
     def report_layers(self) -> dict[str, LayerCost]:
         out = {}
@@ -299,6 +383,8 @@ class _Counter:
                                        self.mod_out.get(name))
             else:
                 out[name] = acc.finish(None, None, None)
+            if self.dynamic:
+                out[name].per_sample = acc.per_sample(self.batch)
         return out
 
 
@@ -363,8 +449,10 @@ def _module_hooks(model: nn.Module, counter: _Counter) -> Iterator[None]:
             counter.mod_calls[name] = counter.mod_calls.get(name, 0) + 1
             if name not in counter.mod_in:
                 counter.mod_in[name] = _first_shape((args, kwargs))
-            if is_layer(mod):
+            if is_layer(mod) or hasattr(mod, "sk_flops_per_sample"):
                 counter.acc(name)  # conv/linear always get an entry, in execution order
+            if hasattr(mod, "sk_flops_per_sample"):
+                counter.covered += 1
         return hook
 
     def post(name: str) -> Callable:
@@ -373,6 +461,11 @@ def _module_hooks(model: nn.Module, counter: _Counter) -> Iterator[None]:
                 counter.stack.pop()
             if counter.mod_out.get(name) is None:
                 counter.mod_out[name] = _first_shape(out)
+            if hasattr(mod, "sk_flops_per_sample"):
+                counter.covered -= 1
+                if counter.batch and not counter.covered:
+                    value = mod.sk_flops_per_sample(args, kwargs, out)
+                    counter.acc(name).add_sample(counter.checked_samples(value, name or "<root>"))
         return hook
 
     try:
@@ -408,9 +501,12 @@ def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> F
 
     Returns:
         A :class:`FlopReport`; ``total`` equals ``FlopCounterMode``'s count of the same forward.
+        ``per_sample`` is filled when the forward has per-sample work (see the module docstring).
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     counter = _Counter(model)
+    first = _first_shape(args)
+    counter.batch = first[0] if first else None
     with torch.no_grad(), _preserve_buffers(model), _module_hooks(model, counter), \
             _CountingMode(counter):
         if isinstance(model, fx.GraphModule):
@@ -425,15 +521,53 @@ def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> F
         if id(p) not in seen:
             seen.add(id(p))
             n_params += p.numel()
-    first = _first_shape(args)
+    per_sample = None
+    if counter.dynamic:
+        per_sample = SampleFlops(
+            int(sum(lc.per_sample[b] for lc in layers.values())) for b in range(counter.batch))
     return FlopReport(
         total=total,
         params=n_params,
         bytes=sum(lc.bytes for lc in layers.values()),
         layers=layers,
-        batch=first[0] if first else None,
+        batch=counter.batch,
         uncounted_ops=dict(counter.uncounted),
+        per_sample=per_sample,
     )
+
+
+# --------------------------------------------------------------------------- sparsekern ops
+#: op packet -> per-sample formula ``f(*args, out_val=out, **kwargs) -> Tensor (B,)``.
+_PER_SAMPLE: dict[Any, Callable[..., torch.Tensor]] = {}
+
+
+def _channel_skip_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: Any, in_mask: torch.Tensor | None,
+                             out_mask: torch.Tensor | None, *rest: Any, out_val: torch.Tensor,
+                             **kwargs: Any) -> torch.Tensor:
+    """``2 k^2 H_out W_out |active in| |active out|`` for each sample (B,), int64."""
+    b = x.shape[0]
+    c_out, c_in, kh, kw = weight.shape
+    full = lambda c: torch.full((b,), c, dtype=torch.int64)  # noqa: E731
+    cin = full(c_in) if in_mask is None else in_mask.detach().to("cpu").sum(1)
+    cout = full(c_out) if out_mask is None else out_mask.detach().to("cpu").sum(1)
+    return 2 * kh * kw * out_val.shape[-2] * out_val.shape[-1] * cin * cout
+
+
+def _channel_skip_flops(*args: Any, out_val: torch.Tensor, **kwargs: Any) -> int:
+    return int(_channel_skip_per_sample(*args, out_val=out_val, **kwargs).sum())
+
+
+def _register_sparsekern_ops() -> None:
+    """Give sparsekern's channel-skipping conv its FLOP formula (total and per sample)."""
+    import sparsekern.ops.channel_skip_conv2d  # noqa: F401 (defines torch.ops.sparsekern.channel_skip_conv2d)
+
+    packet = torch.ops.sparsekern.channel_skip_conv2d
+    if packet not in _fc.flop_registry:
+        _fc.register_flop_formula(packet, get_raw=True)(_channel_skip_flops)
+    _PER_SAMPLE[packet] = _channel_skip_per_sample
+
+
+_register_sparsekern_ops()
 
 
 # --------------------------------------------------------------------------- helpers

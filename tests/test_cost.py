@@ -285,3 +285,50 @@ def test_to_dict_json_round_trip_and_table() -> None:
     text = r.table()
     assert "qkv" in text and "<root>" in text and "total" in text
     assert len(r.table(top=1).splitlines()) == 1 + 1 + 1  # header, one layer, total
+
+
+def test_per_sample_flops_of_dynamic_layers() -> None:
+    """``per_sample``: a module declaring ``sk_flops_per_sample`` replaces the even share of the ops it runs (which
+    still count in ``total``); ``channel_skip_conv2d`` is counted from its masks; other ops cost ``flops / B``."""
+    from sparsekern.cost import SampleFlops
+    from sparsekern.ops import channel_skip_conv2d
+
+    class Declares(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+        def sk_flops_per_sample(self, args, kwargs, output) -> torch.Tensor:
+            return torch.tensor([1, 2, 3])
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x: torch.Tensor, m_in: torch.Tensor, m_out: torch.Tensor) -> torch.Tensor:
+            return channel_skip_conv2d(x, self.weight, None, m_in, m_out, 1, 1, 1, True, backend="reference")
+
+    net = nn.Sequential()
+    net.add_module("d", Declares())
+    net.add_module("out", nn.Linear(4, 2))
+    r = flops(net, torch.randn(3, 4))
+    assert r.total == 2 * 3 * 4 * 4 + 2 * 3 * 4 * 2  # what ran
+    assert r.per_sample == [1 + 16, 2 + 16, 3 + 16] and isinstance(r.per_sample, SampleFlops)
+    assert r.layers["d"].per_sample == [1, 2, 3] and r.layers["d"].kind == "Declares"
+    assert r.layers["d.fc"].per_sample == [0, 0, 0] and r.layers["out"].per_sample == [16] * 3
+    assert r.skipped_total == 54 and (r.per_sample.mean, r.per_sample.min, r.per_sample.max) == (18.0, 17, 19)
+    assert theoretical_speedup(r, r) == pytest.approx(r.total / 54)
+    back = FlopReport.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back == r and isinstance(back.per_sample, SampleFlops) and back.layers["d"].per_sample.max == 3
+
+    x = torch.randn(2, 3, 5, 5)
+    m_in = torch.tensor([[True, False, True], [False, False, False]])
+    m_out = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    r = flops(Skip(), (x, m_in, m_out))
+    assert r.per_sample == [2 * 9 * 25 * 2 * 3, 0]  # 2 k^2 H W |in| |out| per sample
+    assert r.total == r.skipped_total == 2 * 9 * 25 * 6 and not r.uncounted_ops
+    assert torch_total(Skip(), x, m_in, m_out) == r.total  # FlopCounterMode uses the same formula

@@ -89,9 +89,23 @@ def test_masks_need_example_inputs_or_recorded_shapes() -> None:
 
 
 def test_dynamic_parts_are_not_compiled_silently(resnet) -> None:
+    """A dynamic plan must name the gated layers of the model it compiles: a plain conv, a missing layer or a
+    malformed spec is an error naming the layer, never a silently dense model."""
+    from sparsekern.methods.sanp import to_plan, to_sanp
+
     model, x = resnet
-    with pytest.raises(PlanError, match="dynamic"):
+    spec = {"granularity": 4, "in_from": None}
+    with pytest.raises(PlanError, match="dynamic layer 'layer1.0.conv1' is a Conv2d, not a gated layer"):
+        sk.compile(model, Plan(dynamic={"layer1.0.conv1": spec}), x)
+    with pytest.raises(PlanError, match="dynamic layer 'layer1.0.conv1': the spec lacks"):
         sk.compile(model, Plan(dynamic={"layer1.0.conv1": {"granularity": 4}}), x)
+    gated = to_sanp(model, granularity=4).eval()
+    plan = to_plan(gated, x)
+    with pytest.raises(PlanError, match="dynamic layer 'layer9.0.conv1' is not in the model"):
+        sk.compile(gated, Plan(dynamic={**plan.dynamic, "layer9.0.conv1": spec}), x)
+    del plan.dynamic["layer3.2.conv2"]
+    with pytest.raises(PlanError, match=r"gated layers \['layer3.2.conv2'\] are missing from the plan"):
+        sk.masked(gated, plan, x)
 
 
 def test_from_keep_sets_fills_sizes_and_members(resnet) -> None:
