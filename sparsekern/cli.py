@@ -58,14 +58,47 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_flop(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import sparsekern as sk
+    from sparsekern.methods import flop
+    from sparsekern.text_data import load
+    from sparsekern.train import TrainConfig
+
+    model = args.model or "transformer_lm"
+    if model not in ("transformer_lm", "sru_lm"):
+        raise SystemExit(f"--method flop prunes the byte-level LMs transformer_lm or sru_lm, not {model!r}")
+    config = TrainConfig(max_steps=args.steps, epochs=1e9, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                         schedule="constant", warmup_steps=max(1, args.steps // 20), grad_clip=1.0, seed=args.seed,
+                         progress=not args.no_progress)
+    kwargs = {k: v for k, v in (("d_model", args.d_model), ("layers", args.layers)) if v is not None}
+    run = flop.run_lm(model, load(args.data or "pystdlib"), config, target=args.target, seed=args.seed,
+                      eval_bytes=args.eval_bytes, model_kwargs=kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sk.save(run.compiled, out / "model.sk")
+    (out / "report.json").write_text(json.dumps(run.report, indent=1))
+    print(f"{model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
+          f"{run.report['params_dense']} -> {run.report['params_compiled']}, test bits per byte "
+          f"{run.report['test_bpb']:.3f}")
+    print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
+    return 0
+
+
 def _prune(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    if args.method == "flop":
+        return _prune_flop(args)
 
     from sparsekern.data import load
     from sparsekern.methods import rethinking
 
     out = Path(args.out)
-    rethinking.run(args.method, load(args.data, image_size=args.image_size), model_name=args.model,
+    rethinking.run(args.method, load(args.data or "digits", image_size=args.image_size),
+                   model_name=args.model or "resnet56",
                    budget=args.budget, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                    search_epochs=args.search_epochs, arms=rethinking.default_arms(args.method, args.protocol),
                    seed=args.seed, progress=not args.no_progress, out=out / "report.json",
@@ -90,12 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="train, prune to a FLOPs budget, fine-tune, save and report")
     prune.add_argument("--method", required=True,
-                       choices=("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp"),
+                       choices=("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp", "flop"),
                        help="scratch trains the pruned net from scratch (Scratch-B), tas with distillation (KD), "
-                            "anp reports clean and PGD accuracy against adversarial training")
-    prune.add_argument("--model", default="resnet56", help="zoo model name")
+                            "anp reports clean and PGD accuracy against adversarial training; flop prunes a "
+                            "byte-level LM to a parameter sparsity (--target, --steps)")
+    prune.add_argument("--model", help="zoo model name (default: resnet56; transformer_lm for flop)")
     prune.add_argument("--budget", type=float, default=0.5, help="FLOPs to keep, as a fraction of the full model")
-    prune.add_argument("--data", default="digits", help="'digits' (embedded) or 'cifar10:PATH'")
+    prune.add_argument("--data", help="'digits' (embedded, default) or 'cifar10:PATH'; for flop 'pystdlib' "
+                                      "(default) or 'enwik8:PATH'")
+    prune.add_argument("--target", type=float, default=0.5, help="flop: target sparsity of the factorized layers")
+    prune.add_argument("--steps", type=int, default=600, help="flop: optimizer steps")
+    prune.add_argument("--eval-bytes", type=int, help="flop: bytes of the test split to evaluate (default: all)")
+    prune.add_argument("--d-model", type=int, help="flop: LM width (default: the zoo's)")
+    prune.add_argument("--layers", type=int, help="flop: LM depth (default: the zoo's)")
     prune.add_argument("--image-size", type=int, default=None, help="resize the data (digits default: 32)")
     prune.add_argument("--protocol", choices=("rethinking",),
                        help="train the fine-tune, Scratch-E and Scratch-B arms (and KD for tas)")

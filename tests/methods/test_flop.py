@@ -216,3 +216,19 @@ def test_run_lm_end_to_end_reports_the_compiled_model() -> None:
 
     assert r["test_bpb"] == pytest.approx(bits_per_byte(run.model, corpus.test, 16, max_bytes=2000), rel=1e-5)
     assert sorted(r["ranks"]) == ["layers.0.proj"] and r["ranks"]["layers.0.proj"][1] == 12
+
+
+def test_cli_prune_flop_writes_a_reloadable_compiled_lm(tmp_path) -> None:
+    import json
+
+    import sparsekern as sk
+    from sparsekern.cli import main
+
+    argv = ["prune", "--method", "flop", "--model", "sru_lm", "--target", "0.5", "--steps", "20",
+            "--eval-bytes", "4096", "--d-model", "32", "--layers", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["params_compiled"] < report["params_dense"]
+    model = sk.load(tmp_path / "model.sk")
+    x = torch.randint(0, 256, (2, 16))
+    assert model(x).shape == (2, 16, 256)
