@@ -120,12 +120,17 @@ def load() -> str | None:
 
 def status() -> str | None:
     """``None`` when the extension is loaded, else why not (loading it first if nobody has tried)."""
-    load()
+    if "module" not in _state:
+        load()
     return _state.get("error")  # type: ignore[return-value]
 
 
 def has_kernel(op: str, device: str) -> bool:
-    """Whether the loaded extension registered ``sparsekern::<op>`` for dispatch key ``device`` (CPU/CUDA)."""
-    if load() is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", device.upper())
+    """Whether the loaded extension registered ``sparsekern::<op>`` for dispatch key ``device`` (CPU/CUDA).
+    Cached: ops check this on every call."""
+    key = (op, device.upper())
+    kernels = _state.setdefault("kernels", {})
+    if key not in kernels:  # type: ignore[operator]
+        kernels[key] = load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(  # type: ignore[index]
+            f"sparsekern::{op}", key[1])
+    return kernels[key]  # type: ignore[index]

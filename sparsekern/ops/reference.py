@@ -30,8 +30,8 @@ def channel_skip_conv2d(
     (B, C_out), bool. Returns (B, C_out, H_out, W_out) in x's dtype.
     """
     xf = x.float()
-    if in_mask is not None:
-        xf = xf * in_mask.to(xf.dtype)[:, :, None, None]
+    if in_mask is not None:  # masked_fill, not a multiply: NaN/inf in masked-off channels must not leak
+        xf = xf.masked_fill(~in_mask[:, :, None, None], 0.0)
     y = F.conv2d(xf, weight.float(), None if bias is None else bias.float(), tuple(stride), tuple(padding),
                  tuple(dilation))
     if relu:
