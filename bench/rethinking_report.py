@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(rethinking.METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search-epochs", type=float, default=None, help="scratch/tas/anp search (default: epochs / 2)")
+    p.add_argument("--arms", choices=("protocol", "own"), default="protocol",
+                   help="protocol: fine-tune, Scratch-E, Scratch-B (+ KD for tas); own: each method's own arm "
+                        "(Scratch-B for scratch, KD for tas, none for anp)")
     p.add_argument("--out", default="bench/results/rethinking_digits.json")
     p.add_argument("--remeasure", action="store_true",
                    help="only re-time the stored plans of --methods in --out (run this on a quiet machine)")
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         commands.update({m: previous["command"] for m in reports})
     for method in args.methods:
         r = rethinking.run(method, data, model_name=args.model, budget=args.budget, epochs=args.epochs,
-                           search_epochs=args.search_epochs, seed=args.seed, progress=False)
+                           search_epochs=args.search_epochs, seed=args.seed, progress=False,
+                           arms=rethinking.default_arms(method, "rethinking" if args.arms == "protocol" else None))
         reports[method] = r.to_dict()
         commands[method] = "python " + " ".join(sys.argv)
         doc = {"image_size": args.image_size, "commands": commands,
