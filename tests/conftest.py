@@ -1,6 +1,7 @@
 """Shared test fixtures: small models exercising every coupling the dependency graph knows."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -18,6 +19,28 @@ if not torch.cuda.is_available():
 # machine costs ~10 ms per conv (10x the conv itself). Correctness does not depend on the conv backend, so
 # the test session uses PyTorch's native CPU convolution; benchmarks use the frozen oneDNN path instead.
 torch.backends.mkldnn.enabled = False
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the small
+    workloads of the tests gain nothing from two, and on a shared 2-core machine two OpenMP threads spin-wait
+    for each other whenever another process holds a core (observed: 10-20x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def training_backend():
+    """Train with oneDNN (the session disables it for inference checks; the native conv backward is much slower)."""
+    onednn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = onednn
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

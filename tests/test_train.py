@@ -31,14 +31,7 @@ from sparsekern.train import (
 # ------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers
-    under oversubscription slow each op by orders of magnitude; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int = 192, d: int = 8, k: int = 3, seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:

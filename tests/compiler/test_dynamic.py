@@ -3,7 +3,6 @@ masks between consecutive gated layers, per-sample FLOPs, and plans that do not 
 from __future__ import annotations
 
 import copy
-from typing import Iterator
 
 import pytest
 import torch
@@ -19,12 +18,7 @@ from sparsekern.plan import Plan, PlanError
 from tests.conftest import assert_close_to_scale, randomize_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Gate(nn.Module):

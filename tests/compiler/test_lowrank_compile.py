@@ -19,12 +19,7 @@ MODELS = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 
           "sru_lm": {"d_model": 32, "layers": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _factorized(name: str, seed: int = 0) -> torch.nn.Module:

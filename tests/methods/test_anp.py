@@ -5,10 +5,8 @@ noise at the same eps, and the VS loss reduces the feature distortion |f(x) - f(
 (the mechanism behind the paper's robustness claim; the accuracy effect itself is too noisy at this size)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from sparsekern.methods import anp
 from sparsekern.models import build
 from sparsekern.plan import PlanError
 from sparsekern.train import TrainConfig, train
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, training_backend
 
 TINY_VGG = [16, "M", 32, 64]  # on 8x8 digits; masks on 3 conv outputs (112 channels) and the FC input (64)
 SIZE = 8
@@ -28,23 +26,9 @@ EPS, STEP = 0.1, 0.025  # fractions of the data range (pixel units): digits need
 VS_TEST = 3.0  # lambda for the test's short run (the paper's 1e-4 barely moves a 92-step run)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@contextlib.contextmanager
-def _training_backend() -> Iterator[None]:
-    """Train with oneDNN (conftest disables it for inference checks; the native conv backward is much slower)."""
-    onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = onednn
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,7 @@ def dense(data):
     train_set, _ = data
     torch.manual_seed(0)
     model = build("vgg16_bn", cfg=TINY_VGG)
-    with _training_backend():
+    with training_backend():
         train(model, train_set, TrainConfig(epochs=5, lr=0.05, batch_size=64, progress=False, seed=0))
     return model.eval()
 
@@ -70,7 +54,7 @@ def runs(data, dense):
     x = train_set.tensors[0][:1]
     out = {}
     for key, lam in (("anp", 0.0), ("anp_vs", VS_TEST)):
-        with _training_backend():
+        with training_backend():
             net, result = anp.train_anp(copy.deepcopy(dense), train_set, x, epochs=4, eps=EPS, step=STEP, steps=3,
                                         vs_weight=lam, mask_lr=0.1, seed=0)
         out[key] = (net.eval(), result)
@@ -266,7 +250,7 @@ def test_adversarial_training_baseline_at_the_same_channel_counts(data, dense, r
     net, _ = runs["anp_vs"]
     plan, _ = anp.prune(net)
     model = copy.deepcopy(dense)
-    with _training_backend():
+    with training_backend():
         anp.adversarial_training(model, train_set, epochs=4, eps=EPS, step=STEP, steps=3, seed=0)
     x = test.tensors[0][:1]
     base = anp.magnitude_plan(model, x, plan)

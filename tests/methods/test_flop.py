@@ -20,12 +20,7 @@ from sparsekern.train import TrainConfig, train
 from tests.conftest import assert_close_to_scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spread_gates(layer: FactorizedLinear, lo: float = -4.0, hi: float = 4.0) -> None:

@@ -2,10 +2,8 @@
 digits (per-sample gates, a 50% cost budget met, accuracy kept), compilation, plans and save/load."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from sparsekern.models.resnet import Bottleneck
 from sparsekern.ops import dispatch_of
 from sparsekern.plan import Plan
 from sparsekern.train import TrainConfig, TrainState, evaluate, train
-from tests.conftest import assert_close_to_scale, randomize_bn
+from tests.conftest import assert_close_to_scale, randomize_bn, training_backend
 
 # Tiny CIFAR-layout VGG (4 conv-BN-ReLU, 176 channels) on 12x12 digits: small enough to train twice in a few
 # seconds on one thread, large enough that half of its cost can go without losing accuracy.
@@ -31,23 +29,9 @@ SIZE = 12
 BUDGET = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@contextlib.contextmanager
-def _training_backend() -> Iterator[None]:
-    """Train with oneDNN (conftest disables it for inference checks; the native conv backward is much slower)."""
-    onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = onednn
 
 
 def _random_gates(model: nn.Module, seed: int = 0, spread: float = 1.0) -> nn.Module:
@@ -224,7 +208,7 @@ def trained() -> dict:
     """The tiny VGG trained on 12x12 digits, dense and SANP (G=1, 50% budget), same seed and schedule."""
     data_train, data_test = digits("train", image_size=SIZE), digits("test", image_size=SIZE)
     cfg = TrainConfig(epochs=10, lr=0.1, batch_size=64, schedule="cosine", progress=False, seed=0)
-    with _training_backend():
+    with training_backend():
         torch.manual_seed(0)
         dense = build("vgg16_bn", cfg=TINY_VGG)
         train(dense, data_train, cfg)

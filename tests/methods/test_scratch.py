@@ -3,10 +3,8 @@ BN statistics moving, gates driven sparse), the budget search within 0.1% of the
 documented granularity limit), plans that compile exactly, and Scratch-B training of the pruned network."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,29 +18,15 @@ from sparsekern.methods import scratch
 from sparsekern.methods.budget import plan_flops
 from sparsekern.models import build
 from sparsekern.plan import PlanError
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, training_backend
 
 TINY_VGG = [16, 32, "M", 64, 64]  # on 8x8 digits: 4 conv-BN-ReLU, 176 gated channels
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@contextlib.contextmanager
-def _training_backend() -> Iterator[None]:
-    """Train with oneDNN (conftest disables it for inference checks; the native conv backward is much slower)."""
-    onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = onednn
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +41,7 @@ def searched(data):
     model = build("vgg16_bn", cfg=TINY_VGG)
     before = copy.deepcopy(model.state_dict())
     x = data.tensors[0][:2]
-    with _training_backend():
+    with training_backend():
         gates, result = scratch.search_gates(model, data, x, epochs=4, batch_size=16, seed=0)
     return model.eval(), before, gates, result, x
 
@@ -175,7 +159,7 @@ def test_pruned_network_trains_from_scratch_with_the_scratch_b_budget(searched, 
     model, _, gates, _, x = searched
     plan = scratch.prune(model, x, gates, budget=0.5)
     test = digits("test", image_size=SIZE)
-    with _training_backend():
+    with training_backend():
         pruned, result = scratch.train_from_scratch(
             model, plan, x, data, epochs=1, config=sk.train.TrainConfig(batch_size=64, lr=0.05, progress=False),
             eval_data=test)
@@ -185,7 +169,7 @@ def test_pruned_network_trains_from_scratch_with_the_scratch_b_budget(searched, 
     # the searched architecture, trained from random weights with the same computation as the full network
     # (Scratch-B), does as well as the full network does in its own epoch budget
     full = scratch.reinitialise(copy.deepcopy(model), seed=0)
-    with _training_backend():
+    with training_backend():
         full_result = sk.train.train(full, data, sk.train.TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False),
                                      eval_data=test)
     print(f"Scratch-B pruned {result.final['accuracy']:.4f} vs full {full_result.final['accuracy']:.4f}")
@@ -197,7 +181,7 @@ def test_prune_to_budget_searches_a_fresh_random_copy(data) -> None:
     trained = build("vgg16_bn", cfg=TINY_VGG)
     before = copy.deepcopy(trained.state_dict())
     x = data.tensors[0][:2]
-    with _training_backend():
+    with training_backend():
         plan, random_net = scratch.prune_to_budget(trained, x, data, 0.5, seed=3, epochs=1)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())  # the given model is untouched
     assert not torch.equal(random_net.features[0].weight, trained.features[0].weight)  # searched on new weights

@@ -2,9 +2,7 @@
 (percent and FLOPs budget), plans that compile exactly, clear errors, and the paper's claim on digits."""
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from sparsekern.methods import slimming
 from sparsekern.models import build
 from sparsekern.plan import GroupKeep, PlanError
 from sparsekern.train import Hook, TrainConfig, evaluate, train
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, training_backend
 
 # Thin CIFAR-layout VGG (the Network Slimming code's layout): 4 conv-BN-ReLU, 176 BN channels.
 TINY_VGG = [16, "M", 32, "M", 64, 64]
@@ -31,26 +29,9 @@ S_TEST = 3e-2
 NEAR_ZERO = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on the shared 2-core machine OpenMP barriers
-    under oversubscription stall each op; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@contextlib.contextmanager
-def _training_backend() -> Iterator[None]:
-    """Train with oneDNN: the native CPU conv backward is ~30x slower (conftest disables oneDNN for the
-    inference checks, where it only costs weight reorders)."""
-    onednn = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = onednn
 
 
 def _random_gammas(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -104,7 +85,7 @@ def test_sparsity_hook_adds_s_sign_gamma_exactly() -> None:
     for key, hooks in (("none", []), ("all", [slimming.SparsityHook(s)]),
                        ("one", [slimming.SparsityHook(s, modules=["layer2.0.bn1"])])):
         rec = _Recorder()
-        with _training_backend():
+        with training_backend():
             train(copy.deepcopy(base), data, cfg, hooks=hooks + [rec])
         runs[key] = rec.grads
     bn = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, nn.BatchNorm2d)}
@@ -135,7 +116,7 @@ def vggs() -> dict[str, nn.Module]:
     for key in ("baseline", "sparse"):
         torch.manual_seed(0)
         model = build("vgg16_bn", cfg=TINY_VGG)
-        with _training_backend():
+        with training_backend():
             if key == "sparse":
                 slimming.train_sparse(model, data, cfg, s=S_TEST)
             else:

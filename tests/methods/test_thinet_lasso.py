@@ -25,15 +25,7 @@ METHODS = {"thinet": thinet, "lasso": lasso}
 SAMPLING = {"n_samples": 1024, "batches": 2, "batch_size": 64}  # 128 training images per layer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: on the shared 2-core machine, two OpenMP threads spin-wait for
-    each other whenever another process holds a core (observed: 3.3 s instead of 0.06 s of CPU per
-    training step, 14 s instead of 1.3 s per ThiNet run); the workloads here are too small to gain from two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
