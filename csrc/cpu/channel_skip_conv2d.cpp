@@ -37,24 +37,11 @@
 // are whole planes that are skipped, and output rows are contiguous runs. Channels-last inputs work but
 // gather their active channels element by element and scatter the outputs.
 //
-// Threads: at::parallel_for is a header template whose OpenMP body is compiled only with -fopenmp, which this
-// extension does not use (a second OpenMP runtime would fight torch's). So the kernel calls torch's exported
-// torch_parallel_for (the same at::parallel_for, compiled inside libtorch, on torch's intra-op pool; torch
-// >= 2.10) and falls back to at::parallel_for (serial without OpenMP) on older torch.
+// Threads and SIMD vectors: csrc/cpu/common.h.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-#include <torch/csrc/stable/c/shim.h>
-#define SPARSEKERN_HAVE_TORCH_PARALLEL_FOR 1
-#endif
-
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "cpu/common.h"
 
 #include <algorithm>
 #include <array>
@@ -73,61 +60,12 @@ namespace {
 // ------------------------------------------------------------------------------------------------ SIMD
 // kL floats per vector; a tile is kMR rows x kV vectors, kMR * kV accumulators + kV operands + 1 broadcast
 // within the register file (32 zmm with AVX-512, 16 ymm with AVX2).
-#if defined(__AVX512F__)
-constexpr int kL = 16, kMR = 6, kV = 4;
-struct Vec {
-  __m512 v;
-};
-inline Vec vzero() { return {_mm512_setzero_ps()}; }
-inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline Vec vset1(float a) { return {_mm512_set1_ps(a)}; }
-inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
-inline void vstore_mask(float* p, Vec a, uint32_t lanes) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(lanes), a.v); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline Vec vrelu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }  // NaN stays NaN, as torch.relu
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kL = 8, kMR = 4, kV = 3;
-struct Vec {
-  __m256 v;
-};
-inline Vec vzero() { return {_mm256_setzero_ps()}; }
-inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
-inline Vec vset1(float a) { return {_mm256_set1_ps(a)}; }
-inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
-inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
-  _mm256_maskstore_ps(p, on, a.v);
-}
-inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline Vec vrelu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
+#if SPARSEKERN_SIMD == 512
+constexpr int kMR = 6, kV = 4;
+#elif SPARSEKERN_SIMD == 256
+constexpr int kMR = 4, kV = 3;
 #else
-constexpr int kL = 4, kMR = 4, kV = 2;
-struct Vec {
-  float v[4];
-};
-inline Vec vzero() { return {{0.f, 0.f, 0.f, 0.f}}; }
-inline Vec vload(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
-inline Vec vset1(float a) { return {{a, a, a, a}}; }
-inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof(a.v)); }
-inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
-  for (int i = 0; i < 4; ++i)
-    if (lanes >> i & 1u) p[i] = a.v[i];
-}
-inline Vec vfma(Vec a, Vec b, Vec c) {
-  for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-inline Vec vadd(Vec a, Vec b) {
-  for (int i = 0; i < 4; ++i) a.v[i] += b.v[i];
-  return a;
-}
-inline Vec vrelu(Vec a) {
-  for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] < 0.f ? 0.f : a.v[i];
-  return a;
-}
+constexpr int kMR = 4, kV = 2;
 #endif
 constexpr int kTile = kV * kL;           // output positions per tile
 constexpr uint32_t kAllLanes = (1u << kL) - 1;
@@ -523,21 +461,6 @@ void compute_tile(const Problem& pr, int64_t b, const float* const* bk, const in
 }
 
 // ------------------------------------------------------------------------------------------------ driver
-template <typename F>
-void parallel(int64_t n, const F& f) {
-  if (n <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    f(0, n);
-    return;
-  }
-#ifdef SPARSEKERN_HAVE_TORCH_PARALLEL_FOR
-  auto call = [](int64_t begin, int64_t end, void* ctx) { (*static_cast<const F*>(ctx))(begin, end); };
-  const AOTITorchError err = torch_parallel_for(0, n, 1, call, const_cast<void*>(static_cast<const void*>(&f)));
-  TORCH_CHECK(err == AOTI_TORCH_SUCCESS, "channel_skip_conv2d (CPU): the parallel region failed");
-#else
-  at::parallel_for(0, n, 1, f);
-#endif
-}
-
 void run(const Problem& pr) {
   const Geometry& g = pr.g;
   const Masks& m = pr.m;
@@ -575,7 +498,7 @@ void run(const Problem& pr) {
         u = stop;
       }
     }
-  });
+  }, "channel_skip_conv2d");
 }
 
 void check_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t B, int64_t C) {

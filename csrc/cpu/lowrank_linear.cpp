@@ -19,15 +19,9 @@
 //            and stores it, masked to the last valid column.
 // The micro-kernel holds kRows x 2 vector accumulators: 12 x 2 zmm with AVX-512, 6 x 2 ymm with AVX2 + FMA,
 // and plain loops otherwise.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-#include <torch/csrc/stable/c/shim.h>
-#define SPARSEKERN_LOWRANK_TORCH_PARALLEL_FOR 1
-#endif
+#include "cpu/common.h"
 
 #include <algorithm>
 #include <cstring>
@@ -36,69 +30,42 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
+using sparsekern::cpu::kL;
+using sparsekern::cpu::parallel;
+using sparsekern::cpu::Vec;
+using sparsekern::cpu::vfma;
+using sparsekern::cpu::vload;
+using sparsekern::cpu::vset1;
+using sparsekern::cpu::vstore;
+using sparsekern::cpu::vzero;
+
+// micro-kernel rows: kRows x 2 vector accumulators fill most of the register file
+#if SPARSEKERN_SIMD == 512
 constexpr int kRows = 12;
-using vec = __m512;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vbroadcast(float s) { return _mm512_set1_ps(s); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kLanes = 8;
+#elif SPARSEKERN_SIMD == 256
 constexpr int kRows = 6;
-using vec = __m256;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vbroadcast(float s) { return _mm256_set1_ps(s); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 #else
-constexpr int kLanes = 4;
 constexpr int kRows = 4;
-struct vec {
-  float v[kLanes];
-};
-inline vec vzero() { return vec{}; }
-inline vec vload(const float* p) {
-  vec r;
-  std::memcpy(r.v, p, sizeof(r.v));
-  return r;
-}
-inline vec vbroadcast(float s) {
-  vec r;
-  for (float& e : r.v) e = s;
-  return r;
-}
-inline vec vfma(vec a, vec b, vec c) {
-  for (int i = 0; i < kLanes; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-inline void vstore(float* p, vec v) { std::memcpy(p, v.v, sizeof(v.v)); }
 #endif
+constexpr int kLanes = kL;
 
 constexpr int kPanel = 2 * kLanes;        // columns of one packed panel (two vectors)
 constexpr int kBlockRows = 8 * kRows;     // tokens a thread runs through one pass over the packed weights
 constexpr int64_t kKc = 256;              // slice of `in` whose packed Q panel stays in L1/L2
 
-using Tile = vec[kRows][2];
+using Tile = Vec[kRows][2];
 
 // acc[i][:] += sum_{k < K} a[i * lda + k] * b[k * kPanel + :]
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
                                                  const float* __restrict b, Tile& acc) {
   for (int64_t k = 0; k < K; ++k) {
-    const vec b0 = vload(b + k * kPanel);
-    const vec b1 = vload(b + k * kPanel + kLanes);
+    const Vec b0 = vload(b + k * kPanel);
+    const Vec b1 = vload(b + k * kPanel + kLanes);
 #pragma GCC unroll 12
     for (int i = 0; i < kRows; ++i) {
-      const vec ai = vbroadcast(a[i * lda + k]);
+      const Vec ai = vset1(a[i * lda + k]);
       acc[i][0] = vfma(ai, b0, acc[i][0]);
       acc[i][1] = vfma(ai, b1, acc[i][1]);
     }
@@ -131,24 +98,6 @@ void pack_panels(float* dst, const float* src, int64_t rows, int64_t cols, int64
       for (int64_t k = 0; k < cols; ++k) std::fill(out + k * kPanel + valid, out + (k + 1) * kPanel, 0.0f);
     }
   }
-}
-
-// f(begin, end) over [0, n) on torch's intra-op threads. at::parallel_for is a header template whose OpenMP body
-// only exists when the extension is compiled with -fopenmp (it is not: a second OpenMP runtime would compete
-// with torch's), so this calls the copy compiled into libtorch (exported since torch 2.10), else runs serially.
-template <typename F>
-void parallel(int64_t n, const F& f) {
-  if (n <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    f(0, n);
-    return;
-  }
-#ifdef SPARSEKERN_LOWRANK_TORCH_PARALLEL_FOR
-  auto call = [](int64_t begin, int64_t end, void* ctx) { (*static_cast<const F*>(ctx))(begin, end); };
-  const AOTITorchError err = torch_parallel_for(0, n, 1, call, const_cast<void*>(static_cast<const void*>(&f)));
-  TORCH_CHECK(err == AOTI_TORCH_SUCCESS, "lowrank_linear (cpu): the parallel region failed");
-#else
-  at::parallel_for(0, n, 1, f);
-#endif
 }
 
 struct Problem {
@@ -210,7 +159,7 @@ void run_block(const Problem& pr, int64_t m0, int64_t m1, float* h, float* tail)
     const int64_t n0 = np * kPanel;
     const int64_t valid = std::min<int64_t>(kPanel, pr.out - n0);
     const float* b = pr.pp + np * pr.rank * kPanel;
-    const vec bias0 = vload(pr.bias + n0), bias1 = vload(pr.bias + n0 + kLanes);
+    const Vec bias0 = vload(pr.bias + n0), bias1 = vload(pr.bias + n0 + kLanes);
     for (int64_t s = 0; s < subs; ++s) {
       Tile acc;
 #pragma GCC unroll 12
@@ -283,7 +232,7 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at
         pack_panels(pp.get(), p.data_ptr<float>(), out, rank, p.stride(0), p.stride(1), i - r_panels, i - r_panels + 1);
       }
     }
-  });
+  }, "lowrank_linear");
 
   Problem pr{x2.data_ptr<float>(), x2.stride(0), tokens, in, out, rank, qp.get(), pp.get(), bias_pad.get(),
              y.data_ptr<float>(), r_panels, out_panels};
@@ -295,7 +244,7 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at
       const int64_t s1 = std::min(e, s + kBlockRows / kRows);
       run_block(pr, s * kRows, s1 * kRows, h.get(), tail.get());
     }
-  });
+  }, "lowrank_linear");
   return y.view(sizes);
 }
 

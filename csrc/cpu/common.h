@@ -1,0 +1,108 @@
+// Shared pieces of sparsekern's C++ CPU kernels: a float SIMD vector and torch's intra-op thread pool.
+//
+// Vec: kL floats (AVX-512: 16, AVX2 + FMA: 8, otherwise 4 in plain C++), chosen by the compiler flags the
+// extension is built with (-march=native). SPARSEKERN_SIMD names the choice (512, 256 or 0) for kernels that
+// size their register tiles by it.
+//
+// parallel(n, f): f(begin, end) over [0, n) on torch's intra-op threads. at::parallel_for is a header template
+// whose OpenMP body only exists when the extension is compiled with -fopenmp (it is not: a second OpenMP runtime
+// would compete with torch's), so this calls the copy compiled into libtorch, exported as torch_parallel_for
+// since torch 2.10, and runs serially on older torch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#include <torch/csrc/stable/c/shim.h>
+#define SPARSEKERN_HAVE_TORCH_PARALLEL_FOR 1
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace sparsekern {
+namespace cpu {
+
+#if defined(__AVX512F__)
+#define SPARSEKERN_SIMD 512
+constexpr int kL = 16;
+struct Vec {
+  __m512 v;
+};
+inline Vec vzero() { return {_mm512_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Vec vset1(float a) { return {_mm512_set1_ps(a)}; }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
+inline void vstore_mask(float* p, Vec a, uint32_t lanes) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(lanes), a.v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec vrelu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }  // NaN stays NaN, as torch.relu
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SPARSEKERN_SIMD 256
+constexpr int kL = 8;
+struct Vec {
+  __m256 v;
+};
+inline Vec vzero() { return {_mm256_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Vec vset1(float a) { return {_mm256_set1_ps(a)}; }
+inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
+inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
+  _mm256_maskstore_ps(p, on, a.v);
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec vrelu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
+#else
+#define SPARSEKERN_SIMD 0
+constexpr int kL = 4;
+struct Vec {
+  float v[4];
+};
+inline Vec vzero() { return {{0.f, 0.f, 0.f, 0.f}}; }
+inline Vec vload(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
+inline Vec vset1(float a) { return {{a, a, a, a}}; }
+inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof(a.v)); }
+inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
+  for (int i = 0; i < 4; ++i)
+    if (lanes >> i & 1u) p[i] = a.v[i];
+}
+inline Vec vfma(Vec a, Vec b, Vec c) {
+  for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+inline Vec vadd(Vec a, Vec b) {
+  for (int i = 0; i < 4; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline Vec vrelu(Vec a) {
+  for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] < 0.f ? 0.f : a.v[i];
+  return a;
+}
+#endif
+
+template <typename F>
+void parallel(int64_t n, const F& f, const char* op) {
+  if (n <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+#ifdef SPARSEKERN_HAVE_TORCH_PARALLEL_FOR
+  auto call = [](int64_t begin, int64_t end, void* ctx) { (*static_cast<const F*>(ctx))(begin, end); };
+  const AOTITorchError err = torch_parallel_for(0, n, 1, call, const_cast<void*>(static_cast<const void*>(&f)));
+  TORCH_CHECK(err == AOTI_TORCH_SUCCESS, op, " (CPU): the parallel region failed");
+#else
+  at::parallel_for(0, n, 1, f);
+#endif
+}
+
+}  // namespace cpu
+}  // namespace sparsekern
