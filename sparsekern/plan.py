@@ -195,13 +195,20 @@ class Plan:
         return not (self.removed_blocks or self.dynamic or self.lowrank)
 
     def summary(self) -> str:
-        """One line per pruned group: name, kept/size."""
+        """One line per pruned group (name, kept/size), per gated layer and per low-rank layer."""
         lines = [f"Plan v{self.version}: {len(self.channels)} channel groups"]
         for name, g in self.channels.items():
             if g.n_keep < g.size:
                 lines.append(f"  {name:<40s} {g.n_keep:>5d}/{g.size:<5d} kept")
         if self.removed_blocks:
             lines.append(f"  removed blocks: {', '.join(self.removed_blocks)}")
+        for name, spec in self.dynamic.items():
+            source = spec.get("in_from") if isinstance(spec, Mapping) else None
+            g = spec.get("granularity") if isinstance(spec, Mapping) else None
+            lines.append(f"  {name:<40s} gated per sample (G={g}){f', input mask from {source}' if source else ''}")
+        for name, spec in self.lowrank.items():
+            if isinstance(spec, Mapping) and "keep" in spec:
+                lines.append(f"  {name:<40s} rank {len(spec['keep']):>5d}/{spec.get('rank', '?')}")
         return "\n".join(lines)
 
     def with_channels(self, channels: Mapping[str, GroupKeep]) -> "Plan":

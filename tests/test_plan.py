@@ -118,3 +118,13 @@ def test_from_keep_sets_fills_sizes_and_members(resnet) -> None:
     assert g.keep == (1, 2, 3) and g.size == 32 and "layer2.0.bn1" in g.members
     with pytest.raises(PlanError, match="no dependency group 'layer9.conv1'"):
         Plan.from_keep_sets(groups, {"layer9.conv1": [0]})
+
+
+def test_summary_lists_every_part() -> None:
+    plan = Plan(channels={"conv1": GroupKeep(8, (0, 2, 5))}, removed_blocks=("layer1.1",),
+                dynamic={"features.3": {"granularity": 4, "in_from": "features.0"}},
+                lowrank={"blocks.0.fc": {"rank": 64, "keep": [1, 2, 3]}})
+    text = plan.summary()
+    assert "conv1" in text and "3/8" in text and "layer1.1" in text
+    assert "features.3" in text and "G=4" in text and "from features.0" in text
+    assert "blocks.0.fc" in text and "3/64" in text
