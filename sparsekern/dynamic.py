@@ -275,6 +275,8 @@ class GatedConv2d(nn.Module):
         if in_mask is not None and in_mask.dtype != torch.bool:
             in_mask = in_mask > 0
         m = self.out_mask(x) if self.gate is not None else None
+        if x.device.type == "cpu" and not x.is_contiguous():
+            x = x.contiguous()  # the C++ kernel's fast path is NCHW (channels-last inputs gather element-wise)
         y = channel_skip_conv2d(x, self.weight, self.bias, in_mask, m, self.stride, self.padding, self.dilation,
                                 self.relu, backend=self.backend)
         return y if m is None else (y, m)
