@@ -49,7 +49,8 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     doc = bench.run(device=device, dtype=dtype, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                    quick=args.quick, progress=not args.no_progress)
+                    quick=args.quick, progress=not args.no_progress, budget_s=args.budget_s,
+                    min_repeats=args.min_repeats)
     print(bench.table(doc))
     if args.out:
         key = f"{args.op}/{device}/{str(dtype).replace('torch.', '')}"
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--threads", type=int, default=2)
     kernels.add_argument("--warmup", type=int, default=5)
     kernels.add_argument("--repeats", type=int, default=30)
+    kernels.add_argument("--budget-s", type=float, default=3.0,
+                         help="timing budget per row in seconds (fewer repeats for slow rows)")
+    kernels.add_argument("--min-repeats", type=int, default=7, help="repeats per row whatever the budget")
     kernels.add_argument("--quick", action="store_true", help="a few shapes only")
     kernels.add_argument("--out", help="merge the results into this JSON (e.g. bench/results/cpu.json)")
     kernels.add_argument("--no-progress", action="store_true")
