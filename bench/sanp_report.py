@@ -8,7 +8,8 @@ For each model, on the embedded digits data: trains the dense model and its SANP
 measures the average theoretical cost of the SANP model over the test set (per-sample FLOPs of the gated
 execution / dense FLOPs; mean, min, max, std), compiles it (``sk.compile``: channel-skipping gated layers),
 checks the compiled model against its dense masked reference, and times dense vs compiled with
-``sk.bench.compare`` on a batch of test images (both through the ``fold_bn`` pass, interleaved, median of
+``sk.bench.compare`` on a batch of test images (both through the ``fold_bn`` and ``onednn`` passes, so the
+convolutions that stay dense run on the same prepacked oneDNN path on both sides; interleaved, median of
 ``--repeats``). Prints a markdown table and writes one JSON. Timing belongs on a quiet machine; a quick check
 that everything runs is ``--epochs 1 --repeats 3``.
 """
@@ -85,9 +86,9 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
         err = float((fast(x) - want).abs().max() / want.abs().max().clamp_min(1e-12))
     backend = dispatch_of("channel_skip_conv2d").select(
         x, fast.get_submodule(next(iter(plan.dynamic))).weight, None, None, None, [1, 1], [1, 1], [1, 1], False).name
-    bench = sk.bench.compare(dense.eval(), fast, x, passes=("fold_bn",), threads=args.threads, warmup=args.warmup,
+    bench = sk.bench.compare(dense.eval(), fast, x, passes=("fold_bn", "onednn"), threads=args.threads, warmup=args.warmup,
                              repeats=args.repeats, per_layer=False, label=f"sanp {key} budget {args.budget}")
-    masked_bench = sk.bench.compare(dense.eval(), ref, x, passes=("fold_bn",), threads=args.threads,
+    masked_bench = sk.bench.compare(dense.eval(), ref, x, passes=("fold_bn", "onednn"), threads=args.threads,
                                     warmup=args.warmup, repeats=args.repeats, per_layer=False)
     return {
         "model": key,

@@ -153,24 +153,37 @@ def prune_to_budget(
 
 
 def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle, x: torch.Tensor, epochs: float,
-                seed: int, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, float]]:
-    """ANP-VS's report: clean and PGD accuracy (40 steps) of the pruned model, and of the baseline: plain
-    adversarial training of the full model for as many epochs as ANP-VS trained its masks (``epochs`` here),
-    then pruned by filter norm to the same channels (same FLOPs)."""
+                finetune_epochs: float, seed: int, progress: bool,
+                log: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """ANP-VS's report: clean and PGD accuracy (40 steps) of
+
+    * the pruned ANP-VS model, as pruned and after ``finetune_epochs`` of adversarial fine-tuning;
+    * the baseline: plain adversarial training of the full model for as many epochs as ANP-VS trained its masks
+      (``epochs``), dense, and pruned by filter norm to ANP-VS's channels (same FLOPs) with the same
+      adversarial fine-tuning.
+    """
     from sparsekern.methods import anp
 
-    log(f"[anp] baseline: adversarial training for {epochs} epochs, pruned to ANP's channel counts")
-    baseline = copy.deepcopy(full)
-    anp.adversarial_training(baseline, data.train, epochs=epochs, seed=seed, progress=progress)
-    baseline.eval()
-    baseline_pruned = sk.compile(baseline, anp.magnitude_plan(baseline, x, plan), x).eval()
+    def adversarial(model: nn.Module, n_epochs: float) -> nn.Module:
+        model.train()
+        anp.adversarial_training(model, data.train, epochs=n_epochs, seed=seed, progress=progress)
+        return model.eval()
+
     test = loader(data.test, 256, shuffle=False)
     bounds = anp.data_range(data.train)
-    return {
-        "ANP-VS": anp.robustness(pruned.eval(), test, bounds=bounds, seed=seed),
-        "adversarial training": anp.robustness(baseline.eval(), test, bounds=bounds, seed=seed),
-        "adversarial training, pruned": anp.robustness(baseline_pruned, test, bounds=bounds, seed=seed),
-    }
+    result = {"ANP-VS": anp.robustness(pruned.eval(), test, bounds=bounds, seed=seed)}
+    log(f"[anp] adversarial fine-tuning of the pruned model: {finetune_epochs} epochs")
+    tuned = adversarial(copy.deepcopy(pruned), finetune_epochs)
+    result["ANP-VS + adversarial fine-tune"] = anp.robustness(tuned, test, bounds=bounds, seed=seed)
+    log(f"[anp] baseline: adversarial training for {epochs} epochs, pruned to ANP's channel counts")
+    baseline = adversarial(copy.deepcopy(full), epochs)
+    result["adversarial training"] = anp.robustness(baseline, test, bounds=bounds, seed=seed)
+    baseline_pruned = sk.compile(baseline, anp.magnitude_plan(baseline, x, plan), x).eval()
+    result["adversarial training, pruned"] = anp.robustness(baseline_pruned, test, bounds=bounds, seed=seed)
+    baseline_tuned = adversarial(baseline_pruned, finetune_epochs)
+    result["adversarial training, pruned + adversarial fine-tune"] = anp.robustness(baseline_tuned, test,
+                                                                                     bounds=bounds, seed=seed)
+    return result
 
 
 def _reinitialised(model: nn.Module) -> nn.Module:
@@ -276,7 +289,7 @@ def run(
     if model_out is not None:
         sk.save(trained[0] if trained else pruned, model_out)
         log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
-    robustness = (_robustness(full, pruned, plan, data, x, search_epochs, seed, progress, log)
+    robustness = (_robustness(full, pruned, plan, data, x, search_epochs, finetune_epochs, seed, progress, log)
                   if method == "anp" else {})
 
     bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=30,

@@ -74,9 +74,12 @@ def test_cli_prune_runs_the_learned_methods_with_their_own_arm(method: str, arm:
 
 def test_anp_report_compares_robustness_with_adversarial_training(digits16) -> None:
     data = load("digits", image_size=8)
-    report = rethinking.run("anp", data, model_name="resnet20", budget=0.6, epochs=0.5, search_epochs=0.5, arms=(),
+    report = rethinking.run("anp", data, model_name="resnet20", budget=0.6, epochs=0.5, search_epochs=0.3,
+                            finetune_epochs=0.2, arms=(),
                             progress=False, log=lambda s: None)
     assert report.arms == [] and report.flops_pruned <= 0.6 * report.flops_full * 1.001
-    assert set(report.robustness) == {"ANP-VS", "adversarial training", "adversarial training, pruned"}
+    assert set(report.robustness) == {"ANP-VS", "ANP-VS + adversarial fine-tune", "adversarial training",
+                                      "adversarial training, pruned",
+                                      "adversarial training, pruned + adversarial fine-tune"}
     for r in report.robustness.values():
         assert 0.0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1.0
