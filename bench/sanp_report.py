@@ -146,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
-    for key in args.models:
-        rows.append(run_model(key, args))
-        print(table(rows[-1:]), flush=True)
-    report = {"env": environment("cpu"), "args": vars(args), "results": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    rows = {r["model"]: r for r in previous.get("results", [])}  # models not rerun are kept
+    for key in args.models:
+        row = run_model(key, args)
+        row["command"] = "python " + " ".join(sys.argv)
+        rows[key] = row
+        print(table([row]), flush=True)
+        report = {"env": environment("cpu"), "results": list(rows.values())}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    rows = list(rows.values())
     print(table(rows))
     print(f"wrote {out}")
     return 0

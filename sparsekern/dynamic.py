@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -210,6 +211,11 @@ class MaskedConv2d(nn.Module):
         return f"relu={self.relu}, granularity={self.granularity}"
 
 
+#: per-layer caches of the dense CPU path (prepacked weights, measured crossovers), outside the modules so that
+#: copies, state dicts and saved files never carry oneDNN tensors
+_DENSE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 class GatedConv2d(nn.Module):
     """Compiled gated layer: conv with BN folded, ReLU fused, on :func:`sparsekern.ops.channel_skip_conv2d`.
 
@@ -277,9 +283,76 @@ class GatedConv2d(nn.Module):
         m = self.out_mask(x) if self.gate is not None else None
         if x.device.type == "cpu" and not x.is_contiguous():
             x = x.contiguous()  # the C++ kernel's fast path is NCHW (channels-last inputs gather element-wise)
+        if self._dense_is_faster(x, in_mask, m):
+            y = self._dense(x)
+            return y if m is None else (y.masked_fill_(~m[:, :, None, None], 0.0), m)
         y = channel_skip_conv2d(x, self.weight, self.bias, in_mask, m, self.stride, self.padding, self.dilation,
                                 self.relu, backend=self.backend)
         return y if m is None else (y, m)
+
+    # -------------------------------------------------------------------- dense path (CPU)
+    # When a batch keeps (nearly) every channel, skipping saves nothing and the dense oneDNN convolution, weights
+    # prepacked for the input shape, is faster than the channel-skipping kernel at full density (measured on the
+    # project's CPU: 0.94x of it on 64 channels at 32x32, 0.68x at 256 x 8x8, 0.37x at 512 x 4x4). So the layer
+    # times both once per input shape at full density (like cudnn.benchmark) and runs the dense convolution,
+    # then the output mask, whenever the batch's active fraction sum_b |in_b| |out_b| / (B C_in C_out) is above
+    # their ratio. Only the inactive work that would not pay is computed; results equal the kernel's. CPU float32,
+    # oneDNN enabled, no forced backend; ``dense_fallback=False`` turns it off.
+    dense_fallback = True
+
+    def _dense_is_faster(self, x: torch.Tensor, in_mask: torch.Tensor | None, m: torch.Tensor | None) -> bool:
+        if not (self.dense_fallback and self.backend is None and x.device.type == "cpu" and x.dtype == torch.float32
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return False
+        ratio = self._crossover(x)
+        if ratio <= 0.0:
+            return False
+        c_in, c_out = self.in_channels, self.out_channels
+        active_in = in_mask.sum(1, dtype=torch.float64) if in_mask is not None else torch.full((x.shape[0],), float(c_in))
+        active_out = m.sum(1, dtype=torch.float64) if m is not None else torch.full((x.shape[0],), float(c_out))
+        fraction = float((active_in * active_out).sum()) / (x.shape[0] * c_in * c_out)
+        return fraction > ratio
+
+    def _cache(self, name: str) -> dict:
+        return _DENSE_CACHE.setdefault(self, {}).setdefault(name, {})
+
+    def _packed(self, shape: tuple[int, ...]) -> torch.Tensor:
+        cache = self._cache("packed")
+        if shape not in cache:
+            from sparsekern.passes import onednn_weight
+
+            if len(cache) >= 8:
+                cache.clear()
+            cache[shape] = onednn_weight(self.weight, self.padding, self.stride, self.dilation, 1, shape)
+        return cache[shape]
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise.default(
+            x, self._packed(tuple(x.shape)), self.bias, list(self.padding), list(self.stride), list(self.dilation), 1,
+            "relu" if self.relu else "none", [], "")
+
+    def _crossover(self, x: torch.Tensor) -> float:
+        """Dense time / kernel time at full density for inputs shaped like ``x`` (timed once per shape)."""
+        import time
+
+        ratios = self._cache("crossover")
+        shape = tuple(x.shape)
+        if shape not in ratios:
+            def best(fn: Any) -> float:
+                fn()
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - start)
+                return min(times)
+
+            with torch.no_grad():
+                dense = best(lambda: self._dense(x))
+                kernel = best(lambda: channel_skip_conv2d(x, self.weight, self.bias, None, None, self.stride,
+                                                          self.padding, self.dilation, self.relu))
+            ratios[shape] = dense / kernel
+        return ratios[shape]
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape

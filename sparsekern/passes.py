@@ -167,6 +167,14 @@ def _fusable_chain(
     return chain, unary, other
 
 
+def onednn_weight(weight: torch.Tensor, padding: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                  groups: int, input_shape: Sequence[int]) -> torch.Tensor:
+    """``weight`` (float32, (C_out, C_in / groups, kh, kw)) reordered once into oneDNN's layout for inputs of
+    ``input_shape``, for ``torch.ops.mkldnn._convolution_pointwise`` (no per-call reorder)."""
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(input_shape))
+
+
 def onednn(model: nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
     """Prepacked, fused oneDNN convolutions (see the module docstring). ``model`` is modified if it is a
     GraphModule; the result is for inference."""
@@ -187,10 +195,7 @@ def onednn(model: nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
         if meta is None or meta.dtype != torch.float32 or conv.weight.dtype != torch.float32:
             continue
         chain, unary, other = _fusable_chain(node, modules)
-        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            conv.weight.detach().to_mkldnn(), list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, list(meta.shape),
-        )
+        weight = onednn_weight(conv.weight, conv.padding, conv.stride, conv.dilation, conv.groups, meta.shape)
         wname, bname = f"_sk_onednn_w{count}", f"_sk_onednn_b{count}"
         count += 1
         gm.register_buffer(wname, weight, persistent=False)

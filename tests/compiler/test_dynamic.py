@@ -122,6 +122,39 @@ def test_gated_layer_equals_masked_reference(backend: str, g: int, stride: int, 
     assert torch.allclose(y_ref, dense * m[:, :, None, None])
 
 
+def test_dense_cpu_path_runs_full_batches_and_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a batch keeps more of the layer than the measured crossover, the layer runs the prepacked dense
+    convolution and then the mask; sparse batches still go to the kernel. Both equal the reference."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    ref = randomize_bn(unit(16, 32, g=1, stride=1, k=3, relu=True, seed=3)).eval()
+    fast = GatedConv2d.from_masked(ref)
+    calls = []
+    real = dyn.channel_skip_conv2d
+    monkeypatch.setattr(dyn, "channel_skip_conv2d", lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
+    x = torch.randn(4, 16, 8, 8)
+    full, sparse = torch.ones(4, 16, dtype=torch.bool), torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) > 0.8
+    with torch.no_grad():
+        fractions = [float((i.sum(1) * ref(x * i[:, :, None, None], i)[1].sum(1)).sum()) / (4 * 16 * 32)
+                     for i in (full, sparse)]
+    assert fractions[1] < fractions[0]
+    crossover = sum(fractions) / 2  # as if measured: dense wins above it
+    dyn._DENSE_CACHE.setdefault(fast, {})["crossover"] = {(4, 16, 8, 8): crossover}
+    with torch.no_grad():
+        for in_mask, kernel_expected in ((full, False), (sparse, True)):
+            calls.clear()
+            xm = x * in_mask[:, :, None, None]
+            y, m = fast(xm, in_mask)
+            y_ref, m_ref = ref(xm, in_mask)
+            assert torch.equal(m, m_ref) and (y[~m] == 0).all()
+            assert_close_to_scale(y, y_ref)
+            assert bool(calls) == kernel_expected
+    fast.dense_fallback = False
+    with torch.no_grad():
+        calls.clear()
+        fast(x, full)
+    assert calls == [True]
+
+
 def test_masked_layer_out_mask_is_logit_threshold_per_group() -> None:
     layer = unit(4, 10, g=4, seed=3).eval()
     x = torch.randn(3, 4, 5, 5)
