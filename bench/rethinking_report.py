@@ -32,8 +32,9 @@ def table(reports: list[dict]) -> str:
     ]
     for r in reports:
         acc = {a["name"]: f"{a['accuracy']:.1%}" for a in r["arms"]}
-        if r.get("robustness"):
-            acc.setdefault("fine-tune", f"{r['pruned_accuracy_before_training']:.1%} (ANP-VS)")
+        tuned = r.get("robustness", {}).get("ANP-VS + adversarial fine-tune")
+        if tuned:  # ANP-VS: the pruned model after adversarial fine-tuning (clean accuracy)
+            acc.setdefault("fine-tune", f"{tuned['clean_accuracy']:.1%} (adversarial)")
         rows.append(
             f"| {r['method']} | {r['full_accuracy']:.1%} | " + " | ".join(acc.get(a, "-") for a in ARMS)
             + f" | {r['flops_pruned'] / r['flops_full']:.0%} | {r['params_pruned'] / r['params_full']:.0%} | "

@@ -32,7 +32,7 @@ NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 COMPILE_CHECK = ["-x", "cu", "-std=c++17", "-DSPARSEKERN_COMPILE_CHECK", "-gencode", "arch=compute_80,code=sm_80",
-                 "-gencode", "arch=compute_90a,code=sm_90a", "-c"]
+                 "-gencode", "arch=compute_90a,code=sm_90a", "--threads", "2", "-c"]
 
 
 def compile_check(header: Path, out_dir: Path) -> subprocess.CompletedProcess:
