@@ -7,7 +7,7 @@ Public API (see DESIGN.md)::
     ref = sk.masked(model, plan)                     # dense reference semantics
     fast = sk.compile(model, plan, example_inputs=x)  # physically smaller module
     sk.save(fast, "model.sk"); fast = sk.load("model.sk")
-    sk.flops(model, x)                                # theoretical FLOPs, per layer
+    sk.flops(model, x)                                # theoretical FLOPs, per layer (per sample if gated)
     report = sk.bench.compare(model, fast, x)         # theoretical vs measured speedup
 
 Submodules are imported lazily so that ``import sparsekern`` stays cheap.
@@ -34,6 +34,11 @@ _LAZY = {
     "graph": ("sparsekern.graph", None),
     "passes": ("sparsekern.passes", None),
     "methods": ("sparsekern.methods", None),
+    "ops": ("sparsekern.ops", None),
+    "depth": ("sparsekern.depth", None),
+    "dynamic": ("sparsekern.dynamic", None),
+    "lowrank": ("sparsekern.lowrank", None),
+    "text_data": ("sparsekern.text_data", None),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
