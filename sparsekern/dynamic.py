@@ -48,6 +48,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sparsekern.ops import channel_skip_conv2d
 from sparsekern.plan import Plan, PlanError
@@ -297,12 +298,15 @@ class GatedConv2d(nn.Module):
     # times both once per input shape at full density (like cudnn.benchmark) and runs the dense convolution,
     # then the output mask, whenever the batch's active fraction sum_b |in_b| |out_b| / (B C_in C_out) is above
     # their ratio. Only the inactive work that would not pay is computed; results equal the kernel's. CPU float32,
-    # oneDNN enabled, no forced backend; ``dense_fallback=False`` turns it off.
+    # oneDNN enabled, no forced backend, not under a dispatch mode (FLOP counting sees the op and its active
+    # channels, whichever path runs); ``dense_fallback=False`` turns it off.
     dense_fallback = True
 
     def _dense_is_faster(self, x: torch.Tensor, in_mask: torch.Tensor | None, m: torch.Tensor | None) -> bool:
         if not (self.dense_fallback and self.backend is None and x.device.type == "cpu" and x.dtype == torch.float32
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return False
+        if is_in_torch_dispatch_mode():  # FLOP counting, fake tensors, export: they must see the op itself
             return False
         ratio = self._crossover(x)
         if ratio <= 0.0:

@@ -148,6 +148,10 @@ def test_dense_cpu_path_runs_full_batches_and_equals_the_reference(monkeypatch: 
             assert torch.equal(m, m_ref) and (y[~m] == 0).all()
             assert_close_to_scale(y, y_ref)
             assert bool(calls) == kernel_expected
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # FLOP counting sees the op on either path
+        calls.clear()
+        fast(x, full)
+    assert calls == [True] and counter.get_total_flops() > 0
     fast.dense_fallback = False
     with torch.no_grad():
         calls.clear()
