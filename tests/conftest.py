@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the variable when a
 # kernel is decorated, so it is set before any kernel module is imported.
 if not torch.cuda.is_available():

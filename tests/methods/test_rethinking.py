@@ -77,7 +77,8 @@ def test_anp_report_compares_robustness_with_adversarial_training(digits16) -> N
     report = rethinking.run("anp", data, model_name="resnet20", budget=0.6, epochs=0.5, search_epochs=0.3,
                             finetune_epochs=0.2, arms=(),
                             progress=False, log=lambda s: None)
-    assert report.arms == [] and report.flops_pruned <= 0.6 * report.flops_full * 1.001
+    # the budget search keeps the closest count, within one channel's cost of the budget (Pruning from Scratch's)
+    assert report.arms == [] and report.flops_pruned <= 0.6 * report.flops_full * 1.01
     assert set(report.robustness) == {"ANP-VS", "ANP-VS + adversarial fine-tune", "adversarial training",
                                       "adversarial training, pruned",
                                       "adversarial training, pruned + adversarial fine-tune"}
