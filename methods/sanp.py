@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from sparsekern.cost import flops
+from sparsekern.cost import eval_flops
 from sparsekern.dynamic import MaskedConv2d, conv_sample_flops, expand_groups, gate_flops, mask_source
 from sparsekern.models import BasicBlock, Bottleneck, VGG
 from sparsekern.plan import Plan
@@ -407,15 +407,6 @@ class CostReference:
     min_ratio: float
 
 
-def _eval_flops(model: nn.Module, inputs: tuple) -> Any:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        return flops(model, inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
 
 def cost_reference(model: nn.Module, example_inputs: Any) -> CostReference:
     """:class:`CostReference` of a SANP-form model, from one eval-mode :func:`sparsekern.cost.flops` pass."""
@@ -423,7 +414,7 @@ def cost_reference(model: nn.Module, example_inputs: Any) -> CostReference:
     units = gated_layers(model)
     if not units:
         raise ValueError("cost_reference: the model has no gated layers; convert it with to_sanp first")
-    rep = _eval_flops(model, inputs)
+    rep = eval_flops(model, inputs)
     b = rep.batch or 1
 
     def under(prefix: str) -> int:
@@ -446,7 +437,7 @@ def cost_ratio(model: nn.Module, example_inputs: Any, *, full: float | None = No
             model; pass it for a compiled one).
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    rep = _eval_flops(model, inputs)
+    rep = eval_flops(model, inputs)
     if rep.per_sample is None:
         raise ValueError("cost_ratio: the model has no per-sample (gated) layers")
     if full is None:

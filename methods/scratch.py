@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from sparsekern.compiler import compile as compile_plan
-from sparsekern.cost import flops
+from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, trace_channels
 from sparsekern.methods.budget import plan_flops
 from sparsekern.methods.l1_norm import prunable_layers
@@ -75,26 +75,6 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _constrained_groups(cg: ChannelGraph) -> set[str]:
-    """Groups touched by a grouped conv or GroupNorm (their kept counts must match per slice)."""
-    out = set()
-    for c in cg.constraints:
-        roots = cg.roots[c.layout.atoms]
-        for name, cls in cg.group_classes.items():
-            if np.isin(roots, cls).any():
-                out.add(name)
-    return out
-
-
-def _eval_flops(model: nn.Module, inputs: tuple) -> Any:
-    """``sk.flops`` in eval mode, the model's per-module flags restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        return flops(model, inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # ----------------------------------------------------------------------------- gates
@@ -122,7 +102,7 @@ def gate_sites(model: nn.Module, example_inputs: Any, *, cg: ChannelGraph | None
         PlanError: when the model has no conv that alone produces an unpinned group of channels.
     """
     cg = cg or trace_channels(model, _as_tuple(example_inputs))
-    skipped = _constrained_groups(cg)
+    skipped = cg.constrained_groups()
     layers = prunable_layers(cg, "internal")
     sites = []
     for node in cg.gm.graph.nodes:
@@ -379,7 +359,7 @@ def prune(
     if missing:
         raise PlanError(f"no gate scores for the gated groups {missing[:4]}; the gates were searched on another model")
     order, floor = _ranking(sites, scores)
-    dense = _eval_flops(model, inputs)
+    dense = eval_flops(model, inputs)
 
     def plan_for(k: int) -> Plan:
         kept: dict[str, set[int]] = {s.group: set() for s in sites}
@@ -454,7 +434,7 @@ def train_from_scratch(
     inputs = _as_tuple(example_inputs)
     pruned = compile_plan(model, plan, inputs)
     reinitialise(pruned, seed)
-    full, small = _eval_flops(model, inputs).total, _eval_flops(pruned, inputs).total
+    full, small = eval_flops(model, inputs).total, eval_flops(pruned, inputs).total
     b_epochs = scratch_b_epochs(epochs, full, small, max_factor=max_factor)
     config = dataclasses.replace(config, epochs=b_epochs) if config is not None else TrainConfig(
         epochs=b_epochs, seed=seed, progress=False)

@@ -233,15 +233,6 @@ def channel_scores(cg: ChannelGraph, combine: str = "max") -> dict[str, np.ndarr
     return total
 
 
-def _constrained_groups(cg: ChannelGraph) -> set[str]:
-    out = set()
-    for c in cg.constraints:
-        roots = cg.roots[c.layout.atoms]
-        for name, cls in cg.group_classes.items():
-            if np.isin(roots, cls).any():
-                out.add(name)
-    return out
-
 
 # ----------------------------------------------------------------------------- pruning
 @dataclass
@@ -338,7 +329,7 @@ def prune(
         raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     cg = trace_channels(model, inputs)
-    skipped = _constrained_groups(cg)
+    skipped = cg.constrained_groups()
     scores = {g: sc for g, sc in channel_scores(cg, combine).items() if g not in skipped}
     cands = _candidates(cg, scores, float(min_keep))
     if cands.n == 0:

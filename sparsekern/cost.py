@@ -490,6 +490,17 @@ def _preserve_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(v)
 
 
+def eval_flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> "FlopReport":
+    """:func:`flops` with ``model`` in eval mode (inference costs), every module's train flag restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return flops(model, example_inputs)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> FlopReport:
     """Count theoretical FLOPs, parameters and bytes moved of ``model(*example_inputs)``.
 

@@ -315,6 +315,16 @@ class ChannelGraph:
         """Names of the groups that ``layer``'s output channels belong to."""
         return [g for g, spec in self.groups.items() if layer in spec.members]
 
+    def constrained_groups(self) -> set[str]:
+        """Groups touched by a grouped conv or a GroupNorm (their kept counts must match per slice)."""
+        out = set()
+        for c in self.constraints:
+            roots = self.roots[c.layout.atoms]
+            for name, cls in self.group_classes.items():
+                if np.isin(roots, cls).any():
+                    out.add(name)
+        return out
+
     # ------------------------------------------------------------------ plans
     def root_keep(self, plan: Plan) -> np.ndarray:
         """Bool per atom root: False where the plan prunes that channel class. Validates the plan."""
