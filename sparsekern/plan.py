@@ -7,8 +7,8 @@ A plan knows nothing of torch modules beyond names and sizes. It has one part pe
   indices of the channels that are kept. A group is named after its first producer in topological order
   (for example ``"layer1.0.conv1"``); ``members`` records every layer whose channels belong to it.
 * ``removed_blocks``: residual blocks replaced by their shortcut (depth pruning, TAS).
-* ``dynamic``: per-sample gated layers (SANP); ``lowrank``: per-matrix rank keep-sets (FLOP). These two
-  parts are carried and serialized here; their compilers live with the methods that produce them.
+* ``dynamic``: per-sample gated layers (SANP; compiled by :mod:`sparsekern.dynamic`); ``lowrank``: per-matrix
+  rank keep-sets (FLOP; compiled by :mod:`sparsekern.lowrank`). Their formats are defined there.
 
 Plans are validated against the dependency groups of a concrete model with :meth:`Plan.validate`, which
 raises :class:`PlanError` naming the group or layer and what would fix it.
@@ -189,10 +189,6 @@ class Plan:
         """Kept indices of ``group``; every channel when the plan leaves the group alone."""
         g = self.channels.get(group)
         return tuple(range(size)) if g is None else g.keep
-
-    @property
-    def is_static_only(self) -> bool:
-        return not (self.removed_blocks or self.dynamic or self.lowrank)
 
     def summary(self) -> str:
         """One line per pruned group (name, kept/size), per gated layer and per low-rank layer."""
