@@ -60,9 +60,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from sparsekern.compiler import group_importance
-from sparsekern.cost import flops
+from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
+from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import PGD, Hook, TrainConfig, TrainResult, TrainState, default_loss, evaluate, train
 
@@ -600,30 +601,27 @@ def feature_distortion(model: nn.Module, data: Any, adversary: Any, *, batch_siz
                for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
     if not handles:
         raise ValueError("feature_distortion: the model has no nn.ReLU / nn.ReLU6 modules")
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     loader = DataLoader(data, batch_size=batch_size) if not isinstance(data, DataLoader) else data
     device = next(model.parameters()).device
     total, count = 0.0, 0
     try:
-        for i, (x, y, *_) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = x.to(device), y.to(device)
-            x_adv = adversary(model, x, y)
-            feats.clear()
-            with torch.no_grad():
-                model(x)
-                clean = list(feats)
+        with eval_mode(model):
+            for i, (x, y, *_) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                x_adv = adversary(model, x, y)
                 feats.clear()
-                model(x_adv)
-            total += float(torch.stack([(c - a).abs().mean() for c, a in zip(clean, feats)]).mean()) * len(x)
-            count += len(x)
+                with torch.no_grad():
+                    model(x)
+                    clean = list(feats)
+                    feats.clear()
+                    model(x_adv)
+                total += float(torch.stack([(c - a).abs().mean() for c, a in zip(clean, feats)]).mean()) * len(x)
+                count += len(x)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
     return total / max(count, 1)
 
 
@@ -737,13 +735,7 @@ def prune(
     model = net.model
     cg = trace_channels(model, inputs)
     sides = _group_sides(cg, net.sites)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        dense = flops(model, inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    dense = eval_flops(model, inputs)
 
     def site_values() -> list[np.ndarray]:
         return [m.test_mask().detach().double().cpu().numpy() for m in net.masks]

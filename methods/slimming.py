@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 
 from sparsekern.compiler import masked
-from sparsekern.cost import flops
+from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
+from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
 
@@ -365,13 +366,7 @@ def prune(
 
     # FLOPs of a plan from the dense per-layer counts (methods.budget.plan_flops, equal to sk.flops of the
     # compiled model); eval mode, the model's flags restored
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        dense = flops(model, inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    dense = eval_flops(model, inputs)
 
     def cost(k: int) -> float:
         return float(plan_flops(cg, dense, plan_for(k))) if cands.prunable[:k].any() else float(dense.total)
@@ -421,14 +416,8 @@ def pruned_constant_error(model: nn.Module, plan: Plan, example_inputs: Any) -> 
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ref_model = masked(model, plan, inputs).eval()
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(*inputs)
-            out = ref_model(*inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(model), torch.no_grad():
+        ref = model(*inputs)
+        out = ref_model(*inputs)
     scale = ref.abs().max().clamp_min(1e-12)
     return float((out - ref).abs().max() / scale)

@@ -71,6 +71,8 @@ from torch.utils import flop_counter as _fc
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sparsekern.modes import eval_mode
+
 __all__ = [
     "LayerCost",
     "FlopReport",
@@ -492,13 +494,8 @@ def _preserve_buffers(model: nn.Module) -> Iterator[None]:
 
 def eval_flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> "FlopReport":
     """:func:`flops` with ``model`` in eval mode (inference costs), every module's train flag restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         return flops(model, example_inputs)
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> FlopReport:

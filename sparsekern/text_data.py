@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from sparsekern.modes import eval_mode
+
 __all__ = [
     "ENWIK8_SPLIT",
     "STDLIB_FILES",
@@ -262,10 +264,8 @@ def bits_per_byte(
     windows = LMSequences(data, seq_len)
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(windows), batch_size):
             items = [windows[i] for i in range(start, min(start + batch_size, len(windows)))]
             x = torch.stack([a for a, _ in items]).to(device)
@@ -274,7 +274,4 @@ def bits_per_byte(
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1),
                                            reduction="sum"))
             count += y.numel()
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return total / count / math.log(2.0)

@@ -76,6 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
+from sparsekern.modes import restore_flags, training_flags
+
 __all__ = [
     "Hook",
     "PGD",
@@ -660,15 +662,6 @@ def _module_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_flags(flags: list[tuple[nn.Module, bool]]) -> None:
-    for m, flag in flags:
-        m.training = flag
-
-
 # ----------------------------------------------------------------------------------------- evaluate
 
 
@@ -701,7 +694,7 @@ def evaluate(
     loss_fn = loss_fn or default_loss
     device = torch.device(device) if device is not None else _module_device(model)
     loader, _ = _make_loader(data, batch_size=batch_size, shuffle=False, seed=0, rank=0, world_size=1)
-    flags = _training_flags(model)
+    flags = training_flags(model)
     model.eval()
     sums = {"loss": 0.0, "correct": 0, "count": 0, "robust_loss": 0.0, "robust_correct": 0}
     n = 0
@@ -732,7 +725,7 @@ def evaluate(
                     sums["robust_correct"] += corr[0]
             n += b
     finally:
-        _restore_flags(flags)
+        restore_flags(flags)
     if n == 0:
         raise ValueError("evaluate: no data")
     acc = sums["correct"] / sums["count"] if classification and sums["count"] else float("nan")
@@ -1359,8 +1352,8 @@ class _Trainer:
         cfg = self.config
         prev_det = torch.are_deterministic_algorithms_enabled()
         prev_cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-        teacher_flags = _training_flags(self.teacher) if self.teacher is not None else []
-        model_flags = _training_flags(self.model)
+        teacher_flags = training_flags(self.teacher) if self.teacher is not None else []
+        model_flags = training_flags(self.model)
         self.saved_requires_grad: list[tuple[Tensor, bool]] = []
         bar = None
         try:
@@ -1395,8 +1388,8 @@ class _Trainer:
                 bar.close()
             for p, flag in self.saved_requires_grad:
                 p.requires_grad_(flag)
-            _restore_flags(model_flags)
-            _restore_flags(teacher_flags)
+            restore_flags(model_flags)
+            restore_flags(teacher_flags)
             torch.use_deterministic_algorithms(prev_det)
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev_cudnn
         history = self.state.history

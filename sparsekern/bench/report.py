@@ -12,11 +12,8 @@ timed on the very inputs that layer saw during a forward pass of its own model.
 from __future__ import annotations
 
 import copy
-
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -25,6 +22,7 @@ import torch.nn as nn
 
 from sparsekern.bench.timing import Timing, environment, set_threads, time_interleaved
 from sparsekern.cost import FlopReport, _align, flops, is_layer
+from sparsekern.modes import eval_mode
 
 __all__ = ["LayerBench", "BenchReport", "compare"]
 
@@ -205,7 +203,7 @@ def compare(
     dtype = str((floating or tensors)[0].dtype).replace("torch.", "")
     batch = int(tensors[0].shape[0]) if tensors[0].dim() > 0 else None
 
-    with set_threads(threads), _eval_mode(dense), _eval_mode(fast):
+    with set_threads(threads), eval_mode(dense), eval_mode(fast):
         n_threads = torch.get_num_threads()
         dense_cost = flops(dense, args)
         fast_cost = flops(fast, args)
@@ -357,18 +355,6 @@ def _capture_inputs(
         for h in handles:
             h.remove()
     return captured
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, restoring each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
 
 
 # ---------------------------------------------------------------------------- formatting
