@@ -12,12 +12,13 @@ All image tensors are float32 (N, C, H, W), normalised per channel; labels are i
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -129,10 +130,51 @@ def _resolve_cifar_root(root: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _numpy_core(submodule: str) -> Any:
+    """``numpy._core.<submodule>`` (numpy >= 2) or ``numpy.core.<submodule>`` (numpy 1.x)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"numpy._core.{submodule}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{submodule}")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain data: dicts, lists, tuples, strings, bytes, numbers and numpy arrays.
+
+    CIFAR-10's batches are pickles, and a pickle can name any callable to run while it loads. This
+    unpickler resolves only the few globals that rebuild a numpy array (``_reconstruct`` for protocols
+    0-4, ``_frombuffer`` for protocol 5) and the byte-string codec of protocol-2 pickles; any other
+    global is refused, so a tampered batch file cannot execute code.
+    """
+
+    _ALLOWED = {
+        **{(f"numpy.{core}.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray")._reconstruct
+           for core in ("core", "_core")},
+        **{(f"numpy.{core}.numeric", "_frombuffer"): lambda: _numpy_core("numeric")._frombuffer
+           for core in ("core", "_core")},
+        ("numpy", "ndarray"): lambda: np.ndarray,
+        ("numpy", "dtype"): lambda: np.dtype,
+        ("_codecs", "encode"): lambda: codecs.encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        resolve = self._ALLOWED.get((module, name))
+        if resolve is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists and strings"
+            )
+        return resolve()
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch -> (data (N, 3072) uint8, labels (N,) int64)."""
+    """One pickled batch -> (data (N, 3072) uint8, labels (N,) int64), read by :class:`_ArrayUnpickler`."""
     with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")  # the dataset's own format; the user supplies the file
+        try:
+            batch = _ArrayUnpickler(fh, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: not a CIFAR-10 batch: {e}") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict with b'data' and b'labels', got {type(batch).__name__}")
     data = batch.get(b"data", batch.get("data"))

@@ -7,7 +7,7 @@ state dict, and in its header a JSON **manifest**:
     ``"sparsekern.model"`` and the manifest version.
 ``arch``
     how to rebuild the unpruned architecture: ``{"name": zoo_name, "kwargs": {...}}`` for
-    :mod:`sparsekern.models`, or ``{"factory": "package.module:function", "kwargs": {...}}``.
+    :mod:`sparsekern.models`, or ``{"factory": NAME, "kwargs": {...}}`` for a trusted factory (below).
 ``plan``, ``compile``
     the plan that was compiled and the compile options (inference passes, example input shapes).
 ``sha256``
@@ -17,15 +17,27 @@ state dict, and in its header a JSON **manifest**:
 tensors into it with ``strict=True``; outputs are bit-for-bit those of the saved model. safetensors was
 chosen over ``torch.save`` because it cannot execute code on load and memory-maps tensors.
 
+**Loading never executes code named by the file.** A file names its architecture, it does not provide it:
+``"name"`` must be a zoo model, and ``"factory"`` must be a *trusted* factory, one of
+
+* the factories sparsekern itself records (SANP and FLOP models, :data:`BUILTIN_FACTORIES`),
+* factories registered in this process with :func:`register_factory`,
+* factories passed to the call: ``sk.load(path, factories={NAME: callable})``.
+
+Any other name is refused with a :class:`SerializationError` that says how to allow it; nothing named by
+the file is imported. The digest protects against corruption, not against tampering: anyone can recompute
+it, which is why trust comes from the loading code and never from the file.
+
 A plan alone is saved as a JSON file (:meth:`sparsekern.plan.Plan.to_json`).
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -36,7 +48,19 @@ MODEL_FORMAT = "sparsekern.model"
 MODEL_VERSION = 1
 _HEADER_KEY = "sparsekern"
 
-__all__ = ["save", "load", "SerializationError", "build_arch"]
+__all__ = ["save", "load", "SerializationError", "build_arch", "register_factory", "BUILTIN_FACTORIES"]
+
+#: Factories that sparsekern records in the models it builds; the only names :func:`load` imports by itself.
+BUILTIN_FACTORIES: tuple[str, ...] = (
+    "sparsekern.methods.sanp:build_sanp",
+    "sparsekern.methods.flop:build_factorized",
+)
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+# The ``factories`` of the :func:`load` call in progress, so that nested references (a SANP or FLOP factory
+# rebuilding its base architecture through build_arch) trust the same factories as the outer call.
+_CALL_FACTORIES: contextvars.ContextVar[Mapping[str, Callable[..., nn.Module]]] = contextvars.ContextVar(
+    "sparsekern_load_factories", default={}
+)
 
 
 class SerializationError(RuntimeError):
@@ -51,7 +75,10 @@ def save(obj: nn.Module | Plan, path: str | Path, *, arch: Mapping[str, Any] | N
             :func:`sparsekern.compile`.
         path: destination file.
         arch: architecture reference for models that did not come from :mod:`sparsekern.models`:
-            ``{"factory": "package.module:function", "kwargs": {...}}`` (JSON-serializable kwargs).
+            ``{"factory": fn, "kwargs": {...}}`` with JSON-serializable kwargs, where ``fn`` is the callable
+            that builds the unpruned model (recorded as ``"module:qualname"``) or that name as a string. The
+            saving process registers it (:func:`register_factory`); any other process that loads the file
+            must trust it explicitly (see :func:`load`).
     """
     path = Path(path)
     if isinstance(obj, Plan):
@@ -64,14 +91,14 @@ def save(obj: nn.Module | Plan, path: str | Path, *, arch: Mapping[str, Any] | N
         )
     if not isinstance(obj, nn.Module):
         raise TypeError(f"sk.save takes a Plan or an nn.Module, got {type(obj).__name__}")
-    arch = dict(arch) if arch is not None else getattr(obj, "sk_arch", None)
+    arch = _named_factory(dict(arch)) if arch is not None else getattr(obj, "sk_arch", None)
     if not arch:
         raise SerializationError(
             f"cannot save {type(obj).__name__}: sparsekern stores an architecture reference plus tensors (no "
             "pickle). Build the model with sparsekern.models.build(...), or pass "
-            "arch={'factory': 'package.module:function', 'kwargs': {...}}"
+            "arch={'factory': build_fn, 'kwargs': {...}}"
         )
-    build_arch(arch, check_only=True)
+    _check_arch_at_save(arch)
     plan = getattr(obj, "sk_plan", None)
     tensors = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
     manifest = {
@@ -93,8 +120,21 @@ def save(obj: nn.Module | Plan, path: str | Path, *, arch: Mapping[str, Any] | N
     return path
 
 
-def load(path: str | Path) -> nn.Module | Plan:
-    """Load what :func:`save` wrote: a :class:`~sparsekern.plan.Plan` or a model in eval mode."""
+def load(
+    path: str | Path, *, factories: Mapping[str, Callable[..., nn.Module]] | None = None
+) -> nn.Module | Plan:
+    """Load what :func:`save` wrote: a :class:`~sparsekern.plan.Plan` or a model in eval mode.
+
+    Args:
+        path: a file written by :func:`save`.
+        factories: architecture factories trusted for this call, by the name the file records
+            (``"module:qualname"``), in addition to the zoo, :data:`BUILTIN_FACTORIES` and
+            :func:`register_factory`. Nothing the file names is imported unless it is one of these.
+
+    Raises:
+        SerializationError: the file is corrupt, does not match its manifest, or names an architecture
+            factory that is not trusted.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such sparsekern file: {path}")
@@ -103,7 +143,12 @@ def load(path: str | Path) -> nn.Module | Plan:
     if head == b"{":
         return Plan.from_json(path)
     manifest, tensors = _read(path)
-    model = build_arch(manifest["arch"])
+    _check_inputs_spec(path, manifest)
+    token = _CALL_FACTORIES.set(dict(factories or {}))
+    try:
+        model = build_arch(manifest["arch"])
+    finally:
+        _CALL_FACTORIES.reset(token)
     if manifest.get("plan") is not None:
         from sparsekern.compiler import compile, example_inputs_for
 
@@ -118,27 +163,116 @@ def load(path: str | Path) -> nn.Module | Plan:
     return model.eval()
 
 
-def build_arch(arch: Mapping[str, Any], *, check_only: bool = False) -> nn.Module | None:
-    """Construct the model an architecture reference names (see the module docstring)."""
-    kwargs = dict(arch.get("kwargs", {}))
+def register_factory(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Trust ``factory`` to rebuild architectures recorded as ``{"factory": name, ...}`` in this process.
+
+    ``name`` is the string the file records (``"module:qualname"`` for a callable passed to :func:`save`).
+    Registering the same name again replaces the factory.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_factory: name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"register_factory: factory for {name!r} must be callable, got {type(factory).__name__}")
+    _REGISTERED[name] = factory
+
+
+def build_arch(
+    arch: Mapping[str, Any], *, factories: Mapping[str, Callable[..., nn.Module]] | None = None
+) -> nn.Module:
+    """Construct the model an architecture reference names (see the module docstring).
+
+    Only trusted code runs: zoo models, :data:`BUILTIN_FACTORIES`, :func:`register_factory` and
+    ``factories``. ``kwargs`` must be a JSON object; nested architecture references in it (as the
+    SANP and FLOP factories record) are built by the factory through this same function.
+    """
+    if not isinstance(arch, Mapping):
+        raise SerializationError(f"architecture reference must be a JSON object, got {type(arch).__name__}")
+    kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise SerializationError(f"architecture kwargs must be a JSON object with string keys, got {kwargs!r}")
+    kwargs = dict(kwargs)
     if "name" in arch:
         from sparsekern import models
 
         if arch["name"] not in models.list_models():
             raise SerializationError(f"unknown zoo model {arch['name']!r}; known: {models.list_models()}")
-        return None if check_only else models.build(arch["name"], **kwargs)
+        return models.build(arch["name"], **kwargs)
     if "factory" in arch:
-        module_name, _, fn_name = str(arch["factory"]).partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise SerializationError(f"cannot import architecture factory {arch['factory']!r}: {e}") from e
-        if check_only:
-            return None
+        factory = _trusted_factory(str(arch["factory"]), {**_CALL_FACTORIES.get(), **(factories or {})})
         model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise SerializationError(f"architecture factory {arch['factory']!r} returned {type(model).__name__}, "
+                                     "not an nn.Module")
         model.sk_arch = dict(arch)
         return model
     raise SerializationError(f"architecture reference needs 'name' or 'factory', got {dict(arch)}")
+
+
+def _trusted_factory(name: str, factories: Mapping[str, Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
+    if name in factories:
+        return factories[name]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in BUILTIN_FACTORIES:
+        return _import_factory(name)
+    raise SerializationError(
+        f"the file names architecture factory {name!r}, which this process does not trust: sparsekern never "
+        "imports code named by a file. If you trust the file, pass the function that builds it: "
+        f"sk.load(path, factories={{{name!r}: build_fn}}), or call "
+        f"sparsekern.serialize.register_factory({name!r}, build_fn) before loading"
+    )
+
+
+def _import_factory(name: str) -> Callable[..., nn.Module]:
+    module_name, _, qualname = name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise SerializationError(f"cannot import architecture factory {name!r}: {e}") from e
+    return obj
+
+
+def _named_factory(arch: dict[str, Any]) -> dict[str, Any]:
+    """``{"factory": callable}`` -> ``{"factory": "module:qualname"}``, registering the callable as trusted."""
+    factory = arch.get("factory")
+    if callable(factory):
+        name = f"{factory.__module__}:{factory.__qualname__}"
+        if "<locals>" in name or "<lambda>" in name:
+            raise SerializationError(
+                f"architecture factory {name!r} has no importable name: define it at module level"
+            )
+        register_factory(name, factory)
+        arch["factory"] = name
+    return arch
+
+
+def _check_arch_at_save(arch: Mapping[str, Any]) -> None:
+    """Refuse at save time what no process could load: unknown zoo names, factories that cannot be found."""
+    if "name" in arch:
+        from sparsekern import models
+
+        if arch["name"] not in models.list_models():
+            raise SerializationError(f"unknown zoo model {arch['name']!r}; known: {models.list_models()}")
+    elif "factory" in arch:
+        name = str(arch["factory"])
+        if name not in _REGISTERED and name not in BUILTIN_FACTORIES:
+            # The caller named it, so importing it runs the caller's own code; the saving process trusts it.
+            register_factory(name, _import_factory(name))
+    else:
+        raise SerializationError(f"architecture reference needs 'name' or 'factory', got {dict(arch)}")
+
+
+def _check_inputs_spec(path: Path, manifest: Mapping[str, Any]) -> None:
+    """The recorded example-input shapes must be lists of non-negative ints and dtypes torch dtype names."""
+    specs = [(manifest.get("compile") or {}).get("inputs"), (manifest.get("plan") or {}).get("meta", {}).get("inputs")]
+    for spec in specs:
+        for s in spec or ():
+            shape, dtype = (s.get("shape"), s.get("dtype")) if isinstance(s, Mapping) else (None, None)
+            ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            if not ok_shape or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+                raise SerializationError(f"{path}: invalid example-input record {s!r} in the manifest")
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

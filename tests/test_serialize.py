@@ -70,7 +70,8 @@ def test_model_without_architecture_reference_is_refused(tmp_path: Path) -> None
         sk.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "m.sk", arch={"factory": "nowhere.at_all:f"})
 
 
-def test_factory_reference_round_trips(tmp_path: Path) -> None:
+def test_factory_reference_round_trips_in_the_saving_process(tmp_path: Path) -> None:
+    """Saving trusts the factory the caller named; other processes pass it to sk.load (tests/test_security.py)."""
     model = nn.Sequential(nn.Linear(4, 3))
     sk.save(model, tmp_path / "m.sk", arch={"factory": "tests.test_serialize:tiny", "kwargs": {}})
     torch.manual_seed(5)
