@@ -28,7 +28,9 @@ Any other name is refused with a :class:`SerializationError` that says how to al
 the file is imported. The digest protects against corruption, not against tampering: anyone can recompute
 it, which is why trust comes from the loading code and never from the file.
 
-A plan alone is saved as a JSON file (:meth:`sparsekern.plan.Plan.to_json`).
+A plan alone is saved as a JSON file (:meth:`sparsekern.plan.Plan.to_json`). Training state (optimizer
+and scheduler state dicts, RNG states: nested containers of tensors and plain values) is saved by
+:func:`save_state` in the same safetensors-plus-JSON form, so checkpoints load without pickle too.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ MODEL_FORMAT = "sparsekern.model"
 MODEL_VERSION = 1
 _HEADER_KEY = "sparsekern"
 
-__all__ = ["save", "load", "SerializationError", "build_arch", "register_factory", "BUILTIN_FACTORIES"]
+__all__ = ["save", "load", "SerializationError", "build_arch", "register_factory", "BUILTIN_FACTORIES",
+           "save_state", "load_state"]
 
 #: Factories that sparsekern records in the models it builds; the only names :func:`load` imports by itself.
 BUILTIN_FACTORIES: tuple[str, ...] = (
@@ -273,6 +276,89 @@ def _check_inputs_spec(path: Path, manifest: Mapping[str, Any]) -> None:
             ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
             if not ok_shape or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
                 raise SerializationError(f"{path}: invalid example-input record {s!r} in the manifest")
+
+
+STATE_FORMAT = "sparsekern.state"
+
+
+def save_state(state: Any, path: str | Path) -> Path:
+    """Save nested training state without pickle: tensors to safetensors, the structure to JSON.
+
+    ``state`` may nest dicts (any int/str/float/bool/None keys), lists and tuples of tensors, ints, floats,
+    bools, strings and None, as optimizer, scheduler and RNG states do; :func:`load_state` returns it with
+    the same container and key types. The file is written to a temporary name and renamed, so an interrupted
+    save never leaves a truncated file at ``path``.
+
+    Raises:
+        SerializationError: ``state`` holds another type (the message names where).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode_state(state, tensors, "state")
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_dedupe_shared(tensors), str(tmp),
+              metadata={_HEADER_KEY: json.dumps({"format": STATE_FORMAT, "version": 1, "state": skeleton,
+                                                 "sha256": _digest(tensors)})})
+    tmp.replace(path)
+    return path
+
+
+def load_state(path: str | Path) -> Any:
+    """Load what :func:`save_state` wrote (tensors on the CPU)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get(_HEADER_KEY) or "null")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise SerializationError(f"{path} is not a readable sparsekern state file (corrupt or truncated?): {e}") from e
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        raise SerializationError(f"{path} is not a sparsekern state file")
+    if _digest(tensors) != header.get("sha256"):
+        raise SerializationError(f"{path}: tensor checksum mismatch, the file is corrupt")
+    return _decode_state(header["state"], tensors)
+
+
+def _encode_state(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"tensor": key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    if isinstance(obj, (list, tuple)):
+        kind = "list" if isinstance(obj, list) else "tuple"
+        return {kind: [_encode_state(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, Mapping):
+        items = []
+        for k, v in obj.items():
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise SerializationError(f"cannot save state: key {k!r} of {where} is a {type(k).__name__}")
+            items.append([k, _encode_state(v, tensors, f"{where}[{k!r}]")])
+        return {"dict": items}
+    raise SerializationError(f"cannot save state: {where} is a {type(obj).__name__} (tensors, numbers, strings, "
+                             "None and lists, tuples and dicts of them are supported)")
+
+
+def _decode_state(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise SerializationError(f"malformed state record {node!r}")
+    (kind, payload), = node.items()
+    if kind == "tensor":
+        return tensors[payload]
+    if kind == "value":
+        return payload
+    if kind == "list":
+        return [_decode_state(v, tensors) for v in payload]
+    if kind == "tuple":
+        return tuple(_decode_state(v, tensors) for v in payload)
+    if kind == "dict":
+        return {k: _decode_state(v, tensors) for k, v in payload}
+    raise SerializationError(f"malformed state record of kind {kind!r}")
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from sparsekern.modes import restore_flags, training_flags
+from sparsekern.serialize import load_state, save_state
 
 __all__ = [
     "Hook",
@@ -132,7 +133,8 @@ class TrainConfig:
             per-epoch data permutation.
         device: ``"cuda"``/``"cpu"``/...; default CUDA when available (``cuda:LOCAL_RANK`` under torchrun).
         progress: show a tqdm bar with loss / accuracy / lr (rank 0 only).
-        checkpoint: path; written at the end of every epoch, and resumed from when it exists.
+        checkpoint: path; written at the end of every epoch (:func:`sparsekern.serialize.save_state`, no
+            pickle), and resumed from when it exists.
         eval_every: evaluate ``eval_data`` every this many epochs (and always after the last one).
         max_steps: hard cap on optimizer steps (tests, demos).
         deterministic: ``torch.use_deterministic_algorithms(True)`` for the run (CPU runs are
@@ -294,8 +296,8 @@ class Hook:
     """Base class of training hooks; every method is a no-op. Subclass and override what you need.
 
     Any object with a subset of these methods works as a hook too. Hooks with state that must survive a
-    checkpoint/resume implement :meth:`state_dict` / :meth:`load_state_dict` (tensors, numbers,
-    strings, lists, tuples and dicts only: checkpoints load with ``weights_only=True``).
+    checkpoint/resume implement :meth:`state_dict` / :meth:`load_state_dict` (tensors, numbers, strings,
+    lists, tuples and dicts only: checkpoints are :func:`sparsekern.serialize.save_state` files, no pickle).
     """
 
     def on_train_start(self, state: TrainState) -> None:
@@ -1131,9 +1133,7 @@ class _Trainer:
             return
         if self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp"
-            torch.save(self._checkpoint_payload(), tmp)
-            os.replace(tmp, path)
+            save_state(self._checkpoint_payload(), path)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -1145,7 +1145,7 @@ class _Trainer:
         if path is None or not os.path.exists(path):
             return 0
         # On the CPU: RNG states must stay CPU byte tensors; state dicts are copied to their devices.
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_state(path)
         if ck.get("version") != _CHECKPOINT_VERSION:
             raise ValueError(f"{path}: unsupported checkpoint version {ck.get('version')}")
         if ck["total_steps"] != self.total_steps or ck["stages"] != [s.name for s in self.stages]:

@@ -103,3 +103,30 @@ def test_a_deep_copy_of_a_compiled_model_still_saves(compiled, tmp_path: Path) -
     assert clone.sk_plan is not None and clone.sk_arch == fast.sk_arch
     with torch.no_grad():
         assert torch.equal(sk.load(sk.save(clone, tmp_path / "c.sk"))(x), fast(x))
+
+
+def test_training_state_round_trips_without_pickle(tmp_path: Path) -> None:
+    """Optimizer/RNG states keep their container and key types; a pickle is refused, not unpickled."""
+    import random
+
+    from sparsekern.serialize import load_state, save_state
+
+    layer = nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"opt": opt.state_dict(), "python": random.getstate(), "torch": torch.get_rng_state(),
+             "best": float("inf"), 7: None, "flags": (True, "x", [1.5])}
+    again = load_state(save_state(state, tmp_path / "state.sk"))
+    assert again["python"] == state["python"] and again[7] is None and again["flags"] == (True, "x", [1.5])
+    assert torch.equal(again["torch"], state["torch"]) and again["best"] == float("inf")
+    assert list(again["opt"]["state"]) == [0, 1]
+    assert torch.equal(again["opt"]["state"][0]["momentum_buffer"], state["opt"]["state"][0]["momentum_buffer"])
+    assert again["opt"]["param_groups"] == state["opt"]["param_groups"]
+    with pytest.raises(SerializationError, match=r"state\['bad'\] is a ndarray"):
+        import numpy as np
+
+        save_state({"bad": np.zeros(2)}, tmp_path / "bad.sk")
+    torch.save(state, tmp_path / "pickled.pt")
+    with pytest.raises(SerializationError, match="not a readable sparsekern state file"):
+        load_state(tmp_path / "pickled.pt")
