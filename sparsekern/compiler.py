@@ -11,12 +11,14 @@ which tensor a plan removes:
   is a plain :class:`torch.fx.GraphModule` (scriptable and exportable) with the original submodule names.
 
 In eval mode ``compile(model, plan)(x)`` equals ``masked(model, plan)(x)`` at the kept positions, and the
-pruned positions do not exist (DESIGN.md, "Semantics").
+pruned positions do not exist (docs/design.md#semantics).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import operator
 from typing import Any, Sequence
 
 import numpy as np
@@ -133,7 +135,11 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
         channel_graph(model, plan.removed_blocks, example_inputs_for(plan, example_inputs)).check_plan(plan)
         model = zero_branches(model, plan.removed_blocks)
     cg, inputs = _trace(model, plan, example_inputs)
-    keep = cg.root_keep(plan)
+    if plan.removed_blocks:
+        # the zeroed branches still run, so their layers join the groups: the members checked above differ
+        keep = cg.root_keep(plan.with_channels({n: dataclasses.replace(g, members=()) for n, g in plan.channels.items()}))
+    else:
+        keep = cg.root_keep(plan)
     gm = copy.deepcopy(cg.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     count = 0
@@ -146,7 +152,8 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
         node = nodes[name]
         shape = [1] * len(cg.shapes[name])
         shape[lay.cdim] = lay.size
-        mask = torch.from_numpy(kept.astype(np.float32)).reshape(shape)
+        # a bool mask: x * mask keeps x's dtype (a float32 mask would promote fp16/bf16 activations)
+        mask = torch.from_numpy(kept).reshape(shape)
         if node.op == "call_module":
             _mask_norm_statistics(gm, node, cg, keep)
         buf = f"_sk_mask_{count}"
@@ -183,7 +190,7 @@ def _mask_norm_statistics(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: Cha
 
 
 # ----------------------------------------------------------------------------- compile
-def compile(  # noqa: A001 (public API name from DESIGN.md)
+def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
     model: nn.Module,
     plan: Plan,
     example_inputs: Any = None,
@@ -207,8 +214,9 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
         round_to: hardware-aware rounding: round every pruned group's kept count up to a multiple of this
             (e.g. 8 or 16), adding back the most important pruned channels (plan scores, else the L1 norm of
             the group's producer weights). The rounded plan is stored on the result as ``sk_plan``.
-        passes: inference passes from :mod:`sparsekern.passes` applied after slicing (e.g. ``("fold_bn",)``);
-            give the dense baseline the same passes (``sparsekern.passes.apply``) for fair comparisons.
+        passes: inference passes from :mod:`sparsekern.passes` applied after slicing (e.g.
+            ``("fold_bn", "onednn")``), with these example inputs for the passes that specialise to input
+            shapes; give the dense baseline the same passes (``sparsekern.passes.apply``) for fair comparisons.
 
     Returns:
         A ``torch.fx.GraphModule`` with the original submodule names, smaller weights, the model's train/eval
@@ -224,9 +232,12 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
         plan = round_plan(cg, plan, round_to)
     keep = cg.root_keep(plan)
     gm = copy.deepcopy(cg.gm)
+    sliced: set[str] = set()
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
-            _slice_module(gm.get_submodule(node.target), node, cg, keep)
+            if node.target not in sliced:  # a shared module: every call has the same kept channels
+                _slice_module(gm.get_submodule(node.target), node, cg, keep)
+                sliced.add(node.target)
         elif node.op in ("call_function", "call_method"):
             _rewrite_channel_args(gm, node, cg, keep)
     gm.graph.lint()
@@ -243,7 +254,7 @@ def compile(  # noqa: A001 (public API name from DESIGN.md)
     if passes:
         from sparsekern.passes import apply
 
-        gm = apply(gm, passes)
+        gm = apply(gm, passes, inputs, inplace=True)
     keep_attributes(gm, sk_plan=plan, sk_arch=getattr(model, "sk_arch", None),
                     sk_compile={"round_to": round_to, "passes": list(passes), "inputs": input_spec(inputs)})
     return gm
@@ -311,7 +322,7 @@ def _slice_conv(m: nn.Module, cg: ChannelGraph, keep: np.ndarray, in_lay: Any, o
     in_idx = _positions(cg, in_lay, keep, m.in_channels)
     if out_idx is None and in_idx is None:
         return
-    if _is_depthwise(m):
+    if _is_depthwise(m) and isinstance(in_lay, Layout):
         # weight (C * mult, 1, k, k): only output rows go; the conv keeps one group per kept input channel
         _slice_param(m, "weight", out_idx, 0)
         _slice_param(m, "bias", out_idx, 0)
@@ -325,8 +336,8 @@ def _slice_conv(m: nn.Module, cg: ChannelGraph, keep: np.ndarray, in_lay: Any, o
         _slice_param(m, "bias", out_idx, 0)
         m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
         return
-    # grouped conv: rows of group i read its own slice of input channels (equal kept counts per group,
-    # checked by ChannelGraph.check_plan)
+    # grouped conv (or depthwise on untracked inputs): rows of group i read its own slice of input channels
+    # (equal kept counts per group, checked by ChannelGraph.check_plan)
     out_per, in_per = m.out_channels // g, m.in_channels // g
     out_all = torch.arange(m.out_channels) if out_idx is None else out_idx
     in_all = torch.arange(m.in_channels) if in_idx is None else in_idx
@@ -361,19 +372,25 @@ def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: Cha
         new = int(len(cg.kept_positions(lay, keep)))
         if new == lay.size:
             return
-        if target is torch.reshape:
-            shape = list(node.args[1])
-            shape[lay.cdim] = _replace_count(shape[lay.cdim], new)
-            node.args = (node.args[0], tuple(shape))
-            return
-        flat = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-        shape = list(node.args[1]) if flat else list(node.args[1:])
-        shape[lay.cdim] = _replace_count(shape[lay.cdim], new)
-        node.args = (node.args[0], tuple(shape)) if flat else (node.args[0], *shape)
+        sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+        one = sizes[0]
+        if len(sizes) == 1 and (isinstance(one, (tuple, list)) or (
+                isinstance(one, torch.fx.Node) and isinstance(cg.shapes.get(one.name), tuple))):
+            sizes = _size_entries(gm, node, one, len(cg.shapes[node.name]))  # every size in one argument
+        shape = list(sizes)
+        if shape[lay.cdim] != -1:  # -1 (inferred) stays right; an int or a computed size becomes the kept count
+            shape[lay.cdim] = new
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("shape", "size")}
+        node.args = (node.args[0], tuple(shape))
 
 
-def _replace_count(arg: Any, new: int) -> Any:
-    return new if isinstance(arg, int) and arg != -1 else arg
+def _size_entries(gm: torch.fx.GraphModule, node: torch.fx.Node, sizes: Any, ndim: int) -> list[Any]:
+    """The ``ndim`` entries of a view/reshape size given as one argument: a tuple/list as is, a computed
+    ``torch.Size`` (e.g. ``y.shape``) as one ``getitem`` node per entry."""
+    if isinstance(sizes, (tuple, list)):
+        return list(sizes)
+    with gm.graph.inserting_before(node):
+        return [gm.graph.call_function(operator.getitem, (sizes, i)) for i in range(ndim)]
 
 
 # ----------------------------------------------------------------------------- rounding
@@ -400,22 +417,55 @@ def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
     """Round each pruned group's kept count up to a multiple of ``multiple`` (capped at the group size).
 
     Channels are added back in order of importance: the plan's ``scores`` when it has them, else
-    :func:`group_importance`. Groups that the plan leaves whole are untouched.
+    :func:`group_importance`. Groups that the plan leaves whole are untouched. Rounding never breaks a
+    constraint: where a grouped conv or GroupNorm needs equal kept counts per slice, the slices below the
+    largest count get their most important channels back too, and rounding repeats until both hold (kept
+    counts only grow, so it ends, at worst with the whole group kept).
     """
     if multiple < 1:
         raise ValueError(f"round_to must be a positive channel multiple, got {multiple}")
     cg.check_plan(plan)
-    channels: dict[str, GroupKeep] = {}
-    for name, g in plan.channels.items():
-        target = min(g.size, math.ceil(g.n_keep / multiple) * multiple)
-        if target == g.n_keep:
-            channels[name] = g
-            continue
-        scores = np.asarray(g.scores) if g.scores is not None else group_importance(cg, name)
-        kept = set(g.keep)
-        candidates = sorted((c for c in range(g.size) if c not in kept), key=lambda c: (-scores[c], c))
-        keep = sorted(kept | set(candidates[: target - g.n_keep]))
-        channels[name] = GroupKeep(g.size, tuple(keep), g.members, g.scores)
+    keep = {name: set(g.keep) for name, g in plan.channels.items()}
+    scores: dict[str, np.ndarray] = {}
+
+    def score(name: str) -> np.ndarray:
+        if name not in scores:
+            g = plan.channels[name]
+            scores[name] = np.asarray(g.scores) if g.scores is not None else group_importance(cg, name)
+        return scores[name]
+
+    where = {}  # atom root -> (group, channel), for the groups the plan prunes (other roots are all kept)
+    for name in keep:
+        for i, r in enumerate(cg.group_classes[name].tolist()):
+            where[r] = (name, i)
+
+    def kept(r: int) -> bool:
+        return r not in where or where[r][1] in keep[where[r][0]]
+
+    changed = True
+    while changed:
+        changed = False
+        for name, k in keep.items():
+            size = plan.channels[name].size
+            target = min(size, math.ceil(len(k) / multiple) * multiple)
+            if target > len(k):
+                s = score(name)
+                k.update(sorted((c for c in range(size) if c not in k), key=lambda c: (-s[c], c))[: target - len(k)])
+                changed = True
+        for c in cg.constraints:
+            slices = cg.roots[c.layout.atoms].reshape(c.groups, -1).tolist()
+            most = max(sum(map(kept, sl)) for sl in slices)
+            for sl in slices:
+                if sum(map(kept, sl)) < most:
+                    # the slice's most important pruned channel; one at a time, as a channel may fill
+                    # several positions of a slice
+                    name, ch = max((where[r] for r in sl if not kept(r)), key=lambda gc: (score(gc[0])[gc[1]], -gc[1]))
+                    keep[name].add(ch)
+                    changed = True
+    channels = {
+        name: g if len(keep[name]) == g.n_keep else GroupKeep(g.size, tuple(sorted(keep[name])), g.members, g.scores)
+        for name, g in plan.channels.items()
+    }
     rounded = plan.with_channels(channels)
     rounded.meta["round_to"] = multiple
     return rounded

@@ -7,7 +7,8 @@ graph once on example inputs, and follows every tensor's *channel axis* through 
 * a tensor's channel axis is a **layout**: one atom per position (a flattened ``(C, H, W)`` feature vector
   repeats each channel's atom ``H * W`` times; a concatenation concatenates layouts);
 * ops that tie channels together (residual add, elementwise mul, depthwise conv) **unify** atoms
-  position by position (union-find);
+  position by position (union-find); so does a layer called more than once (shared weights), on its
+  inputs at every call site, and every call of a shared conv or linear outputs the same atoms;
 * a **dependency group** is the set of producers whose atoms are tied; its channels are the distinct
   atom classes, numbered in topological order. A plan keeps or prunes each class.
 
@@ -31,6 +32,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
 
 
@@ -123,6 +125,11 @@ _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 
 
+# layers whose weights compile.py slices per channel (so every call of a shared one must agree)
+_SLICED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                   nn.LayerNorm, nn.PReLU)
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
 
@@ -172,10 +179,11 @@ def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tor
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def keep_attributes(gm: torch.fx.GraphModule, **attrs: Any) -> None:
+def keep_attributes(gm: nn.Module, **attrs: Any) -> None:
     """Set plain attributes (``sk_plan``, ``sk_arch``, ...) on ``gm`` so that they survive ``copy.deepcopy``,
-    which rebuilds a GraphModule from its graph and would otherwise drop them."""
-    preserved = gm.meta.setdefault("_user_preserved_attributes", {})
+    which rebuilds a GraphModule from its graph and would otherwise drop them (other modules, such as the
+    ScriptModule of the ``freeze`` pass, just get the attributes)."""
+    preserved = gm.meta.setdefault("_user_preserved_attributes", {}) if isinstance(gm, torch.fx.GraphModule) else {}
     for name, value in attrs.items():
         setattr(gm, name, value)
         preserved[name] = value
@@ -208,13 +216,8 @@ class ChannelGraph:
         self.opaque: dict[str, str] = {}
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         self.input_spec = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                _LayoutInterpreter(self).run(*inputs)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            _LayoutInterpreter(self).run(*inputs)
         self._finalize()
 
     # ------------------------------------------------------------------ atoms
@@ -353,7 +356,60 @@ class ChannelGraph:
                 )
             if kept[0] == 0:
                 raise PlanError(f"{c.what} {c.module!r}: every channel of the layer would be pruned")
+        self._check_no_empty_tensor(keep)
         return keep
+
+    def _check_no_empty_tensor(self, keep: np.ndarray) -> None:
+        """Refuse a plan that prunes every channel of one tensor (a split/chunk piece, or one producer's whole
+        share of a group): the layers reading it would have zero channels."""
+        for node in self.gm.graph.nodes:
+            lay = self.layouts.get(node.name)
+            pieces = list(lay) if isinstance(lay, tuple) else [lay]
+            for i, piece in enumerate(pieces):
+                if not isinstance(piece, Layout) or piece.size == 0 or keep[self.roots[piece.atoms]].any():
+                    continue
+                if node.op == "call_module":
+                    what = f"layer {node.target!r} ({type(self.modules[node.target]).__name__})"
+                elif isinstance(lay, tuple):
+                    what = f"piece {i} of {node.name!r} ({node.target if isinstance(node.target, str) else node.target.__name__})"
+                else:
+                    what = f"tensor {node.name!r}"
+                where = [f"{g!r} channels {idx}" for g, idx in self._group_channels(piece.atoms).items()]
+                start = list(node.users)
+                if isinstance(lay, tuple):
+                    start = [u for u in start if u.target is operator.getitem and u.args[1] == i]
+                readers = self._reading_layers(start)
+                raise PlanError(
+                    f"the plan prunes every one of the {piece.size} channels of {what} ({', '.join(where)})"
+                    f"{', read by ' + str(readers) if readers else ''}: that would leave a layer with zero "
+                    "channels. Keep at least one channel of every split/chunk piece and of every producer's "
+                    "share of a group"
+                )
+
+    def _group_channels(self, atoms: np.ndarray) -> dict[str, list[int]]:
+        """Group name -> the (sorted) group channel indices that ``atoms`` carry."""
+        out: dict[str, list[int]] = {}
+        roots = set(self.roots[atoms].tolist())
+        for gname, cls in self.group_classes.items():
+            idx = [i for i, r in enumerate(cls.tolist()) if r in roots]
+            if idx:
+                out[gname] = idx
+        return out
+
+    def _reading_layers(self, start: list[torch.fx.Node], limit: int = 3) -> list[str]:
+        """The first modules at or downstream of the nodes ``start`` (breadth first), to name in errors."""
+        found: list[str] = []
+        frontier, seen = list(start), set()
+        while frontier and len(found) < limit:
+            user = frontier.pop(0)
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module":
+                found.append(str(user.target))
+            else:
+                frontier.extend(user.users)
+        return found
 
     def plan_from_masks(self, masks: Mapping[str, Any], *, conflict: str = "error") -> Plan:
         """See :meth:`sparsekern.plan.Plan.from_channel_masks`."""
@@ -387,10 +443,7 @@ class ChannelGraph:
         return plan
 
     def _mask_targets(self, name: str, mask: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-        m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
-        if m.ndim != 1:
-            raise PlanError(f"mask for {name!r} must be 1-D (one entry per channel), got shape {m.shape}")
-        m = m.astype(bool)
+        m = _as_bool_mask(name, mask)
         if name in self._module_outputs:
             layouts = self._module_outputs[name]
             targets = []
@@ -423,6 +476,31 @@ class ChannelGraph:
         return "?"
 
 
+def _as_bool_mask(name: str, mask: Any) -> np.ndarray:
+    """``mask`` as a 1-D bool array. Only bool and 0/1 numbers are masks: importance scores, NaN or strings
+    would all read as "keep" by truthiness, so they are refused."""
+    m = mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask
+    if isinstance(m, torch.Tensor) and m.dtype == torch.bfloat16:
+        m = m.float()
+    try:
+        m = np.asarray(m)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"mask for {name!r} is not an array of booleans: {e}") from e
+    if m.ndim != 1:
+        raise PlanError(f"mask for {name!r} must be 1-D (one entry per channel), got shape {m.shape}")
+    if m.dtype == bool:
+        return m
+    numeric = m.dtype.kind in "iuf"
+    bad = np.ones(m.shape, dtype=bool) if not numeric else ~np.isin(m, (0, 1))
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise PlanError(
+            f"mask for {name!r} must hold booleans (or 0/1), got {m.dtype} with value {m[i].item()!r} at channel {i}. "
+            "For importance scores, threshold them into a keep mask first (e.g. `scores > t` or the top-k)"
+        )
+    return m.astype(bool)
+
+
 def _edit(a: str, b: str) -> int:
     from sparsekern.plan import _distance
 
@@ -452,6 +530,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
     def __init__(self, cg: ChannelGraph) -> None:
         super().__init__(cg.gm)
         self.cg = cg
+        self.first_input: dict[str, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         value = super().run_node(n)
@@ -491,18 +570,25 @@ class _LayoutInterpreter(torch.fx.Interpreter):
     def _module(self, n: torch.fx.Node, m: nn.Module, value: Any) -> Any:
         name = str(n.target)
         x = self.lay(n.args[0]) if n.args else None
+        if isinstance(m, _SLICED_MODULES):
+            self._share_weights(n, name, x)
         if isinstance(m, nn.modules.conv._ConvNd):
             if isinstance(m, nn.modules.conv._ConvTransposeNd):
                 return self.opaque(n, "transposed convolutions are kept dense")
-            if _is_depthwise(m):
-                if x is None:
-                    out = Layout(1, self.cg.new_space(name, m.out_channels))
-                else:
-                    # output channel j reads input channel j // multiplier: they live and die together
-                    out = Layout(1, np.repeat(x.atoms, m.out_channels // m.in_channels))
-                return self._record(name, out)
-            out = Layout(1, self.cg.new_space(name, m.out_channels))
-            if m.groups > 1:
+            if name in self.cg._module_outputs:
+                # a later call of a shared conv: the first call recorded its channels and constraints
+                if x is not None and x.cdim != 1:
+                    self.opaque(n, "conv input whose channel axis is not dim 1")
+                return self._record(name, Layout(1, self._output_atoms(name, m.out_channels)))
+            if _is_depthwise(m) and x is not None:
+                # output channel j reads input channel j // multiplier: they live and die together
+                return self._record(name, Layout(1, np.repeat(x.atoms, m.out_channels // m.in_channels)))
+            out = Layout(1, self._output_atoms(name, m.out_channels))
+            if _is_depthwise(m) and m.out_channels == m.in_channels:
+                # untracked inputs stay whole, so each of its groups keeps its single output channel
+                self.cg.pin(out, f"depthwise conv {name!r} reads input channels that are not tracked (one "
+                                 "output channel per input channel)")
+            elif m.groups > 1:
                 if x is not None:
                     self.cg.constraints.append(GroupConstraint(n.name, name, x, m.groups, "grouped conv input of"))
                 self.cg.constraints.append(GroupConstraint(n.name, name, out, m.groups, "grouped conv"))
@@ -513,7 +599,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             ndim = value.dim()
             if x is not None and x.cdim != ndim - 1:
                 self.opaque(n, "linear input whose feature axis is not the last dim")
-            return self._record(name, Layout(ndim - 1, self.cg.new_space(name, m.out_features)))
+            return self._record(name, Layout(ndim - 1, self._output_atoms(name, m.out_features)))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return self._record(name, self._passthrough(n, x, value))
         if isinstance(m, nn.GroupNorm):
@@ -535,6 +621,26 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         if isinstance(m, _CHANNELWISE_MODULES):
             return self._record(name, self._passthrough(n, x, value))
         return self.opaque(n, f"module {type(m).__name__} is not sliceable")
+
+    def _output_atoms(self, name: str, n: int) -> np.ndarray:
+        """A conv/linear's output channels: new atoms at its first call, the same atoms at every later call
+        (one weight row per channel, whichever call computes it)."""
+        lays = self.cg._module_outputs.get(name)
+        return lays[0].atoms if lays else self.cg.new_space(name, n)
+
+    def _share_weights(self, n: torch.fx.Node, name: str, x: Layout | None) -> None:
+        """A layer with per-channel weights that is called more than once has its weights sliced once, so its
+        input channels must be pruned alike at every call: unify them with the first call's (or pin both
+        when only one of the two is tracked)."""
+        first = self.first_input.setdefault(name, x)
+        if first is x or (first is None and x is None):
+            return
+        if first is None or x is None or first.size != x.size:
+            self.cg.opaque[n.name] = f"shared module {name!r} is called on tracked and untracked inputs"
+            self.cg.pin([first, x], f"module {name!r} is called more than once, at {n.name!r} on input "
+                                    "channels that are not tracked the same way")
+            return
+        self.cg.unify(first.atoms, x.atoms)
 
     def _record(self, name: str, layout: Any) -> Any:
         self.cg.record_output(name, layout)
@@ -634,7 +740,9 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                 for t, lay in zip(tensors, lays):
                     if lay is None or lay.cdim != dim:
                         atoms = self.cg.new_space(f"{n.name}:untracked", self.val(t).shape[dim])
-                        self.cg.pin(Layout(dim, atoms), f"it is concatenated at {n.name!r} with untracked data")
+                        readers = self.cg._reading_layers([n])
+                        self.cg.pin(Layout(dim, atoms), f"it is concatenated at {n.name!r} with untracked data"
+                                                        f"{' (read by ' + str(readers) + ')' if readers else ''}")
                         parts.append(atoms)
                     else:
                         parts.append(lay.atoms)

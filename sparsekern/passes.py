@@ -1,8 +1,10 @@
 """Inference passes: graph rewrites that speed up a model without changing what it computes.
 
 Every pass applies to any model, dense or compiled, so that a benchmark can give the dense baseline
-exactly the same passes as the pruned model (DESIGN.md, "Measuring"). Passes work on
-``torch.fx.GraphModule`` s; plain modules are traced first.
+exactly the same passes as the pruned model (docs/design.md#measuring). Passes work on
+``torch.fx.GraphModule`` s; plain modules are traced first. A pass returns a new model and leaves the one it
+was given untouched (parameters, buffers, train/eval flags), unless called with ``inplace=True``, which may
+then modify and reuse it.
 
 Passes (names for :func:`apply`):
 
@@ -23,6 +25,7 @@ Passes (names for :func:`apply`):
 """
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from typing import Any, Callable, Sequence
@@ -37,7 +40,11 @@ from sparsekern.graph import keep_attributes, symbolic_trace
 __all__ = ["apply", "fold_bn", "channels_last", "onednn", "freeze", "PASSES"]
 
 
-def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
+def _as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
+    """``model`` as a GraphModule the pass may modify: a copy unless ``inplace`` (a traced plain module
+    shares its submodules with ``model``)."""
+    if not inplace:
+        model = copy.deepcopy(model)
     if isinstance(model, torch.fx.GraphModule):
         return model
     gm = symbolic_trace(model)
@@ -60,20 +67,27 @@ def _folded_weights(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tu
     return w, b
 
 
-def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
+def fold_bn(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModule:
     """Fold every BatchNorm whose only input is a conv/linear used by nothing else into that layer.
 
-    Folding uses the running statistics, so it changes nothing in eval mode. Returns a GraphModule (the
-    given one, modified, if ``model`` already is one).
+    Folding uses the running statistics, so it changes nothing in eval mode. A conv or BatchNorm module
+    called more than once (shared weights) is left unfolded. Returns a GraphModule (``model`` itself,
+    modified, only with ``inplace=True`` when it already is one).
     """
-    gm = _as_graph_module(model)
+    gm = _as_graph_module(model, inplace)
     modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         bn = modules[node.target]
         src = node.args[0]
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        if calls[src.target] != 1 or calls[node.target] != 1:
             continue
         layer = modules.get(src.target)
         ok_conv = isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.modules.conv._ConvTransposeNd)
@@ -92,12 +106,12 @@ def fold_bn(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
-def channels_last(model: nn.Module) -> torch.fx.GraphModule:
+def channels_last(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModule:
     """NHWC weights and inputs: convert 4-D parameters and insert ``contiguous(channels_last)`` on 4-D inputs.
 
     The input conversion is a graph op, so it is part of the model (the caller keeps passing NCHW).
     """
-    gm = _as_graph_module(model)
+    gm = _as_graph_module(model, inplace)
     gm.to(memory_format=torch.channels_last)
     _channels_last_inputs(gm)
     gm.graph.lint()
@@ -175,12 +189,11 @@ def onednn_weight(weight: torch.Tensor, padding: Sequence[int], stride: Sequence
         weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(input_shape))
 
 
-def onednn(model: nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
-    """Prepacked, fused oneDNN convolutions (see the module docstring). ``model`` is modified if it is a
-    GraphModule; the result is for inference."""
+def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> torch.fx.GraphModule:
+    """Prepacked, fused oneDNN convolutions (see the module docstring); the result is for inference."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = _as_graph_module(model).eval()
+    gm = _as_graph_module(model, inplace).eval()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
@@ -224,9 +237,9 @@ def onednn(model: nn.Module, example_inputs: Any) -> torch.fx.GraphModule:
     return gm
 
 
-def freeze(model: nn.Module) -> torch.jit.ScriptModule:
+def freeze(model: nn.Module, *, inplace: bool = False) -> torch.jit.ScriptModule:
     """Script, freeze and optimize ``model`` for inference (see the module docstring)."""
-    model = model.eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # optimize_for_inference is deprecated in favour of torch.compile, which we measured as no better
         # for pruned/dense speed ratios on CPU; TorchScript also notes fx's instance-level annotations
@@ -244,21 +257,24 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
 _NEEDS_INPUTS = {"onednn"}
 
 
-def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None) -> nn.Module:
-    """Apply the named passes in order; the model is modified in place when it is a GraphModule.
+def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *, inplace: bool = False) -> nn.Module:
+    """Apply the named passes in order and return the result.
 
     ``example_inputs`` (a tensor or tuple) are needed by the passes that specialise to input shapes
-    (``"onednn"``).
+    (``"onednn"``). ``model`` is left untouched (the passes run on a copy) unless ``inplace=True``.
     """
     for i, name in enumerate(passes):
         if name == "freeze" and i != len(passes) - 1:
             raise ValueError(f"'freeze' must be the last inference pass, got {list(passes)}")
         if name not in PASSES:
             raise ValueError(f"unknown inference pass {name!r}; available: {sorted(PASSES)}")
+        if name in _NEEDS_INPUTS and example_inputs is None:
+            raise ValueError(f"inference pass {name!r} needs example_inputs (it prepacks for their shapes)")
+    if passes and not inplace:
+        model = copy.deepcopy(model)
+    for name in passes:
         if name in _NEEDS_INPUTS:
-            if example_inputs is None:
-                raise ValueError(f"inference pass {name!r} needs example_inputs (it prepacks for their shapes)")
-            model = PASSES[name](model, example_inputs)
+            model = PASSES[name](model, example_inputs, inplace=True)
         else:
-            model = PASSES[name](model)
+            model = PASSES[name](model, inplace=True)
     return model

@@ -1,7 +1,7 @@
 """The Plan: a small, serializable description of what a pruned model may skip.
 
 A plan knows nothing of torch modules beyond names and sizes. It has one part per kind of pruning
-(DESIGN.md, "Plan kinds"):
+(docs/design.md#the-plan):
 
 * ``channels``: for each *dependency group* of coupled channels (see :mod:`sparsekern.graph`), the sorted
   indices of the channels that are kept. A group is named after its first producer in topological order
@@ -154,7 +154,10 @@ class Plan:
     def validate(self, groups: Mapping[str, GroupSpec] | None = None) -> "Plan":
         """Check the plan's internal consistency and, if ``groups`` is given, that it fits that model.
 
-        Raises :class:`PlanError` naming the offending group and the fix. Returns ``self``.
+        Against a model, each group must exist with the same size, keep its pinned channels and, when the
+        plan records the group's members, have exactly those member layers (same names and sizes are not
+        enough: the layers must be coupled the same way). Raises :class:`PlanError` naming the offending
+        group and the fix. Returns ``self``.
         """
         if self.version != PLAN_VERSION:
             raise PlanError(
@@ -173,6 +176,16 @@ class Plan:
                 raise PlanError(
                     f"group {name!r}: the plan has {g.size} channels but the model has {spec.size} "
                     f"(members {list(spec.members)[:4]}); the plan was made for a different model"
+                )
+            if g.members and set(g.members) != set(spec.members):
+                missing = sorted(set(spec.members) - set(g.members))
+                extra = sorted(set(g.members) - set(spec.members))
+                raise PlanError(
+                    f"group {name!r}: the plan was made for a model in which the group's layers are "
+                    f"{_short(g.members)}, but in this model they are {_short(spec.members)} (in this model "
+                    f"only: {_short(missing)}; in the plan only: {_short(extra)}). The model is wired "
+                    "differently or is another architecture with the same layer names: build the plan on "
+                    "this model"
                 )
             kept = set(g.keep)
             lost = sorted(c for c in spec.pinned if c not in kept)
@@ -283,6 +296,11 @@ def _unknown_group_message(name: str, groups: Mapping[str, GroupSpec]) -> str:
         return f"{name!r} is a member of group {owner[0]!r}; key the plan by the group name {owner[0]!r}"
     close = sorted(groups, key=lambda g: _distance(g, name))[:3]
     return f"the model has no dependency group {name!r}; closest group names: {close}"
+
+
+def _short(names: Iterable[str], n: int = 6) -> str:
+    names = list(names)
+    return str(names[:n])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
 
 
 def _distance(a: str, b: str) -> int:

@@ -128,3 +128,61 @@ def test_summary_lists_every_part() -> None:
     assert "conv1" in text and "3/8" in text and "layer1.1" in text
     assert "features.3" in text and "G=4" in text and "from features.0" in text
     assert "blocks.0.fc" in text and "3/64" in text
+
+
+@pytest.mark.parametrize("mask,what", [
+    (torch.rand(16) + 0.01, "float32 with value"),           # importance scores: would all mean "keep"
+    (-torch.ones(16, dtype=torch.int64), "int64 with value -1"),
+    ([float("nan")] + [1.0] * 15, "value nan"),
+    (["yes"] * 8 + [""] * 8, "<U3"),
+])
+def test_masks_that_are_not_booleans_are_refused(resnet, mask, what: str) -> None:
+    model, x = resnet
+    with pytest.raises(PlanError, match=rf"mask for 'layer1\.0\.conv1' must hold booleans.*{what}.*threshold"):
+        Plan.from_channel_masks(model, {"layer1.0.conv1": mask}, x)
+
+
+def test_zero_one_masks_of_any_number_type_mean_keep_and_prune(resnet) -> None:
+    model, x = resnet
+    bools = torch.arange(16) % 3 != 0
+    expected = Plan.from_channel_masks(model, {"layer1.0.conv1": bools}, x).channels
+    for mask in (bools.long(), bools.float(), bools.double().numpy(), bools.int().tolist()):
+        assert Plan.from_channel_masks(model, {"layer1.0.conv1": mask}, x).channels == expected
+
+
+class _Rewirable(torch.nn.Module):
+    """Same layer names and sizes either way; ``residual`` ties ``b`` to ``a``'s channels."""
+
+    def __init__(self, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.a = torch.nn.Conv2d(3, 8, 1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        z = self.b(y)
+        return self.c(z + y if self.residual else z)
+
+
+def test_plan_for_a_rewired_model_is_refused() -> None:
+    x = torch.randn(1, 3, 6, 6)
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[2, 5]] = False
+    plan = Plan.from_channel_masks(_Rewirable(True), {"a": keep}, x)
+    assert set(plan.channels["a"].members) == {"a", "b"}
+    with pytest.raises(PlanError, match=r"group 'a': the plan was made for a model in which the group's layers "
+                                        r"are \['a', 'b'\], but in this model they are \['a'\].*build the plan on this"):
+        sk.compile(_Rewirable(False), plan, x)
+    sk.compile(_Rewirable(True), Plan.from_json(plan.to_json()), x)  # the same wiring still compiles
+
+
+def test_resnet20_plan_on_resnet56_is_refused(resnet) -> None:
+    from tests.conftest import random_plan
+
+    model, x = resnet
+    plan = random_plan(model, x, 0)
+    with pytest.raises(PlanError, match=r"group 'conv1': the plan was made for a model in which.*in this model "
+                                        r"only: \['layer1\.3\.bn2'"):
+        sk.compile(build("resnet56").eval(), plan, x)

@@ -76,3 +76,81 @@ def test_passes_need_inputs_when_they_specialise() -> None:
         sk.passes.apply(build("resnet20").eval(), ["onednn"])
     with pytest.raises(ValueError, match="unknown inference pass"):
         sk.passes.apply(build("resnet20").eval(), ["fast"])
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list[bool]]:
+    state = {k: (v.clone(), v.stride(), v.dtype) for k, v in model.state_dict().items()}
+    return state, [m.training for m in model.modules()]
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, list[bool]], x: torch.Tensor, expected: torch.Tensor) -> None:
+    state, flags = snapshot
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for k, (v, stride, dtype) in state.items():
+        assert torch.equal(now[k], v) and now[k].stride() == stride and now[k].dtype == dtype, k
+    assert [m.training for m in model.modules()] == flags
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("passes", [("fold_bn",), ("channels_last",), ("onednn",), ("freeze",),
+                                    ("fold_bn", "onednn"), ("fold_bn", "channels_last", "freeze")])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_passes_leave_the_given_model_untouched(passes: tuple[str, ...], compiled: bool) -> None:
+    model = randomize_bn(build("resnet20").eval())
+    x = torch.randn(2, 3, 32, 32)
+    if compiled:
+        model = sk.compile(model, random_plan(model, x, 0), x)
+    with torch.no_grad():
+        expected = model(x)
+    snapshot = _snapshot(model)
+    with torch.no_grad():
+        out = sk.passes.apply(model, passes, x)(x)
+        for name in passes:  # each pass function on its own, too
+            args = (x,) if name == "onednn" else ()
+            sk.passes.PASSES[name](model, *args)
+    assert_close_to_scale(out, expected)
+    _assert_unchanged(model, snapshot, x, expected)
+
+
+def test_passes_modify_the_model_only_when_asked() -> None:
+    model = randomize_bn(build("resnet20").eval())
+    x = torch.randn(2, 3, 32, 32)
+    gm = sk.compile(model, random_plan(model, x, 0), x)
+    with torch.no_grad():
+        expected = gm(x)
+    folded = sk.passes.apply(gm, ["fold_bn"], inplace=True)
+    assert folded is gm and not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    with torch.no_grad():
+        assert_close_to_scale(gm(x), expected)
+
+
+def test_compile_and_masked_leave_the_model_untouched() -> None:
+    model = randomize_bn(ConcatSplitNet())
+    model.bn.eval()  # mixed train/eval flags must come back as they were
+    x = torch.randn(2, 3, 8, 8)
+    snapshot = _snapshot(model)
+    plan = random_plan(model, x, 0)
+    sk.compile(model, plan, x, round_to=4, passes=("fold_bn",))
+    sk.masked(model, plan, x)
+    state, flags = snapshot
+    assert [m.training for m in model.modules()] == flags
+    for k, (v, stride, dtype) in state.items():
+        assert torch.equal(model.state_dict()[k], v) and model.state_dict()[k].stride() == stride, k
+
+
+def test_fold_bn_leaves_shared_layers_unfolded() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(F.relu(self.bn(self.conv(x)))))
+
+    model = randomize_bn(Net().eval())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert_close_to_scale(sk.passes.apply(model, ["fold_bn"])(x), model(x))
