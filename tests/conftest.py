@@ -4,13 +4,25 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# One intra-op thread for the whole session (threading tests opt in to more with ``threads(n)``). Results must
+# not depend on the thread count, and on a shared machine OpenMP threads spin-wait for each other whenever
+# another process holds a core (observed: 5-20x slower steps). The variable is set before torch is imported
+# so that OpenMP starts with one thread, and so that subprocesses the tests start (CLI, torchrun) inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TEST_THREADS = 1
+torch.set_num_threads(TEST_THREADS)
+try:
+    torch.set_num_interop_threads(1)  # refused once inter-op work has started (torch imported by a plugin)
+except RuntimeError:
+    pass
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the variable when a
 # kernel is decorated, so it is set before any kernel module is imported.
 if not torch.cuda.is_available():
@@ -21,15 +33,22 @@ if not torch.cuda.is_available():
 torch.backends.mkldnn.enabled = False
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the small
-    workloads of the tests gain nothing from two, and on a shared 2-core machine two OpenMP threads spin-wait
-    for each other whenever another process holds a core (observed: 10-20x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def _session_threads():
+    """Every test starts with the session's one intra-op thread, and a test (or the code it calls, e.g. the
+    demo's ``threads=``) that changes the count does not leak it into the tests after it."""
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
     yield
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+
+
+def threads(n: int):
+    """Opt in to ``n`` intra-op threads inside a threading test (restored after the block)."""
+    from sparsekern.bench.timing import set_threads
+
+    return set_threads(n)
 
 
 @contextlib.contextmanager
@@ -111,6 +130,31 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def constraint_widths(cg) -> dict[str, int]:
+    """Group name -> the width of the slices that must keep equal counts (grouped conv, GroupNorm), for the
+    groups under such a constraint."""
+    width: dict[str, int] = {}
+    for c in cg.constraints:
+        for name, cls in cg.group_classes.items():
+            if np.isin(cg.roots[c.layout.atoms], cls).any():
+                width[name] = min(width.get(name, c.layout.size), c.layout.size // c.groups)
+    return width
+
+
+def trained_resnet20(seed: int, *, epochs: float, image_size: int) -> nn.Module:
+    """A ResNet-20 trained from ``torch.manual_seed(seed)`` on the digits at ``image_size`` px (eval mode)."""
+    from sparsekern.data import digits
+    from sparsekern.models import build
+    from sparsekern.train import TrainConfig, train
+
+    torch.manual_seed(seed)
+    model = build("resnet20")
+    with training_backend():
+        train(model, digits("train", image_size=image_size),
+              TrainConfig(epochs=epochs, lr=0.1, batch_size=64, progress=False, seed=seed))
+    return model.eval()
+
+
 def random_plan(model: nn.Module, x: torch.Tensor, seed: int, *, low: float = 0.2, high: float = 0.9):
     """A random valid plan: each unpinned group keeps a random fraction in [low, high] of its channels.
 
@@ -122,11 +166,7 @@ def random_plan(model: nn.Module, x: torch.Tensor, seed: int, *, low: float = 0.
 
     rng = np.random.default_rng(seed)
     cg = trace_channels(model, x)
-    width: dict[str, int] = {}
-    for c in cg.constraints:
-        for name, cls in cg.group_classes.items():
-            if np.isin(cg.roots[c.layout.atoms], cls).any():
-                width[name] = min(width.get(name, c.layout.size), c.layout.size // c.groups)
+    width = constraint_widths(cg)
     shared = rng.uniform(low, high)
     channels = {}
     for name, spec in cg.groups.items():
@@ -142,7 +182,7 @@ def random_plan(model: nn.Module, x: torch.Tensor, seed: int, *, low: float = 0.
 
 
 def assert_close_to_scale(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    """max |out - ref| <= tol * max |ref| (DESIGN.md's fp32 tolerance)."""
+    """max |out - ref| <= tol * max |ref| (docs/design.md#tolerances)."""
     assert out.shape == ref.shape
     scale = ref.abs().max().clamp_min(1e-12)
     err = (out - ref).abs().max() / scale

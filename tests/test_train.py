@@ -32,9 +32,6 @@ from sparsekern.train import (
 # ------------------------------------------------------------------------------------------ helpers
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def blobs(n: int = 192, d: int = 8, k: int = 3, seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian blobs: k well separated classes in d dimensions; x float32 (n, d), y int64 (n,)."""
     g = torch.Generator().manual_seed(seed)
@@ -114,14 +111,17 @@ class Recorder(Hook):
 # ------------------------------------------------------------------------------------------- basics
 
 
-def test_training_reduces_loss_on_separable_data():
-    x, y = blobs()
-    model = mlp()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_reduces_loss_on_separable_data(seed: int):
+    """4 epochs on well separated blobs (data and init seeded): loss at least halved, >= 95% accuracy (seen over
+    seeds 0-4: loss x0.02-0.10, accuracy 99.5-100%)."""
+    x, y = blobs(seed=seed)
+    model = mlp(seed=seed)
     before = evaluate(model, (x, y))
-    result = train(model, (x, y), cfg(epochs=4, lr=0.05), eval_data=(x, y))
+    result = train(model, (x, y), cfg(epochs=4, lr=0.05, seed=seed), eval_data=(x, y))
     after = result.final
-    assert after["loss"] < 0.5 * before["loss"]
-    assert after["accuracy"] >= 0.95
+    assert after["loss"] < 0.5 * before["loss"], (before, after)
+    assert after["accuracy"] >= 0.95, after
     assert after["n"] == len(x)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0, 4.0]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -522,8 +522,9 @@ def test_adversarial_objective_and_bn_handling():
     assert int(model[1].num_batches_tracked) == int(ref[1].num_batches_tracked) == 2
 
 
-def test_pgd_beats_random_noise_and_respects_constraints():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pgd_beats_random_noise_and_respects_constraints(seed: int):
+    torch.manual_seed(seed)
     x = torch.rand(64, 8)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
     with torch.no_grad():
@@ -537,8 +538,11 @@ def test_pgd_beats_random_noise_and_respects_constraints():
         loss_adv = F.cross_entropy(model(x_adv), y)
         loss_noise = F.cross_entropy(model(noise), y)
         loss_clean = F.cross_entropy(model(x), y)
-    assert loss_adv - loss_clean > 0.05
-    assert loss_adv - loss_clean > 5 * (loss_noise - loss_clean)
+    # the attack raises the loss by > 15% (seen over seeds 0-7: 30-98%; the absolute gain depends on how
+    # confident the random model is: 0.025 nats on seed 4), and by > 5x what noise in the same ball does
+    # (seen: noise changes it by -2% to +4%, i.e. 1/18 of the attack's gain or less)
+    assert loss_adv > 1.15 * loss_clean, (loss_adv, loss_clean)
+    assert loss_adv - loss_clean > 5 * (loss_noise - loss_clean), (loss_adv, loss_noise, loss_clean)
     assert (x_adv - x).abs().max() <= eps + 1e-6
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     assert ((x_adv - x).abs() > eps - 1e-4).float().mean() > 0.3  # mostly on the ball's faces

@@ -104,8 +104,9 @@ def test_timing_summary_statistics() -> None:
 
 def test_set_threads_restores() -> None:
     before = torch.get_num_threads()
-    with set_threads(1):
-        assert torch.get_num_threads() == 1
+    other = 2 if before == 1 else 1  # a count different from the session's, so that a missing restore shows
+    with set_threads(other):
+        assert torch.get_num_threads() == other
     assert torch.get_num_threads() == before
     with set_threads(None):
         assert torch.get_num_threads() == before

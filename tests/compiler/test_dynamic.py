@@ -18,9 +18,6 @@ from sparsekern.plan import Plan, PlanError
 from tests.conftest import assert_close_to_scale, randomize_bn
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 class Gate(nn.Module):
     """Pool -> linear: one logit per group of channels."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -26,39 +27,56 @@ EPS, STEP = 0.1, 0.025  # fractions of the data range (pixel units): digits need
 VS_TEST = 3.0  # lambda for the test's short run (the paper's 1e-4 barely moves a 92-step run)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
 @pytest.fixture(scope="module")
 def data():
     return digits("train", image_size=SIZE), digits("test", image_size=SIZE)
 
 
-@pytest.fixture(scope="module")
-def dense(data):
-    """The trained starting point: a tiny VGG, 5 plain epochs (about 95% test accuracy)."""
-    train_set, _ = data
-    torch.manual_seed(0)
+SEEDS = (0, 1, 2)  # every claim below is asserted over these seeds (dense training and ANP run alike)
+# Mask learning rate of the short run. Adam moves a mask parameter by at most ~lr per step, so over the run's
+# 69 steps (lr / 10 at 50% and 80%) a_raw can travel ~0.6 * 69 * lr. With lr = 0.1 that is ~4, about what
+# reaching the pruning threshold takes, and the number of dead channels then depends on the seed (3 to 11 over
+# seeds 0-4 at 4 epochs); with 0.2 the masks have room, and 39 to 51 channels die over seeds 0-4.
+MASK_LR = 0.2
+
+
+def _dense(train_set, seed: int) -> nn.Module:
+    """The trained starting point: a tiny VGG, 5 plain epochs (94-96% test accuracy over seeds 0-4)."""
+    torch.manual_seed(seed)
     model = build("vgg16_bn", cfg=TINY_VGG)
     with training_backend():
-        train(model, train_set, TrainConfig(epochs=5, lr=0.05, batch_size=64, progress=False, seed=0))
+        train(model, train_set, TrainConfig(epochs=5, lr=0.05, batch_size=64, progress=False, seed=seed))
     return model.eval()
 
 
 @pytest.fixture(scope="module")
-def runs(data, dense):
-    """ANP (lambda = 0) and ANP-VS from the same start, seed and schedule: 4 epochs, 3-step PGD."""
+def seeded(data):
+    """Per seed: the dense start, then ANP (lambda = 0) and ANP-VS from it with the same seed and schedule:
+    3 epochs, 3-step PGD."""
     train_set, _ = data
     x = train_set.tensors[0][:1]
     out = {}
-    for key, lam in (("anp", 0.0), ("anp_vs", VS_TEST)):
-        with training_backend():
-            net, result = anp.train_anp(copy.deepcopy(dense), train_set, x, epochs=4, eps=EPS, step=STEP, steps=3,
-                                        vs_weight=lam, mask_lr=0.1, seed=0)
-        out[key] = (net.eval(), result)
+    for seed in SEEDS:
+        dense = _dense(train_set, seed)
+        runs = {"dense": dense}
+        for key, lam in (("anp", 0.0), ("anp_vs", VS_TEST)):
+            with training_backend():
+                net, result = anp.train_anp(copy.deepcopy(dense), train_set, x, epochs=3, eps=EPS, step=STEP,
+                                            steps=3, vs_weight=lam, mask_lr=MASK_LR, seed=seed)
+            runs[key] = (net.eval(), result)
+        out[seed] = runs
     return out
+
+
+@pytest.fixture(scope="module")
+def dense(seeded):
+    return seeded[SEEDS[0]]["dense"]
+
+
+@pytest.fixture(scope="module")
+def runs(seeded):
+    """Seed 0's runs, for the mechanical checks (folding, budgets, baselines) that hold for any run."""
+    return {k: v for k, v in seeded[SEEDS[0]].items() if k != "dense"}
 
 
 def _eval_attack(test):
@@ -148,9 +166,9 @@ def test_fold_and_plan_equal_the_test_time_network_across_residual_groups() -> N
     folded.eval()
     with torch.no_grad():
         ref = net(x)
-        assert_close_to_scale(folded(x), ref, 1e-5)
-        assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref, 1e-5)
-        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+        assert_close_to_scale(folded(x), ref)
+        assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref)
     assert net.model is not folded and torch.count_nonzero(net.model.conv1.weight[3]) > 0  # the net is untouched
 
 
@@ -162,7 +180,7 @@ def test_fc_input_masks_prune_the_channels_no_one_reads() -> None:
     plan, folded = anp.prune(net.eval())
     assert plan.channels["features.7"].keep == tuple(range(12, 64))
     with torch.no_grad():
-        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net(x), 1e-5)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net(x))
 
 
 # ----------------------------------------------------------------------------- the adversary
@@ -178,52 +196,73 @@ def test_data_range_pgd_scales_eps_to_the_data(data) -> None:
     assert float((x_adv - x).abs().max()) > 0.9 * float((EPS * (hi - lo)).max())
 
 
-def test_pgd_is_far_stronger_than_noise_at_the_same_eps(data, dense, runs) -> None:
+def test_pgd_is_far_stronger_than_noise_at_the_same_eps(data, seeded) -> None:
+    """On every seed's dense and ANP-VS model: uniform noise in the eps-ball costs at most 5 points (seen: at
+    most 1.1), 10-step PGD at least 30 points more than noise (seen: 48 to 94)."""
     _, test = data
-    for model in (dense, runs["anp_vs"][0]):
-        r = anp.robustness(model, test, EPS, step=STEP, steps=10, noise=True)
-        assert r["noise_accuracy"] > r["clean_accuracy"] - 0.05  # random directions barely matter ...
-        assert r["pgd_accuracy"] < r["noise_accuracy"] - 0.3  # ... the gradient's direction does
+    for seed, runs in seeded.items():
+        for key, model in (("dense", runs["dense"]), ("anp_vs", runs["anp_vs"][0])):
+            r = anp.robustness(model, test, EPS, step=STEP, steps=10, noise=True)
+            assert r["noise_accuracy"] > r["clean_accuracy"] - 0.05, (seed, key, r)  # random directions barely matter
+            assert r["pgd_accuracy"] < r["noise_accuracy"] - 0.3, (seed, key, r)  # ... the gradient's direction does
 
 
 # ----------------------------------------------------------------------------- the method's claims
-def test_anp_masks_prune_channels_and_the_plan_compiles_exactly(data, runs) -> None:
+def test_anp_masks_prune_channels_and_the_plan_compiles_exactly(data, seeded) -> None:
+    """The beta-Bernoulli masks kill channels: on every seed at least 25 of the 176 masked channels reach
+    E[pi] <= 1e-3 (seen: 39 to 51 over seeds 0-4) and the plan removes at least 15% of the FLOPs (seen:
+    28 to 40%). Untrained masks kill none (E[pi] starts at 0.68 on conv outputs, 0.24 on the FC input)."""
     _, test = data
-    net, result = runs["anp_vs"]
-    dead = {s.layer: int((m.expected_pi() <= anp.THRESHOLD).sum()) for s, m in zip(net.sites, net.masks)}
-    print("E[pi] <= 1e-3 per site:", dead)
-    assert sum(dead.values()) >= 10
-    assert result.history[-1]["train_active"] < 1.0
-    plan, folded = anp.prune(net)
-    assert plan.channels and plan.meta["flops_ratio"] < 1.0
     x = test.tensors[0][:32]
-    with torch.no_grad():
-        ref = net(x)
-        assert_close_to_scale(folded.eval()(x), ref, 1e-5)
-        assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref, 1e-5)
-        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref, 1e-5)
+    for seed, runs in seeded.items():
+        net, result = runs["anp_vs"]
+        dead = {s.layer: int((m.expected_pi() <= anp.THRESHOLD).sum()) for s, m in zip(net.sites, net.masks)}
+        print(f"seed {seed}: E[pi] <= 1e-3 per site:", dead)
+        assert sum(dead.values()) >= 25, (seed, dead)
+        assert result.history[-1]["train_active"] < 1.0
+        plan, folded = anp.prune(net)
+        assert plan.channels and plan.meta["flops_ratio"] < 0.85, (seed, plan.meta["flops_ratio"])
+        with torch.no_grad():
+            ref = net(x)
+            assert_close_to_scale(folded.eval()(x), ref)
+            assert_close_to_scale(sk.masked(folded, plan, x[:1]).eval()(x), ref)
+            assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref)
+    fresh = anp.ANPNet(build("vgg16_bn", cfg=TINY_VGG), x[:1])
+    assert all(int((m.expected_pi() <= anp.THRESHOLD).sum()) == 0 for m in fresh.masks)
 
 
-def test_vulnerability_suppression_reduces_feature_distortion_at_similar_sparsity(data, dense, runs) -> None:
+def test_vulnerability_suppression_reduces_feature_distortion_at_similar_sparsity(data, seeded) -> None:
     """The paper's mechanism: the VS loss shrinks the latent distortion |f(x) - f(x_adv)|, which the paper credits
-    for ANP-VS's higher PGD accuracy. At this size the accuracy effect is not reliable: after these 4 epochs
-    it is +2 to +6 points over seeds 0-2, but after 12 epochs (lambda 3, both pruned to 60% FLOPs) it is -5
-    points, while the distortion drop holds in every run. So the test checks the mechanism, and only that
-    the VS run keeps a real robustness at a similar sparsity."""
+    for ANP-VS's higher PGD accuracy. At this size the accuracy effect is not reliable (over seeds 0-4 it ranges
+    from -0.3 to +6.7 points after these 3 epochs; it was -5 points after 12 epochs in an earlier setting), while
+    the distortion drop holds in every run. So the test checks the mechanism, over 3 seeds, and only that both
+    runs keep a real robustness at a similar sparsity.
+
+    Seen over seeds 0-4 (ANP-VS / ANP): train VS term 0.84-0.90, held-out distortion 0.86-0.91, |active
+    fraction difference| <= 0.011, PGD accuracy minus the dense model's >= 0.10."""
     _, test = data
     attack = _eval_attack(test)
-    rows = {}
-    for key, (net, result) in runs.items():
-        r = anp.robustness(net, test, EPS, step=STEP, steps=10)
-        rows[key] = (net.active_fraction(), anp.feature_distortion(net, test, attack), r["pgd_accuracy"],
-                     r["clean_accuracy"], result.history[-1]["train_vulnerability"])
-    print("active, distortion, PGD acc, clean acc, train VS:", rows)
-    (act0, dist0, pgd0, _, tv0), (act1, dist1, pgd1, _, tv1) = rows["anp"], rows["anp_vs"]
-    assert abs(act0 - act1) < 0.03  # similar sparsity
-    assert tv1 < 0.92 * tv0  # the trained objective term fell ...
-    assert dist1 < 0.95 * dist0  # ... and so did the test-time distortion on held-out data
-    dense_pgd = anp.robustness(dense, test, EPS, step=STEP, steps=10)["pgd_accuracy"]
-    assert min(pgd0, pgd1) > 0.2 > dense_pgd  # both are adversarially robust, the plain network is not
+    ratios = {}
+    for seed, runs in seeded.items():
+        rows = {}
+        for key in ("anp", "anp_vs"):
+            net, result = runs[key]
+            rows[key] = (net.active_fraction(), anp.feature_distortion(net, test, attack),
+                         anp.robustness(net, test, EPS, step=STEP, steps=10)["pgd_accuracy"],
+                         result.history[-1]["train_vulnerability"])
+        dense_pgd = anp.robustness(runs["dense"], test, EPS, step=STEP, steps=10)["pgd_accuracy"]
+        (act0, dist0, pgd0, tv0), (act1, dist1, pgd1, tv1) = rows["anp"], rows["anp_vs"]
+        ratios[seed] = {"tv": tv1 / tv0, "dist": dist1 / dist0, "active": abs(act0 - act1),
+                        "robust": min(pgd0, pgd1) - dense_pgd}
+        print(f"seed {seed}: active, distortion, PGD acc, train VS: {rows}; dense PGD {dense_pgd:.3f}")
+    print("VS / plain ANP per seed:", ratios)
+    median = {k: float(np.median([r[k] for r in ratios.values()])) for k in ("tv", "dist", "active", "robust")}
+    # every seed: VS lowers the term it trains (< 0.95x) and never raises the held-out distortion, at a
+    # similar sparsity (within 5 points of active channels), and both runs are more robust than the dense model
+    for seed, r in ratios.items():
+        assert r["tv"] < 0.95 and r["dist"] < 1.0 and r["active"] < 0.05 and r["robust"] > 0.05, (seed, r)
+    # the median seed: a clear drop of the held-out distortion (>= 5%) at nearly the same sparsity
+    assert median["dist"] < 0.95 and median["tv"] < 0.92 and median["active"] < 0.03 and median["robust"] > 0.1, median
 
 
 def test_budget_prunes_the_smallest_expected_keep_probabilities(data, runs) -> None:
@@ -240,7 +279,7 @@ def test_budget_prunes_the_smallest_expected_keep_probabilities(data, runs) -> N
         assert set(plan.channels[g].keep) <= set(k.keep)  # ANP's own prunings stay pruned
     x = test.tensors[0][:32]
     with torch.no_grad():
-        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net.eval()(x), 1e-5)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), net.eval()(x))
     with pytest.raises(PlanError, match="fraction"):
         anp.prune(net, flops_budget=0.0)
 
@@ -251,7 +290,7 @@ def test_adversarial_training_baseline_at_the_same_channel_counts(data, dense, r
     plan, _ = anp.prune(net)
     model = copy.deepcopy(dense)
     with training_backend():
-        anp.adversarial_training(model, train_set, epochs=4, eps=EPS, step=STEP, steps=3, seed=0)
+        anp.adversarial_training(model, train_set, epochs=3, eps=EPS, step=STEP, steps=3, seed=0)
     x = test.tensors[0][:1]
     base = anp.magnitude_plan(model, x, plan)
     assert {g: k.n_keep for g, k in base.channels.items()} == {g: k.n_keep for g, k in plan.channels.items()}
@@ -261,4 +300,4 @@ def test_adversarial_training_baseline_at_the_same_channel_counts(data, dense, r
     r_base = anp.robustness(pruned, test, EPS, step=STEP, steps=10)
     r_anp = anp.robustness(net, test, EPS, step=STEP, steps=10)
     print("AT dense:", r_at, "AT + magnitude pruning:", r_base, "ANP-VS:", r_anp)
-    assert r_at["pgd_accuracy"] > 0.2  # the baseline is a real adversarially trained network
+    assert r_at["pgd_accuracy"] > 0.2  # the baseline is a real adversarially trained network (seen: 0.41)

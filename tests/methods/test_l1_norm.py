@@ -9,8 +9,8 @@ from sparsekern.data import digits, loader
 from sparsekern.methods import l1_norm
 from sparsekern.models import build
 from sparsekern.plan import PlanError
-from sparsekern.train import TrainConfig, evaluate, train
-from tests.conftest import assert_close_to_scale
+from sparsekern.train import evaluate
+from tests.conftest import assert_close_to_scale, trained_resnet20
 
 
 def test_keeps_the_filters_of_largest_l1_norm() -> None:
@@ -73,30 +73,41 @@ def test_bad_requests_are_named() -> None:
         l1_norm.prune(model, x)
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
-def trained_resnet20() -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
-    torch.manual_seed(0)
-    model = build("resnet20")
-    train_set, test_set = digits("train", image_size=16), digits("test", image_size=16)
-    cfg = TrainConfig(epochs=4, lr=0.1, batch_size=64, progress=False, seed=0)
-    train(model, train_set, cfg)
-    return model.eval(), test_set
+def trained_resnet20s() -> tuple[dict[int, torch.nn.Module], torch.utils.data.Dataset]:
+    """Per seed: ResNet-20 trained 4 epochs on 16 px digits (96-98% test accuracy over seeds 0-4)."""
+    models = {seed: trained_resnet20(seed, epochs=4, image_size=16) for seed in SEEDS}
+    return models, digits("test", image_size=16)
 
 
-def test_removing_small_filters_hurts_less_than_removing_large_ones(trained_resnet20) -> None:
+def test_removing_small_filters_hurts_less_than_removing_large_ones(trained_resnet20s) -> None:
     """Li et al.'s sensitivity analysis (Fig. 2): pruning one layer's 50% smallest-L1 filters costs less
-    accuracy than pruning its 50% largest, on average over the layers."""
-    model, test_set = trained_resnet20
+    accuracy than pruning its 50% largest, on average over the layers.
+
+    The effect is small after 4 epochs (BN after each conv makes a filter's norm matter only through weight
+    decay): over seeds 0-4 the mean over the 9 layers favours the smallest-first removal by 1.1 to 6.3 points
+    on every seed (after 2 epochs it is reversed on 2 of 5 seeds, so shorter training would not test the
+    claim). Asserted: pooled over 3 seeds x 9 layers, by more than 1 point; on no seed reversed by more than 2."""
+    models, test_set = trained_resnet20s
     x = test_set.tensors[0][:2]
     data = loader(test_set, 512, shuffle=False)
-    assert evaluate(model, data)["accuracy"] > 0.9
     layers = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-    small, large = [], []
-    for name in layers:
-        plan = l1_norm.prune(model, x, ratio={name: 0.5})
-        g = plan.channels[name]
-        largest_removed = tuple(sorted(sorted(range(g.size), key=lambda c: g.scores[c])[: g.n_keep]))
-        inverse = plan.with_channels({name: type(g)(g.size, largest_removed, g.members)})
-        small.append(evaluate(sk.compile(model, plan, x), data)["accuracy"])
-        large.append(evaluate(sk.compile(model, inverse, x), data)["accuracy"])
-    assert sum(small) / len(small) > sum(large) / len(large) + 0.05, (small, large)
+    diffs = {}
+    for seed, model in models.items():
+        assert evaluate(model, data)["accuracy"] > 0.9
+        small, large = [], []
+        for name in layers:
+            plan = l1_norm.prune(model, x, ratio={name: 0.5})
+            g = plan.channels[name]
+            largest_removed = tuple(sorted(sorted(range(g.size), key=lambda c: g.scores[c])[: g.n_keep]))
+            inverse = plan.with_channels({name: type(g)(g.size, largest_removed, g.members)})
+            small.append(evaluate(sk.compile(model, plan, x), data)["accuracy"])
+            large.append(evaluate(sk.compile(model, inverse, x), data)["accuracy"])
+        diffs[seed] = [a - b for a, b in zip(small, large)]
+        print(f"seed {seed}: accuracy with the smallest / largest half removed per layer: {small} / {large}")
+    per_seed = {seed: sum(d) / len(d) for seed, d in diffs.items()}
+    pooled = sum(sum(d) for d in diffs.values()) / sum(len(d) for d in diffs.values())
+    assert pooled > 0.01 and min(per_seed.values()) > -0.02, (pooled, per_seed)

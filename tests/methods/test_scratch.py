@@ -24,26 +24,35 @@ TINY_VGG = [16, 32, "M", 64, 64]  # on 8x8 digits: 4 conv-BN-ReLU, 176 gated cha
 SIZE = 8
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
 @pytest.fixture(scope="module")
 def data():
     return digits("train", image_size=SIZE)
 
 
-@pytest.fixture(scope="module")
-def searched(data):
-    """Gates searched with the paper's settings (Adam 0.01, lambda 0.5, r 0.2) for 360 steps (4 epochs of 16)."""
-    torch.manual_seed(0)
+SEEDS = (0, 1, 2)  # the claims (sparse gates, Scratch-B) are asserted on each of these seeds
+
+
+def _search(data, seed: int):
+    torch.manual_seed(seed)
     model = build("vgg16_bn", cfg=TINY_VGG)
     before = copy.deepcopy(model.state_dict())
     x = data.tensors[0][:2]
     with training_backend():
-        gates, result = scratch.search_gates(model, data, x, epochs=4, batch_size=16, seed=0)
+        gates, result = scratch.search_gates(model, data, x, epochs=4, batch_size=16, seed=seed)
     return model.eval(), before, gates, result, x
+
+
+@pytest.fixture(scope="module")
+def seeded(data):
+    """Per seed: gates searched with the paper's settings (Adam 0.01, lambda 0.5, r 0.2) for 360 steps (4 epochs
+    of 16) on a fresh random network."""
+    return {seed: _search(data, seed) for seed in SEEDS}
+
+
+@pytest.fixture(scope="module")
+def searched(seeded):
+    """Seed 0's search, for the mechanical checks."""
+    return seeded[SEEDS[0]]
 
 
 # ----------------------------------------------------------------------------- placement
@@ -87,20 +96,27 @@ def test_search_learns_only_the_gates(searched) -> None:
     assert result.steps == 4 * math.ceil(1438 / 16)
 
 
-def test_gates_become_sparse(searched) -> None:
-    _, _, gates, result, _ = searched
-    g = gates.flat().detach()
-    assert g.numel() == 176 and g.min() >= 0.0 and g.max() <= 1.0  # clamped to [0, 1] after every step
-    assert abs(float(g.mean()) - scratch.TARGET_RATIO) < 0.05  # the sparsity term pulled the mean to r = 0.2
-    assert float((g < 0.05).float().mean()) > 0.3 and float((g == 0).float().mean()) > 0.2  # many gates shut ...
-    assert float((g > 0.5).float().mean()) > 0.1  # ... while others stay open: a ranking, not a uniform shrink
-    assert float((g > 0.95).float().mean()) < 0.1 and float(g.median()) < 0.1  # the mass left its start at 1
-    assert result.history[0]["train_gate_mean"] > result.history[-1]["train_gate_mean"]
+def test_gates_become_sparse(seeded) -> None:
+    """The sparsity term pulls the gates' mean to r = 0.2 from their start at 1, shutting many gates while others
+    stay open: a ranking, not a uniform shrink. Asserted on every seed; seen over seeds 0-4: mean 0.217-0.228,
+    gates < 0.05: 31-42%, exactly 0: 26-35%, > 0.5: 14-19%, > 0.95: 4-6%, median 0.09-0.14."""
+    for seed, (_, _, gates, result, _) in seeded.items():
+        g = gates.flat().detach()
+        stats = {"seed": seed, "mean": float(g.mean()), "median": float(g.median()),
+                 **{k: float(v.float().mean()) for k, v in
+                    {"<0.05": g < 0.05, "==0": g == 0, ">0.5": g > 0.5, ">0.95": g > 0.95}.items()}}
+        assert g.numel() == 176 and g.min() >= 0.0 and g.max() <= 1.0  # clamped to [0, 1] after every step
+        assert abs(stats["mean"] - scratch.TARGET_RATIO) < 0.05, stats  # the sparsity term pulled the mean to r
+        assert stats["<0.05"] > 0.2 and stats["==0"] > 0.15, stats  # many gates shut ...
+        assert stats[">0.5"] > 0.08, stats  # ... while others stay open: a ranking, not a uniform shrink
+        assert stats[">0.95"] < 0.1 and stats["median"] < 0.2, stats  # the mass left its start at 1
+        assert result.history[0]["train_gate_mean"] > result.history[-1]["train_gate_mean"]
 
 
 # ----------------------------------------------------------------------------- the budget search
 def test_budget_search_on_a_small_network_reports_its_granularity(searched) -> None:
     model, _, gates, _, x = searched
+    missed = 0
     for budget in (0.3, 0.5, 0.7):
         plan = scratch.prune(model, x, gates, budget=budget)
         s = plan.meta["search"]
@@ -109,15 +125,22 @@ def test_budget_search_on_a_small_network_reports_its_granularity(searched) -> N
         dense = sk.flops(model, x).total
         assert plan_flops(cg, sk.flops(model, x), plan) == s["flops"]
         assert plan.meta["flops_ratio"] == pytest.approx(s["flops"] / dense)
-        # on this network one channel at the boundary costs 1-3% of the target, so 0.1% is out of reach:
-        # the search returns the closer of the two keep counts around the target and says why
-        assert not s["within_tolerance"] and s["step"] > 0.01 and s["error"] <= s["step"] / 2 + 1e-12
+        # on this network one channel at the boundary costs 1-3% of the target, so 0.1% is mostly out of reach
+        # (a keep count can still land within it by chance: it did for one budget with gates searched on an
+        # AVX2 machine): the search then returns the closer of the two keep counts around the target and says why
+        if s["within_tolerance"]:
+            assert s["error"] <= 1e-3 and s["step"] is None
+        else:
+            missed += 1
+            assert s["step"] > 0.01 and 1e-3 < s["error"] <= s["step"] / 2 + 1e-12
         # the plan keeps the largest gates: every kept gate >= every pruned gate (up to the per-group floor)
         values = gates.values()
         kept = np.concatenate([values[g][list(k.keep)] for g, k in plan.channels.items()])
         pruned = np.concatenate([np.delete(values[g], list(k.keep)) for g, k in plan.channels.items()])
         floors = {g: int(np.argmax(values[g])) for g in plan.channels}
         assert np.sort(kept)[len(floors)] >= pruned.max() or kept.min() >= pruned.max()
+    # each budget lands within 0.1% with probability ~0.1 / (half a 1-3% step): the limit shows on at least one
+    assert missed >= 1
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
@@ -155,25 +178,32 @@ def test_plans_compile_to_their_masked_reference(searched) -> None:
 
 
 # ----------------------------------------------------------------------------- training from scratch
-def test_pruned_network_trains_from_scratch_with_the_scratch_b_budget(searched, data) -> None:
-    model, _, gates, _, x = searched
-    plan = scratch.prune(model, x, gates, budget=0.5)
+def test_pruned_network_trains_from_scratch_with_the_scratch_b_budget(seeded, data) -> None:
+    """The searched architecture, trained from random weights with the same computation as the full network
+    (Scratch-B: epochs x FLOPs_full / FLOPs_pruned steps), does as well as the full network does in its own
+    epoch budget. On every seed: > 70% and at most 5 points below the full network; > 75% on the median seed
+    (seen over seeds 0-4: 79-87%, 6 to 11 points above the full network's 71-77%)."""
     test = digits("test", image_size=SIZE)
-    with training_backend():
-        pruned, result = scratch.train_from_scratch(
-            model, plan, x, data, epochs=1, config=sk.train.TrainConfig(batch_size=64, lr=0.05, progress=False),
-            eval_data=test)
-    ratio = sk.flops(model, x).total / sk.flops(pruned, x).total
-    assert ratio == pytest.approx(1 / plan.meta["flops_ratio"])
-    assert result.steps == math.ceil(ratio * math.ceil(1438 / 64))  # Scratch-B: epochs * FLOPs_full / FLOPs_pruned
-    # the searched architecture, trained from random weights with the same computation as the full network
-    # (Scratch-B), does as well as the full network does in its own epoch budget
-    full = scratch.reinitialise(copy.deepcopy(model), seed=0)
-    with training_backend():
-        full_result = sk.train.train(full, data, sk.train.TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False),
-                                     eval_data=test)
-    print(f"Scratch-B pruned {result.final['accuracy']:.4f} vs full {full_result.final['accuracy']:.4f}")
-    assert result.final["accuracy"] > 0.75 and result.final["accuracy"] >= full_result.final["accuracy"] - 0.05
+    accs = []
+    for seed, (model, _, gates, _, x) in seeded.items():
+        plan = scratch.prune(model, x, gates, budget=0.5)
+        with training_backend():
+            pruned, result = scratch.train_from_scratch(
+                model, plan, x, data, epochs=1,
+                config=sk.train.TrainConfig(batch_size=64, lr=0.05, progress=False, seed=seed), eval_data=test)
+        ratio = sk.flops(model, x).total / sk.flops(pruned, x).total
+        assert ratio == pytest.approx(1 / plan.meta["flops_ratio"])
+        assert result.steps == math.ceil(ratio * math.ceil(1438 / 64))  # Scratch-B: epochs * FLOPs_full / FLOPs_pruned
+        full = scratch.reinitialise(copy.deepcopy(model), seed=seed)
+        with training_backend():
+            full_result = sk.train.train(
+                full, data, sk.train.TrainConfig(epochs=1, batch_size=64, lr=0.05, progress=False, seed=seed),
+                eval_data=test)
+        acc, acc_full = result.final["accuracy"], full_result.final["accuracy"]
+        print(f"seed {seed}: Scratch-B pruned {acc:.4f} vs full {acc_full:.4f}")
+        assert acc > 0.7 and acc >= acc_full - 0.05, (seed, acc, acc_full)
+        accs.append(acc)
+    assert np.median(accs) > 0.75, accs
 
 
 def test_prune_to_budget_searches_a_fresh_random_copy(data) -> None:

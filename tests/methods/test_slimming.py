@@ -29,11 +29,6 @@ S_TEST = 3e-2
 NEAR_ZERO = 0.05
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-
 def _random_gammas(model: nn.Module, seed: int = 0) -> nn.Module:
     """Distinct gammas of both signs, betas and running statistics, so that scores are unambiguous."""
     g = torch.Generator().manual_seed(seed)
@@ -107,49 +102,76 @@ def test_default_penalties_follow_the_paper() -> None:
 
 
 # ----------------------------------------------------------------------------- (b) sparsity training
+SEEDS = (0, 1, 2)  # the claims below are asserted on each of these seeds (init, data order)
+
+
 @pytest.fixture(scope="module")
-def vggs() -> dict[str, nn.Module]:
-    """The tiny VGG trained on digits with and without the penalty, same seed and schedule."""
+def seeded_vggs() -> dict[int, dict[str, nn.Module]]:
+    """Per seed: the tiny VGG trained on digits with and without the penalty, same seed and schedule."""
     data = digits("train", image_size=16)
-    cfg = TrainConfig(epochs=6, lr=0.1, batch_size=64, schedule="step", progress=False, seed=0)
-    out = {}
-    for key in ("baseline", "sparse"):
-        torch.manual_seed(0)
-        model = build("vgg16_bn", cfg=TINY_VGG)
-        with training_backend():
-            if key == "sparse":
-                slimming.train_sparse(model, data, cfg, s=S_TEST)
-            else:
-                train(model, data, cfg)
-        out[key] = model.eval()
+    out: dict[int, dict[str, nn.Module]] = {}
+    for seed in SEEDS:
+        cfg = TrainConfig(epochs=6, lr=0.1, batch_size=64, schedule="step", progress=False, seed=seed)
+        out[seed] = {}
+        for key in ("baseline", "sparse"):
+            torch.manual_seed(seed)
+            model = build("vgg16_bn", cfg=TINY_VGG)
+            with training_backend():
+                if key == "sparse":
+                    slimming.train_sparse(model, data, cfg, s=S_TEST)
+                else:
+                    train(model, data, cfg)
+            out[seed][key] = model.eval()
     return out
+
+
+@pytest.fixture(scope="module")
+def vggs(seeded_vggs) -> dict[str, nn.Module]:
+    """Seed 0's pair, for the mechanical checks (budgets, compilation)."""
+    return seeded_vggs[SEEDS[0]]
 
 
 def _gammas(model: nn.Module) -> torch.Tensor:
     return torch.cat([m.weight.detach().abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)])
 
 
-def test_sparsity_training_drives_gammas_to_zero(vggs) -> None:
-    near_zero = {k: float((_gammas(m) < NEAR_ZERO).float().mean()) for k, m in vggs.items()}
-    assert near_zero["baseline"] <= 0.02, near_zero
-    assert near_zero["sparse"] >= 0.4, near_zero
+def test_sparsity_training_drives_gammas_to_zero(seeded_vggs) -> None:
+    """The L1 penalty on the BN scales drives many of them to ~0 (< 0.05) while the model still learns. On every
+    seed: >= 40% of the 176 scales near zero with the penalty (seen: 57-61% over seeds 0-5), <= 2% without
+    (seen: 0%), and test accuracy within 6 points of the unpenalised model (seen: 1.8 to 3.4 points)."""
     test = loader(digits("test", image_size=16), 512, shuffle=False)
-    assert evaluate(vggs["sparse"], test)["accuracy"] > 0.9  # the penalty sparsifies, it does not destroy
+    for seed, vggs in seeded_vggs.items():
+        near_zero = {k: float((_gammas(m) < NEAR_ZERO).float().mean()) for k, m in vggs.items()}
+        assert near_zero["baseline"] <= 0.02, (seed, near_zero)
+        assert near_zero["sparse"] >= 0.4, (seed, near_zero)
+        acc = {k: evaluate(m, test)["accuracy"] for k, m in vggs.items()}
+        assert acc["sparse"] > acc["baseline"] - 0.06, (seed, acc)  # the penalty sparsifies, it does not destroy
 
 
-def test_sparse_model_survives_pruning_that_breaks_the_baseline(vggs) -> None:
+def test_sparse_model_survives_pruning_that_breaks_the_baseline(seeded_vggs) -> None:
     """Liu et al. 2017 (table 1, "Pruned" before fine-tuning): after sparsity training, removing the
     channels of smallest |gamma| costs little accuracy; the same pruning of the normally trained model,
-    whose scales are all O(1), destroys it."""
+    whose scales are all O(1), destroys it.
+
+    30% of the channels are pruned, about half of those whose scale is near zero: a pruned channel also takes
+    its constant output relu(beta) away from the next layer (the betas get no penalty and are still up to
+    ~0.5 after 6 epochs; ``pruned_constant_error``), which at 50% can cost everything on some seeds (seed 4:
+    96% -> 10%). Seen over seeds 0-5 at 30%: pruned sparse minus pruned baseline 0.45 to 0.83 (median 0.74),
+    accuracy lost by the sparse model 0.02 to 0.21 (median 0.04)."""
     test_set = digits("test", image_size=16)
     x, data = test_set.tensors[0][:2], loader(test_set, 512, shuffle=False)
-    acc = {}
-    for key, model in vggs.items():
-        plan = slimming.prune(model, x, percent=0.5)
-        acc[key] = (evaluate(model, data)["accuracy"], evaluate(sk.compile(model, plan, x), data)["accuracy"])
-    assert vggs["sparse"].sk_sparsity_penalty == S_TEST
-    assert acc["sparse"][1] > acc["baseline"][1] + 0.3, acc
-    assert acc["sparse"][0] - acc["sparse"][1] < 0.35, acc
+    gain, loss = [], []
+    for seed, vggs in seeded_vggs.items():
+        acc = {}
+        for key, model in vggs.items():
+            plan = slimming.prune(model, x, percent=0.3)
+            acc[key] = (evaluate(model, data)["accuracy"], evaluate(sk.compile(model, plan, x), data)["accuracy"])
+        assert vggs["sparse"].sk_sparsity_penalty == S_TEST
+        print(f"seed {seed}: (accuracy, accuracy pruned 30%)", acc)
+        gain.append(acc["sparse"][1] - acc["baseline"][1])
+        loss.append(acc["sparse"][0] - acc["sparse"][1])
+        assert gain[-1] > 0.25 and loss[-1] < 0.3, (seed, acc)  # on every seed
+    assert np.median(gain) > 0.4 and np.median(loss) < 0.15, (gain, loss)  # and clearly on the median seed
 
 
 # ----------------------------------------------------------------------------- (c) FLOPs budget

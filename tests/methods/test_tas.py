@@ -15,7 +15,7 @@ from sparsekern.data import digits, loader
 from sparsekern.models import build
 from sparsekern.plan import Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, evaluate, train
-from tests.conftest import assert_close_to_scale, randomize_bn
+from tests.conftest import assert_close_to_scale, randomize_bn, training_backend
 
 SIZE = 12
 
@@ -117,31 +117,48 @@ def test_search_keeps_the_last_architecture_inside_the_band() -> None:
     assert net.argmax_flops() == found and not hook.restore_feasible()
 
 
+SEEDS = (0, 1, 2)  # the search's claim is asserted on each of these seeds (teacher, halves, logits, trainer)
+SEARCH_SIZE = 8  # the searches run on 8 px digits: 1.6x cheaper than 12 px, the same outcomes (seeds 0-5)
+
+
 @pytest.fixture(scope="module")
-def searched() -> dict:
-    """A resnet20 trained 2 epochs on 12 px digits (the teacher), and a 3-epoch TAS search at 50% FLOPs."""
-    train_set, test_set = digits("train", image_size=SIZE), digits("test", image_size=SIZE)
-    torch.manual_seed(0)
-    teacher = build("resnet20")
-    train(teacher, train_set, TrainConfig(epochs=2, lr=0.1, batch_size=64, progress=False, seed=0))
-    teacher.eval()
+def seeded() -> dict[int, dict]:
+    """Per seed: a resnet20 trained 2 epochs on 8 px digits (the teacher, 94-96%), and a 3-epoch TAS search at
+    50% FLOPs (2 epochs are not enough: on 12 px digits seeds 3 and 4 then end below the band)."""
+    train_set, test_set = digits("train", image_size=SEARCH_SIZE), digits("test", image_size=SEARCH_SIZE)
     x = test_set.tensors[0][:2]
-    plan, source = tas.prune_to_budget(teacher, x, train_set, 0.5, epochs=3, seed=0)
-    return {"teacher": teacher, "plan": plan, "source": source, "x": x, "train": train_set, "test": test_set}
+    out = {}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        teacher = build("resnet20")
+        with training_backend():
+            train(teacher, train_set, TrainConfig(epochs=2, lr=0.1, batch_size=64, progress=False, seed=seed))
+            teacher.eval()
+            plan, source = tas.prune_to_budget(teacher, x, train_set, 0.5, epochs=3, seed=seed)
+        out[seed] = {"teacher": teacher, "plan": plan, "source": source, "x": x, "train": train_set, "test": test_set}
+    return out
 
 
-def test_short_search_lands_in_the_flops_band(searched: dict) -> None:
-    plan, source, x, teacher = searched["plan"], searched["source"], searched["x"], searched["teacher"]
-    fast = sk.compile(source, plan, x).eval()
-    ratio = sk.flops(fast, x).total / sk.flops(teacher, x).total
-    # TAS's rule accepts [budget - tolerance, budget]; the search starts from an argmax far below it
-    assert 0.5 - tas.FLOP_TOLERANCE <= ratio <= 0.5, ratio
-    assert ratio == pytest.approx(plan.meta["flops_ratio"], abs=1e-12)
-    assert plan.meta["method"] == "tas" and set(plan.meta["depths"]) == {"layer1", "layer2", "layer3"}
-    with torch.no_grad():
-        assert_close_to_scale(fast(x), sk.masked(source, plan, x)(x))
-    start = tas.TASResNet(teacher, x)
-    assert start.argmax_flops() / start.full_flops < 0.5 - tas.FLOP_TOLERANCE
+@pytest.fixture(scope="module")
+def searched(seeded) -> dict:
+    return seeded[SEEDS[0]]
+
+
+def test_short_search_lands_in_the_flops_band(seeded: dict) -> None:
+    """TAS's claim: the searched architecture meets the FLOPs budget, i.e. lies in its accepted band
+    [budget - tolerance, budget], on every seed (seen over seeds 0-5: 0.452 to 0.495; 0.452 to 0.490 over
+    seeds 0-7 on 12 px digits), starting from an argmax architecture far below the band."""
+    for seed, searched in seeded.items():
+        plan, source, x, teacher = searched["plan"], searched["source"], searched["x"], searched["teacher"]
+        fast = sk.compile(source, plan, x).eval()
+        ratio = sk.flops(fast, x).total / sk.flops(teacher, x).total
+        assert 0.5 - tas.FLOP_TOLERANCE <= ratio <= 0.5, (seed, ratio)
+        assert ratio == pytest.approx(plan.meta["flops_ratio"], abs=1e-12)
+        assert plan.meta["method"] == "tas" and set(plan.meta["depths"]) == {"layer1", "layer2", "layer3"}
+        with torch.no_grad():
+            assert_close_to_scale(fast(x), sk.masked(source, plan, x)(x))
+        start = tas.TASResNet(teacher, x)
+        assert start.argmax_flops() / start.full_flops < 0.5 - tas.FLOP_TOLERANCE
 
 
 class _Capture(Hook):
@@ -155,20 +172,28 @@ class _Capture(Hook):
                          "teacher": state.extra["teacher_outputs"], "loss": state.metrics["loss"]}
 
 
-def test_distillation_objective_is_the_papers_and_training_learns(searched: dict) -> None:
-    teacher, test = searched["teacher"], searched["test"]
-    pruned = sk.compile(searched["source"], searched["plan"], searched["x"])
-    capture = _Capture()
-    result = tas.train_pruned(pruned, teacher, searched["train"], epochs=2, eval_data=test, hooks=[capture])
-    s = capture.seen
-    with torch.no_grad():
-        assert torch.allclose(s["teacher"], teacher.eval()(s["x"]), atol=1e-5)  # teacher in eval mode
-    t, a = tas.DISTILL_TEMPERATURE, tas.DISTILL_ALPHA
-    p_t = F.softmax(s["teacher"] / t, 1)
-    kl = (p_t * (p_t.log() - F.log_softmax(s["out"] / t, 1))).sum(1).mean()
-    expected = (1 - a) * F.cross_entropy(s["out"], s["y"]) + a * t * t * kl
-    assert s["loss"] == pytest.approx(float(expected), rel=1e-5)
-    fresh = tas.reinitialise(sk.compile(searched["source"], searched["plan"], searched["x"]))
-    before = evaluate(fresh, loader(test, 512, shuffle=False))["accuracy"]
-    assert result.final["accuracy"] > 0.8 > before + 0.5, (before, result.final)
-    assert isinstance(pruned, nn.Module) and sk.flops(pruned, searched["x"]).total < sk.flops(teacher, searched["x"]).total
+def test_distillation_objective_is_the_papers_and_training_learns(seeded: dict) -> None:
+    """The loss is the paper's (checked on seed 0's first step); on every seed 2 epochs of distillation take the
+    pruned network from chance to > 80% (seen: 92-96% over seeds 0-5; 88-93% on 12 px digits)."""
+    for seed, searched in seeded.items():
+        teacher, test = searched["teacher"], searched["test"]
+        pruned = sk.compile(searched["source"], searched["plan"], searched["x"])
+        capture = _Capture()
+        with training_backend():
+            result = tas.train_pruned(pruned, teacher, searched["train"], epochs=2, eval_data=test, hooks=[capture])
+        if seed == SEEDS[0]:
+            s = capture.seen
+            with torch.no_grad():
+                # teacher in eval mode (train-mode BN would differ by O(1)); the fp32 rule, since the trainer ran
+                # with oneDNN's convolution and this check runs with the native one
+                assert_close_to_scale(s["teacher"], teacher.eval()(s["x"]))
+            t, a = tas.DISTILL_TEMPERATURE, tas.DISTILL_ALPHA
+            p_t = F.softmax(s["teacher"] / t, 1)
+            kl = (p_t * (p_t.log() - F.log_softmax(s["out"] / t, 1))).sum(1).mean()
+            expected = (1 - a) * F.cross_entropy(s["out"], s["y"]) + a * t * t * kl
+            assert s["loss"] == pytest.approx(float(expected), rel=1e-5)
+        fresh = tas.reinitialise(sk.compile(searched["source"], searched["plan"], searched["x"]))
+        before = evaluate(fresh, loader(test, 512, shuffle=False))["accuracy"]
+        assert result.final["accuracy"] > 0.8 > before + 0.5, (seed, before, result.final)
+        assert isinstance(pruned, nn.Module)
+        assert sk.flops(pruned, searched["x"]).total < sk.flops(teacher, searched["x"]).total

@@ -1,7 +1,8 @@
 """ThiNet and LASSO channel pruning: selection rules, least-squares refit, plans that compile, and the claims.
 
-On a briefly trained ResNet-20 (digits at 16x16): the refit lowers the next layer's held-out reconstruction
-error below both "the same selection without refit" and "L1-norm selection" (ThiNet sec. 3, He et al.
+On briefly trained ResNet-20s (digits at 12x12, 3 seeds): the data-driven selection beats L1-norm and random
+selection, and the refit lowers the next layer's held-out reconstruction error below both "the same selection
+without refit" and "L1-norm selection" (ThiNet sec. 3, He et al.
 sec. 3); LASSO's alpha search lands on the target count; ThiNet's greedy removes silent channels first;
 pruning every block-internal conv by 30% keeps accuracy far above L1-norm pruning without fine-tuning.
 """
@@ -18,66 +19,101 @@ from sparsekern.methods import l1_norm, lasso, thinet
 from sparsekern.methods._reconstruction import reconstruction_error
 from sparsekern.models import build
 from sparsekern.plan import PlanError
-from sparsekern.train import TrainConfig, evaluate, train
-from tests.conftest import ChunkViewNet, assert_close_to_scale
+from sparsekern.train import evaluate
+from tests.conftest import ChunkViewNet, assert_close_to_scale, trained_resnet20
 
 METHODS = {"thinet": thinet, "lasso": lasso}
 SAMPLING = {"n_samples": 1024, "batches": 2, "batch_size": 64}  # 128 training images per layer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+SEEDS = (0, 1, 2)  # the claims (a) and (e) are asserted on each of these seeds (training and sampling)
+SIZE = 12  # digits resolution of the trained models
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, TensorDataset, TensorDataset]:
-    torch.manual_seed(0)
-    model = build("resnet20")
-    train_set, test_set = digits("train", image_size=16), digits("test", image_size=16)
-    # conftest turns oneDNN off (it is slow for small inference batches); the native CPU convolution's
-    # backward is ~10x slower than oneDNN's, so train with it on
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    try:
-        train(model, train_set, TrainConfig(epochs=3, lr=0.1, batch_size=64, progress=False, seed=0))
-    finally:
-        torch.backends.mkldnn.enabled = was
-    return model.eval(), train_set, test_set
+def seeded() -> dict[int, torch.nn.Module]:
+    """Per seed: ResNet-20 trained 2 epochs on 12 px digits (92-96% test accuracy over seeds 0-4)."""
+    return {seed: trained_resnet20(seed, epochs=2, image_size=SIZE) for seed in SEEDS}
 
 
 @pytest.fixture(scope="module")
-def pruned_all(trained) -> tuple[dict[str, tuple[sk.Plan, torch.nn.Module]], dict[str, torch.Tensor]]:
-    """Both methods at ratio 0.3 on every block-internal conv, and a snapshot of the model taken before."""
-    model, train_set, test_set = trained
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def trained(seeded) -> tuple[torch.nn.Module, TensorDataset, TensorDataset]:
+    """Seed 0's model, for the mechanical checks."""
+    return seeded[SEEDS[0]], digits("train", image_size=SIZE), digits("test", image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def seeded_pruned(seeded) -> dict[int, tuple[dict[str, tuple[sk.Plan, torch.nn.Module]], dict[str, torch.Tensor]]]:
+    """Per seed: both methods at ratio 0.3 on every block-internal conv, and a snapshot of the model taken before."""
+    train_set, test_set = digits("train", image_size=SIZE), digits("test", image_size=SIZE)
     x = test_set.tensors[0][:2]
-    runs = {name: mod.prune(model, x, train_set, ratio=0.3, **SAMPLING) for name, mod in METHODS.items()}
-    return runs, before
+    out = {}
+    for seed, model in seeded.items():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        runs = {name: mod.prune(model, x, train_set, ratio=0.3, seed=seed, **SAMPLING) for name, mod in METHODS.items()}
+        out[seed] = (runs, before)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_all(seeded_pruned):
+    return seeded_pruned[SEEDS[0]]
 
 
 # ----------------------------------------------------------------------------- (a) the refit helps
-@pytest.mark.parametrize("method", list(METHODS))
-def test_refit_reconstructs_the_next_layer_better_than_selection_alone_and_l1(trained, method: str) -> None:
-    model, train_set, test_set = trained
+LAYER = "layer2.1.conv1"
+
+
+@pytest.fixture(scope="module")
+def baseline_errors(seeded) -> dict[int, tuple[float, float]]:
+    """Per seed: held-out error of layer2.1.conv2 with half of LAYER's channels removed by L1 norm, and the mean
+    over 3 random selections of 16 channels."""
+    test_set = digits("test", image_size=SIZE)
     x = test_set.tensors[0][:2]
-    layer = "layer2.1.conv1"
-    plan, refitted = METHODS[method].prune(model, x, train_set, ratio={layer: 0.5}, **SAMPLING)
-    assert plan.channels[layer].n_keep == 16
-    l1_plan = l1_norm.prune(model, x, ratio={layer: 0.5})
-    # held-out: layer2.1.conv2's output on the test images against the unpruned model's
-    err_l1 = reconstruction_error(model, model, l1_plan, layer, test_set, x, batch_size=360)
-    err_selected = reconstruction_error(model, model, plan, layer, test_set, x, batch_size=360)
-    err_refit = reconstruction_error(model, refitted, plan, layer, test_set, x, batch_size=360)
-    assert err_refit < 0.5 * err_selected, (err_refit, err_selected)
-    assert err_refit < 0.5 * err_l1, (err_refit, err_l1)
-    assert err_selected < err_l1, (err_selected, err_l1)  # the data-driven choice beats magnitude already
-    facts = plan.meta["layers"][layer]
-    assert facts["consumers"] == ["layer2.1.conv2"] and facts["samples"] == 1024
-    assert facts["error_after_refit"] < facts["error_before_refit"]
-    # the sampled error without refit is the held-out one's estimate
-    assert facts["error_before_refit"] == pytest.approx(err_selected, rel=0.5)
-    # only the consumer changed
-    changed = [k for k, v in refitted.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
-    assert changed == ["layer2.1.conv2.weight"]
+    out = {}
+    for seed, model in seeded.items():
+        l1_plan = l1_norm.prune(model, x, ratio={LAYER: 0.5})
+        err_l1 = reconstruction_error(model, model, l1_plan, LAYER, test_set, x, batch_size=360)
+        rng, g = np.random.default_rng(seed), l1_plan.channels[LAYER]
+        random_plans = [l1_plan.with_channels({LAYER: type(g)(g.size, tuple(sorted(rng.choice(32, 16, replace=False)
+                                                                                     .tolist())), g.members)})
+                        for _ in range(3)]
+        err_random = float(np.mean([reconstruction_error(model, model, p, LAYER, test_set, x, batch_size=360)
+                                    for p in random_plans]))
+        out[seed] = (err_l1, err_random)
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_refit_reconstructs_the_next_layer_better_than_selection_alone_l1_and_random(seeded, baseline_errors,
+                                                                                     method: str) -> None:
+    """Held-out relative error of layer2.1.conv2's output with half of layer2.1.conv1's channels removed, on
+    every seed: the data-driven selection alone beats L1-norm selection (ThiNet: beats the weight-magnitude
+    rule; He et al.: LASSO beats the L1 criterion at the same budget) and the mean of 3 random selections
+    (ThiNet's greedy vs random); the least-squares refit then more than halves the error. Seen over seeds
+    0-4 (2 epochs, 12 px; similar at 16 px): selection / L1 0.52-0.74, selection / random 0.57-0.72, refit /
+    selection 0.26-0.36, refit / L1 0.15-0.26."""
+    train_set, test_set = digits("train", image_size=SIZE), digits("test", image_size=SIZE)
+    x = test_set.tensors[0][:2]
+    layer = LAYER
+    for seed, model in seeded.items():
+        plan, refitted = METHODS[method].prune(model, x, train_set, ratio={layer: 0.5}, seed=seed, **SAMPLING)
+        assert plan.channels[layer].n_keep == 16
+        err_l1, err_random = baseline_errors[seed]
+        # held-out: layer2.1.conv2's output on the test images against the unpruned model's
+        err_selected = reconstruction_error(model, model, plan, layer, test_set, x, batch_size=360)
+        err_refit = reconstruction_error(model, refitted, plan, layer, test_set, x, batch_size=360)
+        errs = {"seed": seed, "l1": err_l1, "random": err_random, "selected": err_selected, "refit": err_refit}
+        assert err_selected < 0.9 * err_l1 and err_selected < 0.9 * err_random, errs  # the selection rule
+        assert err_refit < 0.5 * err_selected and err_refit < 0.5 * err_l1, errs  # the refit
+        facts = plan.meta["layers"][layer]
+        assert facts["consumers"] == ["layer2.1.conv2"] and facts["samples"] == 1024
+        assert facts["error_after_refit"] < facts["error_before_refit"]
+        # the sampled error without refit is the held-out one's estimate (seen: within 3%)
+        assert facts["error_before_refit"] == pytest.approx(err_selected, rel=0.5)
+        # only the consumer changed
+        changed = [k for k, v in refitted.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+        assert changed == ["layer2.1.conv2.weight"]
 
 
 def test_thinet_scale_refit_is_a_milder_least_squares(trained) -> None:
@@ -168,19 +204,22 @@ def test_plans_compile_to_the_refitted_masked_model_and_leave_the_original_alone
 
 
 # ----------------------------------------------------------------------------- (e) accuracy
-def test_pruning_every_internal_conv_keeps_accuracy_far_above_l1(trained, pruned_all) -> None:
-    """No fine-tuning: 30% of every block-internal conv's filters removed. Observed (3-epoch model, 95.5%):
-    L1-norm 17.5%, ThiNet/LASSO selection without refit about 50%, with the sequential refit about 94%."""
-    model, _, test_set = trained
-    runs, _ = pruned_all
+def test_pruning_every_internal_conv_keeps_accuracy_far_above_l1(seeded, seeded_pruned) -> None:
+    """No fine-tuning: 30% of every block-internal conv's filters removed. On every seed the sequential refit
+    keeps accuracy within 5 points of the unpruned model, above the same selection without refit and above
+    L1-norm pruning. Seen over seeds 0-4 (2 epochs, 12 px, 92-96%): refit within 1.4 points, without refit
+    29-58%, L1-norm 10-31%."""
+    test_set = digits("test", image_size=SIZE)
     x = test_set.tensors[0][:2]
-    base = evaluate(model, test_set)["accuracy"]
-    l1_acc = evaluate(sk.compile(model, l1_norm.prune(model, x, ratio=0.3), x), test_set)["accuracy"]
-    for method, (plan, refitted) in runs.items():
-        acc = evaluate(sk.compile(refitted, plan, x), test_set)["accuracy"]
-        no_refit = evaluate(sk.compile(model, plan, x), test_set)["accuracy"]
-        assert acc >= l1_acc and acc >= base - 0.05, (method, acc, l1_acc, base)
-        assert acc > no_refit, (method, acc, no_refit)
+    for seed, model in seeded.items():
+        runs, _ = seeded_pruned[seed]
+        base = evaluate(model, test_set)["accuracy"]
+        l1_acc = evaluate(sk.compile(model, l1_norm.prune(model, x, ratio=0.3), x), test_set)["accuracy"]
+        for method, (plan, refitted) in runs.items():
+            acc = evaluate(sk.compile(refitted, plan, x), test_set)["accuracy"]
+            no_refit = evaluate(sk.compile(model, plan, x), test_set)["accuracy"]
+            assert acc >= l1_acc + 0.3 and acc >= base - 0.05, (seed, method, acc, l1_acc, base)
+            assert acc > no_refit, (seed, method, acc, no_refit)
 
 
 # ----------------------------------------------------------------------------- other consumers, errors

@@ -17,9 +17,6 @@ SMALL = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 2
          "sru_lm": {"d_model": 32, "layers": 2}}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _bytes(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))
 

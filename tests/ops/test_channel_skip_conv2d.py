@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparsekern.ops import _ext, channel_skip_conv2d, reference
 from sparsekern.ops.channel_skip_conv2d import DISPATCH, output_size
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, threads
 
 CPU_BACKENDS = ["cpu", "reference"]
 
@@ -159,18 +159,14 @@ def test_results_do_not_depend_on_the_thread_split(native) -> None:
     computed by the same instructions either way, so the results are bitwise equal."""
     w = torch.randn(20, 8, 3, 3)
     b = torch.randn(20)
-    before = torch.get_num_threads()
     for bsz in (1, 3):
         x = torch.randn(bsz, 8, 40, 40)
         im, om = _masks(bsz, 8, 20, "both", seed=bsz)
         outs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            try:
+        for n in (1, 2):  # a threading test: opts in to 2 threads (the session runs with 1)
+            with threads(n):
                 outs.append(channel_skip_conv2d(x, w, b, im, om, 1, 1, relu=True, backend="cpu"))
-            finally:
-                torch.set_num_threads(before)
-        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(outs[0], outs[1])  # the kernel's promise: bitwise, not just within tolerance
         assert_close_to_scale(outs[0], sliced_conv(x, w, b, im, om, [1, 1], [1, 1], [1, 1], True))
 
 
