@@ -18,7 +18,7 @@ Mask modes: ``"out"`` (only ``out_mask``: a gated layer whose input is dense) an
 second of two consecutive gated layers, which also skips the inputs the first one zeroed; not for the stem,
 whose input is the image). Theoretical speedup = dense multiply-adds / the kernel's, from the channel counts
 actually drawn: ``B C_in C_out / sum_b |in_b| |out_b|``. Efficiency = measured speedup / theoretical speedup
-(DESIGN.md, "Measuring"); ``efficiency_vs_dense_then_mask`` divides the speedup over the naive baseline by the
+(docs/design.md#measuring); ``efficiency_vs_dense_then_mask`` divides the speedup over the naive baseline by the
 same theoretical speedup.
 
 Timing: CPU candidates are timed interleaved with :func:`~sparsekern.bench.timing.time_interleaved` at
@@ -42,11 +42,14 @@ import torch.nn.functional as F
 
 from sparsekern.bench.timing import environment, set_threads, time_interleaved
 from sparsekern.ops import channel_skip_conv2d, reference
-from sparsekern.ops.channel_skip_conv2d import DISPATCH
+from sparsekern.ops.channel_skip_conv2d import DISPATCH, select_backend
 
-__all__ = ["LayerShape", "model_shapes", "default_shapes", "quick_shapes", "theoretical_speedup", "run", "table"]
+__all__ = ["LayerShape", "model_shapes", "default_shapes", "quick_shapes", "gpu_shapes", "theoretical_speedup", "run",
+           "table"]
 
 MODELS = ("resnet56", "vgg16_bn", "resnet18")
+#: The GPU benchmark's layer shapes: ImageNet ResNet-50 and ResNet-18, CIFAR VGG-16.
+GPU_MODELS = ("resnet50", "resnet18", "vgg16_bn")
 _KERNELS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}  # kernel backends timed (forced) on each device
 
 
@@ -114,6 +117,11 @@ def quick_shapes() -> list[LayerShape]:
     cifar = [s for m in ("resnet56", "vgg16_bn") for s in model_shapes(m) if (s.c_in, s.c_out, s.stride) in
              ((32, 32, (1, 1)), (256, 256, (1, 1)))]
     return cifar[:1] + cifar[-1:] + model_shapes("resnet18")
+
+
+def gpu_shapes(models: Sequence[str] = GPU_MODELS) -> list[LayerShape]:
+    """Every unique layer shape of ``models`` (default :data:`GPU_MODELS`), in model order."""
+    return [s for m in models for s in model_shapes(m)]
 
 
 def theoretical_speedup(in_mask: torch.Tensor | None, out_mask: torch.Tensor, c_in: int) -> float:
@@ -197,7 +205,7 @@ def _row(shape: LayerShape, batch: int, keep: float, mode: str, device: str, dty
     kernels = [k for k in _KERNELS[device] if k in fns]
     if not kernels:
         raise RuntimeError(f"kernel_channel_skip_conv2d: no {device} kernel can run here: {DISPATCH.reasons(*args)}")
-    backend = DISPATCH.select(*args).name
+    backend = select_backend(*args)
 
     want = reference.channel_skip_conv2d(*args).float()
     scale = want.abs().max().clamp_min(1e-12)
@@ -243,6 +251,7 @@ def run(
     progress: bool = True,
     budget_s: float = 3.0,
     min_repeats: int = 7,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark every (shape, batch, keep, mode); returns a JSON-able document (module docstring).
 
@@ -259,15 +268,17 @@ def run(
         progress: print one line per row to stderr.
         budget_s, min_repeats: CPU only: rounds per row = clamp(budget_s / one round's time, min_repeats,
             repeats).
+        deadline: a ``time.perf_counter()`` value after which no new row starts (the rows done are returned,
+            ``cases`` still counts all of them).
 
     Returns:
-        ``{"op", "environment", "rows"}``. A row: ``layer`` (first layer with the shape), ``count`` (layers of the
-        model with it), ``shape`` (:class:`LayerShape` fields and ``describe``), ``batch``, ``keep``, ``masks``
-        (``"out"`` / ``"in+out"``), ``active_in`` / ``active_out`` (mean kept channels per sample),
-        ``theoretical_speedup``, ``backend`` (the dispatch's default), ``dense_ms``, ``dense_then_mask_ms``,
-        ``kernel_ms`` (that backend), ``speedup`` and ``speedup_vs_dense_then_mask``, ``efficiency`` and
-        ``efficiency_vs_dense_then_mask``, ``spread`` per candidate, ``kernels`` (the same figures and
-        ``max_rel_error`` for every kernel backend timed) and ``repeats`` (CPU rounds).
+        ``{"op", "environment", "rows", "cases"}`` (``cases``: rows planned). A row: ``layer`` (first layer with the
+        shape), ``count`` (layers of the model with it), ``shape`` (:class:`LayerShape` fields and ``describe``),
+        ``batch``, ``keep``, ``masks`` (``"out"`` / ``"in+out"``), ``active_in`` / ``active_out`` (mean kept
+        channels per sample), ``theoretical_speedup``, ``backend`` (the dispatch's default), ``dense_ms``,
+        ``dense_then_mask_ms``, ``kernel_ms`` (that backend), ``speedup`` and ``speedup_vs_dense_then_mask``,
+        ``efficiency`` and ``efficiency_vs_dense_then_mask``, ``spread`` per candidate, ``kernels`` (the same
+        figures and ``max_rel_error`` for every kernel backend timed) and ``repeats`` (CPU rounds).
     """
     device = torch.device(device).type
     if device == "cuda" and not torch.cuda.is_available():
@@ -286,11 +297,13 @@ def run(
         env = environment(device)
         env["dtype"] = str(dtype).replace("torch.", "")
         for i, (shape, batch, keep, mode) in enumerate(cases):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             row = _row(shape, batch, keep, mode, device, dtype, warmup, repeats, budget_s, min_repeats)
             rows.append(row)
             if progress:
                 print(f"[{i + 1}/{len(cases)}] {_line(row)}", file=sys.stderr, flush=True)
-    return {"op": "channel_skip_conv2d", "environment": env, "rows": rows}
+    return {"op": "channel_skip_conv2d", "environment": env, "rows": rows, "cases": len(cases)}
 
 
 def _line(row: dict[str, Any]) -> str:

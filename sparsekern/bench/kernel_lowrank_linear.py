@@ -10,7 +10,7 @@ same random data (never zeros):
   native one, when the extension built) on GPU; ``fused_vs_two_gemm`` = two-GEMM time / best fused time.
 
 Theoretical speedup = ``in out / (r (in + out))`` (FLOPs of dense over FLOPs of the factors); measured speedup
-= dense time / candidate time; efficiency = measured / theoretical (DESIGN.md, "Measuring"). CPU candidates are
+= dense time / candidate time; efficiency = measured / theoretical (docs/design.md#measuring). CPU candidates are
 timed interleaved with :func:`~sparsekern.bench.timing.time_interleaved` (median, spread = IQR / median) at
 ``threads`` intra-op threads; GPU candidates with ``triton.testing.do_bench`` (median of back-to-back runs
 between CUDA events, L2 flushed between runs; spread = IQR / median), round-robin over the candidates.
@@ -34,11 +34,18 @@ from sparsekern.bench.timing import environment, set_threads, time_interleaved
 from sparsekern.ops import lowrank_linear, reference
 from sparsekern.ops.lowrank_linear import select_backend, two_gemm
 
-__all__ = ["run", "table", "theoretical_speedup", "DEFAULT_TOKENS", "DEFAULT_DIMS", "DEFAULT_RANKS"]
+__all__ = ["run", "table", "theoretical_speedup", "DEFAULT_TOKENS", "DEFAULT_DIMS", "DEFAULT_RANKS", "GPU_TOKENS",
+           "GPU_DIMS", "GPU_RANKS"]
 
 DEFAULT_TOKENS = (1, 16, 256, 1024, 8192)
 DEFAULT_DIMS = ((512, 512), (1024, 1024), (4096, 4096), (1024, 4096), (4096, 1024))
 DEFAULT_RANKS = (32, 64, 128, 256, 512, 1024)
+#: GPU token counts: denser around the fused/unfused crossover (the dispatch's token threshold).
+GPU_TOKENS = (1, 16, 64, 128, 256, 512, 1024, 4096, 8192)
+#: GPU layer sizes and ranks, the most telling first (rows run dims-major, then ranks, then tokens, so a grid cut
+#: short by a deadline has whole token sweeps of the large layers at r = 128 and 32).
+GPU_DIMS = ((4096, 4096), (1024, 4096), (4096, 1024), (1024, 1024), (512, 512))
+GPU_RANKS = (128, 32, 256, 64)
 QUICK_TOKENS = (16, 256, 1024)
 QUICK_DIMS = ((1024, 1024), (1024, 4096))
 QUICK_RANKS = (32, 128, 256)
@@ -138,6 +145,7 @@ def run(
     progress: bool = True,
     budget_s: float = 3.0,
     min_repeats: int = 7,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark every valid (tokens, in, out, r); returns a JSON-able document (module docstring).
 
@@ -153,11 +161,13 @@ def run(
             instead of the given one.
         progress: print one line per row to stderr.
         budget_s, min_repeats: CPU only: rounds per row = clamp(budget_s / dense time, min_repeats, repeats).
+        deadline: a ``time.perf_counter()`` value after which no new row starts (the rows done are returned,
+            ``cases`` still counts all of them).
 
     Returns:
-        ``{"op", "environment", "rows"}``; each row has tokens, in, out, r, theoretical_speedup, the backend the
-        dispatch picked, and per candidate its median ms, speedup and efficiency vs dense, spread and max error
-        relative to the output scale.
+        ``{"op", "environment", "rows", "cases"}`` (``cases``: rows planned); each row has tokens, in, out, r,
+        theoretical_speedup, the backend the dispatch picked, and per candidate its median ms, speedup and
+        efficiency vs dense, spread and max error relative to the output scale.
     """
     device = torch.device(device).type
     if device == "cuda" and not torch.cuda.is_available():
@@ -170,11 +180,13 @@ def run(
         env = environment(device)
         env["dtype"] = str(dtype).replace("torch.", "")
         for i, (t, n_in, n_out, r) in enumerate(cases):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             row = _row(t, n_in, n_out, r, device, dtype, warmup, repeats, budget_s, min_repeats)
             rows.append(row)
             if progress:
                 print(f"[{i + 1}/{len(cases)}] {_line(row)}", file=sys.stderr, flush=True)
-    return {"op": "lowrank_linear", "environment": env, "rows": rows}
+    return {"op": "lowrank_linear", "environment": env, "rows": rows, "cases": len(cases)}
 
 
 def _line(row: dict[str, Any]) -> str:

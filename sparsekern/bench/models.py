@@ -8,9 +8,24 @@ The suite writes one JSON file per device (``bench/results/<device>.json``) that
 Two CPU inference paths are measured, because neither wins everywhere: ``("fold_bn", "freeze")`` runs
 oneDNN's blocked layout (best for wide layers at larger batches), ``("fold_bn", "onednn")`` runs NHWC with
 shape-specialised prepacking and fused ReLU/residual adds (best for narrow layers and batch-1 latency).
+
+Besides uniform L1 pruning (``method="l1"``, ``ratio`` = fraction of channels pruned), a case can measure the
+dynamic and low-rank compilers on untrained models (speed does not depend on training, only on what is kept):
+
+* ``method="sanp"``: the SANP form (:mod:`sparsekern.methods.sanp`) of a zoo CNN with random gates (zero-bias,
+  random saliency weights: each channel kept for about half the samples), compiled to channel-skipping layers,
+  against the plain dense model.
+* ``method="flop"``: a zoo LM factorized (:mod:`sparsekern.methods.flop`) with a fraction ``ratio`` of every
+  layer's rank components gated off, compiled to low-rank layers, against the dense LM; ``size`` is the
+  context (tokens per sequence), inputs are random bytes.
+
+``device``/``dtype`` move both models and the input after compiling (GPU cases: e.g. ``"cuda"``, ``"float16"``,
+passes ``("fold_bn", "channels_last")``); ``cuda_graphs`` replays each model from a CUDA graph
+(:class:`~sparsekern.bench.timing.CudaGraphed`), the passes applied before capture.
 """
 from __future__ import annotations
 
+import copy
 import platform
 import sys
 from dataclasses import dataclass
@@ -21,7 +36,7 @@ import torch
 
 from sparsekern.bench.report import BenchReport, compare
 from sparsekern.bench.results import command_line, write_part
-from sparsekern.bench.timing import environment
+from sparsekern.bench.timing import CudaGraphed, environment
 
 DEFAULT_PASSES = ("fold_bn", "onednn")
 CPU_PATHS = (("fold_bn", "freeze"), ("fold_bn", "onednn"))
@@ -38,10 +53,17 @@ class Case:
     scope: str = "all"
     round_to: int | None = 16
     passes: tuple[str, ...] = DEFAULT_PASSES
+    method: str = "l1"
+    device: str = "cpu"
+    dtype: str = "float32"
+    cuda_graphs: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.model} l1 {self.scope} {self.ratio:.0%} b{self.batch} [{'+'.join(self.passes)}]"
+        label = f"{self.model} {self.method} {self.scope} {self.ratio:.0%} b{self.batch} [{'+'.join(self.passes)}]"
+        if (self.device, self.dtype, self.cuda_graphs) != ("cpu", "float32", False):
+            label += f" {self.device} {self.dtype}{' graphs' if self.cuda_graphs else ''} round {self.round_to}"
+        return label
 
 
 # The issue's acceptance set: ResNet-50 (224x224, batch 1 and 8), ResNet-56 (CIFAR, batch 64), 30% and 50%.
@@ -64,17 +86,70 @@ def run_case(
     seed: int = 0,
 ) -> BenchReport:
     """Prune, compile and benchmark one case (random weights and inputs, seeded: never zeros)."""
+    torch.manual_seed(seed)
+    dense, fast, x = _BUILDERS[case.method](case)
+    device, dtype = torch.device(case.device), getattr(torch, case.dtype)
+    dense, fast = dense.to(device=device, dtype=dtype).eval(), fast.to(device=device, dtype=dtype).eval()
+    x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    passes = case.passes
+    if case.cuda_graphs:
+        from sparsekern.passes import apply
+
+        with torch.no_grad():
+            dense, fast = (CudaGraphed(apply(copy.deepcopy(m), passes, (x,))) for m in (dense, fast))
+        passes = ()
+    return compare(dense, fast, x, warmup=warmup, repeats=repeats, per_layer=per_layer, threads=threads,
+                   label=case.label, passes=passes, device=device)
+
+
+def _build_l1(case: Case) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     import sparsekern as sk
     from sparsekern.methods import l1_norm
     from sparsekern.models import build
 
-    torch.manual_seed(seed)
     model = build(case.model).eval()
     x = torch.randn(case.batch, 3, case.size, case.size)
-    plan = l1_norm.prune(model, x, ratio=case.ratio, scope=case.scope)
-    fast = sk.compile(model, plan, x, round_to=case.round_to).eval()
-    return compare(model, fast, x, warmup=warmup, repeats=repeats, per_layer=per_layer, threads=threads,
-                   label=case.label, passes=case.passes)
+    example = x[:1]  # planning and compiling trace one sample (a batch of 64 224x224 images: seconds on CPU)
+    plan = l1_norm.prune(model, example, ratio=case.ratio, scope=case.scope)
+    return model, sk.compile(model, plan, example, round_to=case.round_to).eval(), x
+
+
+def _build_sanp(case: Case) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    import sparsekern as sk
+    from sparsekern.methods import sanp
+    from sparsekern.models import build
+
+    dense = build(case.model).eval()
+    model = sanp.to_sanp(dense, init_logit=0.0).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sanp.SaliencyPruningModule):
+                torch.nn.init.normal_(m.fc2.weight, std=m.hidden ** -0.5)
+    x = torch.randn(case.batch, 3, case.size, case.size)
+    example = x[:1]
+    return dense, sk.compile(model, sanp.to_plan(model, example), example).eval(), x
+
+
+def _build_flop(case: Case) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    import sparsekern as sk
+    from sparsekern.methods import flop
+    from sparsekern.models import build
+
+    kwargs = {"d_model": 128, "layers": 2, **({"heads": 4, "context": case.size} if case.model == "transformer_lm"
+                                              else {})}
+    dense = build(case.model, **kwargs).eval()
+    model = flop.factorize(copy.deepcopy(dense), init="random").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in flop.factorized_layers(model).values():
+            off = torch.randperm(layer.rank, generator=g)[: round(layer.rank * case.ratio)]
+            layer.log_alpha.fill_(10.0)
+            layer.log_alpha[off] = -10.0
+    x = torch.randint(0, 256, (case.batch, case.size), generator=g)
+    return dense, sk.compile(model, flop.prune(model, x[:1]), x[:1]).eval(), x
+
+
+_BUILDERS = {"l1": _build_l1, "sanp": _build_sanp, "flop": _build_flop}
 
 
 def run_suite(
@@ -102,7 +177,7 @@ def run_suite(
         results.append({"case": {**case.__dict__, "passes": list(case.passes)}, **report.to_dict()})
     doc = {
         "command": command_line(),
-        "environment": {**environment("cpu"), "python": platform.python_version()},
+        "environment": {**environment(cases[0].device if cases else "cpu"), "python": platform.python_version()},
         "results": results,
     }
     if out is not None:

@@ -1,6 +1,6 @@
 """``channel_skip_conv2d``: a convolution that skips, per sample, masked-off input and output channels.
 
-Semantics (DESIGN.md, "Dynamic"): for sample b, input channels with ``in_mask[b, c] == False`` are zero and
+Semantics (docs/design.md#dynamic-plans): for sample b, input channels with ``in_mask[b, c] == False`` are zero and
 are never read; output channels with ``out_mask[b, o] == False`` are zero (bias included) and are never
 computed. With ``relu`` the kept outputs go through a ReLU. The reference is the dense convolution of the
 masked input, times the output mask (:func:`sparsekern.ops.reference.channel_skip_conv2d`).
@@ -16,6 +16,10 @@ triton     ``sparsekern/kernels/triton``: implicit GEMM per sample (CUDA tensors
 reference  dense conv times the masks (always)
 =========  ===========================================================================================
 
+On CUDA tensors ``cuda`` and ``triton`` are tried in the device's preference order
+(:func:`sparsekern.ops.thresholds.for_device`: measured by ``sparsekern bench gpu`` when its results file for
+the device class is committed, else ``cuda`` first); :func:`select_backend` names the choice.
+
 Inference only: no autograd formula is registered (train with the dense masked form; see
 :mod:`sparsekern.methods.sanp`).
 """
@@ -26,10 +30,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from sparsekern.ops import _ext, reference
+from sparsekern.ops import _ext, reference, thresholds
 from sparsekern.ops._dispatch import Dispatch
 
-__all__ = ["channel_skip_conv2d", "DISPATCH", "output_size"]
+__all__ = ["channel_skip_conv2d", "select_backend", "DISPATCH", "output_size"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -126,13 +130,30 @@ DISPATCH.register("triton", _triton_check, _triton_run)
 DISPATCH.register("reference", lambda *args: None, reference.channel_skip_conv2d)
 
 
+def _preferred(x: torch.Tensor, *args) -> str | None:
+    """On CUDA tensors, the first GPU backend in the device's preference order that can take the input; else
+    None (registration order)."""
+    if not x.is_cuda:
+        return None
+    checks = {b.name: b.check for b in DISPATCH.backends}
+    return next((n for n in thresholds.for_device(x.device).channel_skip_order if checks[n](x, *args) is None), None)
+
+
+def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
+                   out_mask: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+                   relu: bool) -> str:
+    """Name of the backend :func:`channel_skip_conv2d` runs for these (checked, paired) arguments."""
+    args = (x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu)
+    return DISPATCH.select(*args, backend=_preferred(*args)).name
+
+
 # ----------------------------------------------------------------------------- the op
 @torch.library.custom_op("sparsekern::channel_skip_conv2d", mutates_args=())
 def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_mask: Optional[torch.Tensor],
         out_mask: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
         relu: bool, backend: Optional[str]) -> torch.Tensor:
-    return DISPATCH(x, weight, bias, in_mask, out_mask, list(stride), list(padding), list(dilation), relu,
-                    backend=backend)
+    args = (x, weight, bias, in_mask, out_mask, list(stride), list(padding), list(dilation), relu)
+    return DISPATCH(*args, backend=backend or _preferred(*args))
 
 
 @_op.register_fake

@@ -35,9 +35,10 @@ plain GEMMs are already efficient:
 * CUDA tensors run ``two_gemm`` when r = 0, r > :data:`MAX_FUSED_RANK` (the ``BLOCK_M x r`` fp32 tile would
   spill) or T < :data:`GPU_MIN_FUSED_TOKENS` (a few token tiles cannot occupy the SMs, while cuBLAS splits the
   reduction); fp32 skips the native kernel (its fp32 path is plain FMA; Triton's is as exact and tiled
-  better); otherwise the first of ``cuda``, ``triton`` that can run. These GPU thresholds are first guesses
-  from the roofline (no GPU was at hand when they were set); the GPU benchmark reports fused and unfused
-  times side by side to recalibrate them.
+  better); otherwise the first of the fused backends that can run, in the device's preference order. The
+  token threshold and the order come from :func:`sparsekern.ops.thresholds.for_device`: measured by
+  ``sparsekern bench gpu`` for the device class when its results file is committed, else the first guesses
+  from the roofline (:data:`GPU_MIN_FUSED_TOKENS`, ``cuda`` before ``triton``).
 
 In plain eager inference (no autograd graph, no tracing, no dispatch or function mode) the public function
 runs the dispatch directly rather than through the custom op's Python wrapper (20-30 us per call, a tenth of a
@@ -51,7 +52,7 @@ from typing import Optional
 import torch
 from torch.utils import flop_counter
 
-from sparsekern.ops import _ext, reference
+from sparsekern.ops import _ext, reference, thresholds
 from sparsekern.ops._dispatch import Dispatch
 
 __all__ = ["lowrank_linear", "two_gemm", "select_backend", "flop_count", "DISPATCH", "MAX_FUSED_RANK",
@@ -60,8 +61,9 @@ __all__ = ["lowrank_linear", "two_gemm", "select_backend", "flop_count", "DISPAT
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest rank the fused GPU kernels take (their fp32 ``h`` tile of BLOCK_M x r stays on chip up to here).
 MAX_FUSED_RANK = 256
-#: Fewer tokens than this run the unfused cuBLAS GEMMs on GPU (to be recalibrated from the GPU benchmark).
-GPU_MIN_FUSED_TOKENS = 128
+#: Fewer tokens than this run the unfused cuBLAS GEMMs on GPU: the estimate, used where no measured threshold
+#: exists for the device (:mod:`sparsekern.ops.thresholds`).
+GPU_MIN_FUSED_TOKENS = thresholds.ESTIMATES.lowrank_min_fused_tokens
 #: Fewer tokens than this run MKL's two GEMMs on CPU (the fused kernel's weight packing is not amortised).
 CPU_MIN_FUSED_TOKENS = 64
 #: Larger ranks run MKL's two GEMMs on CPU (wide enough for MKL to run near peak).
@@ -185,11 +187,13 @@ def _heuristic(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Te
     if x.device.type != "cuda":
         fused = x.dtype == torch.float32 and _tokens(x) >= CPU_MIN_FUSED_TOKENS and 1 <= r <= CPU_MAX_FUSED_RANK
         return "cpu" if fused and _cpu_check(x, q, p, bias) is None else "two_gemm"
-    if r == 0 or r > MAX_FUSED_RANK or _tokens(x) < GPU_MIN_FUSED_TOKENS:
+    limits = thresholds.for_device(x.device)
+    if r == 0 or r > MAX_FUSED_RANK or _tokens(x) < limits.lowrank_min_fused_tokens:
         return "two_gemm"
     if x.dtype == torch.float32 and _triton_check(x, q, p, bias) is None:
         return "triton"
-    return None
+    checks = {"cuda": _cuda_check, "triton": _triton_check}
+    return next((name for name in limits.lowrank_fused_order if checks[name](x, q, p, bias) is None), None)
 
 
 def select_backend(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None, *,

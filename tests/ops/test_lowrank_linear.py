@@ -10,7 +10,7 @@ import sparsekern as sk
 from sparsekern.ops import NoBackendError, lowrank_linear, reference
 from sparsekern.ops.lowrank_linear import (CPU_MAX_FUSED_RANK, CPU_MIN_FUSED_TOKENS, DISPATCH, MAX_FUSED_RANK,
                                            select_backend)
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, threads
 
 CPU_BACKENDS = ["cpu", "two_gemm", "triton"]  # triton runs in Triton's interpreter here (tests/conftest.py)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,13 +48,9 @@ def test_cpu_kernel_blocks_and_threads(lead, n_in, n_out, r) -> None:
     q, p, b = _factors(n_in, n_out, r, bias=True, seed=r)
     x = torch.randn(*lead, n_in, generator=torch.Generator().manual_seed(2))
     want = reference.lowrank_linear(x, q, p, b)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):  # 2: the token ranges split over torch's intra-op threads
-            torch.set_num_threads(threads)
+    for n in (1, 2):  # 2: the token ranges split over torch's intra-op threads (opted in; the session runs 1)
+        with threads(n):
             assert_close_to_scale(lowrank_linear(x, q, p, b, backend="cpu"), want)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
