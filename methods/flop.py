@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsekern.checkpoint import Checkpoints
 from sparsekern.plan import Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
 
@@ -601,6 +602,7 @@ def run_lm(
     seq_len: int | None = None,
     eval_bytes: int | None = None,
     seed: int = 0,
+    checkpoints: Checkpoints | None = None,
     **flop_kwargs: Any,
 ) -> FlopRun:
     """FLOP on a byte-level zoo LM, end to end: build (or copy ``start_from``), :func:`factorize`,
@@ -619,6 +621,8 @@ def run_lm(
         seq_len: training / evaluation window (default: the model's ``context``, else 128).
         eval_bytes: evaluate on the first this many test bytes only (default: the whole test split).
         seed: seeds the model initialisation.
+        checkpoints: a :class:`sparsekern.checkpoint.Checkpoints`; the trained factorized model is checkpointed
+            as stage ``train``, and a resumed run loads it instead of training (the rest is recomputed).
         flop_kwargs: further :func:`train_flop` arguments (``warmup_fraction``, ``alpha_lr``, ...).
     """
     from sparsekern.compiler import compile as sk_compile
@@ -632,9 +636,19 @@ def run_lm(
     params_dense = sum(p.numel() for p in model.parameters())
     seq_len = int(seq_len or getattr(model, "context", 128))
     factorize(model, init="random" if start_from is None else "svd")
-    start = time.perf_counter()
-    result = train_flop(model, LMSequences(corpus.train, seq_len), config, target=target, **flop_kwargs)
-    train_s = time.perf_counter() - start
+    store = checkpoints if checkpoints is not None else Checkpoints(None)
+    store.check()
+    done = store.load("train")
+    if done is not None:
+        done.load_into(model, "model")
+        model.sk_flop_target = float(target)
+        steps, train_s, history = done.info["steps"], done.info["train_s"], done.info["history"]
+    else:
+        start = time.perf_counter()
+        result = train_flop(model, LMSequences(corpus.train, seq_len), config, target=target, **flop_kwargs)
+        train_s = time.perf_counter() - start
+        steps, history = result.steps, list(result.history)
+        store.save("train", {"steps": steps, "train_s": train_s, "history": history}, {"model": model})
     model.eval()
     x = corpus.test[: 2 * seq_len].long().reshape(2, seq_len)
     plan = prune(model, x[:1])
@@ -656,7 +670,7 @@ def run_lm(
         "test_bpb": bits_per_byte(compiled, corpus.test, seq_len, max_bytes=eval_bytes),
         "compiled_vs_masked_max_rel_err": exact,
         "ranks": {name: [len(e["keep"]), e["rank"]] for name, e in plan.lowrank.items()},
-        "steps": result.steps,
+        "steps": steps,
         "train_s": train_s,
     }
-    return FlopRun(model, plan, compiled, report, list(result.history))
+    return FlopRun(model, plan, compiled, report, history)

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 import sparsekern as sk
+from sparsekern.checkpoint import Checkpoints, Stage
 from sparsekern.data import DataBundle, loader
 from sparsekern.models import build
 from sparsekern.models.init import init_weights
@@ -215,6 +216,8 @@ def run(
     out: str | Path | None = None,
     model_out: str | Path | None = None,
     log: Callable[[str], None] = print,
+    checkpoints: Checkpoints | None = None,
+    bench_repeats: int = 30,
 ) -> ProtocolReport:
     """Run the protocol (module docstring) for one method; write ``out`` (JSON) if given.
 
@@ -225,16 +228,32 @@ def run(
     ``finetune_epochs`` defaults to ``epochs / 4`` (the paper fine-tunes 40 epochs after 160 on CIFAR).
     ``finetune_lr`` defaults to 0.01 rather than the paper's 0.001, which barely moves a model trained for
     only a few epochs on the small embedded data; pass 0.001 for the paper's setting.
+
+    ``checkpoints`` (:class:`sparsekern.checkpoint.Checkpoints`) records each completed stage (``full``,
+    ``prune``, ``arm-<name>``, ``robustness`` for ANP) and, when resuming, skips the stages it holds. Every
+    stage starts from ``torch.manual_seed(seed)``, so a resumed run reports what an uninterrupted one does
+    (up to the timed speedup). Arguments are checked before any training: ``budget`` in (0, 1], epoch counts
+    > 0; the folders of ``out`` and ``model_out`` are created up front. ``bench_repeats``: timed runs per
+    model for the measured speedup.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is the fraction of the full model's FLOPs to keep, in (0, 1]; got {budget}")
+    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs), ("search_epochs", search_epochs)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     finetune_epochs = epochs / 4 if finetune_epochs is None else finetune_epochs
     search_epochs = epochs / 2 if search_epochs is None else search_epochs
     arms = default_arms(method, "rethinking") if arms is None else tuple(arms)
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
-    torch.manual_seed(seed)
+    for path in (out, model_out):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    store = checkpoints if checkpoints is not None else Checkpoints(None)
+    store.check()
     test = loader(data.test, 512, shuffle=False)
     x = data.test.tensors[0][:batch_size] if hasattr(data.test, "tensors") else next(iter(test))[0][:batch_size]
 
@@ -245,26 +264,54 @@ def run(
         model.eval()
         return evaluate(model, test)["accuracy"]
 
+    def resumed(stage: str) -> Stage | None:
+        done = store.load(stage)
+        if done is not None:
+            log(f"[{method}] {stage}: resumed from {store.path(stage)}")
+        torch.manual_seed(seed)  # every stage starts from the same random state, resumed or not
+        return done
+
+    torch.manual_seed(seed)
     full = build(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
-    hooks: tuple = ()
-    if method == "slimming":
-        from sparsekern.methods import slimming
+    done = resumed("full")
+    if done is not None:
+        done.load_into(full, "full").eval()
+        full_acc, slimming_penalty = done.info["accuracy"], done.info["slimming_penalty"]
+    else:
+        hooks: tuple = ()
+        if method == "slimming":
+            from sparsekern.methods import slimming
 
-        slimming_penalty = slimming.default_penalty(full) if slimming_penalty is None else slimming_penalty
-        hooks = (slimming.SparsityHook(slimming_penalty),)
-    log(f"[{method}] training the full {model_name} for {epochs} epochs")
-    full_acc = fit(full, epochs, lr, hooks)
+            slimming_penalty = slimming.default_penalty(full) if slimming_penalty is None else slimming_penalty
+            hooks = (slimming.SparsityHook(slimming_penalty),)
+        log(f"[{method}] training the full {model_name} for {epochs} epochs")
+        full_acc = fit(full, epochs, lr, hooks)
+        store.save("full", {"accuracy": full_acc, "slimming_penalty": slimming_penalty}, {"full": full})
 
-    log(f"[{method}] pruning to {budget:.0%} of the FLOPs")
-    plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed, slimming_penalty=slimming_penalty,
-                                   search_epochs=search_epochs, progress=progress)
-    pruned = sk.compile(source, plan, x).eval()
-    before = evaluate(pruned, test)["accuracy"]
+    done = resumed("prune")
+    if done is not None:
+        plan = Plan.from_dict(done.info["plan"])
+        pruned = done.load_into(sk.compile(full, plan, x), "pruned").eval()
+        before = done.info["accuracy"]
+    else:
+        log(f"[{method}] pruning to {budget:.0%} of the FLOPs")
+        plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed,
+                                       slimming_penalty=slimming_penalty, search_epochs=search_epochs,
+                                       progress=progress)
+        pruned = sk.compile(source, plan, x).eval()
+        before = evaluate(pruned, test)["accuracy"]
+        store.save("prune", {"plan": plan.to_dict(), "accuracy": before}, {"pruned": pruned})
     flops_full, flops_pruned = sk.flops(full, x), sk.flops(pruned, x)
 
     results, trained = [], []
     b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
     for arm in arms:
+        done = resumed(f"arm-{arm}")
+        if done is not None:
+            model = done.load_into(copy.deepcopy(pruned), "model").eval()
+            results.append(Arm(arm, done.info["epochs"], done.info["accuracy"]))
+            trained.append(model)
+            continue
         if arm == "fine-tune":
             log(f"[{method}] fine-tune: {finetune_epochs} epochs at lr {finetune_lr}")
             model, n_epochs = copy.deepcopy(pruned), finetune_epochs
@@ -284,15 +331,23 @@ def run(
                              seed=seed, progress=progress)
             model.eval()
             accuracy = evaluate(model, test)["accuracy"]
+        store.save(f"arm-{arm}", {"epochs": n_epochs, "accuracy": accuracy}, {"model": model})
         results.append(Arm(arm, n_epochs, accuracy))
         trained.append(model)
     if model_out is not None:
         sk.save(trained[0] if trained else pruned, model_out)
         log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
-    robustness = (_robustness(full, pruned, plan, data, x, search_epochs, finetune_epochs, seed, progress, log)
-                  if method == "anp" else {})
+    robustness: dict[str, dict[str, float]] = {}
+    if method == "anp":
+        done = resumed("robustness")
+        if done is not None:
+            robustness = done.info["robustness"]
+        else:
+            robustness = _robustness(full, pruned, plan, data, x, search_epochs, finetune_epochs, seed, progress,
+                                     log)
+            store.save("robustness", {"robustness": robustness})
 
-    bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=30,
+    bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=bench_repeats,
                              per_layer=False)
     report = ProtocolReport(
         method=method, model=model_name, data=data.name, budget=budget, full_accuracy=full_acc,

@@ -1,24 +1,117 @@
-"""The ``sparsekern`` command line: ``demo``, ``prune`` and ``bench``."""
+"""The ``sparsekern`` command line: ``demo``, ``prune`` and ``bench``.
+
+Rules:
+
+* Every argument is checked before any work (:mod:`sparsekern.cli_checks`): a bad one exits with code 2
+  and one line ``sparsekern: error: ...`` naming the flag, its value and the fix.
+* A failure during the work exits with code 1 and one line with its cause; ``sparsekern --debug ...``
+  prints the full traceback instead.
+* ``demo`` and ``prune`` never replace files already in ``--out`` unless given ``--overwrite``.
+* ``prune`` checkpoints every completed stage into ``--out``/checkpoints; after an interruption (Ctrl-C
+  exits with code 130 and says what was saved) the same command with ``--resume`` skips the completed
+  stages. Resuming with other arguments is refused, naming the arguments that differ.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
 
+from sparsekern.cli_checks import (
+    UsageError,
+    check_data_spec,
+    check_file_out,
+    check_image_model,
+    check_json_out,
+    check_lm,
+    image_models,
+    number,
+    prepare_out,
+)
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+_HELP = """train, prune, compile and benchmark models (demo, prune, bench)
+
+Arguments are checked before any work; errors print one line (exit code 2: bad command line, 1: failure
+during the run, 130: interrupted), and --debug prints the traceback. demo and prune create --out and do
+not replace files in it without --overwrite; prune checkpoints each completed stage and continues an
+interrupted run with --resume."""
+CHECKPOINTS = "checkpoints"
+DEMO_OUTPUTS = ("report.json", "model.sk", "plan.json")
+PRUNE_OUTPUTS = ("report.json", "model.sk")
+
+positive = number(float, low=0, low_open=True)
+count = number(int, low=1)
+nonnegative_int = number(int, low=0)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; the message says what was saved and how to continue."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` (one line, exit 2, decided by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _interrupted(folder: Path, saved: Sequence[str], resume_hint: str) -> Interrupted:
+    if saved:
+        return Interrupted(f"interrupted; the completed stages ({', '.join(saved)}) are checkpointed in "
+                           f"{folder}; {resume_hint}")
+    return Interrupted("interrupted before any stage completed; nothing was saved")
+
+
+# ----------------------------------------------------------------------------------------- demo
 
 def _demo(args: argparse.Namespace) -> int:
+    prepare_out(args.out, DEMO_OUTPUTS, overwrite=args.overwrite)
     from sparsekern.demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs, ratio=args.ratio,
-             threads=args.threads, repeats=args.repeats, progress=not args.no_progress)
+    try:
+        run_demo(args.out, epochs=args.epochs, finetune_epochs=args.finetune_epochs, ratio=args.ratio,
+                 threads=args.threads, repeats=args.repeats, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the demo keeps no checkpoints (it is a short run), so what it wrote to "
+                          f"{args.out} is incomplete: run 'sparsekern demo --out {args.out} --overwrite' again")
     return 0
 
 
+# ----------------------------------------------------------------------------------------- bench
+
+#: flag -> default of the flags that define the cases of ``bench models --model``
+CASE_FLAGS = {"ratio": [0.3, 0.5], "batch": [1, 8], "size": 224, "scope": "all", "round_to": 16,
+              "passes": ["fold_bn,onednn"]}
+
+
 def _bench_models(args: argparse.Namespace) -> int:
+    given = [k for k in CASE_FLAGS if getattr(args, k) is not None]
+    if given and not args.model:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags} defines the cases of --model NAME; pass --model, or drop it to run the "
+                         "standard set")
+    for k, default in CASE_FLAGS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    if args.model:
+        check_image_model(args.model, args.size, flag="--size")
+    from sparsekern.passes import PASSES
+
+    paths = [tuple(p for p in spec.split(",") if p) for spec in args.passes]
+    unknown = sorted({p for path in paths for p in path} - set(PASSES))
+    if unknown:
+        raise UsageError(f"--passes: unknown pass {', '.join(map(repr, unknown))}; known: {', '.join(PASSES)}")
+    if args.out:
+        check_json_out(args.out)
+    if args.plot:
+        check_file_out(args.plot, "--plot")
+
     from sparsekern.bench.models import STANDARD_CASES, Case, run_suite, summary_table
 
     if args.model:
-        paths = [tuple(p for p in spec.split(",") if p) for spec in args.passes]
         cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None, passes=p)
                  for p in paths for b in args.batch for r in args.ratio]
     else:
@@ -43,6 +136,10 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.out:
+        check_json_out(args.out)
     from sparsekern.bench.results import command_line, write_part
 
     bench = importlib.import_module(f"sparsekern.bench.kernel_{args.op}")
@@ -59,136 +156,254 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_flop(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------- prune
+
+#: flag -> default, for the flags only flop reads and those only the image methods read; a flag given to a
+#: method that does not read it is refused rather than ignored
+FLOP_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None}
+IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
+              "search_epochs": None, "repeats": 30}
+SEARCH_METHODS = ("scratch", "tas", "anp")
+#: arguments that do not change what a run computes (left out of the checkpoints' identity)
+NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats")
+
+
+def _check_prune(args: argparse.Namespace) -> None:
+    """Refuse flags the method does not read, fill the defaults, and check model, sizes and data."""
+    flop = args.method == "flop"
+    foreign = FLOP_ONLY if not flop else IMAGE_ONLY
+    given = [k for k in foreign if getattr(args, k) is not None]
+    if args.search_epochs is not None and not flop and args.method not in SEARCH_METHODS:
+        given.append("search_epochs")
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        readers = "--method flop only" if not flop else "the image methods, not --method flop"
+        if given == ["search_epochs"]:
+            readers = f"--method {'/'.join(SEARCH_METHODS)} only"
+        raise UsageError(f"{flags} applies to {readers}; drop it for --method {args.method}")
+    for k, default in {**FLOP_ONLY, **IMAGE_ONLY}.items():
+        if getattr(args, k) is None and k in (IMAGE_ONLY if not flop else FLOP_ONLY):
+            setattr(args, k, default)
+    if flop:
+        args.model = args.model or "transformer_lm"
+        args.data = args.data or "pystdlib"
+        check_data_spec(args.data, kinds={"pystdlib": "", "enwik8": "file"})
+        check_lm(args.model, _lm_kwargs(args))
+    else:
+        args.model = args.model or "resnet56"
+        args.data = args.data or "digits"
+        check_data_spec(args.data, kinds={"digits": "", "cifar10": "dir"})
+        check_image_model(args.model, args.image_size or 32)
+
+
+def _lm_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    return {k: v for k, v in (("d_model", args.d_model), ("layers", args.layers)) if v is not None}
+
+
+def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that decide what a run computes, as ``{"--flag": value}`` (checkpoints must match them)."""
+    return {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items()) if k not in NOT_IDENTITY}
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from sparsekern.checkpoint import CheckpointMismatch, Checkpoints
+
+    _check_prune(args)
+    out = prepare_out(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
+                      checkpoints=CHECKPOINTS)
+    store = Checkpoints(out / CHECKPOINTS, _run_identity(args), resume=args.resume)
+    if args.resume:
+        try:
+            store.check()  # other arguments: refused before loading data or training
+        except CheckpointMismatch as e:
+            raise UsageError(str(e)) from None
+        if not store.completed():
+            print(f"--resume: no checkpoints in {store.folder} yet; starting from the beginning")
+    elif store.completed():  # prepare_out let them through: --overwrite
+        store.clear()
+    try:
+        report_line = _prune_flop(args, out, store) if args.method == "flop" else _prune_images(args, out, store)
+    except KeyboardInterrupt:
+        raise _interrupted(store.folder, store.completed(),
+                           "run the same command with --resume to continue from there")
+    print(report_line)
+    print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
+    return 0
+
+
+def _load_data(load: Any, spec: str, **kwargs: Any) -> Any:
+    try:
+        return load(spec, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--data {spec!r}: {e}") from None
+
+
+def _prune_images(args: argparse.Namespace, out: Path, store: Any) -> str:
+    from sparsekern.data import load
+    from sparsekern.methods import rethinking
+
+    data = _load_data(load, args.data, image_size=args.image_size)
+    report = rethinking.run(args.method, data, model_name=args.model, budget=args.budget, epochs=args.epochs,
+                            finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
+                            arms=rethinking.default_arms(args.method, args.protocol), seed=args.seed,
+                            progress=not args.no_progress, out=out / "report.json", model_out=out / "model.sk",
+                            checkpoints=store, bench_repeats=args.repeats)
+    return f"{args.method}: FLOPs {report.flops_pruned / report.flops_full:.1%} of the full {args.model}"
+
+
+def _prune_flop(args: argparse.Namespace, out: Path, store: Any) -> str:
     import json
-    from pathlib import Path
 
     import sparsekern as sk
     from sparsekern.methods import flop
     from sparsekern.text_data import load
     from sparsekern.train import TrainConfig
 
-    model = args.model or "transformer_lm"
-    if model not in ("transformer_lm", "sru_lm"):
-        raise SystemExit(f"--method flop prunes the byte-level LMs transformer_lm or sru_lm, not {model!r}")
+    corpus = _load_data(load, args.data)
     config = TrainConfig(max_steps=args.steps, epochs=1e9, optimizer="adam", lr=3e-3, weight_decay=0.0,
                          schedule="constant", warmup_steps=max(1, args.steps // 20), grad_clip=1.0, seed=args.seed,
                          progress=not args.no_progress)
-    kwargs = {k: v for k, v in (("d_model", args.d_model), ("layers", args.layers)) if v is not None}
-    run = flop.run_lm(model, load(args.data or "pystdlib"), config, target=args.target, seed=args.seed,
-                      eval_bytes=args.eval_bytes, model_kwargs=kwargs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run = flop.run_lm(args.model, corpus, config, target=args.target, seed=args.seed, eval_bytes=args.eval_bytes,
+                      model_kwargs=_lm_kwargs(args), checkpoints=store)
     sk.save(run.compiled, out / "model.sk")
     (out / "report.json").write_text(json.dumps(run.report, indent=1))
-    print(f"{model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
-          f"{run.report['params_dense']} -> {run.report['params_compiled']}, test bits per byte "
-          f"{run.report['test_bpb']:.3f}")
-    print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
-    return 0
+    return (f"{args.model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
+            f"{run.report['params_dense']} -> {run.report['params_compiled']}, test bits per byte "
+            f"{run.report['test_bpb']:.3f}")
 
 
-def _prune(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    if args.method == "flop":
-        return _prune_flop(args)
-
-    from sparsekern.data import load
-    from sparsekern.methods import rethinking
-
-    out = Path(args.out)
-    rethinking.run(args.method, load(args.data or "digits", image_size=args.image_size),
-                   model_name=args.model or "resnet56",
-                   budget=args.budget, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                   search_epochs=args.search_epochs, arms=rethinking.default_arms(args.method, args.protocol),
-                   seed=args.seed, progress=not args.no_progress, out=out / "report.json",
-                   model_out=out / "model.sk")
-    print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
-    return 0
-
+# ----------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsekern", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sparsekern", description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug_help = "print the full traceback of an error"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = _Parser(add_help=False)  # lets --debug also follow the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train, prune, compile and benchmark a ResNet-20 on embedded data")
-    demo.add_argument("--out", default="sparsekern-demo", help="output folder (report.json, model.sk)")
-    demo.add_argument("--epochs", type=float, default=6)
-    demo.add_argument("--finetune-epochs", type=float, default=3)
-    demo.add_argument("--ratio", type=float, default=0.5, help="fraction of channels pruned per group")
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--repeats", type=int, default=30, help="timed runs per model and layer")
+    demo = sub.add_parser("demo", parents=[common],
+                          help="train, prune, compile and benchmark a ResNet-20 on embedded data")
+    demo.add_argument("--out", default="sparsekern-demo",
+                      help="output folder (report.json, model.sk, plan.json); refused if they exist, see --overwrite")
+    demo.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
+    demo.add_argument("--epochs", type=positive, default=6)
+    demo.add_argument("--finetune-epochs", type=positive, default=3)
+    demo.add_argument("--ratio", type=number(float, low=0, high=1, low_open=True, high_open=True), default=0.5,
+                      help="fraction of channels pruned per group, in (0, 1)")
+    demo.add_argument("--threads", type=count, default=2)
+    demo.add_argument("--repeats", type=count, default=30, help="timed runs per model and layer")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
-    prune = sub.add_parser("prune", help="train, prune to a FLOPs budget, fine-tune, save and report")
+    prune = sub.add_parser("prune", parents=[common],
+                           help="train, prune to a FLOPs budget, fine-tune, save and report")
     prune.add_argument("--method", required=True,
                        choices=("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp", "flop"),
                        help="scratch trains the pruned net from scratch (Scratch-B), tas with distillation (KD), "
                             "anp reports clean and PGD accuracy against adversarial training; flop prunes a "
                             "byte-level LM to a parameter sparsity (--target, --steps)")
-    prune.add_argument("--model", help="zoo model name (default: resnet56; transformer_lm for flop)")
-    prune.add_argument("--budget", type=float, default=0.5, help="FLOPs to keep, as a fraction of the full model")
+    prune.add_argument("--model", help=f"zoo model name (default: resnet56; transformer_lm for flop); image "
+                                       f"methods: {', '.join(image_models())}")
+    prune.add_argument("--budget", type=number(float, low=0, high=1, low_open=True, what="fraction of FLOPs kept"),
+                       help="FLOPs to keep, as a fraction of the full model, in (0, 1] (default 0.5)")
     prune.add_argument("--data", help="'digits' (embedded, default) or 'cifar10:PATH'; for flop 'pystdlib' "
                                       "(default) or 'enwik8:PATH'")
-    prune.add_argument("--target", type=float, default=0.5, help="flop: target sparsity of the factorized layers")
-    prune.add_argument("--steps", type=int, default=600, help="flop: optimizer steps")
-    prune.add_argument("--eval-bytes", type=int, help="flop: bytes of the test split to evaluate (default: all)")
-    prune.add_argument("--d-model", type=int, help="flop: LM width (default: the zoo's)")
-    prune.add_argument("--layers", type=int, help="flop: LM depth (default: the zoo's)")
-    prune.add_argument("--image-size", type=int, default=None, help="resize the data (digits default: 32)")
+    prune.add_argument("--target", type=number(float, low=0, high=1, high_open=True),
+                       help="flop: target sparsity of the factorized layers, in [0, 1) (default 0.5)")
+    prune.add_argument("--steps", type=count, help="flop: optimizer steps (default 600)")
+    prune.add_argument("--eval-bytes", type=count, help="flop: bytes of the test split to evaluate (default: all)")
+    prune.add_argument("--d-model", type=count, help="flop: LM width (default: the zoo's)")
+    prune.add_argument("--layers", type=count, help="flop: LM depth (default: the zoo's)")
+    prune.add_argument("--image-size", type=count, help="resize the data (default 32); checked against the model")
     prune.add_argument("--protocol", choices=("rethinking",),
                        help="train the fine-tune, Scratch-E and Scratch-B arms (and KD for tas)")
-    prune.add_argument("--epochs", type=float, default=10, help="epochs of the full model (and Scratch-E)")
-    prune.add_argument("--finetune-epochs", type=float, default=None, help="default: epochs / 4")
-    prune.add_argument("--search-epochs", type=float, default=None,
+    prune.add_argument("--epochs", type=positive, help="epochs of the full model (and Scratch-E) (default 10)")
+    prune.add_argument("--finetune-epochs", type=positive, help="default: epochs / 4")
+    prune.add_argument("--search-epochs", type=positive,
                        help="scratch/tas/anp: gate training, architecture search, mask training (default: epochs / 2)")
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--out", default="sparsekern-prune", help="output folder (report.json, model.sk)")
+    prune.add_argument("--seed", type=nonnegative_int, default=0)
+    prune.add_argument("--repeats", type=count, help="timed runs per model for the measured speedup (default 30)")
+    prune.add_argument("--out", default="sparsekern-prune",
+                       help="output folder (report.json, model.sk, checkpoints/); created if missing")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs and checkpoints already in --out (otherwise refused)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run: skip the stages checkpointed in --out/checkpoints "
+                            "(refused if they were run with other arguments)")
     prune.add_argument("--no-progress", action="store_true")
     prune.set_defaults(run=_prune)
 
-    bench = sub.add_parser("bench", help="benchmarks: dense vs compiled, theoretical vs measured speedup")
-    bench_sub = bench.add_subparsers(dest="suite", required=True)
-    models = bench_sub.add_parser("models", help="uniform L1-norm pruning of zoo models (default: the standard set)")
+    bench = sub.add_parser("bench", parents=[common],
+                           help="benchmarks: dense vs compiled, theoretical vs measured speedup")
+    bench_sub = bench.add_subparsers(dest="suite", required=True, parser_class=_Parser)
+    models = bench_sub.add_parser("models", parents=[common],
+                                  help="uniform L1-norm pruning of zoo models (default: the standard set)")
     models.add_argument("--model", help="zoo model name; default: the standard ResNet-50/ResNet-56 set")
-    models.add_argument("--ratio", type=float, nargs="+", default=[0.3, 0.5])
-    models.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    models.add_argument("--size", type=int, default=224, help="input height and width")
-    models.add_argument("--scope", choices=("all", "internal"), default="all")
-    models.add_argument("--round-to", type=int, default=16, help="channel multiple (0: no rounding)")
-    models.add_argument("--passes", nargs="+", default=["fold_bn,onednn"],
+    models.add_argument("--ratio", type=number(float, low=0, high=1, low_open=True, high_open=True), nargs="+",
+                        help="fractions of channels pruned, each in (0, 1) (default 0.3 0.5)")
+    models.add_argument("--batch", type=count, nargs="+", help="batch sizes (default 1 8)")
+    models.add_argument("--size", type=count, help="input height and width, checked against the model (default 224)")
+    models.add_argument("--scope", choices=("all", "internal"), help="channel groups pruned (default all)")
+    models.add_argument("--round-to", type=nonnegative_int, help="channel multiple (0: no rounding; default 16)")
+    models.add_argument("--passes", nargs="+",
                         help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze)")
-    models.add_argument("--threads", type=int, default=2)
-    models.add_argument("--warmup", type=int, default=10)
-    models.add_argument("--repeats", type=int, default=50)
+    models.add_argument("--threads", type=count, default=2)
+    models.add_argument("--warmup", type=nonnegative_int, default=10)
+    models.add_argument("--repeats", type=count, default=50)
     models.add_argument("--per-layer", action="store_true", help="also time every conv/linear layer")
-    models.add_argument("--out", help="write the JSON here (e.g. bench/results/cpu.json)")
-    models.add_argument("--plot", help="write a PNG of measured vs theoretical speedup here")
+    models.add_argument("--out", help="merge the results into this JSON (its other keys are kept; 'results' is "
+                                      "replaced), e.g. bench/results/cpu.json")
+    models.add_argument("--plot", help="write a PNG of measured vs theoretical speedup here (replaced if it exists)")
     models.add_argument("--no-progress", action="store_true")
     models.set_defaults(run=_bench_models)
-    kernels = bench_sub.add_parser("kernels", help="kernel microbenchmarks against the dense op and the naive baseline")
+    kernels = bench_sub.add_parser("kernels", parents=[common],
+                                   help="kernel microbenchmarks against the dense op and the naive baseline")
     kernels.add_argument("--op", required=True, choices=KERNEL_OPS)
     kernels.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     kernels.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                          help="default: float16 on cuda, float32 on cpu")
-    kernels.add_argument("--threads", type=int, default=2)
-    kernels.add_argument("--warmup", type=int, default=5)
-    kernels.add_argument("--repeats", type=int, default=30)
-    kernels.add_argument("--budget-s", type=float, default=3.0,
+    kernels.add_argument("--threads", type=count, default=2)
+    kernels.add_argument("--warmup", type=nonnegative_int, default=5)
+    kernels.add_argument("--repeats", type=count, default=30)
+    kernels.add_argument("--budget-s", type=positive, default=3.0,
                          help="timing budget per row in seconds (fewer repeats for slow rows)")
-    kernels.add_argument("--min-repeats", type=int, default=7, help="repeats per row whatever the budget")
+    kernels.add_argument("--min-repeats", type=count, default=7, help="repeats per row whatever the budget")
     kernels.add_argument("--quick", action="store_true", help="a few shapes only")
-    kernels.add_argument("--out", help="merge the results into this JSON (e.g. bench/results/cpu.json)")
+    kernels.add_argument("--out", help="merge the results into this JSON under kernels/OP/DEVICE/DTYPE (other "
+                                       "keys are kept), e.g. bench/results/cpu.json")
     kernels.add_argument("--no-progress", action="store_true")
     kernels.set_defaults(run=_bench_kernels)
+    from sparsekern.bench.gpu import add_parser as add_gpu_parser
+    add_gpu_parser(bench_sub)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Run the command line ``argv``; returns the exit code (0, 1 runtime failure, 2 usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
+        return args.run(args)
+    except UsageError as e:
+        error, code, line = e, EXIT_USAGE, f"sparsekern: error: {_one_line(e)}"
+    except Interrupted as e:
+        error, code, line = e, EXIT_INTERRUPTED, f"sparsekern: {_one_line(e)}"
+    except KeyboardInterrupt as e:
+        error, code, line = e, EXIT_INTERRUPTED, "sparsekern: interrupted; nothing was saved"
+    except Exception as e:
+        hint = "" if debug else " (rerun with 'sparsekern --debug ...' for the traceback)"
+        error, code, line = e, EXIT_RUNTIME, f"sparsekern: error: {type(e).__name__}: {_one_line(e)}{hint}"
+    if debug:
+        traceback.print_exception(error)
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -39,7 +39,19 @@ def run_demo(
     progress: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the demo (see the module docstring); returns the report also written to ``out/report.json``."""
+    """Run the demo (see the module docstring); returns the report also written to ``out/report.json``.
+
+    Arguments are checked before any training: ``epochs`` and ``finetune_epochs`` > 0, ``ratio`` in (0, 1),
+    ``threads``, ``repeats``, ``batch`` and ``image_size`` >= 1. Files in ``out`` are replaced (the CLI asks
+    first).
+    """
+    checks = (("epochs", epochs, epochs > 0, "> 0"), ("finetune_epochs", finetune_epochs, finetune_epochs > 0, "> 0"),
+              ("ratio", ratio, 0 < ratio < 1, "in (0, 1)"), ("threads", threads, threads >= 1, ">= 1"),
+              ("repeats", repeats, repeats >= 1, ">= 1"), ("batch", batch, batch >= 1, ">= 1"),
+              ("image_size", image_size, image_size >= 1, ">= 1"))
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"run_demo: {name} must be {rule}, got {value}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)

@@ -84,3 +84,46 @@ def test_anp_report_compares_robustness_with_adversarial_training(digits16) -> N
                                       "adversarial training, pruned + adversarial fine-tune"}
     for r in report.robustness.values():
         assert 0.0 <= r["pgd_accuracy"] <= r["clean_accuracy"] <= 1.0
+
+
+def test_run_refuses_bad_budgets_and_epochs_before_training(digits16, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(rethinking, "train", no_training)
+    for kwargs in ({"budget": 0}, {"budget": 1.5}, {"budget": -1}, {"epochs": 0}, {"finetune_epochs": -1}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            rethinking.run("l1_norm", digits16, model_name="resnet20", **kwargs)
+
+
+def test_a_resumed_run_skips_completed_stages_and_reports_what_an_uninterrupted_run_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekern.checkpoint import Checkpoints
+
+    data = load("digits", image_size=8)
+    settings = dict(model_name="resnet20", budget=0.5, epochs=0.02, finetune_epochs=0.02, progress=False,
+                    log=lambda s: None, bench_repeats=2)  # the three arms of the protocol
+    whole = rethinking.run("l1_norm", data, **settings).to_dict()
+
+    trained = []
+    real_train = rethinking.train
+
+    def train(model, *args, **kwargs):
+        trained.append(model)
+        if interrupt_at == len(trained):
+            raise KeyboardInterrupt
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(rethinking, "train", train)
+    interrupt_at = 3  # full model, fine-tune, then Scratch-E is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        rethinking.run("l1_norm", data, checkpoints=Checkpoints(tmp_path, {"run": 1}), **settings)
+    assert Checkpoints(tmp_path).completed() == ["full", "prune", "arm-fine-tune"]
+
+    trained.clear()
+    interrupt_at = None
+    resumed = rethinking.run("l1_norm", data, checkpoints=Checkpoints(tmp_path, {"run": 1}, resume=True),
+                             **settings).to_dict()
+    assert len(trained) == 2  # Scratch-E and Scratch-B only
+    timed = ("measured_speedup", "efficiency")
+    assert {k: v for k, v in resumed.items() if k not in timed} == {k: v for k, v in whole.items() if k not in timed}
