@@ -6,7 +6,15 @@
 Runs :func:`sparsekern.methods.rethinking.run` for each method on the embedded digits data: the four
 criteria through fine-tune / Scratch-E / Scratch-B, Pruning from Scratch through Scratch-B, TAS through KD,
 ANP-VS with its robustness comparison. Reports of methods not rerun are kept from an existing ``--out``, so
-one method can be rerun alone. Prints markdown tables (cited by the README) and writes one JSON.
+one method can be rerun alone. Each report records the command that produced it (``command``) and the command
+whose run timed its speedup (``timed_by``). ``--remeasure`` re-times the stored plans of ``--methods`` (all
+seven by default) in one run and sets their ``timed_by``; run it on a quiet machine so that every row's
+speedup comes from the same run:
+
+    python bench/rethinking_report.py --image-size 16 --remeasure
+
+Prints the README's markdown tables (``bench/tables.py``, which also checks them against the README) and
+writes one JSON.
 """
 from __future__ import annotations
 
@@ -21,35 +29,8 @@ from sparsekern.data import load
 from sparsekern.methods import rethinking
 
 
-ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
-
-
-def table(reports: list[dict]) -> str:
-    """One row per method: accuracies of each arm it ran ("-" for arms it did not), FLOPs, params, speed."""
-    rows = [
-        "| method | full model | " + " | ".join(ARMS) + " | FLOPs | params | measured speedup | efficiency |",
-        "|---|---|" + "---|" * len(ARMS) + "---|---|---|---|",
-    ]
-    for r in reports:
-        acc = {a["name"]: f"{a['accuracy']:.1%}" for a in r["arms"]}
-        tuned = r.get("robustness", {}).get("ANP-VS + adversarial fine-tune")
-        if tuned:  # ANP-VS: the pruned model after adversarial fine-tuning (clean accuracy)
-            acc.setdefault("fine-tune", f"{tuned['clean_accuracy']:.1%} (adversarial)")
-        rows.append(
-            f"| {r['method']} | {r['full_accuracy']:.1%} | " + " | ".join(acc.get(a, "-") for a in ARMS)
-            + f" | {r['flops_pruned'] / r['flops_full']:.0%} | {r['params_pruned'] / r['params_full']:.0%} | "
-            f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} |"
-        )
-    return "\n".join(rows)
-
-
-def robustness_table(reports: list[dict]) -> str:
-    """Clean and PGD accuracy of each model a report evaluated under attack (ANP-VS and its baselines)."""
-    rows = ["| model | clean | PGD |", "|---|---|---|"]
-    for r in reports:
-        for name, acc in r.get("robustness", {}).items():
-            rows.append(f"| {name} | {acc['clean_accuracy']:.1%} | {acc['pgd_accuracy']:.1%} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import rethinking_table, robustness_table, row_commands  # noqa: E402  (bench/tables.py: the README's tables)
 
 
 def remeasure(report: dict, image_size: int, in_channels: int, num_classes: int, batch: int = 64) -> dict:
@@ -87,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.remeasure:
         doc = json.loads(out.read_text())
-        doc["reports"] = [remeasure(r, doc["image_size"], data.in_channels, data.num_classes)
+        command = "python " + " ".join(sys.argv)
+        commands = doc.setdefault("commands", {})
+        for r in doc["reports"]:  # record who trained each row before re-timing some of them
+            r.setdefault("command", commands.get(r["method"], doc.get("command", "")))
+            r.setdefault("timed_by", row_commands(doc, r)[1])
+        doc["reports"] = [{**remeasure(r, doc["image_size"], data.in_channels, data.num_classes), "timed_by": command}
                           if r["method"] in args.methods else r for r in doc["reports"]]
-        doc.setdefault("commands", {})["remeasure"] = "python " + " ".join(sys.argv)
+        commands["remeasure"] = command
         out.write_text(json.dumps(doc, indent=1))
-        print(table(doc["reports"]))
+        print(rethinking_table(doc))
         return 0
     previous = json.loads(out.read_text()) if out.is_file() else {}
     reports = {r["method"]: r for r in previous.get("reports", [])}
@@ -102,15 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         r = rethinking.run(method, data, model_name=args.model, budget=args.budget, epochs=args.epochs,
                            search_epochs=args.search_epochs, seed=args.seed, progress=False,
                            arms=rethinking.default_arms(method, "rethinking" if args.arms == "protocol" else None))
-        reports[method] = r.to_dict()
-        commands[method] = "python " + " ".join(sys.argv)
+        command = "python " + " ".join(sys.argv)
+        reports[method] = {**r.to_dict(), "command": command, "timed_by": command}
+        commands[method] = command
         doc = {"image_size": args.image_size, "commands": commands,
                "reports": [reports[m] for m in rethinking.METHODS if m in reports]}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
-    ordered = [reports[m] for m in rethinking.METHODS if m in reports]
-    print(table(ordered))
-    print(robustness_table(ordered))
+    doc = {"image_size": args.image_size, "commands": commands,
+           "reports": [reports[m] for m in rethinking.METHODS if m in reports]}
+    print(rethinking_table(doc))
+    print(robustness_table(doc))
     return 0
 
 

@@ -1,1 +1,1 @@
-"""Pruning methods. Each produces a :class:`sparsekern.Plan` (see METHODS.md)."""
+"""Pruning methods. Each produces a :class:`sparsekern.Plan` (see docs/methods.md)."""

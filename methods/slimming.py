@@ -35,7 +35,7 @@ when they fall below the threshold.
 Pruned BN channels and their constant. A channel with ``gamma ~ 0`` still outputs the constant
 ``beta`` (``relu(beta)`` after the activation) in the original model; that constant reaches the next
 layers. The compiler's contract is ``compile == masked``, where a pruned channel is zero everywhere
-(DESIGN.md, "Semantics"), so the plan is exact against :func:`sparsekern.masked`; the difference to the
+(docs/design.md#semantics), so the plan is exact against :func:`sparsekern.masked`; the difference to the
 *unpruned* model is the dropped constants, which :func:`pruned_constant_error` measures. The paper
 fine-tunes after pruning, which absorbs them. (Folding them into the consumer's bias where that is exact
 is a possible later extension.)

@@ -3,7 +3,7 @@
 TAS searches the *architecture* of the pruned network (channels per layer and blocks per stage) under a
 FLOPs budget, then trains that architecture with knowledge distillation from the unpruned network.
 
-Search space (METHODS.md, "TAS"), here for the zoo's CIFAR ResNets:
+Search space (docs/methods.md#tas), here for the zoo's CIFAR ResNets:
 
 * **width**: candidate channel counts ``int(C * r)`` for ``r`` in 0.3, 0.4, ..., 1.0 (:func:`width_choices`).
   Channels tied by residual adds form one dependency group (:mod:`sparsekern.graph`) and therefore share

@@ -1,6 +1,6 @@
 """sparsekern: compile pruning masks into smaller layers and kernels that are really faster.
 
-Public API (see DESIGN.md)::
+Public API (see docs/design.md#public-api)::
 
     import sparsekern as sk
     plan = sk.Plan.from_channel_masks(model, {"layer1.0.conv1": keep}, example_inputs=x)

@@ -40,7 +40,7 @@ supported in the counted forward. ``sparsekern::channel_skip_conv2d`` has a form
 here): ``2 k^2 H_out W_out |active in| |active out|`` summed over the samples, read from the masks it
 was called with, so a compiled dynamic model counts only the work its kernels do.
 
-Per-sample accounting (dynamic models, DESIGN.md "Dynamic"). When the forward contains per-sample
+Per-sample accounting (dynamic models, docs/design.md#dynamic-plans). When the forward contains per-sample
 work, ``FlopReport.per_sample`` and every ``LayerCost.per_sample`` hold the FLOPs of each sample of
 the batch (a :class:`SampleFlops`: a list of ints with ``mean``, ``min``, ``max``, ``std`` and
 ``tensor()``); otherwise they are ``None``. Two sources:

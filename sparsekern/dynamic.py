@@ -1,4 +1,4 @@
-"""Per-sample dynamic channel gating (DESIGN.md, "Dynamic"): the gated layers and the compiler step.
+"""Per-sample dynamic channel gating (docs/design.md#dynamic-plans): the gated layers and the compiler step.
 
 A **gated layer** is a convolution (``groups=1``) followed by an optional BatchNorm and an optional ReLU,
 whose output channels are switched on or off *per sample* by a small **gate** module: ``gate(x)`` maps the

@@ -1,4 +1,4 @@
-"""Low-rank part of a plan: factorized layers with a rank keep-set (FLOP; DESIGN.md, "Low-rank").
+"""Low-rank part of a plan: factorized layers with a rank keep-set (FLOP; docs/design.md#low-rank-plans).
 
 A *factorized layer* computes ``y = x Q^T diag(z) P^T + bias`` with ``P`` (out, r), ``Q`` (r, in) and gates
 ``z`` (r,) (:class:`sparsekern.methods.flop.FactorizedLinear`; any module with attributes ``P``, ``Q`` and

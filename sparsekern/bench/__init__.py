@@ -1,6 +1,6 @@
 """Benchmark harness: theoretical FLOP speedup vs measured wall-clock speedup.
 
-Everything here times through :func:`time_interleaved` (DESIGN.md, "Measuring"). Importing
+Everything here times through :func:`time_interleaved` (docs/design.md#measuring). Importing
 this package does not import matplotlib; :func:`plot_speedup` / :func:`plot_layers` do, lazily.
 
     report = sk.bench.compare(dense, fast, x, threads=1, label="resnet18 l1 50%")

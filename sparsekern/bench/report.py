@@ -240,7 +240,7 @@ def check_not_zero(args: tuple[Any, ...]) -> None:
 
     Timing on zeros is misleading: zero activations let hardware and libraries take shortcuts
     (sparsity-aware paths, no denormals, trivially predictable data) and make every pruned
-    channel look free, so the numbers would not hold on real data (DESIGN.md, "Measuring").
+    channel look free, so the numbers would not hold on real data (docs/design.md#measuring).
     """
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() > 0:

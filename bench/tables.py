@@ -1,0 +1,356 @@
+"""Every README table that is derived from ``bench/results/*.json``, recomputed from the JSON.
+
+    python bench/tables.py            # print each table as markdown, after the command(s) of its rows
+    python bench/tables.py --check    # exit 1 unless README.md holds every table verbatim
+    python bench/tables.py --update   # rewrite each table between its markers in README.md
+
+In README.md each table sits between ``<!-- bench/tables.py NAME -->`` and ``<!-- /bench/tables.py -->``;
+the block holds the source line (the JSON file and the command recorded in it for the table's rows), the
+table, and, where rows come from different commands, a numbered list of those commands. Nothing here
+times anything: every figure is read from the committed JSON. ``tests/bench/test_tables.py`` checks that
+the README and the JSON agree.
+
+Conventions shared by the tables:
+
+- *spread* of one timing = interquartile range / median of its samples, as recorded in the JSON. A row that
+  is a ratio of two timings (a speedup, an efficiency) shows the larger spread of the two.
+- A kernel summary row aggregates several measured shapes; it shows the median and the maximum spread over
+  them, and is marked *within noise* when that median spread is ``NOISE`` (10%) or more: its efficiency is
+  then not resolved to better than about +-0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from sparsekern.bench.models import summary_table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+NOISE = 0.10
+BEGIN = "<!-- bench/tables.py {name} -->"
+END = "<!-- /bench/tables.py -->"
+
+CHANNEL_SKIP = "channel_skip_conv2d/cpu/float32"
+LOWRANK = "lowrank_linear/cpu/float32"
+MODEL_ORDER = ("resnet18", "vgg16_bn", "resnet56")  # the kernel benchmark's shape sets, in its own order
+RETHINKING_METHODS = ("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp")
+ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One README table: its marker name, the JSON it comes from, and the markdown block."""
+
+    name: str
+    source: str
+    markdown: str
+
+
+def _load(name: str, results: Path) -> dict[str, Any]:
+    return json.loads((results / name).read_text())
+
+
+def _link(name: str) -> str:
+    return f"[`bench/results/{name}`](bench/results/{name})"
+
+
+def _source(name: str, command: str, part: str = "") -> str:
+    where = f" ({part})" if part else ""
+    return f"Source: {_link(name)}{where}, written by `{command}`."
+
+
+def _numbered(commands: list[str]) -> str:
+    return "\n".join(f"{i}. `{c}`" for i, c in enumerate(commands, 1))
+
+
+def _spread_cell(spreads: list[float]) -> str:
+    return f"{statistics.median(spreads):.0%} ({max(spreads):.0%})"
+
+
+# -- cpu.json: whole models ------------------------------------------------------------------------------------
+
+def models_table(results: Path = RESULTS) -> Table:
+    """Dense vs compiled zoo models (``cpu.json``, ``results``), one row per case."""
+    doc = _load("cpu.json", results)
+    return Table("models", "cpu.json", _source("cpu.json", doc["command"], "`results`") + "\n\n" + summary_table(doc))
+
+
+# -- cpu.json: channel_skip_conv2d -----------------------------------------------------------------------------
+
+def _conv_macs(shape: dict[str, Any]) -> int:
+    (kh, kw), (sh, sw), (ph, pw) = shape["kernel"], shape["stride"], shape["padding"]
+    dh, dw = shape.get("dilation", (1, 1))
+    ho = (shape["h"] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (shape["w"] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return shape["c_in"] * shape["c_out"] * kh * kw * ho * wo
+
+
+def _row_spread(row: dict[str, Any], candidate: str) -> float:
+    return max(row["spread"]["dense"], row["spread"][candidate])
+
+
+def channel_skip_table(results: Path = RESULTS) -> Table:
+    """Per model, batch, keep and mask mode: per-layer and whole-model efficiency of channel_skip_conv2d."""
+    part = _load("cpu.json", results)["kernels"][CHANNEL_SKIP]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in part["rows"]:
+        groups[(r["shape"]["model"], r["batch"], r["keep"], r["masks"])].append(r)
+
+    def order(key: tuple) -> tuple:
+        model, batch, keep, masks = key
+        rank = MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
+        return rank, model, batch, keep, masks != "out"
+
+    rows = [
+        "| model | batch | keep | masks | layers with eff >= 0.7 | median efficiency | whole-model: measured / "
+        "theoretical speedup (efficiency) | vs dense-then-mask | spread: median (max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(groups, key=order):
+        model, batch, keep, masks = key
+        g = groups[key]
+        dense = sum(r["count"] * r["dense_ms"] for r in g)
+        kernel = sum(r["count"] * r["kernel_ms"] for r in g)
+        naive = sum(r["count"] * r["dense_then_mask_ms"] for r in g)
+        macs = sum(r["count"] * _conv_macs(r["shape"]) for r in g)
+        active = sum(r["count"] * _conv_macs(r["shape"]) / r["theoretical_speedup"] for r in g)
+        measured, theoretical = dense / kernel, macs / active
+        good = sum(r["efficiency"] >= 0.7 for r in g)
+        median = statistics.median(r["efficiency"] for r in g)
+        spreads = [_row_spread(r, r["backend"]) for r in g]
+        rows.append(
+            f"| {model} | {batch} | {keep} | {masks} | {good}/{len(g)} | {median:.2f} | {measured:.2f}x / "
+            f"{theoretical:.2f}x ({measured / theoretical:.2f}) | {naive / kernel:.2f}x | {_spread_cell(spreads)} |")
+    text = _source("cpu.json", part["command"], f"`kernels[\"{CHANNEL_SKIP}\"]`") + "\n\n" + "\n".join(rows)
+    return Table("channel_skip_conv2d", "cpu.json", text)
+
+
+# -- cpu.json: lowrank_linear ----------------------------------------------------------------------------------
+
+def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
+    """Per token range and rank: efficiency of the dispatched lowrank_linear, its spread, and whether the row is
+    within noise (median spread >= NOISE)."""
+    part = _load("cpu.json", results)["kernels"][LOWRANK]
+    all_tokens = sorted({r["tokens"] for r in part["rows"]})
+    large = [t for t in all_tokens if t >= min_tokens]
+    label_large = f"{min(large)}-{max(large)}" if len(large) > 1 else str(large[0])
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in part["rows"]:
+        label = label_large if r["tokens"] >= min_tokens else str(r["tokens"])
+        groups[(label, r["r"])].append(r)
+    labels = [label_large] + [str(t) for t in reversed(all_tokens) if t < min_tokens]
+    rows = [
+        "| tokens | r | rows | dispatched to | efficiency, median (min-max) | fused vs two GEMMs, median "
+        "| spread: median (max) | within noise |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        for rank in sorted(r for lab, r in groups if lab == label):
+            g = groups[(label, rank)]
+            eff = [r["efficiency"]["dispatch"] for r in g]
+            backends = "/".join(sorted({r["backend"] for r in g}))
+            spreads = [_row_spread(r, "dispatch") for r in g]
+            fused = statistics.median(r["fused_vs_two_gemm"] for r in g)
+            noisy = "yes" if statistics.median(spreads) >= NOISE else "no"
+            rows.append(
+                f"| {label} | {rank} | {len(g)} | {backends} | {statistics.median(eff):.2f} ({min(eff):.2f}-"
+                f"{max(eff):.2f}) | {fused:.2f}x | {_spread_cell(spreads)} | {noisy} |")
+    text = _source("cpu.json", part["command"], f"`kernels[\"{LOWRANK}\"]`") + "\n\n" + "\n".join(rows)
+    return Table("lowrank_linear", "cpu.json", text)
+
+
+# -- sanp_digits.json ------------------------------------------------------------------------------------------
+
+def sanp_table(results: Path = RESULTS) -> Table:
+    """SANP end to end: one row per model, each with the command that produced it."""
+    doc = _load("sanp_digits.json", results)
+    commands: list[str] = []
+    rows = [
+        "| model | dense acc | SANP acc | cost: mean (min-max) | theoretical | measured | efficiency | dense ms "
+        "| compiled ms | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        if r["command"] not in commands:
+            commands.append(r["command"])
+        h, w = r["plan"]["meta"]["inputs"][0]["shape"][-2:]
+        c = r["cost_ratio"]
+        rows.append(
+            f"| {r['model']} ({h}x{w}) | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | {c['mean']:.1%} "
+            f"({c['min']:.0%}-{c['max']:.0%}) | {r['theoretical_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
+            f"{r['efficiency']:.2f} | {r['dense_ms']:.1f} | {r['compiled_ms']:.1f} | "
+            f"{commands.index(r['command']) + 1} |")
+    text = (f"Source: {_link('sanp_digits.json')}; commands:\n\n{_numbered(commands)}\n\n" + "\n".join(rows))
+    return Table("sanp", "sanp_digits.json", text)
+
+
+# -- rethinking_digits.json ------------------------------------------------------------------------------------
+
+def _named_methods(command: str) -> list[str] | None:
+    """The ``--methods`` of a rethinking_report command line (None when it names none: every method)."""
+    args = shlex.split(command)
+    if "--methods" not in args:
+        return None
+    out = []
+    for a in args[args.index("--methods") + 1:]:
+        if a.startswith("--"):
+            break
+        out.append(a)
+    return out
+
+
+def row_commands(doc: dict[str, Any], report: dict[str, Any]) -> tuple[str, str]:
+    """(command that trained and first timed the row, command whose run the row's speedup comes from).
+
+    Reports written by the current ``bench/rethinking_report.py`` carry both (``command``, ``timed_by``);
+    for older ones they are read from the document's ``commands``, where a ``remeasure`` command re-timed the
+    methods it names."""
+    commands = doc.get("commands", {})
+    trained = report.get("command") or commands.get(report["method"]) or doc.get("command", "")
+    timed = report.get("timed_by")
+    if timed is None:
+        remeasure = commands.get("remeasure")
+        named = _named_methods(remeasure) if remeasure else []
+        timed = remeasure if remeasure and (named is None or report["method"] in named) else trained
+    return trained, timed
+
+
+def rethinking_table(doc: dict[str, Any], results_name: str = "rethinking_digits.json") -> str:
+    """One row per method: accuracy of each arm it ran ("-" for arms it did not), FLOPs, params, speed, and
+    the numbered commands that trained it and that timed its speedup (listed above the table)."""
+    commands: list[str] = []
+
+    def number(cmd: str) -> int:
+        if cmd not in commands:
+            commands.append(cmd)
+        return commands.index(cmd) + 1
+
+    rows = [
+        "| method | full model | " + " | ".join(ARMS) + " | FLOPs | params | measured speedup | efficiency "
+        "| trained by | timed by |",
+        "|---|---|" + "---|" * len(ARMS) + "---|---|---|---|---|---|",
+    ]
+    for r in doc["reports"]:
+        acc = {a["name"]: f"{a['accuracy']:.1%}" for a in r["arms"]}
+        tuned = r.get("robustness", {}).get("ANP-VS + adversarial fine-tune")
+        if tuned:  # ANP-VS: the pruned model after adversarial fine-tuning (clean accuracy)
+            acc.setdefault("fine-tune", f"{tuned['clean_accuracy']:.1%} (adversarial)")
+        trained, timed = row_commands(doc, r)
+        rows.append(
+            f"| {r['method']} | {r['full_accuracy']:.1%} | " + " | ".join(acc.get(a, "-") for a in ARMS)
+            + f" | {r['flops_pruned'] / r['flops_full']:.0%} | {r['params_pruned'] / r['params_full']:.0%} | "
+            f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {number(trained)} | {number(timed)} |")
+    return f"Source: {_link(results_name)}; commands:\n\n{_numbered(commands)}\n\n" + "\n".join(rows)
+
+
+def robustness_table(doc: dict[str, Any]) -> str:
+    """Clean and PGD accuracy of each model a report evaluated under attack (ANP-VS and its baselines)."""
+    rows = ["| model | clean | PGD | test images |", "|---|---|---|---|"]
+    for r in doc["reports"]:
+        for name, acc in r.get("robustness", {}).items():
+            rows.append(f"| {name} | {acc['clean_accuracy']:.1%} | {acc['pgd_accuracy']:.1%} | {acc['n']:.0f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def static_methods_tables(results: Path = RESULTS) -> list[Table]:
+    doc = _load("rethinking_digits.json", results)
+    out = [Table("static_methods", "rethinking_digits.json", rethinking_table(doc))]
+    robust = robustness_table(doc)
+    if robust:
+        cmds = sorted({row_commands(doc, r)[0] for r in doc["reports"] if r.get("robustness")})
+        out.append(Table("robustness", "rethinking_digits.json",
+                         f"Source: {_link('rethinking_digits.json')}, written by "
+                         + ", ".join(f"`{c}`" for c in cmds) + ".\n\n" + robust))
+    return out
+
+
+# -- flop_lm.json ----------------------------------------------------------------------------------------------
+
+def flop_table(results: Path = RESULTS) -> Table:
+    """FLOP on byte-level LMs: one dense row per architecture, then one row per target."""
+    doc = _load("flop_lm.json", results)
+    names = {"transformer_lm": "transformer", "sru_lm": "SRU"}
+    rows = [
+        "| model | target | sparsity | params | FLOP bpb | same-size dense bpb | tokens/s dense -> compiled "
+        "| measured (theoretical) speedup | efficiency | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, r in doc["results"].items():
+        name = names.get(arch, arch)
+        rows.append(f"| {name} dense | - | - | {r['dense']['params']:,} | {r['dense']['test_bpb']:.3f} | - | - | - "
+                    "| - | - |")
+        for f, s in zip(r["flop"], r["scratch"]):
+            rows.append(
+                f"| {name} | {f['target']:.2f} | {f['sparsity']:.3f} | {f['params']:,} | {f['test_bpb']:.3f} | "
+                f"{s['test_bpb']:.3f} ({s['params']:,}) | {f['dense_tokens_per_s']:,.0f} -> "
+                f"{f['compiled_tokens_per_s']:,.0f} | {f['measured_speedup']:.2f}x ({f['theoretical_speedup']:.2f}x) "
+                f"| {f['efficiency']:.2f} | {max(f['timing_spread']):.1%} |")
+    return Table("flop_lm", "flop_lm.json", _source("flop_lm.json", doc["command"]) + "\n\n" + "\n".join(rows))
+
+
+# -- all -------------------------------------------------------------------------------------------------------
+
+BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
+    models_table, channel_skip_table, lowrank_table, sanp_table, static_methods_tables, flop_table)
+
+
+def tables(results: Path = RESULTS) -> list[Table]:
+    """Every README table derived from the JSON under ``results``, in README order."""
+    out: list[Table] = []
+    for build in BUILDERS:
+        t = build(results)
+        out.extend(t if isinstance(t, list) else [t])
+    return out
+
+
+def block(t: Table) -> str:
+    """The table as it stands in README.md, markers included."""
+    return f"{BEGIN.format(name=t.name)}\n{t.markdown}\n{END}"
+
+
+def update(readme: str, ts: list[Table]) -> str:
+    """``readme`` with the text between each table's markers replaced by the table (markers must exist)."""
+    for t in ts:
+        pattern = re.compile(re.escape(BEGIN.format(name=t.name)) + r"\n.*?" + re.escape(END), re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md has no marker {BEGIN.format(name=t.name)!r}; add the marker pair first")
+        readme = pattern.sub(lambda _m, t=t: block(t), readme, count=1)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 unless README.md holds every table verbatim")
+    mode.add_argument("--update", action="store_true", help="rewrite the tables between their markers")
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    ts = tables(args.results)
+    if args.update:
+        args.readme.write_text(update(args.readme.read_text(), ts))
+        print(f"updated {len(ts)} tables in {args.readme}")
+        return 0
+    if args.check:
+        text = args.readme.read_text()
+        stale = [t.name for t in ts if block(t) not in text]
+        for name in stale:
+            print(f"{args.readme}: table {name!r} differs from bench/results (run python bench/tables.py --update)")
+        return 1 if stale else 0
+    for t in ts:
+        print(f"### {t.name} ({t.source})\n\n{t.markdown}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

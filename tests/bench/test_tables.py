@@ -1,0 +1,110 @@
+"""bench/tables.py: the README's benchmark tables are recomputed from the committed JSON and match it verbatim.
+
+Nothing here times anything; the tables are read from ``bench/results/*.json``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "tables.py"
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("bench_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built(tables):
+    return tables.tables()
+
+
+def test_script_runs_on_the_committed_json_and_prints_every_table(built):
+    out = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    for t in built:
+        assert t.markdown in out, t.name
+
+
+def test_every_table_appears_in_the_readme_verbatim(tables, built):
+    readme = (ROOT / "README.md").read_text()
+    stale = [t.name for t in built if tables.block(t) not in readme]
+    assert not stale, f"README tables differ from bench/results: {stale}; run python bench/tables.py --update"
+
+
+def test_check_mode_agrees(built):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout
+
+
+def test_each_table_names_the_command_recorded_for_its_rows(built):
+    cpu = json.loads((ROOT / "bench/results/cpu.json").read_text())
+    by_name = {t.name: t.markdown for t in built}
+    assert f"`{cpu['command']}`" in by_name["models"]
+    for name, key in (("channel_skip_conv2d", "channel_skip_conv2d/cpu/float32"),
+                      ("lowrank_linear", "lowrank_linear/cpu/float32")):
+        assert f"`{cpu['kernels'][key]['command']}`" in by_name[name]
+    for r in json.loads((ROOT / "bench/results/sanp_digits.json").read_text())["results"]:
+        assert f"`{r['command']}`" in by_name["sanp"]
+    flop = json.loads((ROOT / "bench/results/flop_lm.json").read_text())
+    assert f"`{flop['command']}`" in by_name["flop_lm"]
+
+
+def test_channel_skip_table_has_a_row_for_every_measured_case(built):
+    rows = json.loads((ROOT / "bench/results/cpu.json").read_text())["kernels"]["channel_skip_conv2d/cpu/float32"]
+    measured = {(r["shape"]["model"], str(r["batch"]), str(r["keep"]), r["masks"]) for r in rows["rows"]}
+    table = next(t.markdown for t in built if t.name == "channel_skip_conv2d")
+    shown = {tuple(c.strip() for c in line.split("|")[1:5]) for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith("| model")}
+    assert shown == measured
+
+
+def test_lowrank_table_shows_every_token_count_and_flags_noise_by_its_rule(tables, built):
+    rows = json.loads((ROOT / "bench/results/cpu.json").read_text())["kernels"]["lowrank_linear/cpu/float32"]["rows"]
+    table = next(t.markdown for t in built if t.name == "lowrank_linear")
+    lines = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "tokens" not in line]
+    assert sum(int(c[2]) for c in lines) == len(rows)  # every measured row is counted once
+    for c in lines:  # the shown median spread is rounded to a percent: check away from the threshold
+        median_spread = float(c[6].split("%")[0]) / 100
+        if abs(median_spread - tables.NOISE) > 0.005:
+            assert (c[7].strip() == "yes") == (median_spread > tables.NOISE), c
+
+
+def test_static_methods_rows_name_the_run_that_trained_and_timed_them(tables):
+    doc = {
+        "commands": {"a": "python bench/rethinking_report.py", "b": "python bench/rethinking_report.py --methods b",
+                     "remeasure": "python bench/rethinking_report.py --methods b --remeasure"},
+        "reports": [
+            {"method": "a", "full_accuracy": 0.9, "arms": [], "flops_pruned": 1, "flops_full": 2,
+             "params_pruned": 1, "params_full": 2, "measured_speedup": 1.5, "efficiency": 0.75},
+            {"method": "b", "full_accuracy": 0.9, "arms": [], "flops_pruned": 1, "flops_full": 2,
+             "params_pruned": 1, "params_full": 2, "measured_speedup": 1.5, "efficiency": 0.75},
+            {"method": "c", "full_accuracy": 0.9, "arms": [], "flops_pruned": 1, "flops_full": 2,
+             "params_pruned": 1, "params_full": 2, "measured_speedup": 1.5, "efficiency": 0.75,
+             "command": "train c", "timed_by": "time c"},
+        ],
+    }
+    assert tables.row_commands(doc, doc["reports"][0]) == (doc["commands"]["a"], doc["commands"]["a"])
+    assert tables.row_commands(doc, doc["reports"][1]) == (doc["commands"]["b"], doc["commands"]["remeasure"])
+    assert tables.row_commands(doc, doc["reports"][2]) == ("train c", "time c")
+    text = tables.rethinking_table(doc)
+    for cmd in (*doc["commands"].values(), "train c", "time c"):
+        assert f"`{cmd}`" in text
+
+
+def test_update_rewrites_only_between_the_markers(tables, built):
+    t = built[0]
+    stale = f"before\n{tables.BEGIN.format(name=t.name)}\nold table\n{tables.END}\nafter\n"
+    fresh = tables.update(stale, [t])
+    assert fresh == f"before\n{tables.block(t)}\nafter\n"
+    assert tables.update(fresh, [t]) == fresh
