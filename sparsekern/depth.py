@@ -33,17 +33,17 @@ that is not a residual block says why, and nested or repeated names are refused.
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from sparsekern.channel_rules import is_leaf_rule, node_has_tag
 from sparsekern.graph import ChannelGraph, GraphError, symbolic_trace, trace_channels
-from sparsekern.plan import PlanError, _distance
+from sparsekern.plan import PlanError
+from sparsekern.utils import edit_distance
 
 __all__ = [
     "SHORTCUT_NAMES",
@@ -58,28 +58,6 @@ __all__ = [
 
 #: Child names that hold a projection shortcut.
 SHORTCUT_NAMES: tuple[str, ...] = ("downsample", "shortcut", "skip", "proj", "projection")
-
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Identity)
-_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish}
-_ACT_METHODS = {"relu", "relu_"}
-# activations a with a(x) = x for every x >= 0: a no-op on a non-negative shortcut
-_IDENTITY_ON_NONNEG_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity)
-_IDENTITY_ON_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu}
-# ops whose output is non-negative whatever their input ...
-_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softplus, nn.Hardsigmoid)
-_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softplus, F.hardsigmoid, torch.abs}
-_NONNEG_METHODS = {"relu", "relu_", "sigmoid", "abs"}
-# ... and ops whose output is non-negative when their input is
-_KEEPS_NONNEG_MODULES = (
-    nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
-    nn.Hardtanh,
-)
-_KEEPS_NONNEG_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout}
-_KEEPS_NONNEG_METHODS = {"contiguous", "clone", "detach", "float", "to"}
-
 
 @dataclass(frozen=True)
 class ResidualBlock:
@@ -112,9 +90,10 @@ class _Analysis:
 
 # ----------------------------------------------------------------------------- structure
 def _is_add(n: torch.fx.Node) -> bool:
-    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
-        return "alpha" not in n.kwargs and len(n.args) == 2
-    return n.op == "call_method" and n.target in _ADD_METHODS and "alpha" not in n.kwargs and len(n.args) == 2
+    """``n`` adds two tensors (a function or method whose channel rule is tagged ``"add"``, without alpha)."""
+    if n.op not in ("call_function", "call_method") or not node_has_tag(n, {}, "add"):
+        return False
+    return "alpha" not in n.kwargs and len(n.args) == 2
 
 
 def _is_activation(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
@@ -122,19 +101,11 @@ def _is_activation(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
         return False
     if any(isinstance(a, torch.fx.Node) for a in list(n.args[1:]) + list(n.kwargs.values())):
         return False
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), _ACT_MODULES)
-    if n.op == "call_function":
-        return n.target in _ACT_FUNCTIONS
-    return n.op == "call_method" and n.target in _ACT_METHODS
+    return node_has_tag(n, gm, "activation")
 
 
 def _identity_on_nonneg(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), _IDENTITY_ON_NONNEG_MODULES)
-    if n.op == "call_function":
-        return n.target in _IDENTITY_ON_NONNEG_FUNCTIONS
-    return n.op == "call_method" and n.target in _ACT_METHODS
+    return node_has_tag(n, gm, "identity_on_nonneg")
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -262,7 +233,7 @@ def check_blocks(model: nn.Module, blocks: Sequence[str]) -> None:
         seen.add(b)
         if b not in names:
             pool = residual_blocks(model) or [n for n in names if n]
-            close = sorted(pool, key=lambda n: (_distance(n, b), n))[:3]
+            close = sorted(pool, key=lambda n: (edit_distance(n, b), n))[:3]
             raise PlanError(f"the model has no module {b!r} to remove; closest residual blocks: {close}")
     for b in blocks:
         outer = [o for o in blocks if b.startswith(o + ".")]
@@ -317,7 +288,8 @@ class _LeafTracer(torch.fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or getattr(m, "sk_leaf", False) or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaves or getattr(m, "sk_leaf", False) or is_leaf_rule(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def _nonneg_input_blocks(model: nn.Module, analyses: dict[str, _Analysis]) -> set[str]:
@@ -350,15 +322,7 @@ def _nonneg_input_blocks(model: nn.Module, analyses: dict[str, _Analysis]) -> se
                     return _nonneg_op(an.post[-1], an.gm) or (an.block.noop_on_nonneg and an.block.shortcut is None
                                                                and nonneg(first))
                 return an.block.shortcut is None and nonneg(first)
-            m = modules.get(n.target)
-            if isinstance(m, _NONNEG_MODULES):
-                return True
-            return isinstance(m, _KEEPS_NONNEG_MODULES) and nonneg(first)
-        if n.op == "call_function":
-            return n.target in _NONNEG_FUNCTIONS or (n.target in _KEEPS_NONNEG_FUNCTIONS and nonneg(first))
-        if n.op == "call_method":
-            return n.target in _NONNEG_METHODS or (n.target in _KEEPS_NONNEG_METHODS and nonneg(first))
-        return False
+        return node_has_tag(n, modules, "nonneg") or (node_has_tag(n, modules, "keeps_nonneg") and nonneg(first))
 
     calls: dict[str, list[bool]] = {}
     for node in graph.nodes:
@@ -368,11 +332,7 @@ def _nonneg_input_blocks(model: nn.Module, analyses: dict[str, _Analysis]) -> se
 
 
 def _nonneg_op(n: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
-    if n.op == "call_module":
-        return isinstance(gm.get_submodule(n.target), _NONNEG_MODULES)
-    if n.op == "call_function":
-        return n.target in _NONNEG_FUNCTIONS
-    return n.op == "call_method" and n.target in _NONNEG_METHODS
+    return node_has_tag(n, gm, "nonneg")
 
 
 def _analyse_all(model: nn.Module, blocks: Sequence[str]) -> dict[str, _Analysis]:

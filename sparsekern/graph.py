@@ -17,6 +17,11 @@ channel that reaches an op this module cannot slice (a reduction over channels, 
 channels, an unknown module). Tensors whose channels are not tracked (the model input, outputs of such
 ops) are never sliced. Unknown constructs are therefore kept dense, never compiled wrongly.
 
+What each op does to channels is looked up in the public table of channel rules
+(:mod:`sparsekern.channel_rules`, re-exported here: :func:`register_channel_rule`, :class:`ChannelRule`,
+:func:`channel_rule_scope`); the :class:`_LayoutInterpreter` below is the ``LayoutContext`` those rules run
+in, and its public methods are the built-in propagations they may reuse (docs/adding-a-channel-rule.md).
+
 The vocabulary follows Torch-Pruning (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023);
 the union-find formulation over per-position atoms is this package's own.
 """
@@ -30,10 +35,21 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from sparsekern.channel_rules import (  # noqa: F401 (the public table of channel rules, re-exported)
+    ChannelRule,
+    LayoutContext,
+    channel_rule,
+    channel_rule_scope,
+    elementwise,
+    is_leaf_rule,
+    module_rule,
+    register_channel_rule,
+    unregister_channel_rule,
+)
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
+from sparsekern.utils import as_tuple, edit_distance, input_spec
 
 
 class GraphError(RuntimeError):
@@ -95,42 +111,8 @@ class _UnionFind:
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------- op tables
-_CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
-    nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-)
-_CHANNELWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
-    F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.dropout2d, torch.clamp,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
-    F.interpolate, torch.abs, torch.exp, operator.neg, torch.neg,
-}
-_CHANNELWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clamp_min", "contiguous", "clone",
-    "float", "half", "bfloat16", "to", "detach", "abs", "exp", "neg", "type_as",
-}
-_BINARY = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-}
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-
-
-# layers whose weights compile.py slices per channel (so every call of a shared one must agree)
-_SLICED_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                   nn.LayerNorm, nn.PReLU)
-
-
-def _is_depthwise(m: nn.Module) -> bool:
+def is_depthwise(m: nn.Module) -> bool:
+    """True for a depthwise convolution: ``groups == in_channels > 1`` (one filter group per input channel)."""
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
 
 
@@ -146,7 +128,8 @@ class _PathTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # sparsekern's own layers (gated, low-rank, ...) set ``sk_leaf = True``: they stay single nodes.
-        return (isinstance(m, self.extra_leaves) or getattr(m, "sk_leaf", False)
+        # so do modules whose exact type has a channel rule (sparsekern.channel_rules).
+        return (isinstance(m, self.extra_leaves) or getattr(m, "sk_leaf", False) or is_leaf_rule(m)
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102 (fx override)
@@ -214,8 +197,8 @@ class ChannelGraph:
         self.shapes: dict[str, Any] = {}
         self.constraints: list[GroupConstraint] = []
         self.opaque: dict[str, str] = {}
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        self.input_spec = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in inputs]
+        inputs = as_tuple(example_inputs)
+        self.input_spec = input_spec(inputs)
         with eval_mode(model), torch.no_grad():
             _LayoutInterpreter(self).run(*inputs)
         self._finalize()
@@ -502,9 +485,7 @@ def _as_bool_mask(name: str, mask: Any) -> np.ndarray:
 
 
 def _edit(a: str, b: str) -> int:
-    from sparsekern.plan import _distance
-
-    return _distance(a, b)
+    return edit_distance(a, b)
 
 
 def _flatten_layouts(layout: Any) -> Iterable[Layout]:
@@ -538,19 +519,31 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         self.cg.layouts[n.name] = self._layout(n, value)
         return value
 
-    # -- helpers
+    # -- the LayoutContext that channel rules use (sparsekern.channel_rules)
     def lay(self, arg: Any) -> Any:
+        """The layout of fx argument ``arg`` (None when untracked or not a node)."""
         return self.cg.layouts.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
     def val(self, arg: Any) -> Any:
+        """The value of fx argument ``arg`` on the example inputs."""
         return self.env[arg] if isinstance(arg, torch.fx.Node) else arg
 
+    def module_of(self, n: torch.fx.Node) -> nn.Module:
+        """The module that ``call_module`` node ``n`` calls."""
+        return self.cg.modules[n.target]
+
     def opaque(self, n: torch.fx.Node, why: str) -> None:
+        """Pin every tracked input channel of ``n`` (it cannot be sliced, because ``why``); returns None."""
         tracked = [self.lay(a) for a in n.all_input_nodes]
         if any(lay is not None for lay in tracked):
             self.cg.opaque[n.name] = why
             self.cg.pin(tracked, f"it reaches {n.name!r} ({why})")
         return None
+
+    def produce(self, n: torch.fx.Node, size: int, cdim: int) -> Layout:
+        """The ``size`` channels that module node ``n`` creates on axis ``cdim``: new ones at the module's first
+        call, the same ones at every later call of a shared module."""
+        return Layout(cdim, self._output_atoms(str(n.target), size))
 
     # -- dispatch
     def _layout(self, n: torch.fx.Node, value: Any) -> Any:
@@ -568,59 +561,91 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         return self.opaque(n, f"unsupported node kind {n.op}")
 
     def _module(self, n: torch.fx.Node, m: nn.Module, value: Any) -> Any:
+        """Apply ``m``'s channel rule; a module with per-channel state shares its input channels across calls,
+        and its output layout is recorded under its name."""
         name = str(n.target)
+        rule = module_rule(m)
+        if rule is not None and rule.shares_weights:
+            self._share_weights(n, name, self.lay(n.args[0]) if n.args else None)
+        if rule is None or rule.layout is None:
+            return self.opaque(n, f"module {type(m).__name__} is not sliceable")
+        return self._record(name, rule.layout(self, n, value))
+
+    def _function(self, n: torch.fx.Node, fn: Callable, value: Any) -> Any:
+        rule = channel_rule(fn)
+        if rule is not None and rule.layout is not None:
+            return rule.layout(self, n, value)
+        if not _has_tensor(value):
+            return None
+        return self.opaque(n, f"function {getattr(fn, '__name__', fn)} is not sliceable")
+
+    def _method(self, n: torch.fx.Node, name: str, value: Any) -> Any:
+        if name in ("size", "dim", "numel") or not _has_tensor(value):
+            return None
+        rule = channel_rule(name)
+        if rule is not None and rule.layout is not None:
+            return rule.layout(self, n, value)
+        return self.opaque(n, f"method .{name}() is not sliceable")
+
+    # -- built-in module layouts
+    def conv(self, n: torch.fx.Node, value: Any) -> Any:
+        """Convolutions: new output channels; depthwise ones tie output to input channels; grouped ones add
+        per-group constraints; transposed ones are opaque."""
+        m, name = self.module_of(n), str(n.target)
         x = self.lay(n.args[0]) if n.args else None
-        if isinstance(m, _SLICED_MODULES):
-            self._share_weights(n, name, x)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            if isinstance(m, nn.modules.conv._ConvTransposeNd):
-                return self.opaque(n, "transposed convolutions are kept dense")
-            if name in self.cg._module_outputs:
-                # a later call of a shared conv: the first call recorded its channels and constraints
-                if x is not None and x.cdim != 1:
-                    self.opaque(n, "conv input whose channel axis is not dim 1")
-                return self._record(name, Layout(1, self._output_atoms(name, m.out_channels)))
-            if _is_depthwise(m) and x is not None:
-                # output channel j reads input channel j // multiplier: they live and die together
-                return self._record(name, Layout(1, np.repeat(x.atoms, m.out_channels // m.in_channels)))
-            out = Layout(1, self._output_atoms(name, m.out_channels))
-            if _is_depthwise(m) and m.out_channels == m.in_channels:
-                # untracked inputs stay whole, so each of its groups keeps its single output channel
-                self.cg.pin(out, f"depthwise conv {name!r} reads input channels that are not tracked (one "
-                                 "output channel per input channel)")
-            elif m.groups > 1:
-                if x is not None:
-                    self.cg.constraints.append(GroupConstraint(n.name, name, x, m.groups, "grouped conv input of"))
-                self.cg.constraints.append(GroupConstraint(n.name, name, out, m.groups, "grouped conv"))
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return self.opaque(n, "transposed convolutions are kept dense")
+        if name in self.cg._module_outputs:
+            # a later call of a shared conv: the first call recorded its channels and constraints
             if x is not None and x.cdim != 1:
                 self.opaque(n, "conv input whose channel axis is not dim 1")
-            return self._record(name, out)
-        if isinstance(m, nn.Linear):
-            ndim = value.dim()
-            if x is not None and x.cdim != ndim - 1:
-                self.opaque(n, "linear input whose feature axis is not the last dim")
-            return self._record(name, Layout(ndim - 1, self._output_atoms(name, m.out_features)))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return self._record(name, self._passthrough(n, x, value))
-        if isinstance(m, nn.GroupNorm):
+            return Layout(1, self._output_atoms(name, m.out_channels))
+        if is_depthwise(m) and x is not None:
+            # output channel j reads input channel j // multiplier: they live and die together
+            return Layout(1, np.repeat(x.atoms, m.out_channels // m.in_channels))
+        out = Layout(1, self._output_atoms(name, m.out_channels))
+        if is_depthwise(m) and m.out_channels == m.in_channels:
+            # untracked inputs stay whole, so each of its groups keeps its single output channel
+            self.cg.pin(out, f"depthwise conv {name!r} reads input channels that are not tracked (one "
+                             "output channel per input channel)")
+        elif m.groups > 1:
             if x is not None:
-                if x.cdim != 1:
-                    return self.opaque(n, "GroupNorm over a non-channel axis")
-                self.cg.constraints.append(GroupConstraint(n.name, name, x, m.num_groups, "GroupNorm"))
-            return self._record(name, self._passthrough(n, x, value))
-        if isinstance(m, nn.LayerNorm):
-            if x is not None and (len(m.normalized_shape) != 1 or x.cdim != value.dim() - 1):
-                return self.opaque(n, "LayerNorm over more than the channel axis")
-            return self._record(name, self._passthrough(n, x, value))
-        if isinstance(m, nn.PReLU):
-            if m.num_parameters > 1 and x is not None and x.cdim != 1:
-                return self.opaque(n, "per-channel PReLU on a non-channel axis")
-            return self._record(name, self._passthrough(n, x, value))
-        if isinstance(m, nn.Flatten):
-            return self._record(name, self._reshape(n, x, value))
-        if isinstance(m, _CHANNELWISE_MODULES):
-            return self._record(name, self._passthrough(n, x, value))
-        return self.opaque(n, f"module {type(m).__name__} is not sliceable")
+                self.cg.constraints.append(GroupConstraint(n.name, name, x, m.groups, "grouped conv input of"))
+            self.cg.constraints.append(GroupConstraint(n.name, name, out, m.groups, "grouped conv"))
+        if x is not None and x.cdim != 1:
+            self.opaque(n, "conv input whose channel axis is not dim 1")
+        return out
+
+    def linear(self, n: torch.fx.Node, value: Any) -> Any:
+        """Linear layers: new output features on the last axis; the input's features must be its last axis."""
+        m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
+        ndim = value.dim()
+        if x is not None and x.cdim != ndim - 1:
+            self.opaque(n, "linear input whose feature axis is not the last dim")
+        return Layout(ndim - 1, self._output_atoms(str(n.target), m.out_features))
+
+    def group_norm(self, n: torch.fx.Node, value: Any) -> Any:
+        """GroupNorm: pass-through on dim 1, with equal kept counts per norm group."""
+        m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
+        if x is not None:
+            if x.cdim != 1:
+                return self.opaque(n, "GroupNorm over a non-channel axis")
+            self.cg.constraints.append(GroupConstraint(n.name, str(n.target), x, m.num_groups, "GroupNorm"))
+        return self.passthrough(n, x, value)
+
+    def layer_norm(self, n: torch.fx.Node, value: Any) -> Any:
+        """LayerNorm: pass-through when it normalises the channel axis only (the last one)."""
+        m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
+        if x is not None and (len(m.normalized_shape) != 1 or x.cdim != value.dim() - 1):
+            return self.opaque(n, "LayerNorm over more than the channel axis")
+        return self.passthrough(n, x, value)
+
+    def prelu(self, n: torch.fx.Node, value: Any) -> Any:
+        """PReLU: pass-through; a per-channel one needs the channel axis on dim 1."""
+        m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
+        if m.num_parameters > 1 and x is not None and x.cdim != 1:
+            return self.opaque(n, "per-channel PReLU on a non-channel axis")
+        return self.passthrough(n, x, value)
 
     def _output_atoms(self, name: str, n: int) -> np.ndarray:
         """A conv/linear's output channels: new atoms at its first call, the same atoms at every later call
@@ -646,7 +671,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         self.cg.record_output(name, layout)
         return layout
 
-    def _passthrough(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
+    def passthrough(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
         if x is None or not isinstance(value, torch.Tensor):
             return None
         in_val = self.val(n.args[0])
@@ -654,47 +679,8 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             return self.opaque(n, "changes the channel axis")
         return x
 
-    def _function(self, n: torch.fx.Node, fn: Callable, value: Any) -> Any:
-        if fn is operator.getitem:
-            return self._getitem(n, value)
-        if fn in _CHANNELWISE_FUNCTIONS:
-            return self._passthrough(n, self.lay(n.args[0]), value)
-        if fn in _BINARY:
-            return self._binary(n, value)
-        if fn in _CAT:
-            return self._cat(n, value)
-        if fn in (torch.split, torch.chunk):
-            return self._split(n, value)
-        if fn in (torch.flatten, torch.reshape):
-            return self._reshape(n, self.lay(n.args[0]), value)
-        if fn in (torch.permute, torch.transpose):
-            return self._permute(n, value)
-        if fn in _REDUCE_FUNCTIONS:
-            return self._reduce(n, value)
-        if not _has_tensor(value):
-            return None
-        return self.opaque(n, f"function {getattr(fn, '__name__', fn)} is not sliceable")
-
-    def _method(self, n: torch.fx.Node, name: str, value: Any) -> Any:
-        if name in ("size", "dim", "numel") or not _has_tensor(value):
-            return None
-        x = self.lay(n.args[0])
-        if name in _CHANNELWISE_METHODS:
-            return self._passthrough(n, x, value)
-        if name in _BINARY_METHODS:
-            return self._binary(n, value)
-        if name in ("view", "reshape", "flatten"):
-            return self._reshape(n, x, value)
-        if name in ("split", "chunk"):
-            return self._split(n, value)
-        if name in ("permute", "transpose"):
-            return self._permute(n, value)
-        if name in _REDUCE_METHODS:
-            return self._reduce(n, value)
-        return self.opaque(n, f"method .{name}() is not sliceable")
-
-    # -- op rules
-    def _binary(self, n: torch.fx.Node, value: Any) -> Any:
+    # -- built-in function and method layouts
+    def binary(self, n: torch.fx.Node, value: Any) -> Any:
         a, b = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
         la, lb = self.lay(a), self.lay(b)
         if la is None and lb is None:
@@ -724,7 +710,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                     self.cg.pin(result, f"it is combined with an untracked tensor at {n.name!r}")
         return result
 
-    def _cat(self, n: torch.fx.Node, value: Any) -> Any:
+    def cat(self, n: torch.fx.Node, value: Any) -> Any:
         tensors = n.args[0]
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         lays = [self.lay(t) for t in tensors]
@@ -754,7 +740,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             self.cg.unify(ref.atoms, lay.atoms)
         return ref
 
-    def _split(self, n: torch.fx.Node, value: Any) -> Any:
+    def split(self, n: torch.fx.Node, value: Any) -> Any:
         x = self.lay(n.args[0])
         if x is None:
             return None
@@ -769,7 +755,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             start += size
         return tuple(out)
 
-    def _getitem(self, n: torch.fx.Node, value: Any) -> Any:
+    def getitem(self, n: torch.fx.Node, value: Any) -> Any:
         container, index = n.args
         lay = self.lay(container)
         if lay is None:
@@ -811,7 +797,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             new_cdim = out_dim + (lay.cdim - src_dim)
         return Layout(new_cdim, lay.atoms)
 
-    def _reshape(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
+    def reshape(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
         if x is None:
             return None
         in_shape = tuple(self.val(n.args[0]).shape)
@@ -827,7 +813,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             cum *= s
         return self.opaque(n, f"reshape {in_shape} -> {out_shape} mixes the channel axis")
 
-    def _permute(self, n: torch.fx.Node, value: Any) -> Any:
+    def permute(self, n: torch.fx.Node, value: Any) -> Any:
         x = self.lay(n.args[0])
         if x is None:
             return None
@@ -840,7 +826,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             cdim = [p % ndim for p in perm].index(x.cdim)
         return Layout(cdim, x.atoms)
 
-    def _reduce(self, n: torch.fx.Node, value: Any) -> Any:
+    def reduce(self, n: torch.fx.Node, value: Any) -> Any:
         x = self.lay(n.args[0])
         if x is None:
             return None

@@ -26,15 +26,14 @@ Passes (names for :func:`apply`):
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import keep_attributes, symbolic_trace
 
 __all__ = ["apply", "fold_bn", "channels_last", "onednn", "freeze", "PASSES"]
@@ -54,7 +53,7 @@ def _as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
 
 
 @torch.no_grad()
-def _folded_weights(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def folded_weights(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of ``bn(layer(x))`` as a single layer; weight scaled along dim 0 (output channels)."""
     scale = bn.running_var.add(bn.eps).rsqrt()
     if bn.weight is not None:
@@ -95,7 +94,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModule:
             continue
         if layer.weight.shape[0] != bn.num_features:
             continue
-        w, b = _folded_weights(layer, bn)
+        w, b = folded_weights(layer, bn)
         layer.weight = nn.Parameter(w.contiguous(), requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(b.contiguous(), requires_grad=layer.weight.requires_grad)
         node.replace_all_uses_with(src)
@@ -141,16 +140,13 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-_RELU = {F.relu, torch.relu, "relu", "relu_"}
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-
-
-def _is(node: torch.fx.Node, targets: set, modules: dict[str, nn.Module], module_type: type) -> bool:
+def _is(node: torch.fx.Node, tag: str, modules: dict[str, nn.Module]) -> bool:
+    """``node`` calls an op whose channel rule carries ``tag`` (``"add"``: a plain two-operand add, no alpha)."""
+    if not node_has_tag(node, modules, tag):
+        return False
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), module_type)
-    if node.op in ("call_function", "call_method") and node.target in targets:
-        return not node.kwargs.get("alpha") and (len(node.args) < 3 or node.target not in _ADD)
-    return False
+        return True
+    return not node.kwargs.get("alpha") and (len(node.args) < 3 or tag != "add")
 
 
 def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -166,7 +162,7 @@ def _fusable_chain(
     """
     chain, unary, other = [conv], None, None
     user = _single_user(conv)
-    if user is not None and _is(user, _ADD, modules, type(None)) and len(user.args) == 2:
+    if user is not None and _is(user, "add", modules) and len(user.args) == 2:
         a, b = user.args
         candidate = b if a is conv else a
         cm = candidate.meta.get("tensor_meta") if isinstance(candidate, torch.fx.Node) else None
@@ -175,7 +171,7 @@ def _fusable_chain(
             chain.append(user)
             other = candidate
             user = _single_user(user)
-    if user is not None and user is not chain[-1] and _is(user, _RELU, modules, nn.ReLU):
+    if user is not None and user is not chain[-1] and _is(user, "relu", modules):
         chain.append(user)
         unary = "relu"
     return chain, unary, other
