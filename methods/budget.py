@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn as nn
 
 import sparsekern as sk
-from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, trace_channels
+from sparsekern.graph import ChannelGraph, Layout, is_depthwise, trace_channels
 from sparsekern.plan import GroupKeep, Plan, PlanError
 
 __all__ = ["plan_flops", "ratio_for_budget"]
@@ -42,7 +42,7 @@ def plan_flops(cg: ChannelGraph, dense: "sk.cost.FlopReport", plan: Plan) -> int
         out = kept_fraction(cg.layouts.get(node.name))
         src = node.args[0]
         inp = kept_fraction(cg.layouts.get(src.name)) if hasattr(src, "name") else 1.0
-        scale = out if _is_depthwise(m) else out * inp
+        scale = out if is_depthwise(m) else out * inp
         total -= per_call * (1.0 - scale)
     return int(round(total))
 

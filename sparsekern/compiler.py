@@ -26,26 +26,19 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from sparsekern.graph import ChannelGraph, Layout, _is_depthwise, keep_attributes, trace_channels
+from sparsekern.channel_rules import module_rule
+from sparsekern.graph import ChannelGraph, Layout, is_depthwise, keep_attributes, trace_channels
 from sparsekern.plan import GroupKeep, Plan, PlanError
+from sparsekern.utils import as_tuple, input_spec
 
 __all__ = ["compile", "masked", "round_plan", "example_inputs_for"]
 
 
 # ----------------------------------------------------------------------------- inputs
-def _as_tuple(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def input_spec(example_inputs: Any) -> list[dict[str, Any]]:
-    """JSON description (shape, dtype) of example inputs, recorded in plans and manifests."""
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in _as_tuple(example_inputs)]
-
-
 def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: int = 0) -> tuple:
     """``example_inputs`` if given, else seeded random inputs of the shapes recorded in a plan's meta."""
     if example_inputs is not None:
-        return _as_tuple(example_inputs)
+        return as_tuple(example_inputs)
     spec = plan_or_spec.meta.get("inputs") if isinstance(plan_or_spec, Plan) else plan_or_spec
     if not spec:
         raise PlanError(
@@ -283,6 +276,11 @@ def _slice_module(m: nn.Module, node: torch.fx.Node, cg: ChannelGraph, keep: np.
     out_lay = cg.layouts.get(node.name)
     in_node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     in_lay = cg.layouts.get(in_node.name) if in_node is not None else None
+    rule = module_rule(m)
+    if rule is not None and rule.slice is not None:  # a registered layer slices its own state
+        sizes = [lay.size if isinstance(lay, Layout) else 0 for lay in (in_lay, out_lay)]
+        rule.slice(m, _positions(cg, in_lay, keep, sizes[0]), _positions(cg, out_lay, keep, sizes[1]))
+        return
     if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
         _slice_conv(m, cg, keep, in_lay, out_lay)
     elif isinstance(m, nn.Linear):
@@ -322,7 +320,7 @@ def _slice_conv(m: nn.Module, cg: ChannelGraph, keep: np.ndarray, in_lay: Any, o
     in_idx = _positions(cg, in_lay, keep, m.in_channels)
     if out_idx is None and in_idx is None:
         return
-    if _is_depthwise(m) and isinstance(in_lay, Layout):
+    if is_depthwise(m) and isinstance(in_lay, Layout):
         # weight (C * mult, 1, k, k): only output rows go; the conv keeps one group per kept input channel
         _slice_param(m, "weight", out_idx, 0)
         _slice_param(m, "bias", out_idx, 0)

@@ -72,6 +72,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sparsekern.modes import eval_mode
+from sparsekern.utils import as_tuple
 
 __all__ = [
     "LayerCost",
@@ -256,7 +257,7 @@ class FlopReport:
             "total", "", f"{self.total / 1e6:.3f}", "100.0" if self.total else "0.0",
             str(self.params), f"{self.bytes / 1e6:.3f}", "", "",
         ))
-        text = _align(lines, right=(2, 3, 4, 5))
+        text = align_columns(lines, right=(2, 3, 4, 5))
         if self.uncounted_ops:
             text += "\nuncounted ops (no FLOP formula): " + ", ".join(sorted(self.uncounted_ops))
         return text
@@ -511,7 +512,7 @@ def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> F
         A :class:`FlopReport`; ``total`` equals ``FlopCounterMode``'s count of the same forward.
         ``per_sample`` is filled when the forward has per-sample work (see the module docstring).
     """
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_tuple(example_inputs)
     counter = _Counter(model)
     first = _first_shape(args)
     counter.batch = first[0] if first else None
@@ -605,7 +606,9 @@ def _fmt_shape(shape: Shape | None) -> str:
     return "-" if shape is None else "x".join(str(s) for s in shape)
 
 
-def _align(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> str:
+def align_columns(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> str:
+    """``rows`` of strings as a text table, columns padded to their widest cell; the columns in ``right`` are
+    right-aligned, the others left-aligned. One line per row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:

@@ -17,14 +17,16 @@ gated layer and ``y`` for a consumer (masks are (B, C) bool tensors at inference
   computed by :func:`sparsekern.ops.channel_skip_conv2d`, which neither reads masked-off input channels
   nor computes masked-off output channels.
 
-The plan's dynamic part (:attr:`sparsekern.plan.Plan.dynamic`) names every such layer of the model::
+The plan's dynamic part (:attr:`sparsekern.plan.Plan.dynamic`) names every such layer of the model, one
+:class:`~sparsekern.plan.DynamicLayer` each; in JSON::
 
-    {"layer1.0.conv1": {"granularity": 4, "in_from": null, "relu": true, "gate": {...}},
-     "layer1.0.conv2": {"granularity": null, "in_from": "layer1.0.conv1", "relu": false, "gate": null}}
+    {"layer1.0.conv1": {"granularity": 4, "in_from": null, "relu": true, ..., "gate": {"kind": "spm", ...}},
+     "layer1.0.conv2": {"granularity": null, "in_from": "layer1.0.conv1", "relu": false, ..., "gate": null}}
 
 ``granularity`` (int, or null for a consumer) and ``in_from`` (the gated layer whose out mask is this
-layer's in mask, or null) are required; ``relu``, ``in_channels``, ``out_channels`` and ``kernel_size`` are
-checked when present; other keys (``gate``: the gate's architecture) are informational. The gate's
+layer's in mask, or null) are required; ``relu``, ``in_channels``, ``out_channels``, ``kernel_size`` and
+``stride`` are checked against the model's layer when present, and ``gate`` (the gate's architecture)
+against the model's gate when that gate has a ``spec()`` method; any other key is refused. The gate's
 *weights* live in the model, not in the plan. :func:`compile_dynamic` and :func:`masked_dynamic` check the
 plan against the traced model (every named layer is a gated layer there, every gated layer is named, and
 the in-mask edges of the graph are those of the plan) and raise :class:`~sparsekern.plan.PlanError` naming
@@ -39,9 +41,9 @@ cost is read from the arguments of the op.
 from __future__ import annotations
 
 import copy
+import json
 import operator
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -51,7 +53,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from sparsekern.ops import channel_skip_conv2d
-from sparsekern.plan import Plan, PlanError
+from sparsekern.plan import DynamicLayer, Plan, PlanError
+from sparsekern.utils import closest
 
 __all__ = [
     "DynamicLayer",
@@ -252,11 +255,11 @@ class GatedConv2d(nn.Module):
     @classmethod
     def from_masked(cls, layer: MaskedConv2d, backend: str | None = None) -> "GatedConv2d":
         """The compiled form of ``layer``: BN folded (running statistics), gate copied."""
-        from sparsekern.passes import _folded_weights
+        from sparsekern.passes import folded_weights
 
         conv = layer.conv
         if layer.bn is not None:
-            w, b = _folded_weights(conv, layer.bn)
+            w, b = folded_weights(conv, layer.bn)
         else:
             w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
         return cls(w, b, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, relu=layer.relu,
@@ -374,58 +377,10 @@ def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- plan part
-@dataclass(frozen=True)
-class DynamicLayer:
-    """One entry of a plan's dynamic part (see the module docstring)."""
-
-    name: str
-    granularity: int | None
-    in_from: str | None
-    relu: bool | None = None
-    in_channels: int | None = None
-    out_channels: int | None = None
-    kernel_size: tuple[int, ...] | None = None
-
-    @property
-    def gated(self) -> bool:
-        return self.granularity is not None
-
-
 def parse_dynamic(plan: Plan) -> dict[str, DynamicLayer]:
-    """The dynamic part of ``plan`` as :class:`DynamicLayer` s; :class:`PlanError` names a malformed entry."""
-    if not isinstance(plan.dynamic, Mapping):
-        raise PlanError(f"the plan's dynamic part must map layer names to specs, got {type(plan.dynamic).__name__}")
-    out = {}
-    for name, spec in plan.dynamic.items():
-        if not isinstance(spec, Mapping):
-            raise PlanError(f"dynamic layer {name!r}: the spec must be a mapping, got {spec!r}")
-        missing = [k for k in ("granularity", "in_from") if k not in spec]
-        if missing:
-            raise PlanError(f"dynamic layer {name!r}: the spec lacks {missing} (granularity: int or null for a "
-                            "consumer; in_from: the gated layer whose out mask it reads, or null)")
-        g, src = spec["granularity"], spec["in_from"]
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise PlanError(f"dynamic layer {name!r}: granularity must be a positive int or null, got {g!r}")
-        if src is not None and not isinstance(src, str):
-            raise PlanError(f"dynamic layer {name!r}: in_from must be a layer name or null, got {src!r}")
-        if g is None and src is None:
-            raise PlanError(f"dynamic layer {name!r} has neither a gate (granularity) nor an in mask (in_from)")
-        ks = spec.get("kernel_size")
-        out[name] = DynamicLayer(name, g, src, spec.get("relu"), spec.get("in_channels"), spec.get("out_channels"),
-                                 None if ks is None else tuple(ks))
-    for layer in out.values():
-        if layer.in_from is not None:
-            src = out.get(layer.in_from)
-            if src is None or not src.gated:
-                raise PlanError(f"dynamic layer {layer.name!r} reads its in mask from {layer.in_from!r}, which is "
-                                "not a gated layer of the plan")
-    return out
-
-
-def _near(name: str, names: Iterable[str]) -> list[str]:
-    from sparsekern.plan import _distance
-
-    return sorted(names, key=lambda n: _distance(n, name))[:3]
+    """The dynamic part of ``plan`` as checked :class:`~sparsekern.plan.DynamicLayer` s
+    (:meth:`sparsekern.plan.Plan.dynamic_layers`); :class:`PlanError` names a malformed entry."""
+    return plan.dynamic_layers()
 
 
 def _check(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.Node]:
@@ -441,7 +396,7 @@ def _check(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.Node]:
     for name, layer in layers.items():
         m = modules.get(name)
         if m is None:
-            near = _near(name, gated_in_model or list(calls))
+            near = closest(name, gated_in_model or list(calls))
             raise PlanError(f"dynamic layer {name!r} is not in the model; gated layers it has: {near}")
         if not isinstance(m, MaskedConv2d):
             raise PlanError(
@@ -456,10 +411,16 @@ def _check(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.Node]:
             raise PlanError(f"dynamic layer {name!r}: the plan says granularity {layer.granularity}, the model's "
                             f"layer has {m.granularity}")
         for key, have in (("relu", m.relu), ("in_channels", m.in_channels), ("out_channels", m.out_channels),
-                          ("kernel_size", tuple(m.conv.kernel_size))):
+                          ("kernel_size", tuple(m.conv.kernel_size)), ("stride", tuple(m.conv.stride))):
             want = getattr(layer, key)
             if want is not None and want != have:
                 raise PlanError(f"dynamic layer {name!r}: the plan says {key}={want}, the model's layer has {have}")
+        describe = getattr(m.gate, "spec", None)
+        if layer.gate is not None and m.gate is not None and callable(describe):
+            have = json.loads(json.dumps(describe()))  # as it would be recorded in a plan (lists, not tuples)
+            if dict(layer.gate) != have:
+                raise PlanError(f"dynamic layer {name!r}: the plan says its gate is {dict(layer.gate)}, the model's "
+                                f"gate is {have}; the plan was made for a different model")
         nodes[name] = calls[name][0]
     extra = [n for n in gated_in_model if n not in layers]
     if extra:

@@ -2,11 +2,12 @@
 
 A *factorized layer* computes ``y = x Q^T diag(z) P^T + bias`` with ``P`` (out, r), ``Q`` (r, in) and gates
 ``z`` (r,) (:class:`sparsekern.methods.flop.FactorizedLinear`; any module with attributes ``P``, ``Q`` and
-``bias`` of those shapes qualifies). ``plan.lowrank`` maps a layer's qualified name to its pruned gates::
+``bias`` of those shapes qualifies). ``plan.lowrank`` maps a layer's qualified name to its pruned gates, a
+:class:`~sparsekern.plan.LowRankKeep`; in JSON::
 
     {"in": in, "out": out, "rank": r, "keep": [k_1 < k_2 < ...], "scale": [z_k1, z_k2, ...]}
 
-(``in``/``out`` optional, checked when given; ``scale`` optional, default all ones), i.e. the gates
+(``in``/``out``/``rank`` optional, checked when given; ``scale`` optional, default all ones), i.e. the gates
 ``m`` with ``m[keep] = scale`` and zeros elsewhere. Then:
 
 * :func:`masked_lowrank` (the reference) replaces each such layer by the factorized layer with the fixed
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsekern import ops
-from sparsekern.plan import Plan, PlanError
+from sparsekern.plan import LowRankKeep, Plan, PlanError
 
 __all__ = ["LowRankLinear", "MaskedFactorizedLinear", "compile_lowrank", "lowrank_gates", "masked_lowrank"]
 
@@ -97,7 +98,7 @@ class MaskedFactorizedLinear(nn.Module):
         return f"rank={self.Q.shape[0]}, kept={int((self.gates != 0).sum())}"
 
 
-def _factorized(gm: nn.Module, name: str, entry: Any) -> nn.Module:
+def _factorized(gm: nn.Module, name: str, entry: LowRankKeep) -> nn.Module:
     """The factorized layer ``name`` of ``gm``, checked against its plan entry."""
     try:
         layer = gm.get_submodule(name)
@@ -111,40 +112,35 @@ def _factorized(gm: nn.Module, name: str, entry: Any) -> nn.Module:
             f"plan.lowrank names {name!r}, a {type(layer).__name__}, which is not a factorized layer (P (out, r), "
             "Q (r, in)); factorize the model first with sparsekern.methods.flop.factorize(model)"
         )
-    if not isinstance(entry, Mapping) or "keep" not in entry:
-        raise PlanError(f"plan.lowrank[{name!r}] must be a dict with 'keep' (kept component indices), got {entry!r}")
     rank, in_f, out_f = Q.shape[0], Q.shape[1], P.shape[0]
-    for key, actual in (("rank", rank), ("in", in_f), ("out", out_f)):
-        if key in entry and int(entry[key]) != actual:
-            raise PlanError(f"plan.lowrank[{name!r}]: the plan has {key}={entry[key]} but the layer has {actual}; "
+    for key, want, actual in (("rank", entry.rank, rank), ("in", entry.in_features, in_f),
+                              ("out", entry.out_features, out_f)):
+        if want is not None and want != actual:
+            raise PlanError(f"plan.lowrank[{name!r}]: the plan has {key}={want} but the layer has {actual}; "
                             "the plan was made for a different model")
     return layer
 
 
-def lowrank_gates(name: str, entry: Mapping[str, Any], rank: int) -> tuple[Tensor, Tensor]:
-    """(kept indices int64 (r',), their scales float32 (r',)) of a plan entry for a layer of rank ``rank``.
+def lowrank_gates(name: str, entry: LowRankKeep | Mapping[str, Any], rank: int) -> tuple[Tensor, Tensor]:
+    """(kept indices int64 (r',), their scales float32 (r',)) of a plan entry (a
+    :class:`~sparsekern.plan.LowRankKeep` or its JSON form) for a layer of rank ``rank``.
 
-    Raises :class:`PlanError` for unsorted, repeated or out-of-range indices, or a scale list of the wrong
-    length.
+    Raises :class:`PlanError` for a malformed entry: unsorted, repeated or out-of-range indices, or a scale
+    list of the wrong length.
     """
-    keep = [int(k) for k in entry["keep"]]
-    if keep != sorted(set(keep)):
-        raise PlanError(f"plan.lowrank[{name!r}]: 'keep' must be sorted and unique, got {keep[:16]}")
-    if keep and (keep[0] < 0 or keep[-1] >= rank):
+    entry = LowRankKeep.from_dict(name, entry)
+    keep = list(entry.keep)
+    if keep and keep[-1] >= rank:
         raise PlanError(f"plan.lowrank[{name!r}]: 'keep' indices must lie in [0, {rank}), got min {keep[0]}, "
                         f"max {keep[-1]}")
-    scale = entry.get("scale")
-    if scale is None:
-        scale = [1.0] * len(keep)
-    if len(scale) != len(keep):
-        raise PlanError(f"plan.lowrank[{name!r}]: {len(scale)} scales for {len(keep)} kept components")
-    return torch.tensor(keep, dtype=torch.int64), torch.tensor([float(s) for s in scale], dtype=torch.float32)
+    scale = [1.0] * len(keep) if entry.scale is None else list(entry.scale)
+    return torch.tensor(keep, dtype=torch.int64), torch.tensor(scale, dtype=torch.float32)
 
 
 def masked_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
     """Replace every factorized layer named in ``plan.lowrank`` by :class:`MaskedFactorizedLinear` with the
     plan's gates (in place; returns ``gm``). ``example_inputs`` is unused (the part needs no tracing)."""
-    for name, entry in plan.lowrank.items():
+    for name, entry in plan.lowrank_layers().items():
         layer = _factorized(gm, name, entry)
         rank = layer.Q.shape[0]
         keep, scale = lowrank_gates(name, entry, rank)
@@ -158,7 +154,7 @@ def masked_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = N
 def compile_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
     """Replace every factorized layer named in ``plan.lowrank`` by a :class:`LowRankLinear` of the kept rank
     with the gates folded into ``Q`` (in place; returns ``gm``). ``example_inputs`` is unused."""
-    for name, entry in plan.lowrank.items():
+    for name, entry in plan.lowrank_layers().items():
         layer = _factorized(gm, name, entry)
         keep, scale = lowrank_gates(name, entry, layer.Q.shape[0])
         with torch.no_grad():

@@ -7,18 +7,29 @@ A plan knows nothing of torch modules beyond names and sizes. It has one part pe
   indices of the channels that are kept. A group is named after its first producer in topological order
   (for example ``"layer1.0.conv1"``); ``members`` records every layer whose channels belong to it.
 * ``removed_blocks``: residual blocks replaced by their shortcut (depth pruning, TAS).
-* ``dynamic``: per-sample gated layers (SANP; compiled by :mod:`sparsekern.dynamic`); ``lowrank``: per-matrix
-  rank keep-sets (FLOP; compiled by :mod:`sparsekern.lowrank`). Their formats are defined there.
+* ``dynamic``: per-sample gated layers (SANP; compiled by :mod:`sparsekern.dynamic`), one :class:`DynamicLayer`
+  per layer name; ``lowrank``: per-matrix rank keep-sets (FLOP; compiled by :mod:`sparsekern.lowrank`), one
+  :class:`LowRankKeep` per layer name. Their semantics are defined in those modules.
 
 Plans are validated against the dependency groups of a concrete model with :meth:`Plan.validate`, which
 raises :class:`PlanError` naming the group or layer and what would fix it.
+
+Every part entry (:class:`GroupKeep`, :class:`DynamicLayer`, :class:`LowRankKeep`) is a frozen dataclass with
+``to_dict()`` / ``from_dict(name, data)`` (its JSON form inside :meth:`Plan.to_dict`) and ``check(name)``
+(its own consistency, called by :meth:`Plan.validate`). ``from_dict`` refuses unknown keys and wrong types
+with a :class:`PlanError` naming the layer and the key. This module imports nothing from sparsekern at
+module level but :mod:`sparsekern.utils` (and no torch): every other module may import it.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
+
+from sparsekern.utils import closest
 
 PLAN_FORMAT = "sparsekern.plan"
 PLAN_VERSION = 1
@@ -74,6 +85,224 @@ class GroupKeep:
         if self.scores is not None and len(self.scores) != self.size:
             raise PlanError(f"group {name!r}: {len(self.scores)} scores for {self.size} channels")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``{"size", "keep", "members"}`` and ``"scores"`` when there are scores."""
+        return {"size": self.size, "keep": list(self.keep), "members": list(self.members),
+                **({"scores": list(self.scores)} if self.scores is not None else {})}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "GroupKeep":
+        """The entry of group ``name`` from its JSON form (not checked: :meth:`check` does that)."""
+        return cls(int(data["size"]), tuple(data["keep"]), tuple(data.get("members", ())), data.get("scores"))
+
+
+class _JsonView(Mapping):
+    """Read-only mapping view of an entry's JSON form (``entry["keep"]`` is ``entry.to_dict()["keep"]``), so
+    that code written against the plain-dict format of plan parts keeps reading them; equal to a mapping
+    with the same JSON form. Subclasses are frozen dataclasses defining ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - defined by every subclass
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    __hash__ = None  # type: ignore[assignment]  # equal to dicts, so not hashable
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ints(v: Any) -> Any:
+    """A list or tuple becomes a tuple (JSON has no tuples), its integer-like items (numpy ints) Python ints;
+    anything else is left as it is for ``check`` to refuse."""
+    if not isinstance(v, (list, tuple)):
+        return v
+    return tuple(int(i) if hasattr(i, "__index__") and not isinstance(i, bool) else i for i in v)
+
+
+def _floats(v: Any) -> Any:
+    """A list or tuple of real numbers becomes a tuple of floats; anything else is left for ``check``."""
+    if not isinstance(v, (list, tuple)):
+        return v
+    return tuple(float(i) if isinstance(i, Real) and not isinstance(i, bool) else i for i in v)
+
+
+def _keys(what: str, data: Any, allowed: tuple[str, ...], required: tuple[str, ...], hint: str) -> None:
+    """Refuse a JSON entry that is not a mapping, has keys outside ``allowed`` or lacks ``required`` ones."""
+    if not isinstance(data, Mapping):
+        raise PlanError(f"{what}: the spec must be a mapping, got {data!r}")
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise PlanError(f"{what}: unknown key {unknown[0]!r} (a spec has the keys {list(allowed)}); the plan was "
+                        "written by another version of sparsekern or edited by hand")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise PlanError(f"{what}: the spec lacks {missing} ({hint})")
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicLayer(_JsonView):
+    """One entry of a plan's dynamic part: a per-sample gated layer (semantics in :mod:`sparsekern.dynamic`).
+
+    Attributes:
+        granularity: output channels per gate logit, or None for a consumer (a layer without a gate).
+        in_from: the gated layer whose out mask is this layer's in mask, or None.
+        relu, in_channels, out_channels, kernel_size, stride: the layer's conv, checked against the model's
+            layer when given (None: not checked).
+        gate: the gate's architecture as JSON (e.g. SANP's ``{"kind": "spm", "hidden": 16, ...}``), checked
+            against the model's gate when that gate describes itself (a ``spec()`` method); its weights live
+            in the model, not in the plan. None: not recorded.
+    """
+
+    granularity: int | None
+    in_from: str | None
+    relu: bool | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    kernel_size: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    gate: Mapping[str, Any] | None = None
+
+    KEYS = ("granularity", "in_from", "relu", "in_channels", "out_channels", "kernel_size", "stride", "gate")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_size", _ints(self.kernel_size))
+        object.__setattr__(self, "stride", _ints(self.stride))
+        if isinstance(self.gate, Mapping):
+            object.__setattr__(self, "gate", json.loads(json.dumps(dict(self.gate))))  # a private JSON copy
+
+    @property
+    def gated(self) -> bool:
+        return self.granularity is not None
+
+    def check(self, name: str) -> None:
+        """Raise :class:`PlanError` naming the layer unless every field has its type and a gated layer has
+        a positive granularity; a layer needs a gate or an in mask (or both)."""
+        what = f"dynamic layer {name!r}"
+        g = self.granularity
+        if g is not None and (not _is_int(g) or g < 1):
+            raise PlanError(f"{what}: granularity must be a positive int or null, got {g!r}")
+        if self.in_from is not None and not isinstance(self.in_from, str):
+            raise PlanError(f"{what}: in_from must be a layer name or null, got {self.in_from!r}")
+        if g is None and self.in_from is None:
+            raise PlanError(f"{what} has neither a gate (granularity) nor an in mask (in_from)")
+        if self.relu is not None and not isinstance(self.relu, bool):
+            raise PlanError(f"{what}: relu must be true, false or null, got {self.relu!r}")
+        for key in ("in_channels", "out_channels"):
+            v = getattr(self, key)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise PlanError(f"{what}: {key} must be a positive int or null, got {v!r}")
+        for key in ("kernel_size", "stride"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, tuple) and v and all(_is_int(i) and i >= 1 for i in v)):
+                raise PlanError(f"{what}: {key} must be a list of positive ints or null, got {v!r}")
+        if self.gate is not None and not isinstance(self.gate, Mapping):
+            raise PlanError(f"{what}: gate must be a JSON object (the gate's architecture) or null, got {self.gate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every key of :attr:`KEYS`, null where not recorded."""
+        return {"granularity": self.granularity, "in_from": self.in_from, "relu": self.relu,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": None if self.kernel_size is None else list(self.kernel_size),
+                "stride": None if self.stride is None else list(self.stride),
+                "gate": None if self.gate is None else json.loads(json.dumps(dict(self.gate)))}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "DynamicLayer":
+        """Layer ``name``'s entry from its JSON form; :class:`PlanError` names the layer and the offending key
+        (unknown, missing ``granularity`` / ``in_from``, or of the wrong type)."""
+        if isinstance(data, DynamicLayer):
+            data.check(name)
+            return data
+        _keys(f"dynamic layer {name!r}", data, cls.KEYS, ("granularity", "in_from"),
+              "granularity: int or null for a consumer; in_from: the gated layer whose out mask it reads, or null")
+        entry = cls(**{k: data[k] for k in cls.KEYS if k in data})
+        entry.check(name)
+        return entry
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankKeep(_JsonView):
+    """One entry of a plan's low-rank part: the kept components of a factorized layer (semantics in
+    :mod:`sparsekern.lowrank`). JSON form ``{"in", "out", "rank", "keep", "scale"}``.
+
+    Attributes:
+        keep: sorted, unique indices in ``[0, rank)`` of the kept rank components (may be empty).
+        scale: the gate value of each kept component (same length as ``keep``), or None for all ones.
+        rank, in_features, out_features (JSON ``"rank"``, ``"in"``, ``"out"``): the layer's sizes, checked
+            against the model's layer when given (None: not checked).
+    """
+
+    keep: tuple[int, ...]
+    scale: tuple[float, ...] | None = None
+    rank: int | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+
+    KEYS = ("in", "out", "rank", "keep", "scale")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", _ints(self.keep))
+        object.__setattr__(self, "scale", _floats(self.scale))
+
+    @property
+    def n_keep(self) -> int:
+        return len(self.keep)
+
+    def check(self, name: str) -> None:
+        """Raise :class:`PlanError` naming the layer unless ``keep`` is a sorted unique list of ints (in
+        ``[0, rank)`` when ``rank`` is given), ``scale`` one number per kept component, and the sizes ints."""
+        what = f"plan.lowrank[{name!r}]"
+        for key, v, low in (("rank", self.rank, 0), ("in", self.in_features, 1), ("out", self.out_features, 1)):
+            if v is not None and (not _is_int(v) or v < low):
+                raise PlanError(f"{what}: {key!r} must be an int >= {low} or null, got {v!r}")
+        keep = self.keep
+        if not (isinstance(keep, tuple) and all(_is_int(k) for k in keep)):
+            raise PlanError(f"{what}: 'keep' must be a list of ints (kept component indices), got {keep!r}")
+        if list(keep) != sorted(set(keep)):
+            raise PlanError(f"{what}: 'keep' must be sorted and unique, got {list(keep)[:16]}")
+        if keep and (keep[0] < 0 or (self.rank is not None and keep[-1] >= self.rank)):
+            raise PlanError(f"{what}: 'keep' indices must lie in [0, {self.rank}), got min {keep[0]}, "
+                            f"max {keep[-1]}")
+        if self.scale is not None:
+            if not (isinstance(self.scale, tuple) and all(_is_number(v) for v in self.scale)):
+                raise PlanError(f"{what}: 'scale' must be a list of numbers or null, got {self.scale!r}")
+            if len(self.scale) != len(keep):
+                raise PlanError(f"{what}: {len(self.scale)} scales for {len(keep)} kept components")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every key of :attr:`KEYS`, null where not recorded."""
+        return {"in": self.in_features, "out": self.out_features, "rank": self.rank, "keep": list(self.keep),
+                "scale": None if self.scale is None else list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "LowRankKeep":
+        """Layer ``name``'s entry from its JSON form; :class:`PlanError` names the layer and the offending key
+        (unknown, missing ``keep``, or of the wrong type)."""
+        if isinstance(data, LowRankKeep):
+            data.check(name)
+            return data
+        if not isinstance(data, Mapping) or "keep" not in data:
+            raise PlanError(f"plan.lowrank[{name!r}] must be a dict with 'keep' (kept component indices), "
+                            f"got {data!r}")
+        _keys(f"plan.lowrank[{name!r}]", data, cls.KEYS, ("keep",), "the kept component indices")
+        entry = cls(keep=data["keep"], scale=data.get("scale"), rank=data.get("rank"), in_features=data.get("in"),
+                    out_features=data.get("out"))
+        entry.check(name)
+        return entry
+
 
 @dataclass(frozen=True)
 class GroupSpec:
@@ -100,8 +329,11 @@ class Plan:
 
     channels: dict[str, GroupKeep] = field(default_factory=dict)
     removed_blocks: tuple[str, ...] = ()
-    dynamic: dict[str, Any] = field(default_factory=dict)
-    lowrank: dict[str, Any] = field(default_factory=dict)
+    #: layer name -> :class:`DynamicLayer`. Entries may also be given in their JSON form (a dict); they are
+    #: parsed when the plan is validated, serialized or compiled (:meth:`dynamic_layers`).
+    dynamic: dict[str, DynamicLayer] = field(default_factory=dict)
+    #: layer name -> :class:`LowRankKeep` (or its JSON form, like ``dynamic``; see :meth:`lowrank_layers`).
+    lowrank: dict[str, LowRankKeep] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
@@ -166,6 +398,8 @@ class Plan:
             )
         for name, g in self.channels.items():
             g.check(name)
+        self.dynamic_layers()
+        self.lowrank_layers()
         if groups is None:
             return self
         for name, g in self.channels.items():
@@ -198,6 +432,31 @@ class Plan:
         return self
 
     # ---------------------------------------------------------------- queries
+    def dynamic_layers(self) -> dict[str, DynamicLayer]:
+        """The dynamic part as checked :class:`DynamicLayer` s (entries given as dicts are parsed).
+
+        Raises:
+            PlanError: naming the layer, for a malformed entry, or one whose in mask comes from a layer that
+                is not a gated layer of the plan.
+        """
+        if not isinstance(self.dynamic, Mapping):
+            raise PlanError(f"the plan's dynamic part must map layer names to specs, got {type(self.dynamic).__name__}")
+        out = {name: DynamicLayer.from_dict(name, spec) for name, spec in self.dynamic.items()}
+        for name, layer in out.items():
+            if layer.in_from is not None:
+                src = out.get(layer.in_from)
+                if src is None or not src.gated:
+                    raise PlanError(f"dynamic layer {name!r} reads its in mask from {layer.in_from!r}, which is "
+                                    "not a gated layer of the plan")
+        return out
+
+    def lowrank_layers(self) -> dict[str, LowRankKeep]:
+        """The low-rank part as checked :class:`LowRankKeep` s (entries given as dicts are parsed); raises
+        :class:`PlanError` naming the layer of a malformed entry."""
+        if not isinstance(self.lowrank, Mapping):
+            raise PlanError(f"the plan's lowrank part must map layer names to specs, got {type(self.lowrank).__name__}")
+        return {name: LowRankKeep.from_dict(name, spec) for name, spec in self.lowrank.items()}
+
     def keep_of(self, group: str, size: int) -> tuple[int, ...]:
         """Kept indices of ``group``; every channel when the plan leaves the group alone."""
         g = self.channels.get(group)
@@ -217,7 +476,8 @@ class Plan:
             lines.append(f"  {name:<40s} gated per sample (G={g}){f', input mask from {source}' if source else ''}")
         for name, spec in self.lowrank.items():
             if isinstance(spec, Mapping) and "keep" in spec:
-                lines.append(f"  {name:<40s} rank {len(spec['keep']):>5d}/{spec.get('rank', '?')}")
+                rank = spec.get("rank")
+                lines.append(f"  {name:<40s} rank {len(spec['keep']):>5d}/{'?' if rank is None else rank}")
         return "\n".join(lines)
 
     def with_channels(self, channels: Mapping[str, GroupKeep]) -> "Plan":
@@ -236,18 +496,10 @@ class Plan:
         return {
             "format": PLAN_FORMAT,
             "version": self.version,
-            "channels": {
-                name: {
-                    "size": g.size,
-                    "keep": list(g.keep),
-                    "members": list(g.members),
-                    **({"scores": list(g.scores)} if g.scores is not None else {}),
-                }
-                for name, g in self.channels.items()
-            },
+            "channels": {name: g.to_dict() for name, g in self.channels.items()},
             "removed_blocks": list(self.removed_blocks),
-            "dynamic": self.dynamic,
-            "lowrank": self.lowrank,
+            "dynamic": {name: layer.to_dict() for name, layer in self.dynamic_layers().items()},
+            "lowrank": {name: entry.to_dict() for name, entry in self.lowrank_layers().items()},
             "meta": self.meta,
         }
 
@@ -255,19 +507,24 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a sparsekern plan (expected 'format': {PLAN_FORMAT!r})")
+        for part in ("dynamic", "lowrank"):
+            if not isinstance(data.get(part, {}), Mapping):
+                raise PlanError(f"malformed plan: its {part!r} part must map layer names to specs, got "
+                                f"{type(data[part]).__name__}")
+        dynamic = {name: DynamicLayer.from_dict(name, spec) for name, spec in data.get("dynamic", {}).items()}
+        lowrank = {name: LowRankKeep.from_dict(name, spec) for name, spec in data.get("lowrank", {}).items()}
         try:
-            channels = {
-                name: GroupKeep(int(g["size"]), tuple(g["keep"]), tuple(g.get("members", ())), g.get("scores"))
-                for name, g in data["channels"].items()
-            }
+            channels = {name: GroupKeep.from_dict(name, g) for name, g in data["channels"].items()}
             plan = cls(
                 channels=channels,
                 removed_blocks=tuple(data.get("removed_blocks", ())),
-                dynamic=dict(data.get("dynamic", {})),
-                lowrank=dict(data.get("lowrank", {})),
+                dynamic=dynamic,
+                lowrank=lowrank,
                 meta=dict(data.get("meta", {})),
                 version=int(data["version"]),
             )
+        except PlanError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan: {e!r}") from e
         return plan.validate()
@@ -294,21 +551,10 @@ def _unknown_group_message(name: str, groups: Mapping[str, GroupSpec]) -> str:
     owner = [g for g, spec in groups.items() if name in spec.members]
     if owner:
         return f"{name!r} is a member of group {owner[0]!r}; key the plan by the group name {owner[0]!r}"
-    close = sorted(groups, key=lambda g: _distance(g, name))[:3]
-    return f"the model has no dependency group {name!r}; closest group names: {close}"
+    return f"the model has no dependency group {name!r}; closest group names: {closest(name, groups)}"
 
 
 def _short(names: Iterable[str], n: int = 6) -> str:
     names = list(names)
     return str(names[:n])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
 
-
-def _distance(a: str, b: str) -> int:
-    """Levenshtein distance (for 'did you mean' hints)."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]

@@ -1,12 +1,15 @@
 """Plan validation: wrong names, wrong lengths, empty keep-sets, conflicts, pinned channels, versions."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 import sparsekern as sk
 from sparsekern.models import build
-from sparsekern.plan import GroupKeep, Plan, PlanError
+from sparsekern.plan import DynamicLayer, GroupKeep, LowRankKeep, Plan, PlanError
 from tests.conftest import ConcatSplitNet
 
 
@@ -186,3 +189,93 @@ def test_resnet20_plan_on_resnet56_is_refused(resnet) -> None:
     with pytest.raises(PlanError, match=r"group 'conv1': the plan was made for a model in which.*in this model "
                                         r"only: \['layer1\.3\.bn2'"):
         sk.compile(build("resnet56").eval(), plan, x)
+
+
+# ----------------------------------------------------------------------------- typed dynamic and low-rank parts
+GATED = {"granularity": 4, "in_from": None, "relu": True, "in_channels": 16, "out_channels": 16,
+         "kernel_size": [3, 3], "stride": [1, 1], "gate": {"kind": "spm", "hidden": 16, "logits": 4}}
+CONSUMER = {"granularity": None, "in_from": "a", "relu": False, "in_channels": 16, "out_channels": 16,
+            "kernel_size": [3, 3], "stride": [1, 1], "gate": None}
+LOWRANK = {"in": 32, "out": 128, "rank": 25, "keep": [0, 3, 7], "scale": [0.5, 1.0, 0.25]}
+
+
+def _plan_dict(**parts: dict) -> dict:
+    return {"format": "sparsekern.plan", "version": 1, "channels": {}, "removed_blocks": [], "dynamic": {},
+            "lowrank": {}, "meta": {}, **parts}
+
+
+def test_typed_parts_round_trip_in_the_json_format() -> None:
+    data = _plan_dict(dynamic={"a": GATED, "b": CONSUMER}, lowrank={"fc": LOWRANK})
+    plan = Plan.from_dict(data)
+    a, fc = plan.dynamic["a"], plan.lowrank["fc"]
+    assert isinstance(a, DynamicLayer) and a.granularity == 4 and a.kernel_size == (3, 3) and a.stride == (1, 1)
+    assert a.gate == {"kind": "spm", "hidden": 16, "logits": 4} and not plan.dynamic["b"].gated
+    assert isinstance(fc, LowRankKeep) and fc.keep == (0, 3, 7) and fc.rank == 25 and fc.in_features == 32
+    assert plan.to_dict() == data and json.loads(plan.to_json()) == data
+    # entries read like their JSON form, so code written for plain dicts keeps working
+    assert a["kernel_size"] == [3, 3] and a == GATED and fc["keep"] == [0, 3, 7] and fc == LOWRANK
+    assert Plan.from_json(plan.to_json()).dynamic == plan.dynamic
+
+
+def test_entries_given_as_dicts_are_parsed_when_validated() -> None:
+    plan = Plan(dynamic={"a": {"granularity": 2, "in_from": None}}, lowrank={"fc": {"keep": [1]}})
+    assert plan.dynamic_layers() == {"a": DynamicLayer(2, None)}
+    assert plan.lowrank_layers()["fc"] == LowRankKeep((1,))
+    assert plan.to_dict()["lowrank"]["fc"] == {"in": None, "out": None, "rank": None, "keep": [1], "scale": None}
+    assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+@pytest.mark.parametrize("part,entry,match", [
+    ("dynamic", {**GATED, "gates": 3}, r"dynamic layer 'a': unknown key 'gates'"),
+    ("dynamic", {"granularity": 4}, r"dynamic layer 'a': the spec lacks \['in_from'\]"),
+    ("dynamic", {**GATED, "granularity": "4"}, "dynamic layer 'a': granularity must be a positive int"),
+    ("dynamic", {**GATED, "granularity": True}, "dynamic layer 'a': granularity must be a positive int"),
+    ("dynamic", {**GATED, "in_from": 3}, "dynamic layer 'a': in_from must be a layer name"),
+    ("dynamic", {**GATED, "relu": 1}, "dynamic layer 'a': relu must be true, false or null"),
+    ("dynamic", {**GATED, "out_channels": 16.0}, "dynamic layer 'a': out_channels must be a positive int"),
+    ("dynamic", {**GATED, "kernel_size": 3}, "dynamic layer 'a': kernel_size must be a list of positive ints"),
+    ("dynamic", {**GATED, "stride": [1, "1"]}, "dynamic layer 'a': stride must be a list of positive ints"),
+    ("dynamic", {**GATED, "gate": "spm"}, "dynamic layer 'a': gate must be a JSON object"),
+    ("dynamic", [4, None], "dynamic layer 'a': the spec must be a mapping"),
+    ("lowrank", {**LOWRANK, "ranks": 3}, r"plan.lowrank\['a'\]: unknown key 'ranks'"),
+    ("lowrank", {"rank": 4}, r"plan.lowrank\['a'\] must be a dict with 'keep'"),
+    ("lowrank", {**LOWRANK, "keep": [0, 3.0, 7]}, r"plan.lowrank\['a'\]: 'keep' must be a list of ints"),
+    ("lowrank", {**LOWRANK, "keep": [3, 0, 7]}, r"plan.lowrank\['a'\]: 'keep' must be sorted and unique"),
+    ("lowrank", {**LOWRANK, "keep": [0, 3, 25]}, r"plan.lowrank\['a'\]: 'keep' indices must lie in \[0, 25\)"),
+    ("lowrank", {**LOWRANK, "scale": [1.0]}, r"plan.lowrank\['a'\]: 1 scales for 3 kept components"),
+    ("lowrank", {**LOWRANK, "scale": ["1", 1, 1]}, r"plan.lowrank\['a'\]: 'scale' must be a list of numbers"),
+    ("lowrank", {**LOWRANK, "rank": "25"}, r"plan.lowrank\['a'\]: 'rank' must be an int"),
+])
+def test_malformed_part_entries_are_refused_by_name_and_key(part: str, entry: object, match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        Plan.from_dict(_plan_dict(**{part: {"a": entry}}))
+    with pytest.raises(PlanError, match=match):  # a plan built in code is checked by validate
+        Plan(**{part: {"a": entry}}).validate()
+
+
+def test_in_mask_from_a_layer_that_is_not_gated_is_refused() -> None:
+    with pytest.raises(PlanError, match="dynamic layer 'b' reads its in mask from 'c', which is not a gated layer"):
+        Plan.from_dict(_plan_dict(dynamic={"a": GATED, "b": {**CONSUMER, "in_from": "c"}}))
+
+
+def test_stored_plans_load_and_keep_their_format() -> None:
+    """Plans saved before the parts were typed (bench/results) load, and serialize to the same JSON."""
+    found = []
+
+    def walk(x: object) -> None:
+        if isinstance(x, dict):
+            if x.get("format") == "sparsekern.plan":
+                found.append(x)
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json")):
+        walk(json.loads(path.read_text()))
+    dynamic = [d for d in found if d["dynamic"]]
+    if not dynamic:
+        pytest.skip("no stored plan with a dynamic part in bench/results")
+    for data in found:
+        assert Plan.from_dict(data).to_dict() == data

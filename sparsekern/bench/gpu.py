@@ -172,21 +172,21 @@ def _environment(ctx: Context) -> dict[str, Any]:
 
 def _build(ctx: Context) -> dict[str, Any]:
     """Build (or load the cached) extension; on GPU both ops must have registered a CUDA kernel."""
-    from sparsekern.ops import _ext
+    from sparsekern.ops import extension
 
     start = time.perf_counter()
-    path = _ext.load()
-    kernels = {f"{op}/{dev}": _ext.has_kernel(f"{op}_native", dev) for op in ("channel_skip_conv2d", "lowrank_linear")
+    path = extension.load()
+    kernels = {f"{op}/{dev}": extension.has_kernel(f"{op}_native", dev) for op in ("channel_skip_conv2d", "lowrank_linear")
                for dev in ("cpu", "cuda")}
     from torch.utils.cpp_extension import CUDA_HOME
 
-    result = {"library": path, "error": _ext.status(), "seconds": round(time.perf_counter() - start, 1),
-              "kernels": kernels, "cuda_home": CUDA_HOME, "with_cuda": _ext._with_cuda()}
+    result = {"library": path, "error": extension.status(), "seconds": round(time.perf_counter() - start, 1),
+              "kernels": kernels, "cuda_home": CUDA_HOME, "with_cuda": extension.with_cuda()}
     missing = [k for k, ok in kernels.items() if not ok and k.endswith("/" + ctx.device)]
     if missing:
         if path is None:  # load() keeps one line of the error; building again gives the compiler's whole log
             try:
-                _ext._build()
+                extension.build()
             except Exception as e:  # the log is the point
                 result["log"] = str(e)[-20000:]
         raise _StepFailed(f"the extension has no kernel for {missing} ({result['error'] or 'built without them'})",

@@ -2,7 +2,7 @@
 of the Triton kernels to PTX.
 
 * :func:`nvcc_check` compiles every ``csrc/cuda/*.cu`` (the torch bindings, against torch's headers with the
-  flags torch's extension builder uses plus :data:`sparsekern.ops._ext.CUDA_FLAGS`) and every ``*.cuh`` kernel
+  flags torch's extension builder uses plus :data:`sparsekern.ops.extension.CUDA_FLAGS`) and every ``*.cuh`` kernel
   header (alone, with ``-DSPARSEKERN_COMPILE_CHECK``: its explicit float / __half / __nv_bfloat16
   instantiations) for sm_80 and sm_90a, to object files that are thrown away. No driver or device is needed;
   torch's CPU wheel ships the c10/ATen CUDA headers.
@@ -38,7 +38,7 @@ def _torch_nvcc_flags() -> list[str]:
     import torch
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-    from sparsekern.ops._ext import CUDA_FLAGS, csrc_dir
+    from sparsekern.ops.extension import CUDA_FLAGS, csrc_dir
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [*include_paths(), sysconfig.get_paths()["include"], str(csrc_dir())]
@@ -75,7 +75,7 @@ def nvcc_check(sources: Sequence[Path] | None = None, *, threads: int = 2,
     Raises:
         FileNotFoundError: nvcc is not on ``PATH``.
     """
-    from sparsekern.ops._ext import csrc_dir
+    from sparsekern.ops.extension import csrc_dir
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:

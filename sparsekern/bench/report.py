@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from sparsekern.bench.timing import Timing, environment, set_threads, time_interleaved
-from sparsekern.cost import FlopReport, _align, flops, is_layer
+from sparsekern.cost import FlopReport, align_columns, flops, is_layer
 from sparsekern.modes import eval_mode
 
 __all__ = ["LayerBench", "BenchReport", "compare"]
@@ -142,7 +142,7 @@ class BenchReport:
                 f"{lb.dense_ms:.3f}", f"{lb.fast_ms:.3f}",
                 f"{_pct(lb.dense_spread)}/{_pct(lb.fast_spread)}",
             ))
-        lines = [head, _align(rows, right=tuple(range(2, 10)))]
+        lines = [head, align_columns(rows, right=tuple(range(2, 10)))]
         if self.unmatched_layers:
             lines.append("not in fast model: " + ", ".join(self.unmatched_layers))
         return "\n".join(lines)

@@ -261,6 +261,9 @@ def _with(plan: Plan, **changes: dict) -> Plan:
     ({"a": {"granularity": 1}}, "'a': the spec lacks \\['in_from'\\]"),
     ({"a": {"granularity": 0, "in_from": None}}, "granularity must be a positive int"),
     ({"b": {"granularity": 1, "in_from": "a", "out_channels": 11}}, "out_channels=11, the model's layer has 10"),
+    ({"b": {"granularity": 1, "in_from": "a", "stride": [1, 1]}}, r"'b': the plan says stride=\(1, 1\), the model's "
+                                                                   r"layer has \(2, 2\)"),
+    ({"a": {"granularity": 1, "in_from": None, "bias": True}}, "dynamic layer 'a': unknown key 'bias'"),
 ])
 def test_plans_that_do_not_fit_fail_by_layer_name(change: dict, match: str) -> None:
     model, x, plan = chain(1)
@@ -269,6 +272,17 @@ def test_plans_that_do_not_fit_fail_by_layer_name(change: dict, match: str) -> N
         sk.compile(model, bad, x)
     with pytest.raises(PlanError, match=match):
         sk.masked(model, bad, x)
+
+
+def test_the_gate_architecture_is_checked_when_the_gate_describes_itself() -> None:
+    model, x, plan = chain(1)
+    described = Plan(dynamic={**plan.dynamic, "a": {"granularity": 1, "in_from": None, "gate": {"kind": "fc", "n": 12}}})
+    sk.compile(model, described, x)  # Gate has no spec(): the recorded architecture is informational
+    model.a.gate.spec = lambda: {"kind": "fc", "n": 12}
+    sk.compile(model, described, x)
+    model.a.gate.spec = lambda: {"kind": "fc", "n": 6}
+    with pytest.raises(PlanError, match=r"dynamic layer 'a': the plan says its gate is \{'kind': 'fc', 'n': 12\}"):
+        sk.compile(model, described, x)
 
 
 def test_mask_must_come_from_a_gated_layer() -> None:

@@ -12,7 +12,7 @@ import sparsekern as sk
 from sparsekern.lowrank import LowRankLinear, MaskedFactorizedLinear
 from sparsekern.methods import flop
 from sparsekern.models import build
-from sparsekern.plan import Plan, PlanError
+from sparsekern.plan import LowRankKeep, Plan, PlanError
 from tests.conftest import assert_close_to_scale
 
 MODELS = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 16},
@@ -124,6 +124,18 @@ def test_bad_low_rank_plans_name_the_layer() -> None:
         sk.compile(model, Plan(lowrank={"blocks.0.attn.qkv": {"keep": [3, 1]}}), x)
     with pytest.raises(PlanError, match="2 scales for 1 kept"):
         sk.compile(model, Plan(lowrank={"blocks.0.attn.qkv": {"keep": [3], "scale": [1.0, 2.0]}}), x)
+    with pytest.raises(PlanError, match=r"plan.lowrank\['blocks.0.attn.qkv'\]: unknown key 'scales'"):
+        sk.compile(model, Plan(lowrank={"blocks.0.attn.qkv": {"keep": [3], "scales": [1.0]}}), x)
+
+
+def test_typed_and_dict_entries_compile_alike() -> None:
+    model = _factorized("transformer_lm")
+    x = torch.randint(0, 256, (1, 8))
+    typed = Plan(lowrank={"blocks.0.attn.qkv": LowRankKeep((1, 4), (0.5, 2.0), rank=24)})
+    as_dict = Plan(lowrank={"blocks.0.attn.qkv": {"rank": 24, "keep": [1, 4], "scale": [0.5, 2.0]}})
+    with torch.no_grad():
+        assert torch.equal(sk.compile(model, typed, x)(x), sk.compile(model, as_dict, x)(x))
+    assert typed.to_dict() == as_dict.to_dict()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
