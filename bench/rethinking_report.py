@@ -3,12 +3,13 @@
     python bench/rethinking_report.py --model resnet56 --budget 0.5 --epochs 20 --image-size 16 \
         --out bench/results/rethinking_digits.json [--methods scratch tas anp]
 
-Runs :func:`sparsekern.methods.rethinking.run` for each method on the embedded digits data: the four
+Runs :func:`sparsekern.methods.rethinking.run` for each method on the embedded digits data (by default every
+method the registry lists as static, :func:`sparsekern.methods.rethinking.protocol_methods`): the four
 criteria through fine-tune / Scratch-E / Scratch-B, Pruning from Scratch through Scratch-B, TAS through KD,
 ANP-VS with its robustness comparison. Reports of methods not rerun are kept from an existing ``--out``, so
 one method can be rerun alone. Each report records the command that produced it (``command``) and the command
 whose run timed its speedup (``timed_by``). ``--remeasure`` re-times the stored plans of ``--methods`` (all
-seven by default) in one run and sets their ``timed_by``; run it on a quiet machine so that every row's
+of them by default) in one run and sets their ``timed_by``; run it on a quiet machine so that every row's
 speedup comes from the same run:
 
     python bench/rethinking_report.py --image-size 16 --remeasure
@@ -27,6 +28,7 @@ import torch
 
 from sparsekern.data import load
 from sparsekern.methods import rethinking
+from sparsekern.methods.registry import get_method
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--epochs", type=float, default=10)
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--methods", nargs="+", default=list(rethinking.METHODS))
+    p.add_argument("--methods", nargs="+", default=rethinking.protocol_methods(),
+                   help="default: every registered static method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--search-epochs", type=float, default=None, help="scratch/tas/anp search (default: epochs / 2)")
+    p.add_argument("--search-epochs", type=float, default=None,
+                   help=f"the search of {'/'.join(m for m in rethinking.protocol_methods() if get_method(m).searches)} "
+                        "(default: epochs / 2)")
     p.add_argument("--arms", choices=("protocol", "own"), default="protocol",
                    help="protocol: fine-tune, Scratch-E, Scratch-B (+ KD for tas); own: each method's own arm "
                         "(Scratch-B for scratch, KD for tas, none for anp)")
@@ -92,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         reports[method] = {**r.to_dict(), "command": command, "timed_by": command}
         commands[method] = command
         doc = {"image_size": args.image_size, "commands": commands,
-               "reports": [reports[m] for m in rethinking.METHODS if m in reports]}
+               "reports": [reports[m] for m in rethinking.protocol_methods() if m in reports]}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
     doc = {"image_size": args.image_size, "commands": commands,
-           "reports": [reports[m] for m in rethinking.METHODS if m in reports]}
+           "reports": [reports[m] for m in rethinking.protocol_methods() if m in reports]}
     print(rethinking_table(doc))
     print(robustness_table(doc))
     return 0

@@ -43,7 +43,6 @@ END = "<!-- /bench/tables.py -->"
 CHANNEL_SKIP = "channel_skip_conv2d/cpu/float32"
 LOWRANK = "lowrank_linear/cpu/float32"
 MODEL_ORDER = ("resnet18", "vgg16_bn", "resnet56")  # the kernel benchmark's shape sets, in its own order
-RETHINKING_METHODS = ("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp")
 ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
 
 

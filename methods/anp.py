@@ -63,11 +63,14 @@ from sparsekern.compiler import group_importance
 from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import PGD, Hook, TrainConfig, TrainResult, TrainState, default_loss, evaluate, train
+from sparsekern.utils import as_tuple as _as_tuple
 
 __all__ = [
+    "ANPVS",
     "ANPHook",
     "ANPNet",
     "BetaBernoulliMask",
@@ -100,10 +103,6 @@ TRAIN_STEPS, EVAL_STEPS = 10, 40
 MASK_LR, WEIGHT_LR, WEIGHT_DECAY = 1e-2, 1e-3, 1e-4
 EULER_GAMMA = 0.5772156649015329
 _EPS = 1e-6            # keeps uniform draws and probabilities away from 0 and 1 in float32
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 # ----------------------------------------------------------------------------- the mask
@@ -862,3 +861,19 @@ def prune_to_budget(
     plan.meta.update({"epochs": float(epochs), "seed": int(seed)})
     return plan, folded
 
+
+@register_method("anp")
+class ANPVS(Method):
+    """ANP-VS: :func:`prune_to_budget` (adversarially trained masks); no arm of its own, and the protocol
+    reports clean and PGD accuracy against adversarial training."""
+
+    order = 70
+    summary = "adversarial neural pruning with vulnerability suppression (Madaan et al., ICML 2020)"
+    arms = ()
+    protocol_arms = ()
+    searches = True
+    robustness = True
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        return Pruned(*prune_to_budget(model, ctx.example_inputs, ctx.train_data, budget, seed=ctx.seed,
+                                       epochs=ctx.search_epochs, progress=ctx.progress))

@@ -63,10 +63,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsekern.checkpoint import Checkpoints
-from sparsekern.plan import Plan, PlanError
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
+from sparsekern.plan import LowRankKeep, Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
+from sparsekern.utils import input_spec
 
 __all__ = [
+    "FLOP",
     "EVAL_SHARPNESS",
     "LIMIT_L",
     "LIMIT_R",
@@ -515,7 +518,8 @@ def train_flop(
 def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, Any] | None = None) -> Plan:
     """The plan of a FLOP-trained model: every factorized layer's evaluation gates as a rank keep-set.
 
-    ``plan.lowrank[name] = {"in", "out", "rank", "keep", "scale"}``: the layer's sizes, the sorted indices
+    ``plan.lowrank[name]``: a :class:`~sparsekern.plan.LowRankKeep` (JSON ``{"in", "out", "rank", "keep",
+    "scale"}``): the layer's sizes, the sorted indices
     of the non-zero gates and their values (the soft gates ``sigmoid(0.8 log_alpha / beta)``, which the
     compiler folds into ``Q``). Stored in the plan, not read from the model at compile time, so the plan
     alone decides the pruned model.
@@ -535,18 +539,13 @@ def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, An
     if not layers:
         raise PlanError("FLOP: the model has no FactorizedLinear layer; call sparsekern.methods.flop.factorize("
                         "model) and train it with train_flop before pruning")
-    lowrank: dict[str, Any] = {}
+    lowrank: dict[str, LowRankKeep] = {}
     kept_params = 0
     for name, layer in layers.items():
         gates = layer.eval_gates().float().cpu()
         keep = torch.nonzero(gates).flatten()
-        lowrank[name] = {
-            "in": layer.in_features,
-            "out": layer.out_features,
-            "rank": layer.rank,
-            "keep": keep.tolist(),
-            "scale": gates[keep].tolist(),
-        }
+        lowrank[name] = LowRankKeep(keep=tuple(keep.tolist()), scale=tuple(gates[keep].tolist()), rank=layer.rank,
+                                    in_features=layer.in_features, out_features=layer.out_features)
         kept_params += (layer.in_features + layer.out_features) * len(keep)
     total = sum(layer.n_dense_params for layer in layers.values())
     with torch.no_grad():
@@ -561,8 +560,6 @@ def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, An
     if getattr(model, "sk_flop_target", None) is not None:
         info["target"] = float(model.sk_flop_target)
     if example_inputs is not None:
-        from sparsekern.compiler import input_spec
-
         info["inputs"] = input_spec(example_inputs)
     info.update(meta or {})
     return Plan(lowrank=lowrank, meta=info)
@@ -669,8 +666,37 @@ def run_lm(
         "params_compiled": sum(p.numel() for p in compiled.parameters()),
         "test_bpb": bits_per_byte(compiled, corpus.test, seq_len, max_bytes=eval_bytes),
         "compiled_vs_masked_max_rel_err": exact,
-        "ranks": {name: [len(e["keep"]), e["rank"]] for name, e in plan.lowrank.items()},
+        "ranks": {name: [e.n_keep, e.rank] for name, e in plan.lowrank.items()},
         "steps": steps,
         "train_s": train_s,
     }
     return FlopRun(model, plan, compiled, report, history)
+
+
+@register_method("flop")
+class FLOP(Method):
+    """FLOP at a parameter budget: ``budget`` is the fraction of the factorized layers' dense parameters to
+    keep (target sparsity ``1 - budget``). A copy of the trained model is factorized from its SVD
+    (:func:`factorize`), trained for ``search_epochs`` with the Lagrangian constraint (:func:`train_flop`,
+    Adam at lr 3e-3, constant schedule, gradients clipped at 1, as ``sparsekern prune --method flop``) and
+    planned (:func:`prune`); ``train_data`` yields ``(x, y)`` batches of the model's inputs and targets
+    (:class:`~sparsekern.text_data.LMSequences` for the zoo LMs). The command line runs the LM pipeline
+    :meth:`run_lm` instead."""
+
+    kind = "lowrank"
+    order = 80
+    arms = ()
+    searches = True
+    summary = "factorized weights with L0 gates on their rank-one components (Wang et al., 2019)"
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        net = factorize(copy.deepcopy(model), init="svd")
+        config = TrainConfig(epochs=ctx.search_epochs, optimizer="adam", lr=3e-3, weight_decay=0.0,
+                             schedule="constant", grad_clip=1.0, seed=ctx.seed, progress=ctx.progress)
+        train_flop(net, ctx.train_data, config, target=1.0 - budget)
+        net.eval()
+        return Pruned(prune(net, ctx.example_inputs), net)
+
+    def run_lm(self, model_name: str, corpus: Any, config: TrainConfig, **kwargs: Any) -> FlopRun:
+        """FLOP on a byte-level zoo LM, end to end (the module's :func:`run_lm`; what the CLI runs)."""
+        return run_lm(model_name, corpus, config, **kwargs)

@@ -26,9 +26,11 @@ import torch.nn as nn
 
 from sparsekern.compiler import group_importance
 from sparsekern.graph import ChannelGraph, trace_channels
+from sparsekern.methods.budget import ratio_for_budget
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.plan import GroupKeep, Plan, PlanError
 
-__all__ = ["prunable_layers", "config_ratios", "prune", "CONFIGS"]
+__all__ = ["prunable_layers", "config_ratios", "prune", "CONFIGS", "L1Norm"]
 
 _RESNET56_SKIP = {"resnet56-A": (8, 10, 19, 27), "resnet56-B": (8, 9, 10, 17, 19, 27)}
 _RESNET56_STAGE_RATIOS = {"resnet56-A": (0.1, 0.1, 0.1), "resnet56-B": (0.6, 0.3, 0.1)}
@@ -122,3 +124,16 @@ def prune(
     plan = Plan(channels=channels, meta=meta)
     cg.check_plan(plan)
     return plan
+
+
+@register_method("l1_norm")
+class L1Norm(Method):
+    """L1-norm filter pruning at a FLOPs budget: one uniform ratio for the block-internal layers, found by
+    :func:`sparsekern.methods.budget.ratio_for_budget`, then :func:`prune`."""
+
+    order = 10
+    summary = "filters ranked by their L1 norm (Li et al., ICLR 2017)"
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        ratio, _ = ratio_for_budget(model, ctx.example_inputs, budget, scope="internal")
+        return Pruned(prune(model, ctx.example_inputs, ratio=ratio), model)

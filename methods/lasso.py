@@ -37,9 +37,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from sparsekern.methods._reconstruction import LayerStats, Selection, prune_by_reconstruction
+from sparsekern.methods.budget import ratio_for_budget
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.plan import Plan
 
-__all__ = ["LassoSelection", "lasso_select", "select", "prune"]
+__all__ = ["LassoSelection", "lasso_select", "select", "prune", "Lasso"]
 
 
 @dataclass
@@ -194,3 +196,16 @@ def prune(
         model, example_inputs, data, ratio=ratio, select=select, method="lasso", n_samples=n_samples,
         batches=batches, layers=layers, batch_size=batch_size, seed=seed, refit=refit, ridge=ridge,
     )
+
+
+@register_method("lasso")
+class Lasso(Method):
+    """Lasso at a FLOPs budget: one uniform ratio for the block-internal layers, found by
+    :func:`sparsekern.methods.budget.ratio_for_budget`, then :func:`prune` (returns the refitted copy)."""
+
+    order = 40
+    summary = "LASSO channel selection on the next layer's output, least-squares refit (He et al., ICCV 2017)"
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        ratio, _ = ratio_for_budget(model, ctx.example_inputs, budget, scope="internal")
+        return Pruned(*prune(model, ctx.example_inputs, ctx.train_data, ratio=ratio, seed=ctx.seed))

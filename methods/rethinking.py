@@ -14,9 +14,10 @@ For one pruning method and a FLOPs budget:
 The paper's finding: for these structured methods, Scratch-B >= fine-tune. :func:`run` returns a
 :class:`ProtocolReport` with a table and JSON, so a run shows whether it reproduces.
 
-The learned methods run through the same steps with their own search in step 2 and their own arm in step 3
-(:data:`DEFAULT_ARMS`): Pruning from Scratch searches gates on a frozen random copy and trains the pruned
-network from scratch (Scratch-B); TAS searches widths and depths and trains the result from scratch with
+The methods come from :mod:`sparsekern.methods.registry` (every method of kind ``"static"``). The learned
+ones run through the same steps with their own search in step 2 and their own arm in step 3 (each method's
+``arms``): Pruning from Scratch searches gates on a frozen random copy and trains the pruned network from
+scratch (Scratch-B); TAS searches widths and depths and trains the result from scratch with
 distillation from the full model (arm ``KD``); ANP-VS trains its masks adversarially from the full model,
 and its report adds clean and PGD accuracy against plain adversarial training pruned to the same channels.
 """
@@ -36,22 +37,39 @@ from sparsekern.checkpoint import Checkpoints, Stage
 from sparsekern.data import DataBundle, loader
 from sparsekern.models import build
 from sparsekern.models.init import init_weights
+from sparsekern.methods.registry import Method, PruneContext, get_method, list_methods
 from sparsekern.plan import Plan
 from sparsekern.train import TrainConfig, evaluate, scratch_b_epochs, train
 
-__all__ = ["METHODS", "prune_to_budget", "run", "ProtocolReport", "Arm"]
+__all__ = ["protocol_methods", "default_arms", "prune_to_budget", "run", "ProtocolReport", "Arm", "ARMS",
+           "PROTOCOL_ARMS"]
 
-METHODS = ("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp")
+#: every arm the runner knows; ``KD`` is TAS's training with distillation from the full model
 ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
-#: what ``sparsekern prune --method M`` trains without ``--protocol rethinking``
-DEFAULT_ARMS = {"scratch": ("Scratch-B",), "tas": ("KD",), "anp": ()}
+#: the three arms of the paper's protocol, trained for every method
+PROTOCOL_ARMS = ("fine-tune", "Scratch-E", "Scratch-B")
+
+
+def protocol_methods() -> list[str]:
+    """The methods the protocol runs: the registered methods of kind ``"static"``
+    (:mod:`sparsekern.methods.registry`), in registry order."""
+    return list_methods("static")
+
+
+def _protocol_method(method: str) -> Method:
+    """The registered static method ``method``; ``ValueError`` naming the ones the protocol runs otherwise."""
+    if method not in protocol_methods():
+        raise ValueError(f"unknown method {method!r}; known: {protocol_methods()}")
+    return get_method(method)
 
 
 def default_arms(method: str, protocol: str | None = None) -> tuple[str, ...]:
-    """The arms a run trains: the three of the protocol (plus ``KD`` for TAS) or the method's own."""
+    """The arms a run trains: the protocol's three plus the method's ``protocol_arms`` (``KD`` for TAS) with
+    ``protocol="rethinking"``, else the method's own ``arms`` (fine-tune unless the method says otherwise)."""
+    spec = get_method(method)
     if protocol == "rethinking":
-        return ("fine-tune", "Scratch-E", "Scratch-B") + (("KD",) if method == "tas" else ())
-    return DEFAULT_ARMS.get(method, ("fine-tune",))
+        return PROTOCOL_ARMS + tuple(spec.protocol_arms)
+    return tuple(spec.arms)
 
 
 @dataclass
@@ -117,40 +135,23 @@ def prune_to_budget(
     search_epochs: float = 5,
     progress: bool = False,
 ) -> tuple[Plan, nn.Module]:
-    """Run ``method`` on a trained ``model`` so the compiled plan has <= ``budget`` x its FLOPs.
+    """Run the registered ``method`` on a trained ``model`` so the compiled plan has <= ``budget`` x its FLOPs.
 
-    ``search_epochs`` is the learned methods' search length (Pruning from Scratch's gate training, TAS's
-    architecture search, ANP-VS's adversarial mask training).
+    Calls :meth:`sparsekern.methods.registry.Method.prune` with a :class:`PruneContext` of ``x``,
+    ``train_data``, ``seed``, ``search_epochs`` (the learned methods' search length: Pruning from Scratch's
+    gate training, TAS's architecture search, ANP-VS's adversarial mask training) and ``progress``; its
+    options hold ``slimming_penalty`` (the s the model was trained with, recorded in Network Slimming's plan).
 
     The ratio-based methods (L1-norm, ThiNet, LASSO) prune the block-internal layers by one uniform ratio
     found with :func:`sparsekern.methods.budget.ratio_for_budget`; Network Slimming thresholds its BN
     scales globally at the budget. Returns the plan and the model to compile it against (refitted for
-    ThiNet and LASSO, ``model`` itself otherwise). ``slimming_penalty`` (the s the model was trained with)
-    is recorded in Network Slimming's plan.
+    ThiNet and LASSO, the searched or random network for TAS and Pruning from Scratch, the folded network
+    for ANP-VS, ``model`` itself otherwise).
     """
-    from sparsekern.methods import budget as budgets
-
-    if method in ("scratch", "tas", "anp"):
-        import importlib
-
-        module = importlib.import_module(f"sparsekern.methods.{method}")
-        return module.prune_to_budget(model, x, train_data, budget, seed=seed, epochs=search_epochs,
-                                      progress=progress)
-    if method == "slimming":
-        from sparsekern.methods import slimming
-
-        return slimming.prune(model, x, flops_budget=budget, s=slimming_penalty), model
-    ratio, _ = budgets.ratio_for_budget(model, x, budget, scope="internal")
-    if method == "l1_norm":
-        from sparsekern.methods import l1_norm
-
-        return l1_norm.prune(model, x, ratio=ratio), model
-    if method in ("thinet", "lasso"):
-        import importlib
-
-        module = importlib.import_module(f"sparsekern.methods.{method}")
-        return module.prune(model, x, train_data, ratio=ratio, seed=seed)
-    raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+    ctx = PruneContext(x, train_data, seed=seed, search_epochs=search_epochs, progress=progress,
+                       options={"slimming_penalty": slimming_penalty})
+    plan, source = get_method(method).prune(model, budget, ctx)
+    return plan, source
 
 
 def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle, x: torch.Tensor, epochs: float,
@@ -163,7 +164,7 @@ def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle
       (``epochs``), dense, and pruned by filter norm to ANP-VS's channels (same FLOPs) with the same
       adversarial fine-tuning.
     """
-    from sparsekern.methods import anp
+    from sparsekern.methods import anp  # ANP-VS's PGD attack and adversarial training
 
     def adversarial(model: nn.Module, n_epochs: float) -> nn.Module:
         model.train()
@@ -195,6 +196,122 @@ def _reinitialised(model: nn.Module) -> nn.Module:
             m.reset_parameters()
     init_weights(fresh)
     return fresh
+
+
+def _check_settings(budget: float, epochs: float, finetune_epochs: float | None,
+                    search_epochs: float | None) -> None:
+    """``budget`` in (0, 1] and every given epoch count > 0, checked before any training."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is the fraction of the full model's FLOPs to keep, in (0, 1]; got {budget}")
+    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs), ("search_epochs", search_epochs)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass
+class _Runner:
+    """The stages of one protocol run for the registered method ``spec``.
+
+    Rules: every stage first looks for its checkpoint in ``store`` (and logs a resume), then seeds
+    ``torch.manual_seed(seed)`` whether it resumed or not, so a resumed run computes what an uninterrupted
+    one does; a stage that runs saves its checkpoint when it completes.
+    """
+
+    spec: Method
+    data: DataBundle
+    test: Any
+    x: torch.Tensor
+    store: Checkpoints
+    batch_size: int
+    seed: int
+    progress: bool
+    log: Callable[[str], None]
+
+    def resumed(self, stage: str) -> Stage | None:
+        done = self.store.load(stage)
+        if done is not None:
+            self.log(f"[{self.spec.name}] {stage}: resumed from {self.store.path(stage)}")
+        torch.manual_seed(self.seed)  # every stage starts from the same random state, resumed or not
+        return done
+
+    def fit(self, model: nn.Module, n_epochs: float, lr: float, hooks: tuple = ()) -> float:
+        """Train ``model`` with the one trainer; its test accuracy."""
+        model.train()
+        train(model, self.data.train, TrainConfig(epochs=n_epochs, lr=lr, batch_size=self.batch_size, seed=self.seed,
+                                                  progress=self.progress), hooks=hooks)
+        model.eval()
+        return evaluate(model, self.test)["accuracy"]
+
+    def train_full(self, full: nn.Module, model_name: str, epochs: float, lr: float,
+                   options: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Stage ``full``: train the full model with the method's hooks; its accuracy and the method's options
+        (:meth:`Method.prepare`, recorded with the checkpoint)."""
+        done = self.resumed("full")
+        if done is not None:
+            done.load_into(full, "full").eval()
+            return done.info["accuracy"], {**options, "slimming_penalty": done.info["slimming_penalty"]}
+        options = self.spec.prepare(full, options)
+        self.log(f"[{self.spec.name}] training the full {model_name} for {epochs} epochs")
+        accuracy = self.fit(full, epochs, lr, tuple(self.spec.train_hooks(options)))
+        self.store.save("full", {"accuracy": accuracy, "slimming_penalty": options.get("slimming_penalty")},
+                        {"full": full})
+        return accuracy, options
+
+    def prune(self, full: nn.Module, budget: float, options: dict[str, Any],
+              search_epochs: float) -> tuple[Plan, nn.Module, float]:
+        """Stage ``prune``: the plan, the compiled pruned model and its accuracy before any training."""
+        done = self.resumed("prune")
+        if done is not None:
+            plan = Plan.from_dict(done.info["plan"])
+            return plan, done.load_into(sk.compile(full, plan, self.x), "pruned").eval(), done.info["accuracy"]
+        self.log(f"[{self.spec.name}] pruning to {budget:.0%} of the FLOPs")
+        plan, source = prune_to_budget(self.spec.name, full, self.x, self.data.train, budget, seed=self.seed,
+                                       slimming_penalty=options.get("slimming_penalty"),
+                                       search_epochs=search_epochs, progress=self.progress)
+        pruned = sk.compile(source, plan, self.x).eval()
+        before = evaluate(pruned, self.test)["accuracy"]
+        self.store.save("prune", {"plan": plan.to_dict(), "accuracy": before}, {"pruned": pruned})
+        return plan, pruned, before
+
+    def train_arm(self, arm: str, pruned: nn.Module, full: nn.Module, n_epochs: float,
+                  lr: float) -> tuple[Arm, nn.Module]:
+        """Stage ``arm-<arm>``: fine-tune the pruned weights, train from fresh weights (Scratch-E/B), or TAS's
+        distillation from the full model (KD)."""
+        done = self.resumed(f"arm-{arm}")
+        if done is not None:
+            model = done.load_into(copy.deepcopy(pruned), "model").eval()
+            return Arm(arm, done.info["epochs"], done.info["accuracy"]), model
+        name = self.spec.name
+        if arm == "fine-tune":
+            self.log(f"[{name}] fine-tune: {n_epochs} epochs at lr {lr}")
+            model = copy.deepcopy(pruned)
+            accuracy = self.fit(model, n_epochs, lr)
+        elif arm in ("Scratch-E", "Scratch-B"):
+            self.log(f"[{name}] {arm}: {n_epochs:.1f} epochs from random initialisation")
+            model = _reinitialised(pruned)
+            accuracy = self.fit(model, n_epochs, lr)
+        else:  # KD: TAS's training of the searched network, from scratch with distillation from the full model
+            from sparsekern.methods import tas
+
+            self.log(f"[{name}] KD: {n_epochs:.1f} epochs from random initialisation, teacher = the full model")
+            model = copy.deepcopy(pruned).train()
+            tas.train_pruned(model, full.eval(), self.data.train, epochs=n_epochs, lr=lr, batch_size=self.batch_size,
+                             seed=self.seed, progress=self.progress)
+            model.eval()
+            accuracy = evaluate(model, self.test)["accuracy"]
+        self.store.save(f"arm-{arm}", {"epochs": n_epochs, "accuracy": accuracy}, {"model": model})
+        return Arm(arm, n_epochs, accuracy), model
+
+    def robustness(self, full: nn.Module, pruned: nn.Module, plan: Plan, search_epochs: float,
+                   finetune_epochs: float) -> dict[str, dict[str, float]]:
+        """Stage ``robustness`` (methods with ``robustness = True``, ANP-VS): :func:`_robustness`."""
+        done = self.resumed("robustness")
+        if done is not None:
+            return done.info["robustness"]
+        result = _robustness(full, pruned, plan, self.data, self.x, search_epochs, finetune_epochs, self.seed,
+                             self.progress, self.log)
+        self.store.save("robustness", {"robustness": result})
+        return result
 
 
 def run(
@@ -236,13 +353,8 @@ def run(
     > 0; the folders of ``out`` and ``model_out`` are created up front. ``bench_repeats``: timed runs per
     model for the measured speedup.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget is the fraction of the full model's FLOPs to keep, in (0, 1]; got {budget}")
-    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs), ("search_epochs", search_epochs)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+    spec = _protocol_method(method)
+    _check_settings(budget, epochs, finetune_epochs, search_epochs)
     finetune_epochs = epochs / 4 if finetune_epochs is None else finetune_epochs
     search_epochs = epochs / 2 if search_epochs is None else search_epochs
     arms = default_arms(method, "rethinking") if arms is None else tuple(arms)
@@ -256,96 +368,28 @@ def run(
     store.check()
     test = loader(data.test, 512, shuffle=False)
     x = data.test.tensors[0][:batch_size] if hasattr(data.test, "tensors") else next(iter(test))[0][:batch_size]
-
-    def fit(model: nn.Module, n_epochs: float, lr_: float, hooks: tuple = ()) -> float:
-        model.train()
-        train(model, data.train, TrainConfig(epochs=n_epochs, lr=lr_, batch_size=batch_size, seed=seed,
-                                             progress=progress), hooks=hooks)
-        model.eval()
-        return evaluate(model, test)["accuracy"]
-
-    def resumed(stage: str) -> Stage | None:
-        done = store.load(stage)
-        if done is not None:
-            log(f"[{method}] {stage}: resumed from {store.path(stage)}")
-        torch.manual_seed(seed)  # every stage starts from the same random state, resumed or not
-        return done
+    runner = _Runner(spec, data, test, x, store, batch_size=batch_size, seed=seed, progress=progress, log=log)
 
     torch.manual_seed(seed)
     full = build(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
-    done = resumed("full")
-    if done is not None:
-        done.load_into(full, "full").eval()
-        full_acc, slimming_penalty = done.info["accuracy"], done.info["slimming_penalty"]
-    else:
-        hooks: tuple = ()
-        if method == "slimming":
-            from sparsekern.methods import slimming
-
-            slimming_penalty = slimming.default_penalty(full) if slimming_penalty is None else slimming_penalty
-            hooks = (slimming.SparsityHook(slimming_penalty),)
-        log(f"[{method}] training the full {model_name} for {epochs} epochs")
-        full_acc = fit(full, epochs, lr, hooks)
-        store.save("full", {"accuracy": full_acc, "slimming_penalty": slimming_penalty}, {"full": full})
-
-    done = resumed("prune")
-    if done is not None:
-        plan = Plan.from_dict(done.info["plan"])
-        pruned = done.load_into(sk.compile(full, plan, x), "pruned").eval()
-        before = done.info["accuracy"]
-    else:
-        log(f"[{method}] pruning to {budget:.0%} of the FLOPs")
-        plan, source = prune_to_budget(method, full, x, data.train, budget, seed=seed,
-                                       slimming_penalty=slimming_penalty, search_epochs=search_epochs,
-                                       progress=progress)
-        pruned = sk.compile(source, plan, x).eval()
-        before = evaluate(pruned, test)["accuracy"]
-        store.save("prune", {"plan": plan.to_dict(), "accuracy": before}, {"pruned": pruned})
+    full_acc, options = runner.train_full(full, model_name, epochs, lr, {"slimming_penalty": slimming_penalty})
+    plan, pruned, before = runner.prune(full, budget, options, search_epochs)
     flops_full, flops_pruned = sk.flops(full, x), sk.flops(pruned, x)
 
-    results, trained = [], []
     b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
+    epochs_of = {"fine-tune": finetune_epochs, "Scratch-E": epochs, "Scratch-B": b_epochs, "KD": b_epochs}
+    lr_of = {"fine-tune": finetune_lr}
+    results, trained = [], []
     for arm in arms:
-        done = resumed(f"arm-{arm}")
-        if done is not None:
-            model = done.load_into(copy.deepcopy(pruned), "model").eval()
-            results.append(Arm(arm, done.info["epochs"], done.info["accuracy"]))
-            trained.append(model)
-            continue
-        if arm == "fine-tune":
-            log(f"[{method}] fine-tune: {finetune_epochs} epochs at lr {finetune_lr}")
-            model, n_epochs = copy.deepcopy(pruned), finetune_epochs
-            accuracy = fit(model, n_epochs, finetune_lr)
-        elif arm in ("Scratch-E", "Scratch-B"):
-            n_epochs = epochs if arm == "Scratch-E" else b_epochs
-            log(f"[{method}] {arm}: {n_epochs:.1f} epochs from random initialisation")
-            model = _reinitialised(pruned)
-            accuracy = fit(model, n_epochs, lr)
-        else:  # KD: TAS's training of the searched network, from scratch with distillation from the full model
-            from sparsekern.methods import tas
-
-            n_epochs = b_epochs
-            log(f"[{method}] KD: {n_epochs:.1f} epochs from random initialisation, teacher = the full model")
-            model = copy.deepcopy(pruned).train()
-            tas.train_pruned(model, full.eval(), data.train, epochs=n_epochs, lr=lr, batch_size=batch_size,
-                             seed=seed, progress=progress)
-            model.eval()
-            accuracy = evaluate(model, test)["accuracy"]
-        store.save(f"arm-{arm}", {"epochs": n_epochs, "accuracy": accuracy}, {"model": model})
-        results.append(Arm(arm, n_epochs, accuracy))
+        result, model = runner.train_arm(arm, pruned, full, epochs_of[arm], lr_of.get(arm, lr))
+        results.append(result)
         trained.append(model)
     if model_out is not None:
         sk.save(trained[0] if trained else pruned, model_out)
         log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
     robustness: dict[str, dict[str, float]] = {}
-    if method == "anp":
-        done = resumed("robustness")
-        if done is not None:
-            robustness = done.info["robustness"]
-        else:
-            robustness = _robustness(full, pruned, plan, data, x, search_epochs, finetune_epochs, seed, progress,
-                                     log)
-            store.save("robustness", {"robustness": robustness})
+    if spec.robustness:
+        robustness = runner.robustness(full, pruned, plan, search_epochs, finetune_epochs)
 
     bench = sk.bench.compare(full.eval(), pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=bench_repeats,
                              per_layer=False)

@@ -72,11 +72,14 @@ import torch.nn as nn
 
 from sparsekern.cost import eval_flops
 from sparsekern.dynamic import MaskedConv2d, conv_sample_flops, expand_groups, gate_flops, mask_source
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.models import BasicBlock, Bottleneck, VGG
-from sparsekern.plan import Plan
+from sparsekern.plan import DynamicLayer, Plan
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
+from sparsekern.utils import as_tuple, input_spec
 
 __all__ = [
+    "SANP",
     "BINARIZERS",
     "CostReference",
     "GRANULARITIES",
@@ -410,7 +413,7 @@ class CostReference:
 
 def cost_reference(model: nn.Module, example_inputs: Any) -> CostReference:
     """:class:`CostReference` of a SANP-form model, from one eval-mode :func:`sparsekern.cost.flops` pass."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     units = gated_layers(model)
     if not units:
         raise ValueError("cost_reference: the model has no gated layers; convert it with to_sanp first")
@@ -436,7 +439,7 @@ def cost_ratio(model: nn.Module, example_inputs: Any, *, full: float | None = No
         full: dense FLOPs per sample; default :func:`cost_reference` of ``model`` (a SANP-form or masked
             model; pass it for a compiled one).
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     rep = eval_flops(model, inputs)
     if rep.per_sample is None:
         raise ValueError("cost_ratio: the model has no per-sample (gated) layers")
@@ -589,33 +592,32 @@ def to_plan(model: nn.Module, example_inputs: Any, *, budget: float | None = Non
         budget: recorded in the meta (default: the budget :func:`train_sanp` used, if any).
 
     Returns:
-        A :class:`~sparsekern.plan.Plan` with only a ``dynamic`` part: layer -> ``{"granularity",
-        "in_from", "relu", "in_channels", "out_channels", "kernel_size", "stride", "gate"}``.
+        A :class:`~sparsekern.plan.Plan` with only a ``dynamic`` part: layer -> a
+        :class:`~sparsekern.plan.DynamicLayer` with every field set (``gate``: the SPM's :meth:`spec`).
     """
-    from sparsekern.compiler import input_spec
     from sparsekern.graph import symbolic_trace
 
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     units = gated_layers(model)
     if not units:
         raise ValueError("to_plan: the model has no gated layers; convert it with to_sanp first")
     gm = symbolic_trace(model)
     sources = {str(n.target): mask_source(n) for n in gm.graph.nodes
                if n.op == "call_module" and str(n.target) in units}
-    dynamic = {}
+    dynamic: dict[str, DynamicLayer] = {}
     for name, u in units.items():
         if name not in sources:
             raise ValueError(f"to_plan: gated layer {name!r} is not called in the forward")
-        dynamic[name] = {
-            "granularity": u.granularity,
-            "in_from": sources[name],
-            "relu": u.relu,
-            "in_channels": u.in_channels,
-            "out_channels": u.out_channels,
-            "kernel_size": list(u.conv.kernel_size),
-            "stride": list(u.conv.stride),
-            "gate": u.gate.spec() if isinstance(u.gate, SaliencyPruningModule) else None,
-        }
+        dynamic[name] = DynamicLayer(
+            granularity=u.granularity,
+            in_from=sources[name],
+            relu=u.relu,
+            in_channels=u.in_channels,
+            out_channels=u.out_channels,
+            kernel_size=tuple(u.conv.kernel_size),
+            stride=tuple(u.conv.stride),
+            gate=u.gate.spec() if isinstance(u.gate, SaliencyPruningModule) else None,
+        )
     ratio = cost_ratio(model, inputs)
     trained = dict(getattr(model, "sk_sanp", {}) or {})
     meta: dict[str, Any] = {"method": "sanp", "inputs": input_spec(inputs),
@@ -628,3 +630,23 @@ def to_plan(model: nn.Module, example_inputs: Any, *, budget: float | None = Non
 
 #: SANP prunes at run time; its "pruning" step is writing down the gated layers.
 prune = to_plan
+
+
+@register_method("sanp")
+class SANP(Method):
+    """SANP at a cost budget: :func:`to_sanp` (a copy of the model), :func:`train_sanp` for ``search_epochs``
+    with ``budget`` as the average cost target (cosine schedule, the backbone's lr 0.1), then :func:`to_plan`.
+    Returns the trained SANP-form model, which the plan compiles against."""
+
+    kind = "dynamic"
+    order = 90
+    arms = ()
+    searches = True
+    summary = "per-sample channel gates trained jointly against a cost budget (Chen et al., ICONIP 2019)"
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        net = to_sanp(model)
+        config = TrainConfig(epochs=ctx.search_epochs, schedule="cosine", seed=ctx.seed, progress=ctx.progress)
+        train_sanp(net, ctx.train_data, config, budget=budget)
+        net.eval()
+        return Pruned(to_plan(net, ctx.example_inputs), net)

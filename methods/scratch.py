@@ -49,11 +49,14 @@ from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, trace_channels
 from sparsekern.methods.budget import plan_flops
 from sparsekern.methods.l1_norm import prunable_layers
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.models.init import init_weights
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, scratch_b_epochs, train
+from sparsekern.utils import as_tuple as _as_tuple
 
 __all__ = [
+    "PruningFromScratch",
     "ChannelGates",
     "GateHook",
     "GateSite",
@@ -69,10 +72,6 @@ __all__ = [
 
 #: The paper's CIFAR settings (sec. 4): sparsity weight lambda, target mean gate r, gate lr, epochs.
 LAMBDA, TARGET_RATIO, GATE_LR, EPOCHS = 0.5, 0.2, 0.01, 10
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 
@@ -469,3 +468,20 @@ def prune_to_budget(
     plan.meta.update({"search_epochs": float(epochs), "seed": int(seed),
                       "gate_mean": float(values.mean()), "gates_below_0.05": float((values < 0.05).float().mean())})
     return plan, random_net
+
+
+@register_method("scratch")
+class PruningFromScratch(Method):
+    """Pruning from Scratch: :func:`prune_to_budget` (gates searched on a re-initialised copy); its own arm
+    is Scratch-B."""
+
+    order = 50
+    summary = "gates learned on a random network, pruned net trained from scratch (Wang et al., AAAI 2020)"
+    arms = ("Scratch-B",)
+    protocol_arms = ()
+    searches = True
+    robustness = False
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        return Pruned(*prune_to_budget(model, ctx.example_inputs, ctx.train_data, budget, seed=ctx.seed,
+                                       epochs=ctx.search_epochs, progress=ctx.progress))

@@ -54,11 +54,13 @@ from sparsekern.compiler import masked
 from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
 
 __all__ = [
+    "NetworkSlimming",
     "PENALTIES",
     "SparsityHook",
     "channel_scores",
@@ -421,3 +423,24 @@ def pruned_constant_error(model: nn.Module, plan: Plan, example_inputs: Any) -> 
         out = ref_model(*inputs)
     scale = ref.abs().max().clamp_min(1e-12)
     return float((out - ref).abs().max() / scale)
+
+
+@register_method("slimming")
+class NetworkSlimming(Method):
+    """Network Slimming at a FLOPs budget: the full model trains with the sparsity penalty
+    (:class:`SparsityHook`, option ``slimming_penalty``, default :func:`default_penalty`), then one global BN
+    threshold is searched for the budget (:func:`prune` with ``flops_budget``)."""
+
+    order = 20
+    summary = "one global threshold on BatchNorm scales trained with an L1 penalty (Liu et al., ICCV 2017)"
+
+    def prepare(self, model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+        penalty = options.get("slimming_penalty")
+        return {**options, "slimming_penalty": default_penalty(model) if penalty is None else penalty}
+
+    def train_hooks(self, options: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (SparsityHook(options["slimming_penalty"]),)
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        plan = prune(model, ctx.example_inputs, flops_budget=budget, s=ctx.options.get("slimming_penalty"))
+        return Pruned(plan, model)

@@ -59,12 +59,14 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from sparsekern.depth import channel_graph
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.models.init import init_weights
 from sparsekern.models.resnet import CifarResNet
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import Hook, Stage, TrainConfig, TrainResult, TrainState, train
 
 __all__ = [
+    "TAS",
     "DISTILL_ALPHA",
     "DISTILL_TEMPERATURE",
     "FLOP_TOLERANCE",
@@ -753,3 +755,19 @@ def train_pruned(
     return train(pruned, train_data, config, hooks=hooks, teacher=teacher, distill_alpha=alpha,
                  distill_temperature=temperature, eval_data=eval_data)
 
+
+@register_method("tas")
+class TAS(Method):
+    """TAS: :func:`prune_to_budget` (architecture search); its own arm is ``KD`` (:func:`train_pruned`), which
+    the protocol adds to its three."""
+
+    order = 60
+    summary = "searched widths and depths, trained with distillation (Dong & Yang, NeurIPS 2019)"
+    arms = ("KD",)
+    protocol_arms = ("KD",)
+    searches = True
+    robustness = False
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        return Pruned(*prune_to_budget(model, ctx.example_inputs, ctx.train_data, budget, seed=ctx.seed,
+                                       epochs=ctx.search_epochs, progress=ctx.progress))

@@ -29,9 +29,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from sparsekern.methods._reconstruction import LayerStats, Selection, prune_by_reconstruction
+from sparsekern.methods.budget import ratio_for_budget
+from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.plan import Plan
 
-__all__ = ["greedy_removal_order", "select", "prune"]
+__all__ = ["greedy_removal_order", "select", "prune", "ThiNet"]
 
 
 def greedy_removal_order(gram: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -117,3 +119,16 @@ def prune(
         model, example_inputs, data, ratio=ratio, select=select, method="thinet", n_samples=n_samples,
         batches=batches, layers=layers, batch_size=batch_size, seed=seed, refit=refit, ridge=ridge,
     )
+
+
+@register_method("thinet")
+class ThiNet(Method):
+    """ThiNet at a FLOPs budget: one uniform ratio for the block-internal layers, found by
+    :func:`sparsekern.methods.budget.ratio_for_budget`, then :func:`prune` (returns the refitted copy)."""
+
+    order = 30
+    summary = "greedy channel selection on the next layer's output, least-squares refit (Luo et al., ICCV 2017)"
+
+    def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        ratio, _ = ratio_for_budget(model, ctx.example_inputs, budget, scope="internal")
+        return Pruned(*prune(model, ctx.example_inputs, ctx.train_data, ratio=ratio, seed=ctx.seed))

@@ -29,6 +29,8 @@ from sparsekern.cli_checks import (
     image_models,
     number,
     prepare_out,
+    prune_methods,
+    search_methods,
 )
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -158,42 +160,51 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- prune
 
-#: flag -> default, for the flags only flop reads and those only the image methods read; a flag given to a
-#: method that does not read it is refused rather than ignored
-FLOP_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None}
+#: flag -> default, for the flags only the LM (``"lowrank"``) methods read and those only the image
+#: (``"static"``) methods read; a flag given to a method that does not read it is refused rather than ignored
+LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None}
 IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
               "search_epochs": None, "repeats": 30}
-SEARCH_METHODS = ("scratch", "tas", "anp")
 #: arguments that do not change what a run computes (left out of the checkpoints' identity)
 NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats")
 
 
 def _check_prune(args: argparse.Namespace) -> None:
     """Refuse flags the method does not read, fill the defaults, and check model, sizes and data."""
-    flop = args.method == "flop"
-    foreign = FLOP_ONLY if not flop else IMAGE_ONLY
+    lm = _is_lm(args.method)
+    foreign = LM_ONLY if not lm else IMAGE_ONLY
     given = [k for k in foreign if getattr(args, k) is not None]
-    if args.search_epochs is not None and not flop and args.method not in SEARCH_METHODS:
+    if args.search_epochs is not None and not lm and args.method not in search_methods():
         given.append("search_epochs")
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        readers = "--method flop only" if not flop else "the image methods, not --method flop"
+        if lm:
+            readers = f"the image methods, not --method {args.method}"
+        else:
+            readers = f"--method {'/'.join(prune_methods('lowrank'))} only"
         if given == ["search_epochs"]:
-            readers = f"--method {'/'.join(SEARCH_METHODS)} only"
+            readers = f"--method {'/'.join(search_methods())} only"
         raise UsageError(f"{flags} applies to {readers}; drop it for --method {args.method}")
-    for k, default in {**FLOP_ONLY, **IMAGE_ONLY}.items():
-        if getattr(args, k) is None and k in (IMAGE_ONLY if not flop else FLOP_ONLY):
+    for k, default in {**LM_ONLY, **IMAGE_ONLY}.items():
+        if getattr(args, k) is None and k in (IMAGE_ONLY if not lm else LM_ONLY):
             setattr(args, k, default)
-    if flop:
+    if lm:
         args.model = args.model or "transformer_lm"
         args.data = args.data or "pystdlib"
         check_data_spec(args.data, kinds={"pystdlib": "", "enwik8": "file"})
-        check_lm(args.model, _lm_kwargs(args))
+        check_lm(args.model, _lm_kwargs(args), method=args.method)
     else:
         args.model = args.model or "resnet56"
         args.data = args.data or "digits"
         check_data_spec(args.data, kinds={"digits": "", "cifar10": "dir"})
         check_image_model(args.model, args.image_size or 32)
+
+
+def _is_lm(method: str) -> bool:
+    """Whether ``method`` is registered as ``"lowrank"`` (run on a byte-level LM) rather than ``"static"``."""
+    from sparsekern.methods.registry import get_method
+
+    return get_method(method).kind == "lowrank"
 
 
 def _lm_kwargs(args: argparse.Namespace) -> dict[str, int]:
@@ -222,7 +233,7 @@ def _prune(args: argparse.Namespace) -> int:
     elif store.completed():  # prepare_out let them through: --overwrite
         store.clear()
     try:
-        report_line = _prune_flop(args, out, store) if args.method == "flop" else _prune_images(args, out, store)
+        report_line = _prune_lm(args, out, store) if _is_lm(args.method) else _prune_images(args, out, store)
     except KeyboardInterrupt:
         raise _interrupted(store.folder, store.completed(),
                            "run the same command with --resume to continue from there")
@@ -251,11 +262,12 @@ def _prune_images(args: argparse.Namespace, out: Path, store: Any) -> str:
     return f"{args.method}: FLOPs {report.flops_pruned / report.flops_full:.1%} of the full {args.model}"
 
 
-def _prune_flop(args: argparse.Namespace, out: Path, store: Any) -> str:
+def _prune_lm(args: argparse.Namespace, out: Path, store: Any) -> str:
+    """A ``"lowrank"`` method's byte-level LM pipeline (the registered method's ``run_lm``; FLOP's)."""
     import json
 
     import sparsekern as sk
-    from sparsekern.methods import flop
+    from sparsekern.methods.registry import get_method
     from sparsekern.text_data import load
     from sparsekern.train import TrainConfig
 
@@ -263,8 +275,8 @@ def _prune_flop(args: argparse.Namespace, out: Path, store: Any) -> str:
     config = TrainConfig(max_steps=args.steps, epochs=1e9, optimizer="adam", lr=3e-3, weight_decay=0.0,
                          schedule="constant", warmup_steps=max(1, args.steps // 20), grad_clip=1.0, seed=args.seed,
                          progress=not args.no_progress)
-    run = flop.run_lm(args.model, corpus, config, target=args.target, seed=args.seed, eval_bytes=args.eval_bytes,
-                      model_kwargs=_lm_kwargs(args), checkpoints=store)
+    run = get_method(args.method).run_lm(args.model, corpus, config, target=args.target, seed=args.seed,
+                                         eval_bytes=args.eval_bytes, model_kwargs=_lm_kwargs(args), checkpoints=store)
     sk.save(run.compiled, out / "model.sk")
     (out / "report.json").write_text(json.dumps(run.report, indent=1))
     return (f"{args.model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
@@ -273,6 +285,20 @@ def _prune_flop(args: argparse.Namespace, out: Path, store: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------- parser
+
+def _method_help() -> str:
+    """``--method``'s help, from the registry: each image method's own arms, which methods report robustness,
+    and which prune byte-level LMs."""
+    from sparsekern.methods.registry import get_method
+
+    static = [get_method(m) for m in prune_methods("static")]
+    own = ", ".join(f"{m.name}: {'/'.join(m.arms) or 'none'}" for m in static if m.arms != ("fine-tune",))
+    robust = "/".join(m.name for m in static if m.robustness)
+    return (f"a registered method (sparsekern.methods.registry). Image methods train the fine-tune arm unless "
+            f"they have their own ({own}); {robust} also reports clean and PGD accuracy against adversarial "
+            f"training. Byte-level LM methods ({'/'.join(prune_methods('lowrank'))}) prune to a parameter "
+            "sparsity (--target, --steps)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsekern", description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,11 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", parents=[common],
                            help="train, prune to a FLOPs budget, fine-tune, save and report")
-    prune.add_argument("--method", required=True,
-                       choices=("l1_norm", "slimming", "thinet", "lasso", "scratch", "tas", "anp", "flop"),
-                       help="scratch trains the pruned net from scratch (Scratch-B), tas with distillation (KD), "
-                            "anp reports clean and PGD accuracy against adversarial training; flop prunes a "
-                            "byte-level LM to a parameter sparsity (--target, --steps)")
+    prune.add_argument("--method", required=True, choices=prune_methods(), help=_method_help())
     prune.add_argument("--model", help=f"zoo model name (default: resnet56; transformer_lm for flop); image "
                                        f"methods: {', '.join(image_models())}")
     prune.add_argument("--budget", type=number(float, low=0, high=1, low_open=True, what="fraction of FLOPs kept"),
@@ -321,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--epochs", type=positive, help="epochs of the full model (and Scratch-E) (default 10)")
     prune.add_argument("--finetune-epochs", type=positive, help="default: epochs / 4")
     prune.add_argument("--search-epochs", type=positive,
-                       help="scratch/tas/anp: gate training, architecture search, mask training (default: epochs / 2)")
+                       help=f"{'/'.join(search_methods())}: the method's search (gate training, architecture "
+                            "search, mask training) (default: epochs / 2)")
     prune.add_argument("--seed", type=nonnegative_int, default=0)
     prune.add_argument("--repeats", type=count, help="timed runs per model for the measured speedup (default 30)")
     prune.add_argument("--out", default="sparsekern-prune",

@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["UsageError", "number", "check_data_spec", "check_image_model", "check_lm", "prepare_out",
-           "check_json_out", "check_file_out", "LM_MODELS", "image_models"]
+           "check_json_out", "check_file_out", "LM_MODELS", "PRUNE_KINDS", "image_models", "prune_methods",
+           "search_methods"]
 
 #: zoo models that take (B, T) bytes rather than images
 LM_MODELS = ("transformer_lm", "sru_lm")
+#: kinds of registered method that ``sparsekern prune`` runs: ``"static"`` through the Rethinking protocol on
+#: images, ``"lowrank"`` through the method's byte-level LM pipeline (its ``run_lm``)
+PRUNE_KINDS = ("static", "lowrank")
 
 
 class UsageError(Exception):
@@ -61,6 +65,21 @@ def number(kind: type, *, low: float | None = None, high: float | None = None, l
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
     return parse
+
+
+def prune_methods(kind: str | None = None) -> list[str]:
+    """The methods ``sparsekern prune --method`` accepts (of ``kind`` if given): the registered methods
+    (:mod:`sparsekern.methods.registry`) of the kinds in :data:`PRUNE_KINDS`, in registry order."""
+    from sparsekern.methods.registry import get_method, list_methods
+
+    return [m for m in list_methods(kind) if get_method(m).kind in PRUNE_KINDS]
+
+
+def search_methods() -> list[str]:
+    """The image methods that read ``--search-epochs`` (static methods with ``searches = True``)."""
+    from sparsekern.methods.registry import get_method
+
+    return [m for m in prune_methods("static") if get_method(m).searches]
 
 
 def image_models() -> list[str]:
@@ -125,14 +144,15 @@ def check_image_model(name: str, size: int, *, flag: str = "--image-size", in_ch
                      f"{flag} {hi} or more")
 
 
-def check_lm(name: str, kwargs: Mapping[str, Any]) -> None:
-    """``name`` is a byte-level LM of the zoo that builds with ``kwargs`` and runs on one short sequence."""
+def check_lm(name: str, kwargs: Mapping[str, Any], *, method: str = "flop") -> None:
+    """``name`` is a byte-level LM of the zoo that builds with ``kwargs`` and runs on one short sequence
+    (``method``: the ``--method`` named in the error)."""
     import torch
 
     from sparsekern.models import build
 
     if name not in LM_MODELS:
-        raise UsageError(f"--method flop prunes the byte-level LMs {' or '.join(LM_MODELS)}, not --model {name!r}")
+        raise UsageError(f"--method {method} prunes the byte-level LMs {' or '.join(LM_MODELS)}, not --model {name!r}")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items())
     try:
         model = build(name, **kwargs).eval()
