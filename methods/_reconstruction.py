@@ -552,40 +552,78 @@ def prune_by_reconstruction(
     channels: dict[str, GroupKeep] = {}
     facts: dict[str, Any] = {}
     for name, p in work.items():
-        group, size = name, cg.groups[name].size
+        size = cg.groups[name].size
         n_keep = max(1, int(size * (1.0 - p)))
-        so_far = Plan(channels=dict(channels), meta={"inputs": cg.input_spec})
-        current = masked(refitted, so_far, example_inputs) if channels else refitted
+        current = _current_model(refitted, cg, channels, example_inputs)
         samples = collect(current, consumers[name], xs, targets)
-        stats = layer_stats(name, group, size, samples)
-        sel = select(stats, n_keep)
-        keep = np.sort(np.asarray(sel.keep, dtype=np.int64))
-        if len(keep) != n_keep:
-            raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, expected {n_keep}")
-        channels[group] = GroupKeep(size, tuple(keep.tolist()), cg.groups[group].members,
-                                    tuple(float(v) for v in sel.scores))
+        stats = layer_stats(name, name, size, samples)
+        sel, keep = _select_keep(select, stats, n_keep, method, name)
+        channels[name] = GroupKeep(size, tuple(keep.tolist()), cg.groups[name].members,
+                                   tuple(float(v) for v in sel.scores))
         cg.check_plan(Plan(channels=dict(channels)))  # e.g. a grouped conv's equal-count constraint
-        for s in samples:
-            cols = int(np.isin(s.positions, keep).sum()) * int(s.weight.shape[2])
-            if refit == "weights" and s.n_samples < cols:
-                warnings.warn(
-                    f"{method}: refitting {s.name!r} from {s.n_samples} samples for {cols} weights per output "
-                    "channel; the least squares is under-determined (only the ridge holds it); raise n_samples",
-                    stacklevel=3,
-                )
+        _warn_underdetermined(samples, keep, refit, method)
         new_weights, err_after = refit_consumers(stats, keep, mode=refit, ridge=ridge)
         for cname, w in new_weights.items():
             _write_weight(refitted, cname, w)
-        facts[name] = {
-            "consumers": list(consumers[name]),
-            "kept": int(n_keep),
-            "size": int(size),
-            "samples": int(sum(s.n_samples for s in samples)),
-            "error_before_refit": stats.error_of(keep),
-            "error_after_refit": err_after,
-            **sel.info,
-        }
-    meta = {
+        facts[name] = _layer_facts(consumers[name], n_keep, size, samples, stats, keep, err_after, sel)
+    meta = _plan_meta(method, ratio, n_samples, batches, seed, refit, ridge, facts, cg.input_spec)
+    plan = Plan(channels=channels, meta=meta)
+    cg.check_plan(plan)
+    return plan, refitted
+
+
+def _current_model(refitted: nn.Module, cg: ChannelGraph, channels: Mapping[str, GroupKeep],
+                   example_inputs: Any) -> nn.Module:
+    """``refitted`` with the layers selected so far masked out; ``refitted`` itself before the first selection."""
+    so_far = Plan(channels=dict(channels), meta={"inputs": cg.input_spec})
+    return masked(refitted, so_far, example_inputs) if channels else refitted
+
+
+def _select_keep(select: Selector, stats: LayerStats, n_keep: int, method: str,
+                 name: str) -> tuple[Selection, np.ndarray]:
+    """Run the method's selection rule; return the selection and its kept channels, sorted, as int64.
+
+    Raises RuntimeError when the rule keeps other than ``n_keep`` channels."""
+    sel = select(stats, n_keep)
+    keep = np.sort(np.asarray(sel.keep, dtype=np.int64))
+    if len(keep) != n_keep:
+        raise RuntimeError(f"{method} selected {len(keep)} channels of {name!r}, expected {n_keep}")
+    return sel, keep
+
+
+def _warn_underdetermined(samples: Sequence[ConsumerSamples], keep: np.ndarray, refit: str, method: str) -> None:
+    """Warn, per consumer, when a ``"weights"`` refit has fewer samples than weights per output channel.
+
+    Must be called directly from :func:`prune_by_reconstruction`: ``stacklevel=4`` points the warning at
+    that function's caller's caller."""
+    for s in samples:
+        cols = int(np.isin(s.positions, keep).sum()) * int(s.weight.shape[2])
+        if refit == "weights" and s.n_samples < cols:
+            warnings.warn(
+                f"{method}: refitting {s.name!r} from {s.n_samples} samples for {cols} weights per output "
+                "channel; the least squares is under-determined (only the ridge holds it); raise n_samples",
+                stacklevel=4,
+            )
+
+
+def _layer_facts(consumers: Iterable[str], n_keep: int, size: int, samples: Sequence[ConsumerSamples],
+                 stats: LayerStats, keep: np.ndarray, err_after: float, sel: Selection) -> dict[str, Any]:
+    """The per-layer entry of ``plan.meta["layers"]``; the selection's ``info`` keys come last."""
+    return {
+        "consumers": list(consumers),
+        "kept": int(n_keep),
+        "size": int(size),
+        "samples": int(sum(s.n_samples for s in samples)),
+        "error_before_refit": stats.error_of(keep),
+        "error_after_refit": err_after,
+        **sel.info,
+    }
+
+
+def _plan_meta(method: str, ratio: float | Mapping[str, float], n_samples: int, batches: int, seed: int,
+               refit: str, ridge: float, facts: dict[str, Any], input_spec: Any) -> dict[str, Any]:
+    """``plan.meta`` of :func:`prune_by_reconstruction`, keys in this order."""
+    return {
         "method": method,
         "ratio": dict(ratio) if isinstance(ratio, Mapping) else float(ratio),
         "n_samples": int(n_samples),
@@ -594,11 +632,8 @@ def prune_by_reconstruction(
         "refit": refit,
         "ridge": float(ridge),
         "layers": facts,
-        "inputs": cg.input_spec,
+        "inputs": input_spec,
     }
-    plan = Plan(channels=channels, meta=meta)
-    cg.check_plan(plan)
-    return plan, refitted
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -735,70 +735,17 @@ def prune(
     cg = trace_channels(model, inputs)
     sides = _group_sides(cg, net.sites)
     dense = eval_flops(model, inputs)
-
-    def site_values() -> list[np.ndarray]:
-        return [m.test_mask().detach().double().cpu().numpy() for m in net.masks]
-
-    def scores_of(values: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Group channel -> the larger mask value of its producers or consumers (min over usable sides)."""
-        out = {}
-        for g, side in sides.items():
-            if side.producers is None and side.consumers is None:
-                continue
-            size = cg.groups[g].size
-            out[g] = np.minimum(_side_max(side.producers, values, size), _side_max(side.consumers, values, size))
-        return out
-
-    def plan_of(pruned: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]) -> Plan:
-        channels = {}
-        for g, dead in pruned.items():
-            spec = cg.groups[g]
-            dead = dead.copy()
-            for c in spec.pinned:
-                dead[c] = False
-            if dead.all():
-                dead[int(np.argmax(scores[g]))] = False  # a group keeps at least its strongest channel
-            if dead.any():
-                keep = tuple(np.nonzero(~dead)[0].tolist())
-                channels[g] = GroupKeep(spec.size, keep, spec.members, tuple(np.nan_to_num(scores[g], posinf=1.0, neginf=0.0).tolist()))
-        return Plan(channels=channels)
-
     if flops_budget is not None:
         for m in net.masks:  # the budget is applied afresh on ANP's own masks
             m.keep.fill_(True)
-    values = site_values()
-    scores = scores_of(values)
+    scores = _scores_of(cg, sides, _site_values(net))
     natural = {g: sc <= 0.0 for g, sc in scores.items()}
-    plan = plan_of(natural, scores)
+    plan = _plan_of(cg, natural, scores)
     search = None
     if flops_budget is not None:
-        if not 0.0 < flops_budget <= 1.0:
-            raise PlanError(f"flops_budget must be a fraction in (0, 1], got {flops_budget}")
-        from sparsekern.methods.scratch import keep_count_for_budget
-
-        # candidates: channels ANP keeps, by decreasing score; pruning the first k kept is monotone in k
-        cands = sorted(((-float(sc[c]), gi, c) for gi, (g, sc) in enumerate(scores.items())
-                        for c in np.nonzero(~natural[g])[0].tolist() if c not in cg.groups[g].pinned))
-        names = list(scores)
-        order = [(names[gi], c) for _, gi, c in cands]
-
-        def pruned_for(k: int) -> dict[str, np.ndarray]:
-            dead = {g: np.ones_like(natural[g]) for g in scores}
-            for g in scores:
-                for c in cg.groups[g].pinned:
-                    dead[g][c] = False
-            for g, c in order[:k]:
-                dead[g][c] = False
-            return dead
-
-        def cost(k: int) -> float:
-            return float(plan_flops(cg, dense, plan_of(pruned_for(k), scores)))
-
-        search = keep_count_for_budget(cost, len(order), flops_budget * dense.total, tolerance=tolerance)
-        plan = plan_of(pruned_for(search.k), scores)
+        plan, search = _budget_plan(cg, dense, scores, natural, flops_budget, tolerance)
         _write_keep(net, cg, sides, plan)
-        values = site_values()
-        scores = scores_of(values)
+        scores = _scores_of(cg, sides, _site_values(net))
     plan.meta.update({
         "method": "anp", "threshold": net.masks[0].threshold, "active_fraction": net.active_fraction(),
         "flops_ratio": plan_flops(cg, dense, plan) / dense.total, "inputs": cg.input_spec,
@@ -806,6 +753,70 @@ def prune(
     })
     cg.check_plan(plan)
     return plan, fold(net)
+
+
+def _site_values(net: ANPNet) -> list[np.ndarray]:
+    """Each mask site's test-time mask values, as float64 numpy arrays in site order."""
+    return [m.test_mask().detach().double().cpu().numpy() for m in net.masks]
+
+
+def _scores_of(cg: ChannelGraph, sides: Mapping[str, _GroupSides], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Group channel -> the larger mask value of its producers or consumers (min over usable sides); groups
+    with no usable side are left out."""
+    out = {}
+    for g, side in sides.items():
+        if side.producers is None and side.consumers is None:
+            continue
+        size = cg.groups[g].size
+        out[g] = np.minimum(_side_max(side.producers, values, size), _side_max(side.consumers, values, size))
+    return out
+
+
+def _plan_of(cg: ChannelGraph, pruned: Mapping[str, np.ndarray], scores: Mapping[str, np.ndarray]) -> Plan:
+    """The plan pruning the ``True`` channels of ``pruned``, except pinned ones; a group keeps at least its
+    strongest channel, and groups with nothing pruned are left out."""
+    channels = {}
+    for g, dead in pruned.items():
+        spec = cg.groups[g]
+        dead = dead.copy()
+        for c in spec.pinned:
+            dead[c] = False
+        if dead.all():
+            dead[int(np.argmax(scores[g]))] = False  # a group keeps at least its strongest channel
+        if dead.any():
+            keep = tuple(np.nonzero(~dead)[0].tolist())
+            channels[g] = GroupKeep(spec.size, keep, spec.members, tuple(np.nan_to_num(scores[g], posinf=1.0, neginf=0.0).tolist()))
+    return Plan(channels=channels)
+
+
+def _budget_plan(cg: ChannelGraph, dense: Any, scores: Mapping[str, np.ndarray], natural: Mapping[str, np.ndarray],
+                 flops_budget: float, tolerance: float) -> tuple[Plan, Any]:
+    """The plan that also prunes ANP's kept channels of smallest score until ``flops_budget`` is met, and the
+    search result. Raises PlanError unless ``flops_budget`` is in (0, 1]."""
+    if not 0.0 < flops_budget <= 1.0:
+        raise PlanError(f"flops_budget must be a fraction in (0, 1], got {flops_budget}")
+    from sparsekern.methods.scratch import keep_count_for_budget
+
+    # candidates: channels ANP keeps, by decreasing score; pruning the first k kept is monotone in k
+    cands = sorted(((-float(sc[c]), gi, c) for gi, (g, sc) in enumerate(scores.items())
+                    for c in np.nonzero(~natural[g])[0].tolist() if c not in cg.groups[g].pinned))
+    names = list(scores)
+    order = [(names[gi], c) for _, gi, c in cands]
+
+    def pruned_for(k: int) -> dict[str, np.ndarray]:
+        dead = {g: np.ones_like(natural[g]) for g in scores}
+        for g in scores:
+            for c in cg.groups[g].pinned:
+                dead[g][c] = False
+        for g, c in order[:k]:
+            dead[g][c] = False
+        return dead
+
+    def cost(k: int) -> float:
+        return float(plan_flops(cg, dense, _plan_of(cg, pruned_for(k), scores)))
+
+    search = keep_count_for_budget(cost, len(order), flops_budget * dense.total, tolerance=tolerance)
+    return _plan_of(cg, pruned_for(search.k), scores), search
 
 
 def _write_keep(net: ANPNet, cg: ChannelGraph, sides: Mapping[str, _GroupSides], plan: Plan) -> None:

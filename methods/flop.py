@@ -625,7 +625,7 @@ def run_lm(
     from sparsekern.compiler import compile as sk_compile
     from sparsekern.compiler import masked as sk_masked
     from sparsekern.models import build
-    from sparsekern.text_data import LMSequences, bits_per_byte
+    from sparsekern.text_data import bits_per_byte
 
     kwargs = dict(model_kwargs or {})
     torch.manual_seed(seed)
@@ -634,27 +634,13 @@ def run_lm(
     seq_len = int(seq_len or getattr(model, "context", 128))
     factorize(model, init="random" if start_from is None else "svd")
     store = checkpoints if checkpoints is not None else Checkpoints(None)
-    store.check()
-    done = store.load("train")
-    if done is not None:
-        done.load_into(model, "model")
-        model.sk_flop_target = float(target)
-        steps, train_s, history = done.info["steps"], done.info["train_s"], done.info["history"]
-    else:
-        start = time.perf_counter()
-        result = train_flop(model, LMSequences(corpus.train, seq_len), config, target=target, **flop_kwargs)
-        train_s = time.perf_counter() - start
-        steps, history = result.steps, list(result.history)
-        store.save("train", {"steps": steps, "train_s": train_s, "history": history}, {"model": model})
+    steps, train_s, history = _train_or_resume(model, corpus, config, target, seq_len, store, flop_kwargs)
     model.eval()
     x = corpus.test[: 2 * seq_len].long().reshape(2, seq_len)
     plan = prune(model, x[:1])
     compiled = sk_compile(model, plan, x[:1]).eval()
     reference = sk_masked(model, plan, x[:1]).eval()
-    with torch.no_grad():
-        a, b = compiled(x), reference(x)
-        exact = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-        s_hat = float(expected_sparsity(model))
+    exact, s_hat = _check_compiled(model, compiled, reference, x)
     report = {
         "model": model_name,
         "kwargs": kwargs,
@@ -671,6 +657,36 @@ def run_lm(
         "train_s": train_s,
     }
     return FlopRun(model, plan, compiled, report, history)
+
+
+def _train_or_resume(model: nn.Module, corpus: Any, config: TrainConfig, target: float, seq_len: int,
+                     store: Checkpoints, flop_kwargs: Mapping[str, Any]) -> tuple[int, float, list[dict[str, float]]]:
+    """Train the factorized ``model`` with :func:`train_flop` and checkpoint it as stage ``train``, or load
+    that stage when ``store`` has it; returns ``(steps, train_s, history)`` of the training run."""
+    from sparsekern.text_data import LMSequences
+
+    store.check()
+    done = store.load("train")
+    if done is not None:
+        done.load_into(model, "model")
+        model.sk_flop_target = float(target)
+        return done.info["steps"], done.info["train_s"], done.info["history"]
+    start = time.perf_counter()
+    result = train_flop(model, LMSequences(corpus.train, seq_len), config, target=target, **flop_kwargs)
+    train_s = time.perf_counter() - start
+    steps, history = result.steps, list(result.history)
+    store.save("train", {"steps": steps, "train_s": train_s, "history": history}, {"model": model})
+    return steps, train_s, history
+
+
+def _check_compiled(model: nn.Module, compiled: nn.Module, reference: nn.Module,
+                    x: torch.Tensor) -> tuple[float, float]:
+    """``(max relative error of compiled against reference on x, expected sparsity of model)``, no grad."""
+    with torch.no_grad():
+        a, b = compiled(x), reference(x)
+        exact = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        s_hat = float(expected_sparsity(model))
+    return exact, s_hat
 
 
 @register_method("flop")

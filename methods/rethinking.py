@@ -27,7 +27,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -357,13 +357,8 @@ def run(
     _check_settings(budget, epochs, finetune_epochs, search_epochs)
     finetune_epochs = epochs / 4 if finetune_epochs is None else finetune_epochs
     search_epochs = epochs / 2 if search_epochs is None else search_epochs
-    arms = default_arms(method, "rethinking") if arms is None else tuple(arms)
-    unknown = set(arms) - set(ARMS)
-    if unknown:
-        raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
-    for path in (out, model_out):
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    arms = _resolve_arms(method, arms)
+    _make_parent_dirs(out, model_out)
     store = checkpoints if checkpoints is not None else Checkpoints(None)
     store.check()
     test = loader(data.test, 512, shuffle=False)
@@ -379,14 +374,9 @@ def run(
     b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
     epochs_of = {"fine-tune": finetune_epochs, "Scratch-E": epochs, "Scratch-B": b_epochs, "KD": b_epochs}
     lr_of = {"fine-tune": finetune_lr}
-    results, trained = [], []
-    for arm in arms:
-        result, model = runner.train_arm(arm, pruned, full, epochs_of[arm], lr_of.get(arm, lr))
-        results.append(result)
-        trained.append(model)
+    results, trained = _train_arms(runner, arms, pruned, full, epochs_of, lr_of, lr)
     if model_out is not None:
-        sk.save(trained[0] if trained else pruned, model_out)
-        log(f"[{method}] saved the {'model of arm ' + arms[0] if trained else 'pruned model'} to {model_out}")
+        _save_model(trained[0] if trained else pruned, model_out, method, arms, bool(trained), log)
     robustness: dict[str, dict[str, float]] = {}
     if spec.robustness:
         robustness = runner.robustness(full, pruned, plan, search_epochs, finetune_epochs)
@@ -402,6 +392,46 @@ def run(
     )
     log(report.table())
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report.to_dict(), indent=1))
+        _write_json(report, out)
     return report
+
+
+def _resolve_arms(method: str, arms: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The arms to run: ``arms``, or the protocol's default ones; ValueError for an arm not in ``ARMS``."""
+    arms = default_arms(method, "rethinking") if arms is None else tuple(arms)
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(ARMS)}")
+    return arms
+
+
+def _make_parent_dirs(*paths: str | Path | None) -> None:
+    """Create the parent folder of every given path (None is skipped)."""
+    for path in paths:
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _train_arms(runner: _Runner, arms: tuple[str, ...], pruned: nn.Module, full: nn.Module,
+                epochs_of: Mapping[str, float], lr_of: Mapping[str, float],
+                lr: float) -> tuple[list[Arm], list[nn.Module]]:
+    """Train each arm in order (learning rate ``lr_of[arm]``, else ``lr``); its results and trained models."""
+    results, trained = [], []
+    for arm in arms:
+        result, model = runner.train_arm(arm, pruned, full, epochs_of[arm], lr_of.get(arm, lr))
+        results.append(result)
+        trained.append(model)
+    return results, trained
+
+
+def _save_model(model: nn.Module, model_out: str | Path, method: str, arms: tuple[str, ...], from_arm: bool,
+                log: Callable[[str], None]) -> None:
+    """``sk.save`` the model to ``model_out`` and log which one it is (first arm's, or the pruned model)."""
+    sk.save(model, model_out)
+    log(f"[{method}] saved the {'model of arm ' + arms[0] if from_arm else 'pruned model'} to {model_out}")
+
+
+def _write_json(report: ProtocolReport, out: str | Path) -> None:
+    """Write ``report.to_dict()`` as indented JSON to ``out``, creating its folder."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report.to_dict(), indent=1))

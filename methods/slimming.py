@@ -322,14 +322,7 @@ def prune(
         ValueError: for bad arguments (neither or both of ``percent`` and ``flops_budget``, out of range).
         PlanError: when the model has no BN-scored channel to prune, or the budget cannot be met.
     """
-    if (percent is None) == (flops_budget is None):
-        raise ValueError("give exactly one of percent= or flops_budget=")
-    if percent is not None and not 0.0 <= float(percent) < 1.0:
-        raise ValueError(f"percent must be in [0, 1), got {percent}")
-    if flops_budget is not None and not 0.0 < float(flops_budget) <= 1.0:
-        raise ValueError(f"flops_budget must be a fraction of the dense FLOPs in (0, 1], got {flops_budget}")
-    if not 0.0 <= float(min_keep) < 1.0:
-        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
+    _check_args(percent, flops_budget, min_keep)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     cg = trace_channels(model, inputs)
     skipped = cg.constrained_groups()
@@ -340,7 +333,6 @@ def prune(
             "Network Slimming found no channel to prune: no unpinned dependency group has a BatchNorm with an "
             "affine scale among its members (groups under grouped-conv/GroupNorm constraints are skipped)"
         )
-    n_roots = len(cg.roots)
     meta = {
         "method": "slimming",
         "criterion": "bn_gamma_abs",
@@ -354,17 +346,7 @@ def prune(
     }
 
     def plan_for(k: int) -> Plan:
-        keep = cands.keep(k, n_roots)
-        channels: dict[str, GroupKeep] = {}
-        for g, sc in scores.items():
-            kept = keep[cg.group_classes[g]]
-            if not kept.all():
-                spec = cg.groups[g]
-                filled = np.where(np.isnan(sc), np.nanmax(sc), sc)  # unscored channels: kept, ranked first
-                keep_idx = tuple(np.nonzero(kept)[0].tolist())
-                channels[g] = GroupKeep(spec.size, keep_idx, spec.members, tuple(filled.tolist()))
-        info = {"threshold": cands.threshold(k), "pruned_channels": int(cands.prunable[:k].sum())}
-        return Plan(channels=channels, meta={**meta, **info})
+        return _plan_for(cg, scores, cands, meta, k)
 
     # FLOPs of a plan from the dense per-layer counts (methods.budget.plan_flops, equal to sk.flops of the
     # compiled model); eval mode, the model's flags restored
@@ -373,20 +355,56 @@ def prune(
     def cost(k: int) -> float:
         return float(plan_flops(cg, dense, plan_for(k))) if cands.prunable[:k].any() else float(dense.total)
 
-    if percent is not None:
-        k = int(math.floor(float(percent) * cands.n + 1e-9))  # the paper's int(total * percent)
-    else:
-        k = _smallest_feasible(cost, cands.n, float(flops_budget) * dense.total)
-        if k is None:
-            raise PlanError(
-                f"flops_budget={flops_budget} cannot be met by Network Slimming: pruning every candidate "
-                f"channel (keeping max(1, ceil(min_keep * size)) per group) leaves "
-                f"{cost(cands.n) / dense.total:.4f} of the dense FLOPs; raise the budget or lower min_keep"
-            )
+    k = _choose_k(cost, cands.n, dense.total, percent, flops_budget)
     plan = plan_for(k)
     plan.meta["flops_ratio"] = cost(k) / dense.total
     cg.check_plan(plan)
     return plan
+
+
+def _check_args(percent: float | None, flops_budget: float | None, min_keep: float) -> None:
+    """Raise ValueError unless exactly one of ``percent`` / ``flops_budget`` is given and every argument is
+    in range (see :func:`prune`)."""
+    if (percent is None) == (flops_budget is None):
+        raise ValueError("give exactly one of percent= or flops_budget=")
+    if percent is not None and not 0.0 <= float(percent) < 1.0:
+        raise ValueError(f"percent must be in [0, 1), got {percent}")
+    if flops_budget is not None and not 0.0 < float(flops_budget) <= 1.0:
+        raise ValueError(f"flops_budget must be a fraction of the dense FLOPs in (0, 1], got {flops_budget}")
+    if not 0.0 <= float(min_keep) < 1.0:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
+
+
+def _plan_for(cg: ChannelGraph, scores: Mapping[str, np.ndarray], cands: _Candidates, meta: Mapping[str, Any],
+              k: int) -> Plan:
+    """The plan pruning the first ``k`` candidates; ``meta`` plus the threshold and pruned count as its meta."""
+    keep = cands.keep(k, len(cg.roots))
+    channels: dict[str, GroupKeep] = {}
+    for g, sc in scores.items():
+        kept = keep[cg.group_classes[g]]
+        if not kept.all():
+            spec = cg.groups[g]
+            filled = np.where(np.isnan(sc), np.nanmax(sc), sc)  # unscored channels: kept, ranked first
+            keep_idx = tuple(np.nonzero(kept)[0].tolist())
+            channels[g] = GroupKeep(spec.size, keep_idx, spec.members, tuple(filled.tolist()))
+    info = {"threshold": cands.threshold(k), "pruned_channels": int(cands.prunable[:k].sum())}
+    return Plan(channels=channels, meta={**meta, **info})
+
+
+def _choose_k(cost: Callable[[int], float], n: int, dense_total: float, percent: float | None,
+              flops_budget: float | None) -> int:
+    """How many candidates to prune: the paper's ``int(n * percent)``, or the fewest that meet
+    ``flops_budget`` (PlanError when even all ``n`` do not)."""
+    if percent is not None:
+        return int(math.floor(float(percent) * n + 1e-9))  # the paper's int(total * percent)
+    k = _smallest_feasible(cost, n, float(flops_budget) * dense_total)
+    if k is None:
+        raise PlanError(
+            f"flops_budget={flops_budget} cannot be met by Network Slimming: pruning every candidate "
+            f"channel (keeping max(1, ceil(min_keep * size)) per group) leaves "
+            f"{cost(n) / dense_total:.4f} of the dense FLOPs; raise the budget or lower min_keep"
+        )
+    return k
 
 
 def _smallest_feasible(cost: Callable[[int], float], n: int, target: float) -> int | None:

@@ -40,6 +40,7 @@ Arguments are checked before any work; errors print one line (exit code 2: bad c
 during the run, 130: interrupted), and --debug prints the traceback. demo and prune create --out and do
 not replace files in it without --overwrite; prune checkpoints each completed stage and continues an
 interrupted run with --resume."""
+_DEBUG_HELP = "print the full traceback of an error"
 CHECKPOINTS = "checkpoints"
 DEMO_OUTPUTS = ("report.json", "model.sk", "plan.json")
 PRUNE_OUTPUTS = ("report.json", "model.sk")
@@ -301,13 +302,20 @@ def _method_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sparsekern`` parser: ``--debug`` accepted before or after any subcommand."""
     parser = _Parser(prog="sparsekern", description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    debug_help = "print the full traceback of an error"
-    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     common = _Parser(add_help=False)  # lets --debug also follow the subcommand
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo_parser(sub, common)
+    _add_prune_parser(sub, common)
+    _add_bench_parser(sub, common)
+    return parser
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``sparsekern demo``."""
     demo = sub.add_parser("demo", parents=[common],
                           help="train, prune, compile and benchmark a ResNet-20 on embedded data")
     demo.add_argument("--out", default="sparsekern-demo",
@@ -322,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
+
+def _add_prune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``sparsekern prune``."""
     prune = sub.add_parser("prune", parents=[common],
                            help="train, prune to a FLOPs budget, fine-tune, save and report")
     prune.add_argument("--method", required=True, choices=prune_methods(), help=_method_help())
@@ -357,9 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-progress", action="store_true")
     prune.set_defaults(run=_prune)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``sparsekern bench`` and its suites ``models``, ``kernels`` and ``gpu``, in that order."""
     bench = sub.add_parser("bench", parents=[common],
                            help="benchmarks: dense vs compiled, theoretical vs measured speedup")
     bench_sub = bench.add_subparsers(dest="suite", required=True, parser_class=_Parser)
+    _add_bench_models_parser(bench_sub, common)
+    _add_bench_kernels_parser(bench_sub, common)
+    from sparsekern.bench.gpu import add_parser as add_gpu_parser
+    add_gpu_parser(bench_sub)
+
+
+def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``sparsekern bench models``."""
     models = bench_sub.add_parser("models", parents=[common],
                                   help="uniform L1-norm pruning of zoo models (default: the standard set)")
     models.add_argument("--model", help="zoo model name; default: the standard ResNet-50/ResNet-56 set")
@@ -380,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--plot", help="write a PNG of measured vs theoretical speedup here (replaced if it exists)")
     models.add_argument("--no-progress", action="store_true")
     models.set_defaults(run=_bench_models)
+
+
+def _add_bench_kernels_parser(bench_sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``sparsekern bench kernels``."""
     kernels = bench_sub.add_parser("kernels", parents=[common],
                                    help="kernel microbenchmarks against the dense op and the naive baseline")
     kernels.add_argument("--op", required=True, choices=KERNEL_OPS)
@@ -397,9 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
                                        "keys are kept), e.g. bench/results/cpu.json")
     kernels.add_argument("--no-progress", action="store_true")
     kernels.set_defaults(run=_bench_kernels)
-    from sparsekern.bench.gpu import add_parser as add_gpu_parser
-    add_gpu_parser(bench_sub)
-    return parser
 
 
 def _one_line(e: BaseException) -> str:

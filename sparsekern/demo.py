@@ -45,62 +45,23 @@ def run_demo(
     ``threads``, ``repeats``, ``batch`` and ``image_size`` >= 1. Files in ``out`` are replaced (the CLI asks
     first).
     """
-    checks = (("epochs", epochs, epochs > 0, "> 0"), ("finetune_epochs", finetune_epochs, finetune_epochs > 0, "> 0"),
-              ("ratio", ratio, 0 < ratio < 1, "in (0, 1)"), ("threads", threads, threads >= 1, ">= 1"),
-              ("repeats", repeats, repeats >= 1, ">= 1"), ("batch", batch, batch >= 1, ">= 1"),
-              ("image_size", image_size, image_size >= 1, ">= 1"))
-    for name, value, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"run_demo: {name} must be {rule}, got {value}")
+    _check_arguments(epochs=epochs, finetune_epochs=finetune_epochs, ratio=ratio, threads=threads,
+                     repeats=repeats, batch=batch, image_size=image_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    say = print
     train_set, test_set = digits("train", image_size=image_size), digits("test", image_size=image_size)
     test_data = loader(test_set, 512, shuffle=False)
 
-    say(f"[1/6] training {model_name} on the embedded digits data ({len(train_set)} images, {epochs} epochs)")
-    model = build(model_name, num_classes=10)
-    train(model, train_set, TrainConfig(epochs=epochs, lr=0.1, batch_size=64, seed=seed, progress=progress))
-    model.eval()
-    acc_dense = evaluate(model, test_data)["accuracy"]
-    say(f"      dense test accuracy {acc_dense:.2%}")
-
-    say(f"[2/6] L1-norm filter pruning: {ratio:.0%} of the channels of every prunable group")
+    model, acc_dense = _train_dense(model_name, train_set, test_data, epochs=epochs, seed=seed, progress=progress)
     x = test_set.tensors[0][:batch]
-    plan = l1_norm.prune(model, x, ratio=ratio, scope="all")
-    say(plan.summary())
+    plan = _plan(model, x, ratio)
+    fast, err, acc_pruned = _compile(model, plan, x, test_data)
+    acc_finetuned = _finetune(fast, train_set, test_data, epochs=finetune_epochs, seed=seed, progress=progress)
+    identical = _save_and_reload(fast, plan, x, out)
+    report = _benchmark(model, fast, x, threads=threads, repeats=repeats)
 
-    say("[3/6] compiling the plan into a smaller model")
-    fast = sk.compile(model, plan, x)
-    with torch.no_grad():
-        ref = sk.masked(model, plan, x)(x)
-        err = float((fast(x) - ref).abs().max() / ref.abs().max())
-    acc_pruned = evaluate(fast, test_data)["accuracy"]
-    say(f"      compiled == masked reference: max error {err:.1e} of output scale; accuracy before "
-        f"fine-tuning {acc_pruned:.2%}")
-
-    say(f"[4/6] fine-tuning the compiled model ({finetune_epochs} epochs)")
-    fast.train()
-    train(fast, train_set, TrainConfig(epochs=finetune_epochs, lr=0.01, batch_size=64, seed=seed,
-                                       progress=progress))
-    fast.eval()
-    acc_finetuned = evaluate(fast, test_data)["accuracy"]
-    say(f"      fine-tuned accuracy {acc_finetuned:.2%}")
-
-    say("[5/6] save + load (manifest + safetensors, no pickle)")
-    sk.save(fast, out / "model.sk")
-    sk.save(plan, out / "plan.json")
-    loaded = sk.load(out / "model.sk")
-    with torch.no_grad():
-        identical = bool(torch.equal(loaded(x), fast(x)))
-    say(f"      reloaded outputs bit-identical: {identical}")
-
-    say(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, passes fold_bn + onednn")
-    report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo",
-                     passes=("fold_bn", "onednn"))
-    say(report.table())
     dense_flops, pruned_flops = sk.flops(model, x), sk.flops(fast, x)
     result = {
         "model": model_name,
@@ -114,14 +75,102 @@ def run_demo(
         "benchmark": report.to_dict(),
     }
     (out / "report.json").write_text(json.dumps(result, indent=1))
-    say(
-        f"\naccuracy {acc_dense:.2%} -> {acc_finetuned:.2%} | FLOPs {dense_flops.total / 1e6:.1f}M -> "
-        f"{pruned_flops.total / 1e6:.1f}M | params {dense_flops.params / 1e3:.0f}k -> {pruned_flops.params / 1e3:.0f}k\n"
+    _print_summary(result, report, out / "report.json")
+    return result
+
+
+def _check_arguments(*, epochs: float, finetune_epochs: float, ratio: float, threads: int, repeats: int,
+                     batch: int, image_size: int) -> None:
+    """Raise ``ValueError`` naming the first argument out of range, in the order of :func:`run_demo`'s rules."""
+    checks = (("epochs", epochs, epochs > 0, "> 0"), ("finetune_epochs", finetune_epochs, finetune_epochs > 0, "> 0"),
+              ("ratio", ratio, 0 < ratio < 1, "in (0, 1)"), ("threads", threads, threads >= 1, ">= 1"),
+              ("repeats", repeats, repeats >= 1, ">= 1"), ("batch", batch, batch >= 1, ">= 1"),
+              ("image_size", image_size, image_size >= 1, ">= 1"))
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"run_demo: {name} must be {rule}, got {value}")
+
+
+def _train_dense(model_name: str, train_set: Any, test_data: Any, *, epochs: float, seed: int,
+                 progress: bool) -> tuple[torch.nn.Module, float]:
+    """Step 1: train the dense model (left in eval mode); returns it and its test accuracy."""
+    print(f"[1/6] training {model_name} on the embedded digits data ({len(train_set)} images, {epochs} epochs)")
+    model = build(model_name, num_classes=10)
+    train(model, train_set, TrainConfig(epochs=epochs, lr=0.1, batch_size=64, seed=seed, progress=progress))
+    model.eval()
+    acc_dense = evaluate(model, test_data)["accuracy"]
+    print(f"      dense test accuracy {acc_dense:.2%}")
+    return model, acc_dense
+
+
+def _plan(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> Any:
+    """Step 2: the L1-norm pruning plan of every channel group; prints its summary."""
+    print(f"[2/6] L1-norm filter pruning: {ratio:.0%} of the channels of every prunable group")
+    plan = l1_norm.prune(model, x, ratio=ratio, scope="all")
+    print(plan.summary())
+    return plan
+
+
+def _compile(model: torch.nn.Module, plan: Any, x: torch.Tensor,
+             test_data: Any) -> tuple[torch.nn.Module, float, float]:
+    """Step 3: compile the plan; returns the compiled model, its max error against the masked reference
+    (relative to the reference's output scale) and its accuracy before fine-tuning."""
+    print("[3/6] compiling the plan into a smaller model")
+    fast = sk.compile(model, plan, x)
+    with torch.no_grad():
+        ref = sk.masked(model, plan, x)(x)
+        err = float((fast(x) - ref).abs().max() / ref.abs().max())
+    acc_pruned = evaluate(fast, test_data)["accuracy"]
+    print(f"      compiled == masked reference: max error {err:.1e} of output scale; accuracy before "
+          f"fine-tuning {acc_pruned:.2%}")
+    return fast, err, acc_pruned
+
+
+def _finetune(fast: torch.nn.Module, train_set: Any, test_data: Any, *, epochs: float, seed: int,
+              progress: bool) -> float:
+    """Step 4: fine-tune the compiled model in place (left in eval mode); returns its test accuracy."""
+    print(f"[4/6] fine-tuning the compiled model ({epochs} epochs)")
+    fast.train()
+    train(fast, train_set, TrainConfig(epochs=epochs, lr=0.01, batch_size=64, seed=seed, progress=progress))
+    fast.eval()
+    acc_finetuned = evaluate(fast, test_data)["accuracy"]
+    print(f"      fine-tuned accuracy {acc_finetuned:.2%}")
+    return acc_finetuned
+
+
+def _save_and_reload(fast: torch.nn.Module, plan: Any, x: torch.Tensor, out: Path) -> bool:
+    """Step 5: save the model and plan into ``out``, reload the model; returns whether its outputs on ``x``
+    are bit-identical."""
+    print("[5/6] save + load (manifest + safetensors, no pickle)")
+    sk.save(fast, out / "model.sk")
+    sk.save(plan, out / "plan.json")
+    loaded = sk.load(out / "model.sk")
+    with torch.no_grad():
+        identical = bool(torch.equal(loaded(x), fast(x)))
+    print(f"      reloaded outputs bit-identical: {identical}")
+    return identical
+
+
+def _benchmark(model: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, *, threads: int,
+               repeats: int) -> Any:
+    """Step 6: dense vs compiled, per layer too, through the passes fold_bn + onednn; prints the table."""
+    print(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, passes fold_bn + onednn")
+    report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo",
+                     passes=("fold_bn", "onednn"))
+    print(report.table())
+    return report
+
+
+def _print_summary(result: dict[str, Any], report: Any, report_path: Path) -> None:
+    """The closing lines: accuracy, FLOPs, params and speedups, plus a note when efficiency is below 0.8."""
+    acc, flops, params = result["accuracy"], result["flops"], result["params"]
+    print(
+        f"\naccuracy {acc['dense']:.2%} -> {acc['finetuned']:.2%} | FLOPs {flops['dense'] / 1e6:.1f}M -> "
+        f"{flops['compiled'] / 1e6:.1f}M | params {params['dense'] / 1e3:.0f}k -> {params['compiled'] / 1e3:.0f}k\n"
         f"theoretical speedup {report.theoretical_speedup:.2f}x, measured {report.measured_speedup:.2f}x, "
         f"efficiency {report.efficiency:.2f} (spread {max(report.dense.spread, report.fast.spread):.1%})\n"
-        f"report: {out / 'report.json'}"
+        f"report: {report_path}"
     )
     if report.efficiency < 0.8:
-        say("note: this small model's pruned layers are 8-32 channels wide, where the CPU's 16-float SIMD "
-            "kernels (oneDNN) lose efficiency; wide models fare better (README, 'Performance').")
-    return result
+        print("note: this small model's pruned layers are 8-32 channels wide, where the CPU's 16-float SIMD "
+              "kernels (oneDNN) lose efficiency; wide models fare better (README, 'Performance').")

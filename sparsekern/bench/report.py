@@ -190,19 +190,7 @@ def compare(
     Raises:
         ValueError: an input is all zeros, or there is no tensor input.
     """
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not tensors:
-        raise ValueError("compare needs at least one tensor input")
-    check_not_zero(args)
-    if device is None:
-        device = tensors[0].device
-    device = torch.device(device)
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    floating = [t for t in tensors if t.is_floating_point()]
-    dtype = str((floating or tensors)[0].dtype).replace("torch.", "")
-    batch = int(tensors[0].shape[0]) if tensors[0].dim() > 0 else None
-
+    args, device, dtype, batch = _prepare_inputs(example_inputs, device)
     with set_threads(threads), eval_mode(dense), eval_mode(fast):
         n_threads = torch.get_num_threads()
         dense_cost = flops(dense, args)
@@ -233,6 +221,30 @@ def compare(
         theoretical_speedup=theory, measured_speedup=measured, efficiency=measured / theory,
         dense=t["dense"], fast=t["fast"], layers=layers, unmatched_layers=unmatched, env=env,
     )
+
+
+def _prepare_inputs(
+    example_inputs: torch.Tensor | tuple[Any, ...], device: str | torch.device | None
+) -> tuple[tuple[Any, ...], torch.device, str, int | None]:
+    """:func:`compare`'s inputs as a tuple moved to ``device``, with that device, the dtype name (of the first
+    floating tensor, else the first tensor) and the batch (first dim of the first tensor; None for a scalar).
+
+    Raises ``ValueError`` when there is no tensor input, then when a floating input is all zeros; ``device``
+    None means the first tensor's device.
+    """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors:
+        raise ValueError("compare needs at least one tensor input")
+    check_not_zero(args)
+    if device is None:
+        device = tensors[0].device
+    device = torch.device(device)
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    floating = [t for t in tensors if t.is_floating_point()]
+    dtype = str((floating or tensors)[0].dtype).replace("torch.", "")
+    batch = int(tensors[0].shape[0]) if tensors[0].dim() > 0 else None
+    return args, device, dtype, batch
 
 
 def check_not_zero(args: tuple[Any, ...]) -> None:
