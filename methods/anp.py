@@ -745,7 +745,6 @@ def prune(
     if flops_budget is not None:
         plan, search = _budget_plan(cg, dense, scores, natural, flops_budget, tolerance)
         _write_keep(net, cg, sides, plan)
-        scores = _scores_of(cg, sides, _site_values(net))
     plan.meta.update({
         "method": "anp", "threshold": net.masks[0].threshold, "active_fraction": net.active_fraction(),
         "flops_ratio": plan_flops(cg, dense, plan) / dense.total, "inputs": cg.input_spec,

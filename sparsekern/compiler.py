@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import operator
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,20 @@ __all__ = ["compile", "masked", "round_plan", "example_inputs_for"]
 
 
 # ----------------------------------------------------------------------------- inputs
+def check_input_spec(spec: Any) -> None:
+    """Each record of a recorded input spec must be ``{"shape": [ints >= 0], "dtype": torch dtype name}``.
+
+    Raises:
+        PlanError: naming the first record that is not.
+    """
+    for s in spec or ():
+        shape, dtype = (s.get("shape"), s.get("dtype")) if isinstance(s, Mapping) else (None, None)
+        ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if not ok_shape or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise PlanError(f"invalid example-input record {s!r}: expected {{'shape': [ints >= 0], "
+                            "'dtype': a torch dtype name}")
+
+
 def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: int = 0) -> tuple:
     """``example_inputs`` if given, else seeded random inputs of the shapes recorded in a plan's meta."""
     if example_inputs is not None:
@@ -45,6 +59,7 @@ def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: i
             "example_inputs are needed to trace the model: pass example_inputs=..., or build the plan with "
             "Plan.from_channel_masks(..., example_inputs=x), which records the input shapes"
         )
+    check_input_spec(spec)
     g = torch.Generator().manual_seed(seed)
 
     def draw(shape: list[int], dtype: torch.dtype) -> torch.Tensor:

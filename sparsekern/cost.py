@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ from torch.utils import flop_counter as _fc
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sparsekern.modes import eval_mode
+from sparsekern.modes import eval_mode, preserve_buffers
 from sparsekern.utils import as_tuple
 
 __all__ = [
@@ -481,18 +481,6 @@ def _module_hooks(model: nn.Module, counter: _Counter) -> Iterator[None]:
             h.remove()
 
 
-@contextmanager
-def _preserve_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore buffers (e.g. BN running stats in train mode) after the counting pass."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if model.training else []
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
 def eval_flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> "FlopReport":
     """:func:`flops` with ``model`` in eval mode (inference costs), every module's train flag restored."""
     with eval_mode(model):
@@ -516,8 +504,8 @@ def flops(model: nn.Module, example_inputs: torch.Tensor | tuple[Any, ...]) -> F
     counter = _Counter(model)
     first = _first_shape(args)
     counter.batch = first[0] if first else None
-    with torch.no_grad(), _preserve_buffers(model), _module_hooks(model, counter), \
-            _CountingMode(counter):
+    buffers = preserve_buffers(model) if model.training else nullcontext()  # BN stats of a train-mode pass
+    with torch.no_grad(), buffers, _module_hooks(model, counter), _CountingMode(counter):
         if isinstance(model, fx.GraphModule):
             _ScopedInterpreter(model, counter).run(*args)
         else:

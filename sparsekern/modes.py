@@ -1,13 +1,14 @@
-"""Train/eval flags of every submodule, saved and restored (``model.train(flag)`` would overwrite each
-submodule's own flag with one value)."""
+"""Module state saved and restored around a pass: the train/eval flags of every submodule
+(``model.train(flag)`` would overwrite each submodule's own flag with one value) and buffers."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
-__all__ = ["training_flags", "restore_flags", "eval_mode"]
+__all__ = ["training_flags", "restore_flags", "eval_mode", "preserve_buffers"]
 
 
 def training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -30,3 +31,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         restore_flags(flags)
+
+
+@contextmanager
+def preserve_buffers(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``module`` (BN running statistics, counters) on exit.
+
+    Buffers must be updated in place (as batch norm does); a module that rebinds a buffer attribute
+    during forward is not covered.
+    """
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)

@@ -22,6 +22,7 @@ module level but :mod:`sparsekern.utils` (and no torch): every other module may 
 """
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ class _JsonView(Mapping):
     that code written against the plain-dict format of plan parts keeps reading them; equal to a mapping
     with the same JSON form. Subclasses are frozen dataclasses defining ``to_dict``."""
 
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - defined by every subclass
-        raise NotImplementedError
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The entry's JSON form."""
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]

@@ -268,14 +268,15 @@ def _check_arch_at_save(arch: Mapping[str, Any]) -> None:
 
 
 def _check_inputs_spec(path: Path, manifest: Mapping[str, Any]) -> None:
-    """The recorded example-input shapes must be lists of non-negative ints and dtypes torch dtype names."""
-    specs = [(manifest.get("compile") or {}).get("inputs"), (manifest.get("plan") or {}).get("meta", {}).get("inputs")]
-    for spec in specs:
-        for s in spec or ():
-            shape, dtype = (s.get("shape"), s.get("dtype")) if isinstance(s, Mapping) else (None, None)
-            ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-            if not ok_shape or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-                raise SerializationError(f"{path}: invalid example-input record {s!r} in the manifest")
+    """The recorded example inputs must be valid records (:func:`sparsekern.compiler.check_input_spec`)."""
+    from sparsekern.compiler import check_input_spec
+    from sparsekern.plan import PlanError
+
+    try:
+        check_input_spec((manifest.get("compile") or {}).get("inputs"))
+        check_input_spec((manifest.get("plan") or {}).get("meta", {}).get("inputs"))
+    except PlanError as e:
+        raise SerializationError(f"{path}: {e}, in the manifest") from e
 
 
 STATE_FORMAT = "sparsekern.state"

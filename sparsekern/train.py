@@ -65,7 +65,8 @@ from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from sparsekern.training.adversary import PGD, Adversary, pgd_attack, preserve_buffers
+from sparsekern.modes import preserve_buffers
+from sparsekern.training.adversary import PGD, Adversary, pgd_attack
 from sparsekern.training.config import Stage, TrainConfig, finetune_config, lr_factor, scratch_b_epochs
 from sparsekern.training.evaluate import evaluate
 from sparsekern.training.hooks import Hook, TrainResult, TrainState

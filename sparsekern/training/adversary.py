@@ -1,31 +1,18 @@
-"""Adversarial inputs: the L-inf PGD attack and the buffer guard that keeps attacks from moving BN statistics."""
+"""Adversarial inputs: the L-inf PGD attack (its buffer guard, :func:`sparsekern.modes.preserve_buffers`, keeps
+attacks from moving BN statistics)."""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from sparsekern.modes import preserve_buffers
 from sparsekern.training.losses import LossFn, default_loss
 
 Adversary = Callable[[nn.Module, Any, Tensor], Any]
-
-@contextlib.contextmanager
-def preserve_buffers(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``module`` (BN running statistics, counters) on exit.
-
-    Buffers must be updated in place (as batch norm does); a module that rebinds a buffer attribute
-    during forward is not covered.
-    """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
 
 
 def _project(x_adv: Tensor, x: Tensor, eps: Tensor, clamp: tuple[Any, Any] | None) -> Tensor:

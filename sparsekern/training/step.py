@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sparsekern.training.adversary import Adversary, preserve_buffers
+from sparsekern.modes import preserve_buffers
+from sparsekern.training.adversary import Adversary
 from sparsekern.training.data import detach_inputs, split_batch
 from sparsekern.training.distributed import GradSync
 from sparsekern.training.hooks import TrainState, call_hooks
