@@ -26,6 +26,7 @@ def _extension():
     cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SPARSEKERN_SKIP_CUDA") != "1"
     flags = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]}
     if cuda:
+        flags = {key: value + ["-DSPARSEKERN_WITH_CUDA"] for key, value in flags.items()}
         sources += map(str, sorted((root / "cuda").glob("*.cu")))
         ext = CUDAExtension("sparsekern._C", sources, include_dirs=[str(root.resolve())], extra_compile_args=flags)
     else:

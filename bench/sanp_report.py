@@ -27,7 +27,7 @@ from sparsekern.bench.timing import environment
 from sparsekern.data import load
 from sparsekern.methods import sanp
 from sparsekern.models import build
-from sparsekern.ops import dispatch_of
+from sparsekern.ops.channel_skip_conv2d import select_backend
 from sparsekern.train import TrainConfig, evaluate, train
 
 #: name -> (zoo name, build kwargs); "vgg-tiny" is the 4-conv CIFAR-layout VGG the tests use.
@@ -84,8 +84,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         want = ref(x)
         err = float((fast(x) - want).abs().max() / want.abs().max().clamp_min(1e-12))
-    backend = dispatch_of("channel_skip_conv2d").select(
-        x, fast.get_submodule(next(iter(plan.dynamic))).weight, None, None, None, [1, 1], [1, 1], [1, 1], False).name
+    backend = select_backend(x, fast.get_submodule(next(iter(plan.dynamic))).weight, padding=1)
     bench = sk.bench.compare(dense.eval(), fast, x, passes=("fold_bn", "onednn"), threads=args.threads, warmup=args.warmup,
                              repeats=args.repeats, per_layer=False, label=f"sanp {key} budget {args.budget}")
     masked_bench = sk.bench.compare(dense.eval(), ref, x, passes=("fold_bn", "onednn"), threads=args.threads,

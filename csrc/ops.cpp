@@ -1,15 +1,43 @@
-// The schemas of sparsekern's native ops: one TORCH_LIBRARY for the namespace. Each backend file
-// (cpu/*.cpp, cuda/*.cu) registers its implementation with TORCH_LIBRARY_IMPL. The public ops
-// (torch.ops.sparsekern.channel_skip_conv2d, ...) are defined in Python (sparsekern/ops/) and call these
-// through their dispatch; see sparsekern/ops/_dispatch.py.
-#include <torch/library.h>
+// The Python module of sparsekern's native kernels (loaded by sparsekern/ops/_ext.py). Each function is one
+// backend of a public op in sparsekern/ops/; the op validates the inputs, allocates the output and calls it.
+// CUDA kernels are included when the extension is built with its CUDA sources (SPARSEKERN_WITH_CUDA).
+#include <torch/extension.h>
 
-TORCH_LIBRARY(sparsekern, m) {
-  // y[b, o] = conv2d(x[b] * in_mask[b], weight)[o] + bias[o] (then ReLU if relu), for out_mask[b, o];
-  // zero elsewhere. Masked-off input channels are never read, masked-off outputs never computed.
-  m.def(
-      "channel_skip_conv2d_native(Tensor x, Tensor weight, Tensor? bias, Tensor? in_mask, Tensor? out_mask, "
-      "int[2] stride, int[2] padding, int[2] dilation, bool relu) -> Tensor");
-  // y = x Q^T P^T + bias with the rank-r intermediate kept on chip.
-  m.def("lowrank_linear_native(Tensor x, Tensor Q, Tensor P, Tensor? bias) -> Tensor");
+#include <vector>
+
+#include "ops.h"
+
+namespace {
+
+using IntList = std::vector<int64_t>;
+
+template <typename Kernel>
+auto conv_binding(Kernel kernel) {
+  return [kernel](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+                  const IntList& stride, const IntList& padding, const IntList& dilation, bool relu, at::Tensor y) {
+    pybind11::gil_scoped_release no_gil;
+    kernel(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu, y);
+  };
+}
+
+template <typename Kernel>
+auto lowrank_binding(Kernel kernel) {
+  return [kernel](const at::Tensor& x, const at::Tensor& q, const at::Tensor& p, const std::optional<at::Tensor>& bias,
+                  at::Tensor y) {
+    pybind11::gil_scoped_release no_gil;
+    kernel(x, q, p, bias, y);
+  };
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsekern's native kernels; call them through sparsekern.ops";
+  m.def("channel_skip_conv2d_cpu", conv_binding(&sparsekern::cpu::channel_skip_conv2d_cpu));
+  m.def("lowrank_linear_cpu", lowrank_binding(&sparsekern::cpu::lowrank_linear_cpu));
+#ifdef SPARSEKERN_WITH_CUDA
+  m.def("channel_skip_conv2d_cuda", conv_binding(&sparsekern::cuda::channel_skip_conv2d_cuda));
+  m.def("lowrank_linear_cuda", lowrank_binding(&sparsekern::cuda::lowrank_linear_cuda));
+#endif
 }

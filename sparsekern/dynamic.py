@@ -296,8 +296,8 @@ class GatedConv2d(nn.Module):
 
     # -------------------------------------------------------------------- dense path (CPU)
     # When a batch keeps (nearly) every channel, skipping saves nothing and the dense oneDNN convolution, weights
-    # prepacked for the input shape, is faster than the channel-skipping kernel at full density (measured on the
-    # project's CPU: 0.94x of it on 64 channels at 32x32, 0.68x at 256 x 8x8, 0.37x at 512 x 4x4). So the layer
+    # prepacked for the input shape, can be faster than the channel-skipping kernel at full density (more so on
+    # wide layers with small maps; sparsekern/bench/kernel_channel_skip_conv2d.py times both). So the layer
     # times both once per input shape at full density (like cudnn.benchmark) and runs the dense convolution,
     # then the output mask, whenever the batch's active fraction sum_b |in_b| |out_b| / (B C_in C_out) is above
     # their ratio. Only the inactive work that would not pay is computed; results equal the kernel's. CPU float32,

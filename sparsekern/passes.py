@@ -19,8 +19,7 @@ Passes (names for :func:`apply`):
   run ``"fold_bn"`` first. Other batch sizes still run correctly (oneDNN may then reorder).
 * ``"freeze"``: TorchScript-script the model, freeze it and run ``torch.jit.optimize_for_inference``:
   constants folded, conv weights prepacked once into oneDNN's blocked layout, conv+add+relu fused. On CPU
-  this removes the per-call weight reorder and primitive set-up that dominate small batches (measured on
-  the project's 2-core machine: dense ResNet-50 at batch 1 went from ~560 ms eager to ~45 ms). It must be
+  this removes the per-call weight reorder and primitive set-up that dominate small batches. It must be
   the last pass; the result is a ``torch.jit.ScriptModule`` for inference only.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// CPU kernel of sparsekern::channel_skip_conv2d_native: a float32 convolution (groups=1) that, per sample,
+// CPU kernel of sparsekern.ops.channel_skip_conv2d: a float32 convolution (groups=1) that, per sample,
 // reads only the active input channels and computes only the active output channels.
 //
 //   y[b, o] = act(bias[o] + sum_{c in in(b), (kh, kw)} w[o, c, kh, kw] * x[b, c, oh*s + kh*d - p, ...])  o in out(b)
@@ -39,9 +39,8 @@
 //
 // Threads and SIMD vectors: csrc/cpu/common.h.
 
-#include <torch/library.h>
-
 #include "cpu/common.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <array>
@@ -216,14 +215,13 @@ struct Geometry {
   bool inplace;                // 1x1, stride 1, no padding, NCHW planes: read x directly
 };
 
-Geometry make_geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation) {
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation) {
   Geometry g;
   g.B = x.size(0), g.Cin = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.Cout = w.size(0), g.KH = w.size(2), g.KW = w.size(3), g.T = g.KH * g.KW;
   g.SH = stride[0], g.SW = stride[1], g.PH = padding[0], g.PW = padding[1], g.DH = dilation[0], g.DW = dilation[1];
-  g.Ho = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
-  g.Wo = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
+  g.Ho = y.size(2), g.Wo = y.size(3);
   g.P = g.Ho * g.Wo;
   g.xsB = x.stride(0), g.xsC = x.stride(1), g.xsH = x.stride(2), g.xsW = x.stride(3);
   const int64_t dy_max = (g.KH - 1) * g.DH / g.SH, dx_max = (g.KW - 1) * g.DW / g.SW;
@@ -501,50 +499,22 @@ void run(const Problem& pr) {
   }, "channel_skip_conv2d");
 }
 
-void check_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t B, int64_t C) {
-  if (!mask.has_value()) return;
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == B && mask->size(1) == C,
-              "channel_skip_conv2d (CPU): ", name, " must be a bool tensor of shape (", B, ", ", C, "), got ",
-              mask->scalar_type(), " ", mask->sizes());
-  TORCH_CHECK(mask->device().is_cpu(), "channel_skip_conv2d (CPU): ", name, " must be on the CPU");
-}
+}  // namespace
 
-at::Tensor channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
-                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   bool relu) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "channel_skip_conv2d (CPU): x must be (B, C_in, H, W) and weight "
-              "(C_out, C_in, kh, kw), got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "channel_skip_conv2d (CPU): the CPU kernel takes float32, got ", x.scalar_type(), " and ",
-              weight.scalar_type(), "; use backend='reference' for other dtypes");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "channel_skip_conv2d (CPU): tensors must be on the CPU");
-  TORCH_CHECK(weight.size(1) == x.size(1), "channel_skip_conv2d (CPU): weight ", weight.sizes(), " expects ",
-              weight.size(1), " input channels but x ", x.sizes(), " has ", x.size(1),
-              "; grouped and depthwise convolutions are not supported (groups=1 only)");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "channel_skip_conv2d (CPU): stride, padding and dilation must have 2 entries");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-              padding[1] >= 0, "channel_skip_conv2d (CPU): bad stride ", stride, " / padding ", padding,
-              " / dilation ", dilation);
+void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                             at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && y.dim() == 4 && x.scalar_type() == at::kFloat &&
+                  weight.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
+              "channel_skip_conv2d (CPU): internal: 4-D float32 x, weight and y expected; call "
+              "sparsekern.ops.channel_skip_conv2d, which validates its inputs");
+  TORCH_CHECK(y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "channel_skip_conv2d (CPU): internal: y must be NCHW- or NHWC-contiguous");
+  if (y.numel() == 0) return;
   const int64_t B = x.size(0), Cin = x.size(1), Cout = weight.size(0);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout && bias->scalar_type() == at::kFloat &&
-                bias->device().is_cpu(), "channel_skip_conv2d (CPU): bias must be a (", Cout,
-                ",) float32 CPU tensor, got ", bias->sizes(), " ", bias->scalar_type());
-  }
-  check_mask(in_mask, "in_mask", B, Cin);
-  check_mask(out_mask, "out_mask", B, Cout);
-
   Problem pr;
-  pr.g = make_geometry(x, weight, stride, padding, dilation);
-  const Geometry& g = pr.g;
-  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, "channel_skip_conv2d (CPU): input ", x.sizes(), " is smaller than the kernel ",
-              weight.sizes().slice(2), " with padding ", padding, " and dilation ", dilation);
-  const bool out_cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  at::Tensor y = at::empty({B, Cout, g.Ho, g.Wo}, x.options().memory_format(
-                                                      out_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
-  if (y.numel() == 0) return y;
+  pr.g = make_geometry(x, weight, y, stride, padding, dilation);
   const at::Tensor w = weight.contiguous();
   const std::optional<at::Tensor> bc = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   active_lists(in_mask.has_value() ? std::optional<at::Tensor>(in_mask->contiguous()) : std::nullopt, B, Cin,
@@ -558,13 +528,8 @@ at::Tensor channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight
   pr.y = y.data_ptr<float>();
   pr.ysB = y.stride(0), pr.ysC = y.stride(1), pr.ysP = y.stride(3);
   run(pr);
-  return y;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace sparsekern
 
-TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
-  m.impl("channel_skip_conv2d_native", &sparsekern::cpu::channel_skip_conv2d_cpu);
-}

@@ -1,14 +1,13 @@
-// sparsekern::lowrank_linear_native for CPU tensors (float32): y = x Q^T P^T + bias with h = x Q^T kept in
+// CPU kernel of sparsekern.ops.lowrank_linear (float32): y = x Q^T P^T + bias with h = x Q^T kept in
 // cache, in one pass over x and one over y.
 //
 // Why not two BLAS GEMMs: the first GEMM, x (T x in) times Q^T (in x r), has a narrow output (r columns), so a
 // BLAS packs every row of x into its panel layout and then uses each packed element only r times; the second
 // one, h (T x r) times P^T (r x out), re-packs h. Here x is read in place (its rows broadcast into the
 // micro-kernel), only the weights are packed (r (in + out) elements per call, amortised over T tokens), and h
-// never leaves the thread's cache. On the project's AMD EPYC (Zen 4, one thread, a loaded machine) this ran
-// 1.2-1.5x faster than MKL's two GEMMs for r = 32-64 on 1024- and 4096-wide layers at 64-1024 tokens (3.5x once)
-// and 1.1-1.3x at r = 128 from 1024 tokens, tied at r = 256, and lost below ~48 tokens, where the packing is not
-// amortised (sparsekern/ops/lowrank_linear.py dispatches accordingly).
+// never leaves the thread's cache. Few tokens do not amortise the weight packing and large ranks leave BLAS near
+// peak: sparsekern/ops/lowrank_linear.py dispatches by the thresholds sparsekern/bench/kernel_lowrank_linear.py
+// measured.
 //
 // Layout. Q is packed into panels of kPanel = 2 vectors of its rows, Qp[jp][k][w] = Q[jp*kPanel + w][k] (zero
 // for rows >= r), and P likewise, Pp[np][j][w] = P[np*kPanel + w][j] (zero for rows >= out). Tokens are split
@@ -19,9 +18,8 @@
 //            and stores it, masked to the last valid column.
 // The micro-kernel holds kRows x 2 vector accumulators: 12 x 2 zmm with AVX-512, 6 x 2 ymm with AVX2 + FMA,
 // and plain loops otherwise.
-#include <torch/library.h>
-
 #include "cpu/common.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cstring>
@@ -192,29 +190,23 @@ void run_block(const Problem& pr, int64_t m0, int64_t m1, float* h, float* tail)
   }
 }
 
-at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
-                              const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && p.device().is_cpu(),
-              "lowrank_linear (cpu): x, Q and P must be CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat && p.scalar_type() == at::kFloat,
-              "lowrank_linear (cpu): the CPU kernel takes float32, got ", x.scalar_type());
-  TORCH_CHECK(q.dim() == 2 && p.dim() == 2 && x.dim() >= 1 && x.size(-1) == q.size(1) && p.size(1) == q.size(0),
-              "lowrank_linear (cpu): need x (..., in), Q (r, in), P (out, r); got x ", x.sizes(), ", Q ", q.sizes(),
-              ", P ", p.sizes());
+}  // namespace
+
+namespace sparsekern {
+namespace cpu {
+
+void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
+                        const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat && p.scalar_type() == at::kFloat &&
+                  y.scalar_type() == at::kFloat && q.dim() == 2 && p.dim() == 2 && y.dim() == 2 && y.is_contiguous(),
+              "lowrank_linear (cpu): internal: float32 x, Q (r, in), P (out, r) and a contiguous (T, out) y expected; "
+              "call sparsekern.ops.lowrank_linear, which validates its inputs");
   const int64_t rank = q.size(0), in = q.size(1), out = p.size(0);
-  TORCH_CHECK(rank >= 1, "lowrank_linear (cpu): rank must be >= 1");
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out && bias->scalar_type() == at::kFloat,
-                "lowrank_linear (cpu): bias must be (", out, ",) float32, got ", bias->sizes());
-  }
   at::Tensor x2 = x.reshape({-1, in});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
   const int64_t tokens = x2.size(0);
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = out;
-  at::Tensor y = at::empty({tokens, out}, x.options());
-  if (tokens == 0 || out == 0) return y.view(sizes);
+  if (tokens == 0 || out == 0) return;
 
   const int64_t r_panels = (rank + kPanel - 1) / kPanel, out_panels = (out + kPanel - 1) / kPanel;
   std::unique_ptr<float[]> qp(new float[r_panels * in * kPanel]);
@@ -245,9 +237,7 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at
       run_block(pr, s * kRows, s1 * kRows, h.get(), tail.get());
     }
   }, "lowrank_linear");
-  return y.view(sizes);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("lowrank_linear_native", &lowrank_linear_cpu); }
+}  // namespace cpu
+}  // namespace sparsekern

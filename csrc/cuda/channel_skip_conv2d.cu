@@ -1,18 +1,17 @@
-// torch registration of the CUDA channel-skipping convolution (kernel bodies: channel_skip_conv2d.cuh).
-//
-// sparsekern::channel_skip_conv2d_native for CUDA tensors: checks the inputs, builds the per-sample index lists
-// on the device (one launch, no host synchronisation), then launches the implicit-GEMM kernel, both on the
-// current stream. Returns a new contiguous (B, C_out, H_out, W_out) tensor, every element written by the kernel.
+// The CUDA backend of sparsekern.ops.channel_skip_conv2d (kernel bodies: channel_skip_conv2d.cuh): builds the
+// per-sample index lists on the device (one launch, no host synchronisation), then launches the implicit-GEMM
+// kernel, both on the current stream, writing every element of the contiguous (B, C_out, H_out, W_out) y that
+// the op allocated.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <optional>
 
 #include "channel_skip_conv2d.cuh"
+#include "ops.h"
 
 namespace {
 
@@ -25,9 +24,9 @@ int64_t extent(const at::Tensor& t, std::initializer_list<int64_t> dims) {
 }
 
 template <typename T, typename Torch>
-at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& lists, at::Tensor y, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation, bool relu, cudaStream_t stream) {
+void launch(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const at::Tensor& lists, const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
+            at::IntArrayRef dilation, bool relu, cudaStream_t stream) {
   cs::ConvParams<T> p{};
   p.x = reinterpret_cast<const T*>(x.data_ptr<Torch>());
   p.weight = reinterpret_cast<const T*>(weight.data_ptr<Torch>());
@@ -60,54 +59,31 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& weight, const std::opti
   p.lists_stride = lists.stride(0);
   p.relu = relu;
   C10_CUDA_CHECK(cs::launch_channel_skip_conv2d<T>(p, stream));
-  return y;
 }
 
-at::Tensor channel_skip_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_mask,
-                                    const std::optional<at::Tensor>& out_mask, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+}  // namespace
+
+namespace sparsekern {
+namespace cuda {
+
+void channel_skip_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                              at::Tensor& y) {
   constexpr const char* kName = "channel_skip_conv2d (cuda)";
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, kName, ": x must be a 4-D CUDA tensor (B, C_in, H, W), got ",
-              x.sizes(), " on ", x.device());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), kName,
-              ": weight must be (C_out, C_in, kh, kw) with groups=1, got ", weight.sizes(), " for x ", x.sizes());
   const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kName, ": dtype ", dtype,
-              " is not supported (float32, float16, bfloat16)");
-  TORCH_CHECK(weight.scalar_type() == dtype && (!bias || bias->scalar_type() == dtype), kName,
-              ": x, weight and bias must share one dtype, got ", dtype, " and ", weight.scalar_type());
-  const int64_t batch = x.size(0), c_in = x.size(1), c_out = weight.size(0);
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == c_out), kName, ": bias must be (", c_out, ",)");
-  for (const auto* mask : {&in_mask, &out_mask}) {
-    if (!mask->has_value()) continue;
-    const int64_t channels = mask == &in_mask ? c_in : c_out;
-    TORCH_CHECK((*mask)->scalar_type() == at::kBool && (*mask)->dim() == 2 && (*mask)->size(0) == batch &&
-                    (*mask)->size(1) == channels,
-                kName, ": ", mask == &in_mask ? "in_mask" : "out_mask", " must be bool (", batch, ", ", channels,
-                "), got ", (*mask)->scalar_type(), " ", (*mask)->sizes());
-  }
-  for (const at::Tensor* t : {&weight, bias ? &*bias : nullptr, in_mask ? &*in_mask : nullptr,
-                              out_mask ? &*out_mask : nullptr}) {
-    TORCH_CHECK(t == nullptr || t->device() == x.device(), kName, ": every tensor must be on ", x.device());
-  }
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
-                  stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
-              kName, ": bad stride ", stride, " / padding ", padding, " / dilation ", dilation);
-  const int64_t h_out = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t w_out = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(h_out >= 1 && w_out >= 1, kName, ": input ", x.sizes(), " is smaller than the kernel ",
-              weight.sizes().slice(2));
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4 && weight.dim() == 4 && y.dim() == 4 && y.is_contiguous() &&
+                  y.scalar_type() == dtype && weight.scalar_type() == dtype,
+              kName, ": internal: 4-D CUDA x, weight and a contiguous y of one dtype expected; call "
+              "sparsekern.ops.channel_skip_conv2d, which validates its inputs");
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(extent(x, {1, 2, 3}) <= kInt32Max && extent(weight, {0, 1, 2, 3}) <= kInt32Max &&
-                  c_out * h_out * w_out <= kInt32Max && batch <= 65535,
-              kName, ": a sample of x ", x.sizes(), ", the weight or an output sample spans more than 2^31 elements, "
-              "or the batch exceeds 65535; split the layer or the batch");
-
+                  y.size(1) * y.size(2) * y.size(3) <= kInt32Max && x.size(0) <= 65535,
+              kName, ": internal: an input beyond the kernel's 32-bit indexing or 65535-sample grid");
+  const int64_t batch = x.size(0), c_in = x.size(1), c_out = weight.size(0);
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor y = at::empty({batch, c_out, h_out, w_out}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return;
 
   at::Tensor lists = at::empty({batch, c_in + c_out + 2}, x.options().dtype(at::kInt));
   cs::ListParams lp{};
@@ -126,14 +102,18 @@ at::Tensor channel_skip_conv2d_cuda(const at::Tensor& x, const at::Tensor& weigh
 
   switch (dtype) {
     case at::kHalf:
-      return launch<__half, at::Half>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
+      launch<__half, at::Half>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
+      break;
     case at::kBFloat16:
-      return launch<__nv_bfloat16, at::BFloat16>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
-    default:  // float32 (checked above)
-      return launch<float, float>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
+      launch<__nv_bfloat16, at::BFloat16>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
+      break;
+    case at::kFloat:
+      launch<float, float>(x, weight, bias, lists, y, stride, padding, dilation, relu, stream);
+      break;
+    default:
+      TORCH_CHECK(false, kName, ": internal: dtype ", dtype, " (float32, float16, bfloat16 expected)");
   }
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(sparsekern, CUDA, m) { m.impl("channel_skip_conv2d_native", &channel_skip_conv2d_cuda); }
+}  // namespace cuda
+}  // namespace sparsekern

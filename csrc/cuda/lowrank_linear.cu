@@ -1,40 +1,31 @@
-// sparsekern::lowrank_linear_native for CUDA tensors: checks, output allocation and the launch of the fused
-// kernel in lowrank_linear.cuh on the current stream.
+// The CUDA backend of sparsekern.ops.lowrank_linear: the launch of the fused kernel in lowrank_linear.cuh on the
+// current stream, into the contiguous (T, out) y the op allocated.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
 
 #include "lowrank_linear.cuh"
+#include "ops.h"
 
-namespace {
+namespace sparsekern {
+namespace cuda {
 
-at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
-                               const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.is_cuda() && q.is_cuda() && p.is_cuda(), "lowrank_linear (cuda): x, Q and P must be CUDA tensors");
-  TORCH_CHECK(q.dim() == 2 && p.dim() == 2 && x.dim() >= 1 && x.size(-1) == q.size(1) && p.size(1) == q.size(0),
-              "lowrank_linear (cuda): need x (..., in), Q (r, in), P (out, r); got x ", x.sizes(), ", Q ", q.sizes(),
-              ", P ", p.sizes());
+void lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
+                         const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  TORCH_CHECK(x.is_cuda() && q.dim() == 2 && p.dim() == 2 && y.dim() == 2 && y.is_contiguous() &&
+                  q.size(0) >= 1 && q.size(0) <= sparsekern::lowrank::kMaxRank,
+              "lowrank_linear (cuda): internal: CUDA x, Q (r, in) with 1 <= r <= ", sparsekern::lowrank::kMaxRank,
+              ", P (out, r) and a contiguous (T, out) y expected; call sparsekern.ops.lowrank_linear, which "
+              "validates its inputs");
   const int64_t rank = q.size(0), in = q.size(1), out = p.size(0);
-  TORCH_CHECK(rank >= 1 && rank <= sparsekern::lowrank::kMaxRank, "lowrank_linear (cuda): rank ", rank,
-              " outside 1..", sparsekern::lowrank::kMaxRank, "; use the two-GEMM backend");
-  TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "lowrank_linear (cuda): in/out too large");
-  TORCH_CHECK(q.scalar_type() == x.scalar_type() && p.scalar_type() == x.scalar_type(),
-              "lowrank_linear (cuda): x, Q and P must share a dtype");
-  TORCH_CHECK(q.device() == x.device() && p.device() == x.device(), "lowrank_linear (cuda): x, Q, P on one device");
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out && bias->scalar_type() == x.scalar_type() &&
-                    bias->device() == x.device(),
-                "lowrank_linear (cuda): bias must be (", out, ",) in x's dtype on x's device, got ", bias->sizes());
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({-1, in});  // a view when the leading dims allow one; any strides work
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t tokens = x2.size(0);
-  at::Tensor y = at::empty({tokens, out}, x.options());
+  if (tokens == 0 || out == 0) return;
 
   sparsekern::lowrank::Params prm{};
   prm.x = x2.data_ptr();
@@ -70,11 +61,7 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& q, const a
       TORCH_CHECK(false, "lowrank_linear (cuda): dtype ", x.scalar_type(), " not supported (float32/float16/bfloat16)");
   }
   TORCH_CHECK(err == cudaSuccess, "lowrank_linear (cuda): launch failed: ", cudaGetErrorString(err));
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = out;
-  return y.view(sizes);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(sparsekern, CUDA, m) { m.impl("lowrank_linear_native", &lowrank_linear_cuda); }
+}  // namespace cuda
+}  // namespace sparsekern

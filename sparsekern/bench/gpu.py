@@ -175,9 +175,10 @@ def _build(ctx: Context) -> dict[str, Any]:
     from sparsekern.ops import extension
 
     start = time.perf_counter()
-    path = extension.load()
-    kernels = {f"{op}/{dev}": extension.has_kernel(f"{op}_native", dev) for op in ("channel_skip_conv2d", "lowrank_linear")
-               for dev in ("cpu", "cuda")}
+    module = extension.load()
+    path = getattr(module, "__file__", None)
+    kernels = {f"{op}/{dev}": extension.kernel(f"{op}_{dev}") is not None
+               for op in ("channel_skip_conv2d", "lowrank_linear") for dev in ("cpu", "cuda")}
     from torch.utils.cpp_extension import CUDA_HOME
 
     result = {"library": path, "error": extension.status(), "seconds": round(time.perf_counter() - start, 1),

@@ -42,7 +42,7 @@ def _torch_nvcc_flags() -> list[str]:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [*include_paths(), sysconfig.get_paths()["include"], str(csrc_dir())]
-    flags = [*COMMON_NVCC_FLAGS, *CUDA_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H",
+    flags = [*COMMON_NVCC_FLAGS, *CUDA_FLAGS, "-DTORCH_API_INCLUDE_EXTENSION_H", "-DSPARSEKERN_WITH_CUDA",
              "-DTORCH_EXTENSION_NAME=sparsekern_check", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              "--compiler-options", "-fPIC", *(f for inc in includes for f in ("-isystem", inc))]
     # A CPU wheel lacks c10's generated CUDA config header; on Linux it only defines C10_CUDA_BUILD_SHARED_LIBS,
@@ -66,7 +66,8 @@ def nvcc_command(source: Path, out: Path, *, threads: int = 2, archs: Sequence[t
 
 def nvcc_check(sources: Sequence[Path] | None = None, *, threads: int = 2,
                timeout_s: float = 1200) -> list[dict[str, Any]]:
-    """Compile each source (default: every ``csrc/cuda/*.cu`` and ``*.cuh``) for :data:`ARCHS`.
+    """Compile each source (default: every ``csrc/cuda/*.cu`` and ``*.cuh``, and the Python bindings
+    ``csrc/ops.cpp`` with their CUDA functions) for :data:`ARCHS`.
 
     Returns:
         One dict per source: ``source`` (file name), ``ok``, ``seconds`` (wall time of that nvcc),
@@ -82,7 +83,7 @@ def nvcc_check(sources: Sequence[Path] | None = None, *, threads: int = 2,
         raise FileNotFoundError("nvcc is not on PATH")
     if sources is None:
         cuda = csrc_dir() / "cuda"
-        sources = sorted(cuda.glob("*.cu")) + sorted(cuda.glob("*.cuh"))
+        sources = sorted(cuda.glob("*.cu")) + sorted(cuda.glob("*.cuh")) + [csrc_dir() / "ops.cpp"]
     results = []
     with tempfile.TemporaryDirectory(prefix="sparsekern-nvcc-") as tmp:
         for src in sources:

@@ -200,7 +200,7 @@ def _row(shape: LayerShape, batch: int, keep: float, mode: str, device: str, dty
     dense = _dense_gpu(conv, x_cl) if device == "cuda" else _dense_cpu(conv, x_cl)
     fns: dict[str, Callable[[], Any]] = {"dense": dense, "dense_then_mask": lambda: dense().mul_(om4)}
     for name in _KERNELS[device]:
-        if DISPATCH.reasons(*args)[name] is None:
+        if not DISPATCH.reasons(*args)[name]:
             fns[name] = lambda name=name: channel_skip_conv2d(*args[:-1], relu=True, backend=name)
     kernels = [k for k in _KERNELS[device] if k in fns]
     if not kernels:

@@ -1,16 +1,19 @@
-"""sparsekern's ops: one file per op with its public function, torch custom op, fake and dispatch.
+"""sparsekern's ops: one file per op with its public function, its torch op, fake and dispatch.
 
-``reference`` holds the plain-torch ground truth of every op; ``backends(op)`` lists an op's backends and
-whether each can run on this machine.
+Each op validates its arguments once into a *problem* and runs one of its backends
+(:mod:`sparsekern.ops.backend`); ``dispatch_of(op).reasons(...)`` lists every reason each backend refuses an
+input. ``reference`` holds the plain-torch ground truth of every op; :mod:`sparsekern.ops.shapes` the output
+shapes shared by validation, fakes and kernels.
 """
 from __future__ import annotations
 
 from sparsekern.ops import reference
-from sparsekern.ops._dispatch import Dispatch, NoBackendError
+from sparsekern.ops.backend import Backend, Dispatch, NoBackendError
 from sparsekern.ops.channel_skip_conv2d import channel_skip_conv2d
 from sparsekern.ops.lowrank_linear import lowrank_linear
 
-__all__ = ["channel_skip_conv2d", "lowrank_linear", "reference", "Dispatch", "NoBackendError", "dispatch_of"]
+__all__ = ["channel_skip_conv2d", "lowrank_linear", "reference", "Backend", "Dispatch", "NoBackendError",
+           "dispatch_of"]
 
 
 def dispatch_of(op: str) -> Dispatch:

@@ -1,6 +1,8 @@
 """The C++/CUDA extension (``csrc/``), built by ninja through torch's cpp_extension at first use and cached.
 
-:func:`load` returns the loaded extension or ``None``; it never raises. When the build fails, or the
+The extension is a Python module of kernel functions (``channel_skip_conv2d_cpu``, ``lowrank_linear_cuda``,
+...: csrc/ops.cpp), each a backend of one op of :mod:`sparsekern.ops`; it registers no torch ops.
+:func:`load` returns the loaded module or ``None``; it never raises. When the build fails, or the
 sources are not there (an installed wheel without ``csrc/``), it warns once and the ops fall back to their
 other backends. :func:`status` says why the extension is unavailable, for the dispatch's error messages.
 
@@ -20,10 +22,12 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import torch
 
-__all__ = ["load", "status", "csrc_dir", "CPU_FLAGS", "CUDA_FLAGS"]
+__all__ = ["load", "status", "kernel", "requirement", "triton_requirement", "csrc_dir", "CPU_FLAGS", "CUDA_FLAGS"]
 
 CPU_FLAGS = ["-O3", "-march=native", "-std=c++17"]
 CUDA_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -62,19 +66,17 @@ def _key(root: Path, sources: list[Path], with_cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
-def _prebuilt() -> str | None:
-    """Load the extension built ahead of time by ``SPARSEKERN_BUILD_EXT=1 pip install`` (setup.py), if any;
-    return its path."""
+def _prebuilt() -> ModuleType | None:
+    """The extension built ahead of time by ``SPARSEKERN_BUILD_EXT=1 pip install`` (setup.py), if installed."""
+    import importlib
     import importlib.util
 
-    spec = importlib.util.find_spec("sparsekern._C")
-    if spec is None or spec.origin is None:
+    if importlib.util.find_spec("sparsekern._C") is None:
         return None
-    torch.ops.load_library(spec.origin)
-    return spec.origin
+    return importlib.import_module("sparsekern._C")
 
 
-def _build() -> str:
+def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -85,22 +87,21 @@ def _build() -> str:
     key = _key(root, sources, with_cuda)
     build_dir = Path(os.environ.get("SPARSEKERN_CACHE", Path.home() / ".cache" / "sparsekern")) / f"ext-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
+    cuda_define = ["-DSPARSEKERN_WITH_CUDA"] if with_cuda else []
+    return cpp_extension.load(
         name=f"sparsekern_ext_{key}",
         sources=[str(s) for s in sources],
         extra_include_paths=[str(root)],
-        extra_cflags=CPU_FLAGS,
-        extra_cuda_cflags=CUDA_FLAGS,
+        extra_cflags=CPU_FLAGS + cuda_define,
+        extra_cuda_cflags=CUDA_FLAGS + cuda_define,
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=os.environ.get("SPARSEKERN_EXT_VERBOSE") == "1",
     )
-    return str(build_dir)
 
 
-def load() -> str | None:
-    """Path of the loaded extension library (building it on first use), or ``None`` with a warning if it
-    cannot be built. Loading registers its ops under ``torch.ops.sparsekern``."""
+def load() -> ModuleType | None:
+    """The extension module (built on first use), or ``None`` with a warning if it cannot be built."""
     with _lock:
         if "module" in _state:
             return _state["module"]  # type: ignore[return-value]
@@ -125,12 +126,31 @@ def status() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-def has_kernel(op: str, device: str) -> bool:
-    """Whether the loaded extension registered ``sparsekern::<op>`` for dispatch key ``device`` (CPU/CUDA).
-    Cached: ops check this on every call."""
-    key = (op, device.upper())
-    kernels = _state.setdefault("kernels", {})
-    if key not in kernels:  # type: ignore[operator]
-        kernels[key] = load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(  # type: ignore[index]
-            f"sparsekern::{op}", key[1])
-    return kernels[key]  # type: ignore[index]
+def kernel(name: str) -> Callable[..., None] | None:
+    """The extension's kernel function ``name`` (e.g. ``"channel_skip_conv2d_cpu"``), or ``None`` when the
+    extension is unavailable or was built without it (CUDA kernels need a CUDA build)."""
+    module = load()
+    return getattr(module, name, None) if module is not None else None
+
+
+def requirement(name: str) -> Callable[[], str | None]:
+    """A backend's ``available`` check for the kernel ``name``: ``None`` when the extension has it, else why
+    not (the build error, or a build without that kernel)."""
+
+    def check() -> str | None:
+        if kernel(name) is not None:
+            return None
+        why = status()
+        if why is not None:
+            return f"extension unavailable ({why})"
+        device = name.rsplit("_", 1)[-1].upper()
+        return f"the extension was built without {device} kernels"
+
+    return check
+
+
+def triton_requirement() -> str | None:
+    """A Triton backend's ``available`` check: ``None`` when Triton imports."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed"

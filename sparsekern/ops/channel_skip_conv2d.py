@@ -5,8 +5,10 @@ are never read; output channels with ``out_mask[b, o] == False`` are zero (bias 
 computed. With ``relu`` the kept outputs go through a ReLU. The reference is the dense convolution of the
 masked input, times the output mask (:func:`sparsekern.ops.reference.channel_skip_conv2d`).
 
-One public op, ``torch.ops.sparsekern.channel_skip_conv2d`` (a torch custom op with a fake implementation,
-so ``torch.compile`` and ``torch.export`` see it), whose body runs the first backend that can take the input:
+One torch op, ``torch.ops.sparsekern.channel_skip_conv2d`` (with a fake implementation, so ``torch.compile``
+and ``torch.export`` see it). Its body validates the arguments once (:func:`problem`), allocates the output
+(shape and memory format from :mod:`sparsekern.ops.shapes`) and runs the first backend of :data:`DISPATCH` that
+can take the problem:
 
 =========  ===========================================================================================
 cuda       ``csrc/cuda``: implicit GEMM per sample over its active channels (CUDA tensors)
@@ -16,7 +18,9 @@ triton     ``sparsekern/kernels/triton``: implicit GEMM per sample (CUDA tensors
 reference  dense conv times the masks (always)
 =========  ===========================================================================================
 
-On CUDA tensors ``cuda`` and ``triton`` are tried in the device's preference order
+Each backend declares its devices, dtypes and limits (:class:`sparsekern.ops.backend.Backend`);
+``DISPATCH.reasons(...)`` lists all of each backend's reasons for refusing an input. On CUDA tensors ``cuda``
+and ``triton`` are tried in the device's preference order
 (:func:`sparsekern.ops.thresholds.for_device`: measured by ``sparsekern bench gpu`` when its results file for
 the device class is committed, else ``cuda`` first); :func:`select_backend` names the choice.
 
@@ -25,141 +29,178 @@ Inference only: no autograd formula is registered (train with the dense masked f
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from sparsekern.ops import _ext, reference, thresholds
-from sparsekern.ops._dispatch import Dispatch
+from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
+from sparsekern.ops.shapes import conv2d_memory_format, conv2d_output_size, pair
 
-__all__ = ["channel_skip_conv2d", "select_backend", "DISPATCH", "output_size"]
+__all__ = ["channel_skip_conv2d", "select_backend", "problem", "ConvProblem", "DISPATCH"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _pair(v: int | Sequence[int], name: str) -> list[int]:
-    pair = [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
-    if len(pair) != 2:
-        raise ValueError(f"channel_skip_conv2d: {name} must be an int or a pair, got {v!r}")
-    return pair
+_OP = "channel_skip_conv2d"
+_INT32_MAX = 2**31 - 1
 
 
-def output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                dilation: Sequence[int]) -> tuple[int, int]:
-    """Spatial output size of a convolution (the usual floor formula)."""
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
-                 for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+@dataclass(frozen=True)
+class ConvProblem(OnInput):
+    """Validated arguments of one call (shapes in the op's docstring) and the output they produce."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    in_mask: torch.Tensor | None
+    out_mask: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    relu: bool
+    out_shape: tuple[int, int, int, int]
+    memory_format: torch.memory_format
+
+    def new_output(self, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """An uninitialised output (in the op's memory format unless another is asked for)."""
+        return torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device,
+                           memory_format=memory_format or self.memory_format)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
-                  out_mask: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int]) -> None:
+def _check_tensors(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
+                   out_mask: torch.Tensor | None) -> None:
     if x.dim() != 4:
-        raise ValueError(f"channel_skip_conv2d: x must be (B, C_in, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{_OP}: x must be (B, C_in, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
-        raise ValueError(f"channel_skip_conv2d: weight must be (C_out, C_in, kh, kw), got {tuple(weight.shape)}")
+        raise ValueError(f"{_OP}: weight must be (C_out, C_in, kh, kw), got {tuple(weight.shape)}")
     b, c_in = x.shape[:2]
     c_out = weight.shape[0]
     if weight.shape[1] != c_in:
         raise ValueError(
-            f"channel_skip_conv2d: weight {tuple(weight.shape)} expects {weight.shape[1]} input channels but x "
-            f"{tuple(x.shape)} has {c_in}; grouped and depthwise convolutions are not supported (groups=1 only)"
-        )
-    if x.dtype not in _FLOATS or weight.dtype != x.dtype:
-        raise TypeError(f"channel_skip_conv2d: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
-    if bias is not None and (bias.shape != (c_out,) or bias.dtype != x.dtype):
-        raise ValueError(f"channel_skip_conv2d: bias must be ({c_out},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+            f"{_OP}: weight {tuple(weight.shape)} expects {weight.shape[1]} input channels but x {tuple(x.shape)} "
+            f"has {c_in}; grouped and depthwise convolutions are not supported (groups=1 only)")
+    if x.dtype not in FLOATS or weight.dtype != x.dtype:
+        raise TypeError(f"{_OP}: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None and (tuple(bias.shape) != (c_out,) or bias.dtype != x.dtype):
+        raise ValueError(f"{_OP}: bias must be ({c_out},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     for name, mask, c in (("in_mask", in_mask, c_in), ("out_mask", out_mask, c_out)):
-        if mask is None:
-            continue
-        if mask.dtype != torch.bool or tuple(mask.shape) != (b, c):
-            raise ValueError(f"channel_skip_conv2d: {name} must be a bool tensor of shape ({b}, {c}), got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, c)):
+            raise ValueError(f"{_OP}: {name} must be a bool tensor of shape ({b}, {c}), got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("in_mask", in_mask), ("out_mask", out_mask)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"channel_skip_conv2d: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+
+
+def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            in_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None,
+            stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+            relu: bool = False) -> ConvProblem:
+    """Validate the arguments of :func:`channel_skip_conv2d` (errors name the argument, its shape and the
+    expected one) and return them with their output shape."""
+    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
+        pair(dilation, "dilation", _OP)
+    _check_tensors(x, weight, bias, in_mask, out_mask)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"channel_skip_conv2d: bad stride {stride} / padding {padding} / dilation {dilation}")
-    h_out, w_out = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+        raise ValueError(f"{_OP}: bad stride {stride} / padding {padding} / dilation {dilation}")
+    h_out, w_out = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"channel_skip_conv2d: input {tuple(x.shape)} is smaller than the kernel "
-                         f"{tuple(weight.shape[2:])} with padding {padding}")
+        raise ValueError(f"{_OP}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with "
+                         f"padding {padding} and dilation {dilation}")
+    return ConvProblem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, bool(relu),
+                       (x.shape[0], weight.shape[0], h_out, w_out), conv2d_memory_format(x))
 
 
 # ----------------------------------------------------------------------------- backends
-def _native_check(device: str):
-    def check(x: torch.Tensor, *args) -> str | None:
-        if x.device.type != device:
-            return f"needs a {device.upper()} tensor, got {x.device}"
-        if device == "cpu" and x.dtype != torch.float32:
-            return f"the CPU kernel takes float32, got {x.dtype}"
-        why = _ext.status()
-        if why is not None:
-            return f"extension unavailable ({why})"
-        if not _ext.has_kernel("channel_skip_conv2d_native", device):
-            return f"the extension has no {device.upper()} kernel"
-        return None
-
-    return check
+def _extent(t: torch.Tensor, dims: Sequence[int]) -> int:
+    """Largest element offset reachable through ``dims``."""
+    return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
 
 
-def _native_run(*args) -> torch.Tensor:
-    return torch.ops.sparsekern.channel_skip_conv2d_native(*args)
+def _gpu_kernel_limits(pr: ConvProblem) -> list[str]:
+    """The GPU kernels' grid (65535 samples) and int32 index limits."""
+    out = []
+    if pr.x.shape[0] > 65535:
+        out.append(f"batch {pr.x.shape[0]} exceeds the grid's 65535 samples per launch; split the batch")
+    _, c_out, h_out, w_out = pr.out_shape
+    if _extent(pr.x, (1, 2, 3)) > _INT32_MAX or _extent(pr.weight, (0, 1, 2, 3)) > _INT32_MAX \
+            or c_out * h_out * w_out > _INT32_MAX:
+        out.append("a sample of x, the weight or an output sample spans more than 2^31 elements; split the layer")
+    return out
 
 
-def _triton_check(x: torch.Tensor, *args) -> str | None:
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return None
+def _run_cpu(pr: ConvProblem) -> torch.Tensor:
+    y = pr.new_output()
+    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, pr.stride, pr.padding,
+                                           pr.dilation, pr.relu, y)
+    return y
 
 
-def _triton_run(*args) -> torch.Tensor:
+def _run_cuda(pr: ConvProblem) -> torch.Tensor:
+    y = pr.new_output(torch.contiguous_format)  # the kernel writes NCHW
+    _ext.kernel("channel_skip_conv2d_cuda")(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, pr.stride,
+                                            pr.padding, pr.dilation, pr.relu, y)
+    return y.contiguous(memory_format=pr.memory_format)
+
+
+def _run_triton(pr: ConvProblem) -> torch.Tensor:
     from sparsekern.kernels.triton.channel_skip_conv2d import channel_skip_conv2d as launch
 
-    return launch(*args)
+    y = pr.new_output()
+    launch(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, pr.stride, pr.padding, pr.dilation, pr.relu, y)
+    return y
 
 
-DISPATCH = Dispatch("channel_skip_conv2d")
-DISPATCH.register("cuda", _native_check("cuda"), _native_run)
-DISPATCH.register("cpu", _native_check("cpu"), _native_run)
-DISPATCH.register("triton", _triton_check, _triton_run)
-DISPATCH.register("reference", lambda *args: None, reference.channel_skip_conv2d)
+def _run_reference(pr: ConvProblem) -> torch.Tensor:
+    y = reference.channel_skip_conv2d(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, pr.stride, pr.padding,
+                                      pr.dilation, pr.relu)
+    return y.contiguous(memory_format=pr.memory_format)
 
 
-def _preferred(x: torch.Tensor, *args) -> str | None:
-    """On CUDA tensors, the first GPU backend in the device's preference order that can take the input; else
-    None (registration order)."""
-    if not x.is_cuda:
-        return None
-    checks = {b.name: b.check for b in DISPATCH.backends}
-    return next((n for n in thresholds.for_device(x.device).channel_skip_order if checks[n](x, *args) is None), None)
+DISPATCH = Dispatch(_OP, problem)
+DISPATCH.register(Backend("cuda", _run_cuda, devices=("cuda",), available=_ext.requirement("channel_skip_conv2d_cuda"),
+                          limits=_gpu_kernel_limits))
+DISPATCH.register(Backend("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,),
+                          available=_ext.requirement("channel_skip_conv2d_cpu")))
+DISPATCH.register(Backend("triton", _run_triton, devices=("cuda",), interpreted=True,
+                          available=_ext.triton_requirement, limits=_gpu_kernel_limits))
+DISPATCH.register(Backend("reference", _run_reference, devices=None))
 
 
-def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
-                   out_mask: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-                   relu: bool) -> str:
-    """Name of the backend :func:`channel_skip_conv2d` runs for these (checked, paired) arguments."""
-    args = (x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu)
-    return DISPATCH.select(*args, backend=_preferred(*args)).name
+def _order(pr: ConvProblem) -> Sequence[str]:
+    """On CUDA tensors, the device's preferred order of the GPU backends; else registration order."""
+    return thresholds.for_device(pr.x.device).channel_skip_order if pr.x.is_cuda else ()
+
+
+def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   in_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None,
+                   stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                   dilation: int | Sequence[int] = 1, relu: bool = False, *, backend: str | None = None) -> str:
+    """Name of the backend :func:`channel_skip_conv2d` runs for these arguments (``backend`` forces one; an
+    error lists why it cannot run them)."""
+    pr = problem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu)
+    return DISPATCH.select(pr, backend, _order(pr)).name
 
 
 # ----------------------------------------------------------------------------- the op
-@torch.library.custom_op("sparsekern::channel_skip_conv2d", mutates_args=())
-def _op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_mask: Optional[torch.Tensor],
-        out_mask: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-        relu: bool, backend: Optional[str]) -> torch.Tensor:
-    args = (x, weight, bias, in_mask, out_mask, list(stride), list(padding), list(dilation), relu)
-    return DISPATCH(*args, backend=backend or _preferred(*args))
+_LIB = torch.library.Library("sparsekern", "FRAGMENT")
+_LIB.define(f"{_OP}(Tensor x, Tensor weight, Tensor? bias, Tensor? in_mask, Tensor? out_mask, int[2] stride, "
+            "int[2] padding, int[2] dilation, bool relu, str? backend=None) -> Tensor")
 
 
-@_op.register_fake
-def _fake(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu, backend):
-    h, w = output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+def _impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_mask: Optional[torch.Tensor],
+          out_mask: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int], relu: bool,
+          backend: Optional[str] = None) -> torch.Tensor:
+    pr = problem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu)
+    return DISPATCH.run(pr, backend, _order(pr))
+
+
+def _fake(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu, backend=None) -> torch.Tensor:
+    pr = problem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu)
+    return pr.new_output()
+
+
+_LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
 
 
 def channel_skip_conv2d(
@@ -189,8 +230,10 @@ def channel_skip_conv2d(
             that can take the input (see the module docstring).
 
     Returns:
-        (B, C_out, H_out, W_out) in x's dtype; exactly zero where ``out_mask`` is False.
+        (B, C_out, H_out, W_out) in x's dtype, channels-last when x is (as ``F.conv2d``); exactly zero where
+        ``out_mask`` is False.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    _check_inputs(x, weight, bias, in_mask, out_mask, stride, padding, dilation)
-    return _op(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu, backend)
+    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
+        pair(dilation, "dilation", _OP)
+    return torch.ops.sparsekern.channel_skip_conv2d(x, weight, bias, in_mask, out_mask, stride, padding, dilation,
+                                                    relu, backend)

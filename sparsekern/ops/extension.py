@@ -6,10 +6,12 @@ the cache directory, ``SPARSEKERN_NO_EXT``, ``SPARSEKERN_CSRC`` and ahead-of-tim
 """
 from __future__ import annotations
 
-from sparsekern.ops import _ext
-from sparsekern.ops._ext import CPU_FLAGS, CUDA_FLAGS, csrc_dir, has_kernel, load, status
+from types import ModuleType
 
-__all__ = ["CPU_FLAGS", "CUDA_FLAGS", "build", "csrc_dir", "has_kernel", "load", "status", "with_cuda"]
+from sparsekern.ops import _ext
+from sparsekern.ops._ext import CPU_FLAGS, CUDA_FLAGS, csrc_dir, kernel, load, status
+
+__all__ = ["CPU_FLAGS", "CUDA_FLAGS", "build", "csrc_dir", "kernel", "load", "status", "with_cuda"]
 
 
 def with_cuda() -> bool:
@@ -18,7 +20,7 @@ def with_cuda() -> bool:
     return _ext._with_cuda()
 
 
-def build() -> str:
-    """Compile the extension now (ninja; an up-to-date build directory makes it quick) and return the path of
-    the library. Unlike :func:`load`, it raises with the compiler's whole log when the build fails."""
+def build() -> ModuleType:
+    """Compile the extension now (ninja; an up-to-date build directory makes it quick) and return the module.
+    Unlike :func:`load`, it raises with the compiler's whole log when the build fails."""
     return _ext._build()

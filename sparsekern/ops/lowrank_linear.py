@@ -5,8 +5,10 @@ layer of FLOP (Wang, Wohlwend and Lei, "Structured Pruning of Large Language Mod
 ``W = P Q`` costs ``2 T in out`` FLOPs for T tokens, the factors ``2 T r (in + out)``
 (:func:`sparsekern.cost.flops` counts the op with that formula; the bias counts 0, torch's convention).
 
-One public op, ``torch.ops.sparsekern.lowrank_linear`` (a torch custom op with a fake implementation and an
-autograd formula, so ``torch.compile``, ``torch.export`` and fine-tuning see it), whose body runs one backend:
+One torch op, ``torch.ops.sparsekern.lowrank_linear`` (with a fake implementation, so ``torch.compile`` and
+``torch.export`` see it). Its body validates the arguments once (:func:`problem`), allocates the output and runs
+one backend of :data:`DISPATCH` (each declares its devices, dtypes and limits; ``DISPATCH.reasons(...)`` lists
+every reason each refuses an input):
 
 ==========  ==========================================================================================
 cuda        ``csrc/cuda/lowrank_linear.cuh``: fused, ``h`` tile in shared memory, tensor cores for fp16/bf16
@@ -26,12 +28,10 @@ plain GEMMs are already efficient:
 * CPU tensors run ``cpu`` for float32 with T >= :data:`CPU_MIN_FUSED_TOKENS` and r <=
   :data:`CPU_MAX_FUSED_RANK`, else ``two_gemm``. MKL's first GEMM has a narrow output (r columns), so it
   packs every row of x and uses each packed element only r times; the fused kernel reads x in place and
-  packs only the weights, ``r (in + out)`` elements per call, which is what few tokens cannot amortise. On
-  the project's 2-core AMD EPYC (Zen 4; one thread, timed interleaved on a loaded machine) the fused kernel
-  ran 1.2-1.5x faster than MKL's two GEMMs at r = 32-64 on 1024/4096-wide layers from 64 tokens up (3.5x at
-  1024 tokens, 1024 x 1024, r = 32; 0.9x on 512 x 512 at 64 tokens), 1.1-1.3x at r = 128 from 1024 tokens
-  (a tie at 256), tied at r = 256 (0.9-1.1x), lost at r >= 512 (0.7-0.8x) and below 48 tokens (0.4-0.9x).
-  The benchmark (:mod:`sparsekern.bench.kernel_lowrank_linear`) times both on every shape.
+  packs only the weights, ``r (in + out)`` elements per call, which is what few tokens cannot amortise, and
+  at large ranks MKL's GEMMs are already near peak. The two thresholds are where the fused kernel stopped
+  winning in :mod:`sparsekern.bench.kernel_lowrank_linear`, which times both on every shape (figures:
+  ``bench/results/cpu.json`` and the README).
 * CUDA tensors run ``two_gemm`` when r = 0, r > :data:`MAX_FUSED_RANK` (the ``BLOCK_M x r`` fp32 tile would
   spill) or T < :data:`GPU_MIN_FUSED_TOKENS` (a few token tiles cannot occupy the SMs, while cuBLAS splits the
   reduction); fp32 skips the native kernel (its fp32 path is plain FMA; Triton's is as exact and tiled
@@ -40,25 +40,26 @@ plain GEMMs are already efficient:
   ``sparsekern bench gpu`` for the device class when its results file is committed, else the first guesses
   from the roofline (:data:`GPU_MIN_FUSED_TOKENS`, ``cuda`` before ``triton``).
 
-In plain eager inference (no autograd graph, no tracing, no dispatch or function mode) the public function
-runs the dispatch directly rather than through the custom op's Python wrapper (20-30 us per call, a tenth of a
-256-token call); compiled, exported, counted (``sk.flops``, ``FlopCounterMode``) and autograd calls see the op.
+Gradients: :func:`lowrank_linear` is differentiable (an autograd function around the op, used only when a
+gradient is needed); the torch op itself has no autograd formula, so a call of the op costs the dispatcher's few
+microseconds rather than a Python autograd wrapper's. Differentiate through :func:`lowrank_linear`.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils import flop_counter
 
 from sparsekern.ops import _ext, reference, thresholds
-from sparsekern.ops._dispatch import Dispatch
+from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
+from sparsekern.ops.shapes import tokens
 
-__all__ = ["lowrank_linear", "two_gemm", "select_backend", "flop_count", "DISPATCH", "MAX_FUSED_RANK",
-           "GPU_MIN_FUSED_TOKENS", "CPU_MIN_FUSED_TOKENS", "CPU_MAX_FUSED_RANK"]
+__all__ = ["lowrank_linear", "two_gemm", "select_backend", "problem", "LowRankProblem", "flop_count", "DISPATCH",
+           "MAX_FUSED_RANK", "GPU_MIN_FUSED_TOKENS", "CPU_MIN_FUSED_TOKENS", "CPU_MAX_FUSED_RANK"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_OP = "lowrank_linear"
 #: Largest rank the fused GPU kernels take (their fp32 ``h`` tile of BLOCK_M x r stays on chip up to here).
 MAX_FUSED_RANK = 256
 #: Fewer tokens than this run the unfused cuBLAS GEMMs on GPU: the estimate, used where no measured threshold
@@ -70,91 +71,84 @@ CPU_MIN_FUSED_TOKENS = 64
 CPU_MAX_FUSED_RANK = 128
 
 
-def _check_inputs(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> None:
+@dataclass(frozen=True)
+class LowRankProblem(OnInput):
+    """Validated arguments of one call: x (..., in), q (r, in), p (out, r), bias (out,) or None."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    p: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return tokens(self.x.shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.x.shape[:-1], self.p.shape[0])
+
+    def new_output(self) -> torch.Tensor:
+        """An uninitialised (T, out) contiguous output; ``.view(out_shape)`` gives the op's result."""
+        return torch.empty((self.tokens, self.p.shape[0]), dtype=self.x.dtype, device=self.x.device)
+
+
+def problem(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankProblem:
+    """Validate the arguments of :func:`lowrank_linear` (errors name the argument, its shape and the expected
+    one)."""
     if q.dim() != 2:
-        raise ValueError(f"lowrank_linear: Q must be (r, in), got shape {tuple(q.shape)}")
+        raise ValueError(f"{_OP}: Q must be (r, in), got shape {tuple(q.shape)}")
     r, n_in = q.shape
     if p.dim() != 2 or p.shape[1] != r:
-        raise ValueError(f"lowrank_linear: P must be (out, r) with r = {r} (the rows of Q {tuple(q.shape)}), got "
-                         f"shape {tuple(p.shape)}")
+        raise ValueError(f"{_OP}: P must be (out, r) with r = {r} (the rows of Q {tuple(q.shape)}), got shape "
+                         f"{tuple(p.shape)}")
     if x.dim() < 1 or x.shape[-1] != n_in:
-        raise ValueError(f"lowrank_linear: x must be (..., in) with in = {n_in} (the columns of Q "
-                         f"{tuple(q.shape)}), got shape {tuple(x.shape)}")
+        raise ValueError(f"{_OP}: x must be (..., in) with in = {n_in} (the columns of Q {tuple(q.shape)}), got "
+                         f"shape {tuple(x.shape)}")
     n_out = p.shape[0]
     if bias is not None and tuple(bias.shape) != (n_out,):
-        raise ValueError(f"lowrank_linear: bias must be (out,) = ({n_out},) (the rows of P {tuple(p.shape)}), got "
-                         f"shape {tuple(bias.shape)}")
+        raise ValueError(f"{_OP}: bias must be (out,) = ({n_out},) (the rows of P {tuple(p.shape)}), got shape "
+                         f"{tuple(bias.shape)}")
     dtypes = [x.dtype, q.dtype, p.dtype] + ([] if bias is None else [bias.dtype])
-    if x.dtype not in _FLOATS or any(d != x.dtype for d in dtypes):
-        raise TypeError(f"lowrank_linear: x, Q, P and bias must share one of float32/float16/bfloat16, got "
+    if x.dtype not in FLOATS or any(d != x.dtype for d in dtypes):
+        raise TypeError(f"{_OP}: x, Q, P and bias must share one of float32/float16/bfloat16, got "
                         f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
     for name, t in (("Q", q), ("P", p), ("bias", bias)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"lowrank_linear: {name} is on {t.device} but x is on {x.device}; move them to one "
-                             "device")
-
-
-def _tokens(x: torch.Tensor) -> int:
-    t = 1
-    for s in x.shape[:-1]:
-        t *= int(s)
-    return t
+            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    return LowRankProblem(x, q, p, bias)
 
 
 # ----------------------------------------------------------------------------- backends
-def _fused_rank_reason(q: torch.Tensor) -> str | None:
-    r = q.shape[0]
-    if not 1 <= r <= MAX_FUSED_RANK:
-        return f"rank {r} outside 1..{MAX_FUSED_RANK} (the fused kernels keep a BLOCK_M x r tile on chip)"
-    return None
+def _fused_gpu_limits(pr: LowRankProblem) -> list[str]:
+    if not 1 <= pr.rank <= MAX_FUSED_RANK:
+        return [f"rank {pr.rank} outside 1..{MAX_FUSED_RANK} (the fused kernels keep a BLOCK_M x r tile on chip)"]
+    return []
 
 
-def _native_reason(device: str) -> str | None:
-    why = _ext.status()
-    if why is not None:
-        return f"extension unavailable ({why})"
-    if not _ext.has_kernel("lowrank_linear_native", device):
-        return f"the extension has no {device.upper()} kernel"
-    return None
+def _fused_cpu_limits(pr: LowRankProblem) -> list[str]:
+    return ["rank 0 (nothing to fuse)"] if pr.rank < 1 else []
 
 
-def _cuda_check(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    if x.device.type != "cuda":
-        return f"needs a CUDA tensor, got {x.device}"
-    return _fused_rank_reason(q) or _native_reason("cuda")
+def _native_runner(name: str):
+    def run(pr: LowRankProblem) -> torch.Tensor:
+        y = pr.new_output()
+        _ext.kernel(name)(pr.x, pr.q, pr.p, pr.bias, y)
+        return y.view(pr.out_shape)
+
+    return run
 
 
-def _cpu_check(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    if x.device.type != "cpu":
-        return f"needs a CPU tensor, got {x.device}"
-    if x.dtype != torch.float32:
-        return f"the CPU kernel takes float32, got {x.dtype}"
-    if q.shape[0] < 1:
-        return "rank 0 (nothing to fuse)"
-    return _native_reason("cpu")
-
-
-def _native_run(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.sparsekern.lowrank_linear_native(x, q, p, bias)
-
-
-def _triton_check(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    if not (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        return f"needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-    why = _fused_rank_reason(q)
-    if why is not None:
-        return why
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    return None
-
-
-def _triton_run(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _run_triton(pr: LowRankProblem) -> torch.Tensor:
     from sparsekern.kernels.triton.lowrank_linear import lowrank_linear as launch
 
-    return launch(x, q, p, bias)
+    y = pr.new_output()
+    launch(pr.x, pr.q, pr.p, pr.bias, y)
+    return y.view(pr.out_shape)
 
 
 def two_gemm(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -173,98 +167,99 @@ def two_gemm(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tens
     return y.view(*x.shape[:-1], n_out)
 
 
-DISPATCH = Dispatch("lowrank_linear")
-DISPATCH.register("cuda", _cuda_check, _native_run)
-DISPATCH.register("triton", _triton_check, _triton_run)
-DISPATCH.register("cpu", _cpu_check, _native_run)
-DISPATCH.register("two_gemm", lambda *args: None, two_gemm)
-DISPATCH.register("reference", lambda *args: None, reference.lowrank_linear)
+DISPATCH = Dispatch(_OP, problem)
+DISPATCH.register(Backend("cuda", _native_runner("lowrank_linear_cuda"), devices=("cuda",),
+                          available=_ext.requirement("lowrank_linear_cuda"), limits=_fused_gpu_limits))
+DISPATCH.register(Backend("triton", _run_triton, devices=("cuda",), interpreted=True,
+                          available=_ext.triton_requirement, limits=_fused_gpu_limits))
+DISPATCH.register(Backend("cpu", _native_runner("lowrank_linear_cpu"), devices=("cpu",), dtypes=(torch.float32,),
+                          available=_ext.requirement("lowrank_linear_cpu"), limits=_fused_cpu_limits))
+DISPATCH.register(Backend("two_gemm", lambda pr: two_gemm(pr.x, pr.q, pr.p, pr.bias)))
+DISPATCH.register(Backend("reference", lambda pr: reference.lowrank_linear(pr.x, pr.q, pr.p, pr.bias)))
 
 
-def _heuristic(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """The backend the dispatch forces for these inputs, or None for the first that can run (module docstring)."""
-    r = q.shape[0]
-    if x.device.type != "cuda":
-        fused = x.dtype == torch.float32 and _tokens(x) >= CPU_MIN_FUSED_TOKENS and 1 <= r <= CPU_MAX_FUSED_RANK
-        return "cpu" if fused and _cpu_check(x, q, p, bias) is None else "two_gemm"
-    limits = thresholds.for_device(x.device)
-    if r == 0 or r > MAX_FUSED_RANK or _tokens(x) < limits.lowrank_min_fused_tokens:
-        return "two_gemm"
-    if x.dtype == torch.float32 and _triton_check(x, q, p, bias) is None:
-        return "triton"
-    checks = {"cuda": _cuda_check, "triton": _triton_check}
-    return next((name for name in limits.lowrank_fused_order if checks[name](x, q, p, bias) is None), None)
+def _choice(pr: LowRankProblem) -> tuple[str | None, Sequence[str]]:
+    """(the backend the heuristic forces, or None; the preferred order otherwise): the module docstring."""
+    r = pr.rank
+    if pr.x.device.type != "cuda":
+        fused = pr.dtype == torch.float32 and pr.tokens >= CPU_MIN_FUSED_TOKENS and 1 <= r <= CPU_MAX_FUSED_RANK
+        return ("cpu" if fused and not DISPATCH["cpu"].reasons(pr) else "two_gemm"), ()
+    limits = thresholds.for_device(pr.x.device)
+    if r == 0 or r > MAX_FUSED_RANK or pr.tokens < limits.lowrank_min_fused_tokens:
+        return "two_gemm", ()
+    if pr.dtype == torch.float32 and not DISPATCH["triton"].reasons(pr):
+        return "triton", ()
+    return None, limits.lowrank_fused_order
+
+
+def _run(pr: LowRankProblem, backend: str | None) -> torch.Tensor:
+    forced, order = _choice(pr) if backend is None else (backend, ())
+    y = DISPATCH.run(pr, forced, order)
+    return y if y.is_contiguous() else y.contiguous()
 
 
 def select_backend(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None, *,
                    backend: str | None = None) -> str:
     """Name of the backend :func:`lowrank_linear` runs for these inputs (``backend`` forces one; an error says
     why it cannot run them)."""
-    _check_inputs(x, q, p, bias)
-    return DISPATCH.select(x, q, p, bias, backend=backend or _heuristic(x, q, p, bias)).name
+    pr = problem(x, q, p, bias)
+    forced, order = _choice(pr) if backend is None else (backend, ())
+    return DISPATCH.select(pr, forced, order).name
 
 
 # ----------------------------------------------------------------------------- the op
-@torch.library.custom_op("sparsekern::lowrank_linear", mutates_args=())
-def _op(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: Optional[torch.Tensor],
-        backend: Optional[str]) -> torch.Tensor:
-    y = DISPATCH(x, q, p, bias, backend=backend or _heuristic(x, q, p, bias))
-    return y if y.is_contiguous() else y.contiguous()
+_LIB = torch.library.Library("sparsekern", "FRAGMENT")
+_LIB.define(f"{_OP}(Tensor x, Tensor q, Tensor p, Tensor? bias, str? backend=None) -> Tensor")
 
 
-@_op.register_fake
-def _fake(x, q, p, bias, backend):
-    return x.new_empty((*x.shape[:-1], p.shape[0]))
+def _impl(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: Optional[torch.Tensor],
+          backend: Optional[str] = None) -> torch.Tensor:
+    return _run(problem(x, q, p, bias), backend)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, q, p, bias, _ = inputs
-    ctx.save_for_backward(x, q, p)
-    ctx.has_bias = bias is not None
+def _fake(x, q, p, bias, backend=None) -> torch.Tensor:
+    pr = problem(x, q, p, bias)
+    return pr.new_output().view(pr.out_shape)
 
 
-def _backward(ctx, gy: torch.Tensor):
-    x, q, p = ctx.saved_tensors
-    n_in, n_out = q.shape[1], p.shape[0]
-    x2, gy2 = x.reshape(-1, n_in), gy.reshape(-1, n_out)
-    gh = gy2 @ p  # (T, r)
-    gx = (gh @ q).view(x.shape) if ctx.needs_input_grad[0] else None
-    gq = gh.t() @ x2 if ctx.needs_input_grad[1] else None
-    gp = gy2.t() @ (x2 @ q.t()) if ctx.needs_input_grad[2] else None
-    gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return gx, gq, gp, gb, None
+_LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
 
 
-_op.register_autograd(_backward, setup_context=_setup_context)
+class _LowRankLinear(torch.autograd.Function):
+    """The op with its gradients: ``gx = (gy P) Q``, ``gQ = (gy P)^T x``, ``gP = gy^T (x Q^T)``, ``gb = sum gy``."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None,
+                backend: str | None) -> torch.Tensor:
+        return torch.ops.sparsekern.lowrank_linear(x, q, p, bias, backend)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, q, p, bias, _ = inputs
+        ctx.save_for_backward(x, q, p)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor):
+        x, q, p = ctx.saved_tensors
+        n_in, n_out = q.shape[1], p.shape[0]
+        x2, gy2 = x.reshape(-1, n_in), gy.reshape(-1, n_out)
+        gh = gy2 @ p  # (T, r)
+        gx = (gh @ q).view(x.shape) if ctx.needs_input_grad[0] else None
+        gq = gh.t() @ x2 if ctx.needs_input_grad[1] else None
+        gp = gy2.t() @ (x2 @ q.t()) if ctx.needs_input_grad[2] else None
+        gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return gx, gq, gp, gb, None
 
 
 def flop_count(x_shape, q_shape, p_shape, *args, **kwargs) -> int:
     """FLOPs of one call, multiply-add = 2: ``2 T r (in + out)`` for T = prod(x_shape[:-1]) tokens (bias: 0)."""
-    t = 1
-    for s in x_shape[:-1]:
-        t *= int(s)
-    return 2 * t * int(q_shape[0]) * (int(q_shape[1]) + int(p_shape[0]))
+    return 2 * tokens(x_shape) * int(q_shape[0]) * (int(q_shape[1]) + int(p_shape[0]))
 
 
 if torch.ops.sparsekern.lowrank_linear not in flop_counter.flop_registry:
     flop_counter.register_flop_formula(torch.ops.sparsekern.lowrank_linear)(flop_count)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain_eager(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call may run the dispatch directly instead of through the custom op: plain tensors, no autograd
-    graph to record, and nothing tracing or intercepting (dynamo, export, fx proxies, dispatch or function modes
-    such as FlopCounterMode, fake tensors). The result is the same; the op's Python wrapper costs 20-30 us."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
-            or torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return False
-    return True
 
 
 def lowrank_linear(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -280,9 +275,8 @@ def lowrank_linear(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torc
             dispatch heuristic of the module docstring (:func:`select_backend` names its choice).
 
     Returns:
-        (..., out) contiguous, in x's dtype.
+        (..., out) contiguous, in x's dtype; differentiable in x, Q, P and bias.
     """
-    _check_inputs(x, q, p, bias)
-    if _plain_eager(x, q, p, bias):
-        return DISPATCH(x, q, p, bias, backend=backend or _heuristic(x, q, p, bias))
-    return _op(x, q, p, bias, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, q, p, bias)):
+        return _LowRankLinear.apply(x, q, p, bias, backend)
+    return torch.ops.sparsekern.lowrank_linear(x, q, p, bias, backend)

@@ -1,4 +1,5 @@
-"""Every CUDA source, the torch bindings (``csrc/cuda/*.cu``) included, compiled by nvcc for sm_80 and sm_90a
+"""Every CUDA source, the torch bindings (``csrc/cuda/*.cu``) and the Python module with its CUDA functions
+(``csrc/ops.cpp``) included, compiled by nvcc for sm_80 and sm_90a
 against torch's headers with the extension builder's flags (sparsekern/bench/gpu_compile.py), without a GPU.
 
 Runs in CI (``CI`` set, as CI services do) or on request (``SPARSEKERN_NVCC_FULL=1``): nvcc over torch's
@@ -26,6 +27,6 @@ pytestmark = [
 
 def test_every_cuda_source_compiles_for_sm80_and_sm90a() -> None:
     results = nvcc_check(threads=2)
-    assert {r["source"].rsplit(".", 1)[1] for r in results} == {"cu", "cuh"}
+    assert {r["source"].rsplit(".", 1)[1] for r in results} == {"cu", "cuh", "cpp"}
     failed = [f"{r['source']}:\n{r['stderr']}" for r in results if not r["ok"]]
     assert not failed, "\n".join(failed)

@@ -19,7 +19,16 @@ import torch
 
 from sparsekern.kernels.triton import channel_skip_conv2d as mod
 from sparsekern.ops import reference
+from sparsekern.ops.shapes import conv2d_memory_format
 from tests.conftest import assert_close_to_scale
+
+
+def _triton(*args):
+    """The op on its Triton backend (the launcher itself only writes a preallocated output)."""
+    from sparsekern.ops import channel_skip_conv2d
+
+    return channel_skip_conv2d(*args, backend="triton")
+
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -42,7 +51,7 @@ def _problem(b: int, c_in: int, c_out: int, h: int, w: int, k: tuple[int, int], 
 
 def _check(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu, tol=1e-4) -> torch.Tensor:
     args = (x, weight, bias, in_mask, out_mask, list(stride), list(padding), list(dilation), relu)
-    y = mod.channel_skip_conv2d(*args)
+    y = _triton(*args)
     ref = reference.channel_skip_conv2d(*args)
     assert y.dtype == x.dtype and y.is_contiguous()
     assert_close_to_scale(y.float(), ref.float(), tol)
@@ -83,7 +92,7 @@ def test_launch_path_has_no_host_synchronisation_by_construction() -> None:
     syncing = {"item", "tolist", "nonzero", "cpu", "numpy", "synchronize", "argwhere", "unique"}
     tree = ast.parse(inspect.getsource(mod))
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    for name in ("active_channel_lists", "_check", "_channel_skip_conv2d_triton", "channel_skip_conv2d"):
+    for name in ("active_channel_lists", "channel_skip_conv2d"):
         calls = {n.func.attr for n in ast.walk(functions[name])
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         assert not calls & syncing, f"{name} calls {calls & syncing}"
@@ -133,20 +142,21 @@ def test_masked_off_inputs_are_never_read() -> None:
     x, weight, bias, in_mask, out_mask = _problem(2, 18, 20, 6, 7, (3, 3), seed=4)
     poisoned = x.clone()
     poisoned[~in_mask] = float("nan")
-    y = mod.channel_skip_conv2d(poisoned, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
+    y = _triton(poisoned, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
     assert torch.isfinite(y).all()
     assert_close_to_scale(y, reference.channel_skip_conv2d(x, weight, bias, in_mask, out_mask, [1, 1], [1, 1],
                                                            [1, 1], False))
     c = int(in_mask[0].nonzero()[0])
     poisoned[0, c, 2, 3] = float("inf")
-    y = mod.channel_skip_conv2d(poisoned, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
+    y = _triton(poisoned, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
     assert (y[0][~out_mask[0]] == 0).all()
 
 
 @interpreted
 def test_any_input_and_weight_layout() -> None:
     """channels-last, sliced and transposed inputs; OIHW, channels-last and (kh, kw, C_in, C_out) weights.
-    Nothing is copied: the kernel reads through the strides (and picks the tile orientation from them)."""
+    Nothing is copied: the kernel reads through the strides (and picks the tile orientation from them); the
+    output's memory format follows the input's."""
     x, weight, bias, in_mask, out_mask = _problem(2, 14, 20, 7, 8, (3, 3), seed=5)
     layouts_x = {
         "channels_last": x.to(memory_format=torch.channels_last),
@@ -161,11 +171,10 @@ def test_any_input_and_weight_layout() -> None:
     ref = reference.channel_skip_conv2d(x, weight, bias, in_mask, out_mask, [2, 1], [1, 1], [1, 1], True)
     for (nx, xl), (nw, wl) in zip(layouts_x.items(), layouts_w.items()):
         assert torch.equal(xl, x) and torch.equal(wl, weight)
-        y = mod.channel_skip_conv2d(xl, wl, bias, in_mask, out_mask, [2, 1], [1, 1], [1, 1], True)
+        y = _triton(xl, wl, bias, in_mask, out_mask, [2, 1], [1, 1], [1, 1], True)
         assert_close_to_scale(y, ref)
-        assert y.is_contiguous(), (nx, nw)
-    y = mod.channel_skip_conv2d(layouts_x["channels_last"], layouts_w["hwio"], bias, in_mask, out_mask, [2, 1],
-                                [1, 1], [1, 1], True)
+        assert y.is_contiguous(memory_format=conv2d_memory_format(xl)), (nx, nw)  # the op's one rule
+    y = _triton(layouts_x["channels_last"], layouts_w["hwio"], bias, in_mask, out_mask, [2, 1], [1, 1], [1, 1], True)
     assert_close_to_scale(y, ref)
 
 
@@ -183,34 +192,33 @@ def test_bfloat16_needs_a_gpu() -> None:
 
 # ----------------------------------------------------------------------------- op plumbing and errors
 @interpreted
-def test_custom_op_passes_opcheck_and_the_public_op_dispatches_to_it() -> None:
+def test_the_op_passes_opcheck_on_the_triton_backend() -> None:
     x, weight, bias, in_mask, out_mask = _problem(1, 4, 5, 4, 4, (3, 3), seed=7)
     args = (x, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], True)
-    torch.library.opcheck(torch.ops.sparsekern.channel_skip_conv2d_triton.default, args,
+    torch.library.opcheck(torch.ops.sparsekern.channel_skip_conv2d.default, (*args, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
     from sparsekern.ops import channel_skip_conv2d
 
     y = channel_skip_conv2d(x, weight, bias, in_mask, out_mask, 1, 1, 1, True, backend="triton")
     assert_close_to_scale(y, reference.channel_skip_conv2d(*args))
+    xc = x.contiguous(memory_format=torch.channels_last)  # the output follows the input's memory format
+    y = channel_skip_conv2d(xc, weight, bias, in_mask, out_mask, 1, 1, 1, True, backend="triton")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_scale(y, reference.channel_skip_conv2d(*args))
 
 
-def test_bad_inputs_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_triton_backend_names_what_it_cannot_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekern.ops import NoBackendError, channel_skip_conv2d, dispatch_of
+
     x, weight, bias, in_mask, out_mask = _problem(2, 4, 6, 5, 5, (3, 3))
-    conv = mod.channel_skip_conv2d
-    with pytest.raises(ValueError, match=r"in_mask must be bool \(2, 4\)"):
-        conv(x, weight, bias, in_mask[:, :3], out_mask, [1, 1], [1, 1], [1, 1], False)
-    with pytest.raises(ValueError, match="out_mask must be bool"):
-        conv(x, weight, bias, in_mask, out_mask.float(), [1, 1], [1, 1], [1, 1], False)
-    with pytest.raises(TypeError, match="must share one of"):
-        conv(x, weight.double(), bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
-    with pytest.raises(ValueError, match="groups=1"):
-        conv(x, weight[:, :2], bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
-    with pytest.raises(ValueError, match="smaller than the kernel"):
-        conv(x[:, :, :2, :2], weight, bias, in_mask, out_mask, [1, 1], [0, 0], [1, 1], False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not HAS_CUDA:
-        with pytest.raises(ValueError, match="needs a CUDA tensor"):
-            conv(x, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], False)
+        with pytest.raises(NoBackendError, match=r"'triton' cannot run these inputs: runs on CUDA \(or CPU with "
+                                                 r"TRITON_INTERPRET=1\), got a CPU tensor"):
+            channel_skip_conv2d(x, weight, bias, in_mask, out_mask, 1, 1, backend="triton")
+    big = torch.empty(65536, 1, 1, 1)
+    assert any("65535 samples" in r for r in dispatch_of("channel_skip_conv2d").reasons(big, torch.empty(1, 1, 1, 1))
+               ["triton"])
 
 
 # ----------------------------------------------------------------------------- GPU lowering without a GPU
@@ -291,13 +299,12 @@ def test_gpu_launch_never_synchronises() -> None:
 
     x, weight, bias, in_mask, out_mask = _problem(8, 64, 64, 28, 28, (3, 3), dtype=torch.float16, device="cuda")
     args = (x, weight, bias, in_mask, out_mask, [1, 1], [1, 1], [1, 1], True)
-    backends = ["triton"] + (["cuda"] if _ext.has_kernel("channel_skip_conv2d_native", "cuda") else [])
+    backends = ["triton"] + (["cuda"] if _ext.kernel("channel_skip_conv2d_cuda") is not None else [])
     for backend in backends:  # warm up: autotuning and the first launch may synchronise
         channel_skip_conv2d(*args, backend=backend)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        mod.channel_skip_conv2d(*args)
         for backend in backends:
             channel_skip_conv2d(*args, backend=backend)
     finally:
@@ -310,7 +317,7 @@ def test_gpu_launch_never_synchronises() -> None:
 def test_gpu_cuda_backend_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     from sparsekern.ops import _ext, channel_skip_conv2d
 
-    if not _ext.has_kernel("channel_skip_conv2d_native", "cuda"):
+    if _ext.kernel("channel_skip_conv2d_cuda") is None:
         pytest.skip(f"the CUDA extension is unavailable ({_ext.status()})")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     tol = 1e-4 if dtype == torch.float32 else 1e-2

@@ -45,7 +45,7 @@ def _cpu_or_reference(model: nn.Module) -> nn.Module:
     (never on the Triton interpreter that the test session enables without a GPU: it is slow on whole models)."""
     x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1)
     why = dispatch_of("channel_skip_conv2d").reasons(x, w, None, None, None, [1, 1], [0, 0], [1, 1], False)
-    return dyn.set_backend(model, "cpu" if why["cpu"] is None else "reference")
+    return dyn.set_backend(model, "reference" if why["cpu"] else "cpu")
 
 
 # ----------------------------------------------------------------------------- SPM and binarisation

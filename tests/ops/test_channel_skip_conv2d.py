@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern.ops import _ext, channel_skip_conv2d, reference
-from sparsekern.ops.channel_skip_conv2d import DISPATCH, output_size
+from sparsekern.ops.channel_skip_conv2d import DISPATCH, problem
+from sparsekern.ops.shapes import conv2d_output_size as output_size
 from tests.conftest import assert_close_to_scale, threads
 
 CPU_BACKENDS = ["cpu", "reference"]
@@ -172,10 +173,8 @@ def test_results_do_not_depend_on_the_thread_split(native) -> None:
 
 def test_dispatch_prefers_the_cpu_kernel_for_float32(native) -> None:
     x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
-    args = (x, w, None, None, None, [1, 1], [1, 1], [1, 1], False)
-    assert DISPATCH.select(*args).name == "cpu"
-    half = (x.half(), w.half(), *args[2:])
-    assert "float32" in DISPATCH.reasons(*half)["cpu"]
+    assert DISPATCH.select(problem(x, w, padding=1)).name == "cpu"
+    assert DISPATCH.reasons(x.half(), w.half())["cpu"] == ["takes float32, got float16"]
 
 
 def test_opcheck_and_fake_under_export(native) -> None:
@@ -210,13 +209,14 @@ def test_bad_inputs_get_clear_errors(native) -> None:
         channel_skip_conv2d(x, torch.randn(5, 4, 9, 9))
     with pytest.raises(TypeError, match="share a float dtype"):
         channel_skip_conv2d(x.double(), w.double())
-    native_op = torch.ops.sparsekern.channel_skip_conv2d_native
-    with pytest.raises(RuntimeError, match=r"out_mask must be a bool tensor of shape \(2, 5\)"):
-        native_op(x, w, None, None, torch.ones(2, 4, dtype=torch.bool), [1, 1], [0, 0], [1, 1], False)
-    with pytest.raises(RuntimeError, match="groups=1 only"):
-        native_op(x, torch.randn(8, 2, 3, 3), None, None, None, [1, 1], [0, 0], [1, 1], False)
-    with pytest.raises(RuntimeError, match="takes float32"):
-        native_op(x.double(), w.double(), None, None, None, [1, 1], [0, 0], [1, 1], False)
+    with pytest.raises(ValueError, match=r"stride must be an int or a pair, got \[1, 1, 1\]"):
+        channel_skip_conv2d(x, w, stride=[1, 1, 1])
+    op = torch.ops.sparsekern.channel_skip_conv2d  # the torch op validates the same way
+    with pytest.raises(ValueError, match=r"out_mask must be a bool tensor of shape \(2, 5\)"):
+        op(x, w, None, None, torch.ones(2, 4, dtype=torch.bool), [1, 1], [0, 0], [1, 1], False)
+    kernel = _ext.kernel("channel_skip_conv2d_cpu")  # the kernel itself refuses what could corrupt memory
+    with pytest.raises(RuntimeError, match="internal: 4-D float32"):
+        kernel(x.double(), w.double(), None, None, None, [1, 1], [0, 0], [1, 1], False, torch.empty(2, 5, 4, 4))
 
 
 def test_benchmark_shapes_and_bookkeeping(native) -> None:

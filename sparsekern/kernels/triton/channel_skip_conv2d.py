@@ -43,8 +43,8 @@ stays self-contained, so the autotuner can rerun it freely.
 Precision. fp32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is set (the same
 choice as the dense cuDNN convolution) and exact fp32 FMA otherwise; fp16/bf16 use tensor cores.
 
-Layout. Any strides are accepted (NCHW, channels-last, slices); nothing is copied. The output is always a
-new contiguous NCHW tensor (what the op's fake promises). Under ``TRITON_INTERPRET=1`` the kernel runs on CPU
+Layout. Any input strides are accepted (NCHW, channels-last, slices); nothing is copied. The output is the
+NCHW- or NHWC-contiguous tensor the op allocated (its memory format follows the input's, as ``F.conv2d``). Under ``TRITON_INTERPRET=1`` the kernel runs on CPU
 tensors with a single small config (Triton's interpreter does not support ``tl.dot`` on bfloat16,
 triton-lang/triton#11584, so bf16 is checked on GPU only).
 """
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton
@@ -60,8 +60,6 @@ import triton.language as tl
 
 __all__ = ["active_channel_lists", "channel_skip_conv2d"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_INT32_MAX = 2**31 - 1
 
 
 def _interpreting() -> bool:
@@ -266,62 +264,24 @@ def active_channel_lists(in_mask: torch.Tensor | None, out_mask: torch.Tensor | 
     return lists
 
 
-def _extent(t: torch.Tensor, dims: Sequence[int]) -> int:
-    """Largest element offset reachable through ``dims`` (for the kernel's int32 index arithmetic)."""
-    return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
+def channel_skip_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        in_mask: torch.Tensor | None, out_mask: torch.Tensor | None, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], relu: bool, y: torch.Tensor) -> None:
+    """Launch the kernel, writing every element of ``y``.
 
-
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
-           out_mask: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
-           dilation: Sequence[int]) -> tuple[int, int]:
-    name = "channel_skip_conv2d (triton)"
-    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
-        raise ValueError(f"{name}: x is on {x.device}; the kernel needs a CUDA tensor (or TRITON_INTERPRET=1 and a "
-                         "CPU tensor)")
-    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{name}: need x (B, C_in, H, W) and weight (C_out, C_in, kh, kw) with groups=1, got "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype not in _FLOATS or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"{name}: x, weight and bias must share one of {_FLOATS}, got {x.dtype}, {weight.dtype}, "
-                        f"{None if bias is None else bias.dtype}")
-    b, c_out = x.shape[0], weight.shape[0]
-    if b > 65535:
-        raise ValueError(f"{name}: batch {b} exceeds the grid's 65535 samples per launch; split the batch")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"{name}: bias must be ({c_out},), got {tuple(bias.shape)}")
-    for what, mask, c in (("in_mask", in_mask, x.shape[1]), ("out_mask", out_mask, c_out)):
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, c)):
-            raise ValueError(f"{name}: {what} must be bool ({b}, {c}), got {mask.dtype} {tuple(mask.shape)}")
-    for what, t in (("weight", weight), ("bias", bias), ("in_mask", in_mask), ("out_mask", out_mask)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: {what} is on {t.device} but x is on {x.device}")
-    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2 or min(stride) < 1 or min(dilation) < 1 \
-            or min(padding) < 0:
-        raise ValueError(f"{name}: bad stride {list(stride)} / padding {list(padding)} / dilation {list(dilation)}")
-    h_out, w_out = ((n + 2 * p - d * (k - 1) - 1) // s + 1
-                    for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"{name}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} "
-                         f"with padding {list(padding)} and dilation {list(dilation)}")
-    if _extent(x, (1, 2, 3)) > _INT32_MAX or _extent(weight, (0, 1, 2, 3)) > _INT32_MAX \
-            or c_out * h_out * w_out > _INT32_MAX:
-        raise ValueError(f"{name}: one sample of x {tuple(x.shape)}, the weight or one sample of the output spans "
-                         "more than 2^31 elements; split the layer")
-    return h_out, w_out
-
-
-@torch.library.custom_op("sparsekern::channel_skip_conv2d_triton", mutates_args=())
-def _channel_skip_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                in_mask: Optional[torch.Tensor], out_mask: Optional[torch.Tensor],
-                                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                                relu: bool) -> torch.Tensor:
-    h_out, w_out = _check(x, weight, bias, in_mask, out_mask, stride, padding, dilation)
+    The arguments are those :func:`sparsekern.ops.channel_skip_conv2d` validated (this launcher checks
+    nothing): x (B, C_in, H, W) float32/float16/bfloat16 on CUDA (CPU under ``TRITON_INTERPRET=1``), any
+    strides; weight (C_out, C_in, kh, kw), any strides (OIHW and channels-last both load well); bias (C_out,) or
+    None; masks (B, C_in) / (B, C_out) bool or None (module docstring); stride, padding, dilation pairs; ``relu``
+    fuses a ReLU after the bias. ``y`` is (B, C_out, H_out, W_out) in x's dtype, NCHW- or NHWC-contiguous; the
+    kernel's indices are int32 and its grid takes at most 65535 samples.
+    """
     batch, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
+    h_out, w_out = y.shape[2], y.shape[3]
     m = h_out * w_out
-    y = torch.empty((batch, c_out, h_out, w_out), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
-        return y
+        return
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         lists = active_channel_lists(in_mask, out_mask, batch, c_in, c_out, x.device)
         if x.dtype == torch.float32:
@@ -341,31 +301,3 @@ def _channel_skip_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: Opt
             KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu, X_CHANNELS_LAST=channels_last,
             W_N_FASTEST=weight.stride(0) < weight.stride(1), INPUT_PRECISION=precision,
         )
-    return y
-
-
-@_channel_skip_conv2d_triton.register_fake
-def _fake(x, weight, bias, in_mask, out_mask, stride, padding, dilation, relu):
-    h_out, w_out = ((n + 2 * p - d * (k - 1) - 1) // s + 1
-                    for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    return x.new_empty((x.shape[0], weight.shape[0], h_out, w_out))
-
-
-def channel_skip_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        in_mask: torch.Tensor | None, out_mask: torch.Tensor | None, stride: Sequence[int],
-                        padding: Sequence[int], dilation: Sequence[int], relu: bool) -> torch.Tensor:
-    """Run the Triton kernel (through the ``sparsekern::channel_skip_conv2d_triton`` custom op).
-
-    Args:
-        x: (B, C_in, H, W) float32/float16/bfloat16 on CUDA (CPU under ``TRITON_INTERPRET=1``), any strides.
-        weight: (C_out, C_in, kh, kw), same dtype; any strides (OIHW or channels-last both load well).
-        bias: (C_out,) or None.
-        in_mask, out_mask: (B, C_in) / (B, C_out) bool or None; see the module docstring.
-        stride, padding, dilation: pairs of ints, as in ``torch.nn.functional.conv2d``.
-        relu: fuse a ReLU after the bias.
-
-    Returns:
-        (B, C_out, H_out, W_out) contiguous, x's dtype, exactly zero where ``out_mask`` is False.
-    """
-    return _channel_skip_conv2d_triton(x, weight, bias, in_mask, out_mask, list(stride), list(padding),
-                                       list(dilation), relu)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -48,7 +47,6 @@ import triton.language as tl
 
 __all__ = ["lowrank_linear", "MAX_RANK", "MAX_SPLIT", "output_split", "rank_block"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 #: Largest rank the fused kernel takes: the ``BLOCK_M x 256`` fp32 tile of ``h`` still fits in registers.
 MAX_RANK = 256
 #: Most programs that share one token tile (each recomputes phase 1).
@@ -164,42 +162,26 @@ def _lowrank_linear_kernel(
 
 
 # ----------------------------------------------------------------------------- launcher
-def _check(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> None:
-    name = "lowrank_linear (triton)"
-    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
-        raise ValueError(f"{name}: x is on {x.device}; the kernel needs a CUDA tensor (or TRITON_INTERPRET=1 and a "
-                         "CPU tensor)")
-    if x.dim() < 1 or q.dim() != 2 or p.dim() != 2 or x.shape[-1] != q.shape[1] or p.shape[1] != q.shape[0]:
-        raise ValueError(f"{name}: need x (..., in), Q (r, in), P (out, r), got {tuple(x.shape)}, {tuple(q.shape)}, "
-                         f"{tuple(p.shape)}")
-    if not 1 <= q.shape[0] <= MAX_RANK:
-        raise ValueError(f"{name}: rank {q.shape[0]} outside 1..{MAX_RANK}; use the two-GEMM backend")
-    if x.dtype not in _FLOATS or any(t is not None and t.dtype != x.dtype for t in (q, p, bias)):
-        raise TypeError(f"{name}: x, Q, P and bias must share one of {_FLOATS}, got {x.dtype}, {q.dtype}, {p.dtype}, "
-                        f"{None if bias is None else bias.dtype}")
-    if bias is not None and tuple(bias.shape) != (p.shape[0],):
-        raise ValueError(f"{name}: bias must be ({p.shape[0]},), got {tuple(bias.shape)}")
-    for what, t in (("Q", q), ("P", p), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: {what} is on {t.device} but x is on {x.device}")
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@torch.library.custom_op("sparsekern::lowrank_linear_triton", mutates_args=())
-def _lowrank_linear_triton(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                           bias: Optional[torch.Tensor]) -> torch.Tensor:
-    _check(x, q, p, bias)
+def lowrank_linear(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None,
+                   y: torch.Tensor) -> None:
+    """Launch the kernel, writing ``y``.
+
+    The arguments are those :func:`sparsekern.ops.lowrank_linear` validated (this launcher checks nothing):
+    x (..., in) float32/float16/bfloat16 on CUDA (CPU under ``TRITON_INTERPRET=1``), any strides; q (r, in) with
+    1 <= r <= :data:`MAX_RANK`; p (out, r); bias (out,) or None; all one dtype. ``y`` is (T, out) contiguous in
+    x's dtype, T = prod(x.shape[:-1]).
+    """
     n_in, n_out, r = q.shape[1], p.shape[0], q.shape[0]
     x2 = x.reshape(-1, n_in)  # a view whenever the leading dims allow one; the kernel takes any 2D strides
     t = x2.shape[0]
-    y = torch.empty((t, n_out), dtype=x.dtype, device=x.device)
     if t == 0 or n_out == 0:
-        return y.view(*x.shape[:-1], n_out)
+        return
     if x.dtype == torch.float32:
         precision = "tf32" if (x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     else:
@@ -217,24 +199,3 @@ def _lowrank_linear_triton(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
             x2.stride(0), x2.stride(1), q.stride(0), q.stride(1), p.stride(0), p.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, INPUT_PRECISION=precision, BLOCK_R=rank_block(r),
         )
-    return y.view(*x.shape[:-1], n_out)
-
-
-@_lowrank_linear_triton.register_fake
-def _fake(x, q, p, bias):
-    return x.new_empty((*x.shape[:-1], p.shape[0]))
-
-
-def lowrank_linear(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Run the Triton kernel (through the ``sparsekern::lowrank_linear_triton`` custom op).
-
-    Args:
-        x: (..., in) float32/float16/bfloat16 on CUDA (CPU under ``TRITON_INTERPRET=1``), any strides.
-        q: (r, in) with 1 <= r <= :data:`MAX_RANK`, same dtype and device, any strides.
-        p: (out, r), any strides.
-        bias: (out,) or None.
-
-    Returns:
-        (..., out) contiguous, x's dtype.
-    """
-    return _lowrank_linear_triton(x, q, p, bias)

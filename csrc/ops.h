@@ -1,0 +1,43 @@
+// The native kernels of sparsekern's ops, as the Python extension module exposes them (csrc/ops.cpp).
+//
+// They are backends, not ops: each writes into an output ``y`` that the Python op allocated with the shape and
+// memory format its one shape function computed (sparsekern/ops/), after validating every input once. The
+// checks here only guard against being called some other way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace sparsekern {
+namespace cpu {
+
+// y (B, C_out, H_out, W_out), NCHW- or NHWC-contiguous, float32: sparsekern.ops.channel_skip_conv2d.
+void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                             at::Tensor& y);
+
+// y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
+void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
+                        const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+}  // namespace cpu
+
+#ifdef SPARSEKERN_WITH_CUDA
+namespace cuda {
+
+// y (B, C_out, H_out, W_out) contiguous, float32/float16/bfloat16.
+void channel_skip_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                              at::Tensor& y);
+
+// y (T, out) contiguous, 1 <= r <= 256.
+void lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
+                         const std::optional<at::Tensor>& bias, at::Tensor& y);
+
+}  // namespace cuda
+#endif
+
+}  // namespace sparsekern

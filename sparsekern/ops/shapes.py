@@ -1,0 +1,42 @@
+"""Output shapes and memory formats of the ops: one definition each, used by the ops' validation, their fake
+(meta) implementations and the outputs they allocate for every backend (the kernels never recompute them)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["pair", "conv2d_output_size", "conv2d_memory_format", "tokens"]
+
+
+def pair(value: int | Sequence[int], name: str, op: str) -> list[int]:
+    """``value`` as a pair of ints (an int is repeated); ``ValueError`` naming ``op`` and ``name`` otherwise."""
+    out = [int(value), int(value)] if isinstance(value, int) else [int(v) for v in value]
+    if len(out) != 2:
+        raise ValueError(f"{op}: {name} must be an int or a pair, got {value!r}")
+    return out
+
+
+def conv2d_output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int]) -> tuple[int, int]:
+    """Spatial output size of a convolution: ``(n + 2 p - d (k - 1) - 1) // s + 1`` per axis (may be < 1 when
+    the input is smaller than the dilated kernel)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+                 for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+
+
+def conv2d_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a convolution's output for input ``x`` (B, C, H, W): channels-last when ``x`` is
+    channels-last (and not also plainly contiguous, as for C = 1 or 1x1 maps), else contiguous; the rule of
+    ``F.conv2d``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def tokens(shape: Sequence[int]) -> int:
+    """Number of rows of a (..., features) tensor: the product of the leading dims (1 for a vector)."""
+    t = 1
+    for s in shape[:-1]:
+        t *= int(s)
+    return t
