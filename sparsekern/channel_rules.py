@@ -23,7 +23,8 @@ A :class:`ChannelRule` holds up to three things:
     buffers, attributes such as ``num_features``) to the kept channels. ``in_keep``/``out_keep`` are int64
     tensors of the kept positions along the channel axis of the module's first input / its output, or
     ``None`` where nothing is removed (untracked, or every channel kept). Modules without per-channel state
-    need no slice function. Built-in layers (conv, linear, norms, PReLU) are sliced by the compiler itself.
+    need no slice function. The built-in layers (conv, linear, norms, PReLU) register theirs from
+    :mod:`sparsekern.slicing`.
 ``tags``
     Facts about the op that other parts of the package ask (see :data:`TAGS`): ``"weights"`` (per-channel
     parameters sliced once, so every call of a shared instance must see the same channels), ``"add"``
@@ -48,6 +49,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sparsekern import slicing
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparsekern.graph import Layout
@@ -326,8 +329,12 @@ def _install_builtin_rules() -> None:
     for tag, keys in _TAGGED.items():
         for k in keys:
             tags.setdefault(k, set()).add(tag)
+    slices = {nn.modules.conv._ConvNd: slicing.slice_conv, nn.Linear: slicing.slice_linear,
+              nn.modules.batchnorm._BatchNorm: slicing.slice_batch_norm, nn.LayerNorm: slicing.slice_layer_norm,
+              nn.GroupNorm: slicing.slice_group_norm, nn.PReLU: slicing.slice_prelu}
     for key in list(layouts) + [k for k in tags if k not in layouts]:
-        register_channel_rule(key, ChannelRule(layout=layouts.get(key), tags=frozenset(tags.get(key, ()))))
+        register_channel_rule(key, ChannelRule(layout=layouts.get(key), slice=slices.get(key),
+                                               tags=frozenset(tags.get(key, ()))))
 
 
 _install_builtin_rules()

@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.channel_rules import module_rule
-from sparsekern.graph import ChannelGraph, Layout, is_depthwise, keep_attributes, trace_channels
+from sparsekern.graph import ChannelGraph, Layout, keep_attributes, trace_channels
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.utils import as_tuple, input_spec
 
@@ -276,93 +276,16 @@ def _positions(cg: ChannelGraph, lay: Any, keep: np.ndarray, size: int) -> torch
     return None if len(idx) == size else torch.from_numpy(idx)
 
 
-def _slice_param(module: nn.Module, name: str, index: torch.Tensor | None, dim: int) -> None:
-    p = getattr(module, name, None)
-    if p is None or index is None:
-        return
-    data = p.data.index_select(dim, index.to(p.device)).clone()
-    if isinstance(p, nn.Parameter):
-        setattr(module, name, nn.Parameter(data, requires_grad=p.requires_grad))
-    else:
-        setattr(module, name, data)
-
-
 def _slice_module(m: nn.Module, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    """Slice ``m`` with its channel rule's ``slice`` (:mod:`sparsekern.slicing` for the built-in layers)."""
+    rule = module_rule(m)
+    if rule is None or rule.slice is None:
+        return
     out_lay = cg.layouts.get(node.name)
     in_node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     in_lay = cg.layouts.get(in_node.name) if in_node is not None else None
-    rule = module_rule(m)
-    if rule is not None and rule.slice is not None:  # a registered layer slices its own state
-        sizes = [lay.size if isinstance(lay, Layout) else 0 for lay in (in_lay, out_lay)]
-        rule.slice(m, _positions(cg, in_lay, keep, sizes[0]), _positions(cg, out_lay, keep, sizes[1]))
-        return
-    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-        _slice_conv(m, cg, keep, in_lay, out_lay)
-    elif isinstance(m, nn.Linear):
-        out_idx = _positions(cg, out_lay, keep, m.out_features)
-        in_idx = _positions(cg, in_lay, keep, m.in_features)
-        _slice_param(m, "weight", out_idx, 0)
-        _slice_param(m, "weight", in_idx, 1)
-        _slice_param(m, "bias", out_idx, 0)
-        m.out_features, m.in_features = m.weight.shape
-    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-        idx = _positions(cg, out_lay, keep, m.num_features)
-        for p in ("weight", "bias", "running_mean", "running_var"):
-            _slice_param(m, p, idx, 0)
-        if idx is not None:
-            m.num_features = len(idx)
-    elif isinstance(m, nn.LayerNorm):
-        idx = _positions(cg, out_lay, keep, m.normalized_shape[0])
-        _slice_param(m, "weight", idx, 0)
-        _slice_param(m, "bias", idx, 0)
-        if idx is not None:
-            m.normalized_shape = (len(idx),)
-    elif isinstance(m, nn.GroupNorm):
-        idx = _positions(cg, out_lay, keep, m.num_channels)
-        _slice_param(m, "weight", idx, 0)
-        _slice_param(m, "bias", idx, 0)
-        if idx is not None:
-            m.num_channels = len(idx)
-    elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
-        idx = _positions(cg, out_lay, keep, m.num_parameters)
-        _slice_param(m, "weight", idx, 0)
-        if idx is not None:
-            m.num_parameters = len(idx)
-
-
-def _slice_conv(m: nn.Module, cg: ChannelGraph, keep: np.ndarray, in_lay: Any, out_lay: Any) -> None:
-    out_idx = _positions(cg, out_lay, keep, m.out_channels)
-    in_idx = _positions(cg, in_lay, keep, m.in_channels)
-    if out_idx is None and in_idx is None:
-        return
-    if is_depthwise(m) and isinstance(in_lay, Layout):
-        # weight (C * mult, 1, k, k): only output rows go; the conv keeps one group per kept input channel
-        _slice_param(m, "weight", out_idx, 0)
-        _slice_param(m, "bias", out_idx, 0)
-        m.out_channels = m.weight.shape[0]
-        m.in_channels = m.groups = m.in_channels if in_idx is None else len(in_idx)
-        return
-    g = m.groups
-    if g == 1:
-        _slice_param(m, "weight", out_idx, 0)
-        _slice_param(m, "weight", in_idx, 1)
-        _slice_param(m, "bias", out_idx, 0)
-        m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1]
-        return
-    # grouped conv (or depthwise on untracked inputs): rows of group i read its own slice of input channels
-    # (equal kept counts per group, checked by ChannelGraph.check_plan)
-    out_per, in_per = m.out_channels // g, m.in_channels // g
-    out_all = torch.arange(m.out_channels) if out_idx is None else out_idx
-    in_all = torch.arange(m.in_channels) if in_idx is None else in_idx
-    w = m.weight.data
-    blocks = []
-    for i in range(g):
-        rows = out_all[(out_all >= i * out_per) & (out_all < (i + 1) * out_per)]
-        cols = in_all[(in_all >= i * in_per) & (in_all < (i + 1) * in_per)] - i * in_per
-        blocks.append(w.index_select(0, rows.to(w.device)).index_select(1, cols.to(w.device)))
-    m.weight = nn.Parameter(torch.cat(blocks).clone(), requires_grad=m.weight.requires_grad)
-    _slice_param(m, "bias", out_idx, 0)
-    m.out_channels, m.in_channels = len(out_all), len(in_all)
+    sizes = [lay.size if isinstance(lay, Layout) else 0 for lay in (in_lay, out_lay)]
+    rule.slice(m, _positions(cg, in_lay, keep, sizes[0]), _positions(cg, out_lay, keep, sizes[1]))
 
 
 def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:

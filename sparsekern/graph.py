@@ -49,6 +49,7 @@ from sparsekern.channel_rules import (  # noqa: F401 (the public table of channe
 )
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
+from sparsekern.slicing import is_depthwise  # noqa: F401 (re-exported: graph users ask it of layers)
 from sparsekern.utils import as_tuple, edit_distance, input_spec
 
 
@@ -109,11 +110,6 @@ class _UnionFind:
 
     def roots(self) -> np.ndarray:
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    """True for a depthwise convolution: ``groups == in_channels > 1`` (one filter group per input channel)."""
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
 
 
 # ----------------------------------------------------------------------------- tracing
