@@ -11,6 +11,17 @@ namespace {
 
 using IntList = std::vector<int64_t>;
 
+auto direct_conv_binding() {
+  return [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+            const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
+            const std::optional<at::Tensor>& residual, const IntList& stride, const IntList& padding,
+            const IntList& dilation, bool relu, at::Tensor y) {
+    pybind11::gil_scoped_release no_gil;
+    sparsekern::cpu::channel_skip_conv2d_cpu(x, weight, bias, in_mask, out_mask, residual, stride, padding, dilation,
+                                             relu, y);
+  };
+}
+
 template <typename Kernel>
 auto conv_binding(Kernel kernel) {
   return [kernel](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -34,7 +45,7 @@ auto lowrank_binding(Kernel kernel) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern's native kernels; call them through sparsekern.ops";
-  m.def("channel_skip_conv2d_cpu", conv_binding(&sparsekern::cpu::channel_skip_conv2d_cpu));
+  m.def("channel_skip_conv2d_cpu", direct_conv_binding());
   m.def("lowrank_linear_cpu", lowrank_binding(&sparsekern::cpu::lowrank_linear_cpu));
 #ifdef SPARSEKERN_WITH_CUDA
   m.def("channel_skip_conv2d_cuda", conv_binding(&sparsekern::cuda::channel_skip_conv2d_cuda));

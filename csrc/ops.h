@@ -12,11 +12,13 @@
 namespace sparsekern {
 namespace cpu {
 
-// y (B, C_out, H_out, W_out), NCHW- or NHWC-contiguous, float32: sparsekern.ops.channel_skip_conv2d.
+// The direct convolution of sparsekern.ops.channel_skip_conv2d (masks) and sparsekern.ops.conv2d (residual):
+// y = act(conv(x, weight) + bias (+ residual)), y (B, C_out, H_out, W_out) NCHW- or NHWC-contiguous, float32;
+// a residual has y's shape and strides and excludes out_mask.
 void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                             at::Tensor& y);
+                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
 
 // y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,

@@ -27,6 +27,8 @@ _LAZY = {
     "save": ("sparsekern.serialize", "save"),
     "load": ("sparsekern.serialize", "load"),
     "flops": ("sparsekern.cost", "flops"),
+    "optimize": ("sparsekern.passes", "optimize"),
+    "tuning": ("sparsekern.tuning", None),
     "bench": ("sparsekern.bench", None),
     "models": ("sparsekern.models", None),
     "data": ("sparsekern.data", None),

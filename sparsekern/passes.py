@@ -12,11 +12,13 @@ Passes (names for :func:`apply`):
   The result is for inference: the folded layers no longer have batch statistics.
 * ``"channels_last"``: store 4-D conv weights and the model's 4-D inputs in NHWC order, the layout that
   oneDNN (CPU) and cuDNN (tensor cores) run natively, so no reorder happens at every layer.
-* ``"onednn"``: the CPU inference path. Every 2-D conv becomes one oneDNN call whose weights are prepacked
-  once for the actual input shape (no per-call weight reorder) and which fuses the ReLU that follows it,
-  or the residual add (and ReLU) that consumes it; activations stay NHWC (``view`` becomes ``reshape``).
-  Needs ``example_inputs``;
-  run ``"fold_bn"`` first. Other batch sizes still run correctly (oneDNN may then reorder).
+* ``"onednn"``: the CPU inference path. Every 2-D conv becomes one call that fuses the ReLU that follows it,
+  or the residual add (and ReLU) that consumes it: oneDNN's convolution with weights prepacked once for the
+  actual input shape (no per-call weight reorder), or sparsekern's direct convolution
+  (:func:`sparsekern.ops.fused_conv2d`) where :mod:`sparsekern.tuning` measured it faster for that layer and
+  shape. Activations stay NHWC (``view`` becomes ``reshape``); the result's ``sk_backends`` maps each conv to
+  its backend. Needs ``example_inputs``; run ``"fold_bn"`` first. Other batch sizes still run correctly
+  (oneDNN may then reorder).
 * ``"freeze"``: TorchScript-script the model, freeze it and run ``torch.jit.optimize_for_inference``:
   constants folded, conv weights prepacked once into oneDNN's blocked layout, conv+add+relu fused. On CPU
   this removes the per-call weight reorder and primitive set-up that dominate small batches. It must be
@@ -24,6 +26,7 @@ Passes (names for :func:`apply`):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Callable, Sequence
@@ -34,8 +37,9 @@ import torch.nn as nn
 
 from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import keep_attributes, symbolic_trace
+from sparsekern.tuning import ConvCall, ConvTuner, current_tuner, use_tuner
 
-__all__ = ["apply", "fold_bn", "channels_last", "onednn", "freeze", "PASSES"]
+__all__ = ["apply", "optimize", "fold_bn", "channels_last", "onednn", "freeze", "PASSES", "DEVICE_PASSES"]
 
 
 def _as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
@@ -184,8 +188,10 @@ def onednn_weight(weight: torch.Tensor, padding: Sequence[int], stride: Sequence
         weight.detach().to_mkldnn(), list(padding), list(stride), list(dilation), groups, list(input_shape))
 
 
-def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> torch.fx.GraphModule:
-    """Prepacked, fused oneDNN convolutions (see the module docstring); the result is for inference."""
+def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
+           tuner: ConvTuner | None = None) -> torch.fx.GraphModule:
+    """Prepacked, fused oneDNN convolutions, or the direct convolution where it measured faster (see the module
+    docstring); the result is for inference and records each conv's backend in ``sk_backends``."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = _as_graph_module(model, inplace).eval()
@@ -193,7 +199,8 @@ def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> t
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
     modules = dict(gm.named_modules())
-    count = 0
+    tuner = tuner or current_tuner()
+    backends: dict[str, str] = {}
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if not (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
@@ -202,34 +209,74 @@ def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> t
         meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
         if meta is None or meta.dtype != torch.float32 or conv.weight.dtype != torch.float32:
             continue
-        chain, unary, other = _fusable_chain(node, modules)
-        weight = onednn_weight(conv.weight, conv.padding, conv.stride, conv.dilation, conv.groups, meta.shape)
-        wname, bname = f"_sk_onednn_w{count}", f"_sk_onednn_b{count}"
-        count += 1
-        gm.register_buffer(wname, weight, persistent=False)
-        gm.register_buffer(bname, None if conv.bias is None else conv.bias.detach().clone(), persistent=False)
-        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        last = chain[-1]
-        with gm.graph.inserting_before(last):
-            w = gm.graph.get_attr(wname)
-            b = gm.graph.get_attr(bname) if conv.bias is not None else None
-            if other is None:
-                fused = gm.graph.call_function(
-                    torch.ops.mkldnn._convolution_pointwise.default, (x, w, b, *geometry, unary or "none", [], ""))
-            else:
-                fused = gm.graph.call_function(
-                    torch.ops.mkldnn._convolution_pointwise.binary,
-                    (x, other, w, b, *geometry, "add", None, unary, [], ""))
-        fused.meta = dict(last.meta)
-        last.replace_all_uses_with(fused)
-        for dead in reversed(chain):
-            gm.graph.erase_node(dead)
+        backends[node.target] = _fuse_conv(gm, node, conv, tuple(meta.shape), modules, len(backends), tuner)
     _channels_last_inputs(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+    keep_attributes(gm, sk_backends=backends)
     return gm
+
+
+def _fuse_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, conv: nn.Conv2d, in_shape: tuple[int, ...],
+               modules: dict[str, nn.Module], count: int, tuner: ConvTuner) -> str:
+    """Replace ``conv`` [-> add] [-> relu] by one call of the backend ``tuner`` picks; return its name."""
+    chain, unary, other = _fusable_chain(node, modules)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation))
+    packed = onednn_weight(conv.weight, *geometry, conv.groups, in_shape)
+    weight = conv.weight.detach().clone()
+    bias = None if conv.bias is None else conv.bias.detach().clone()
+    backend = _choose_backend(conv, in_shape, weight, packed, bias, other is not None, unary == "relu", tuner)
+    wname, bname = f"_sk_conv_w{count}", f"_sk_conv_b{count}"
+    gm.register_buffer(wname, packed if backend == "onednn" else weight, persistent=False)
+    gm.register_buffer(bname, bias, persistent=False)
+    last = chain[-1]
+    x = node.args[0]
+    with gm.graph.inserting_before(last):
+        w = gm.graph.get_attr(wname)
+        b = gm.graph.get_attr(bname) if bias is not None else None
+        if backend == "direct":
+            fused = gm.graph.call_function(torch.ops.sparsekern.fused_conv2d.default, (
+                x, w, b, other, list(conv.stride), list(conv.padding), list(conv.dilation), unary == "relu"))
+        elif other is None:
+            fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
+                                           (x, w, b, *geometry, conv.groups, unary or "none", [], ""))
+        else:
+            fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.binary,
+                                           (x, other, w, b, *geometry, conv.groups, "add", None, unary, [], ""))
+    fused.meta = dict(last.meta)
+    last.replace_all_uses_with(fused)
+    for dead in reversed(chain):
+        gm.graph.erase_node(dead)
+    return backend
+
+
+def _choose_backend(conv: nn.Conv2d, in_shape: tuple[int, ...], weight: torch.Tensor, packed: torch.Tensor,
+                    bias: torch.Tensor | None, residual: bool, relu: bool, tuner: ConvTuner) -> str:
+    """``"onednn"`` or ``"direct"`` for this conv on NHWC inputs of ``in_shape``: the tuner times both on random
+    data of the layer's shapes (or answers from its table); grouped convs and machines without the extension
+    get oneDNN."""
+    from sparsekern.ops.fused_conv2d import DISPATCH, problem
+
+    x = torch.randn(in_shape).contiguous(memory_format=torch.channels_last)
+    direct = problem(x, weight, bias, None, conv.stride, conv.padding, conv.dilation, relu) \
+        if conv.groups == 1 else None
+    if direct is None or DISPATCH["cpu"].reasons(direct):
+        return "onednn"
+    other = torch.randn(direct.out_shape).contiguous(memory_format=torch.channels_last) if residual else None
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    candidates = {
+        "onednn": (lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "relu" if relu else
+                                                                     "none", [], "")) if other is None else
+        (lambda: torch.ops.mkldnn._convolution_pointwise.binary(x, other, packed, bias, *geometry, "add", None,
+                                                                 "relu" if relu else None, [], "")),
+        "direct": lambda: torch.ops.sparsekern.fused_conv2d(x, weight, bias, other, list(conv.stride),
+                                                            list(conv.padding), list(conv.dilation), relu, "cpu"),
+    }
+    call = ConvCall(tuple(in_shape), tuple(weight.shape), tuple(conv.stride), tuple(conv.padding),
+                    tuple(conv.dilation), bias is not None, residual, relu, True, torch.get_num_threads())
+    return tuner.choose(call, candidates)
 
 
 def freeze(model: nn.Module, *, inplace: bool = False) -> torch.jit.ScriptModule:
@@ -273,3 +320,25 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
         else:
             model = PASSES[name](model, inplace=True)
     return model
+
+
+#: The inference path :func:`optimize` takes per device type.
+DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn"), "cuda": ("fold_bn", "channels_last")}
+
+
+def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu",
+             tuner: ConvTuner | None = None) -> nn.Module:
+    """The best inference path sparsekern has for ``device``, for any model, dense or compiled (give the dense
+    baseline the same call): a copy of ``model`` after :data:`DEVICE_PASSES` ``[device]``.
+
+    On CPU that is BatchNorm folding and the ``onednn`` pass: every conv with its ReLU or residual add fused,
+    run by oneDNN (weights prepacked for ``example_inputs``' shapes) or by the direct convolution, whichever
+    ``tuner`` (default :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's
+    ``sk_backends`` names each conv's choice. ``model`` is not modified.
+    """
+    if device not in DEVICE_PASSES:
+        raise ValueError(f"optimize: no inference path for device {device!r}; known: {sorted(DEVICE_PASSES)}")
+    with contextlib.ExitStack() as stack:
+        if tuner is not None:
+            stack.enter_context(use_tuner(tuner))
+        return apply(model, DEVICE_PASSES[device], example_inputs)

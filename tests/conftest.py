@@ -33,6 +33,16 @@ if not torch.cuda.is_available():
 torch.backends.mkldnn.enabled = False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_kernel_timing():
+    """No clock in tests: the ``onednn`` pass's per-layer kernel choice (:mod:`sparsekern.tuning`) answers
+    oneDNN for any layer it has no timing for, instead of timing it; tests of the choice inject tables."""
+    from sparsekern.tuning import ConvTuner, use_tuner
+
+    with use_tuner(ConvTuner(measure=False)):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _session_threads():
     """Every test starts with the session's one intra-op thread, and a test (or the code it calls, e.g. the

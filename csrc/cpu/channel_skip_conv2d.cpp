@@ -80,8 +80,9 @@ struct StoreSegments {
 };
 
 // ------------------------------------------------------------------------------------------------ micro-kernel
-// acc[i, :] = sum_{k < K} arow[i][kf[k]] * (bk[k] + boff)[0 : V * kL] for i < MR; then act(acc[i, :] + bias[i])
-// goes through the store segments to yrow[i], or, without yrow, acc is stored raw to C (row stride kTile).
+// acc[i, :] = sum_{k < K} arow[i][kf[k]] * (bk[k] + boff)[0 : V * kL] for i < MR; then act(acc[i, :] + bias[i]
+// (+ the residual at the same place of rrow[i])) goes through the store segments to yrow[i], or, without yrow,
+// acc is stored raw to C (row stride kTile).
 struct KernelArgs {
   int64_t K;
   const float* const* arow;  // MR weight rows (output channels)
@@ -90,6 +91,7 @@ struct KernelArgs {
   int64_t boff;              // the tile's first grid position
   float* C;
   float* const* yrow;        // MR output rows, or nullptr
+  const float* const* rrow;  // MR residual rows (laid out as yrow), or nullptr
   const float* bias;         // MR values
   const StoreSegments* seg;
   bool relu;
@@ -131,13 +133,17 @@ void micro_kernel(const KernelArgs& a) {
     const Vec bias = vset1(a.bias[i]);
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      Vec r = vadd(acc[i][v], bias);
-      if (a.relu) r = vrelu(r);
+      const Vec r = vadd(acc[i][v], bias);
       for (int s = 0; s < seg.n[v]; ++s) {
-        if (seg.lanes[v][s] == kAllLanes) {
-          vstore(a.yrow[i] + seg.offset[v][s], r);
+        const int64_t off = seg.offset[v][s];
+        const uint32_t lanes = seg.lanes[v][s];
+        Vec out = a.rrow == nullptr ? r : vadd(r, lanes == kAllLanes ? vload(a.rrow[i] + off)
+                                                                      : vload_mask(a.rrow[i] + off, lanes));
+        if (a.relu) out = vrelu(out);
+        if (lanes == kAllLanes) {
+          vstore(a.yrow[i] + off, out);
         } else {
-          vstore_mask(a.yrow[i] + seg.offset[v][s], r, seg.lanes[v][s]);
+          vstore_mask(a.yrow[i] + off, out, lanes);
         }
       }
     }
@@ -280,6 +286,7 @@ struct Problem {
   const float* x;
   const float* w;     // (Cout, Cin * T), contiguous
   const float* bias;  // (Cout,) or nullptr
+  const float* res;   // residual added before the ReLU, y's shape and strides, or nullptr
   bool relu;
   float* y;
   int64_t ysB, ysC, ysP;  // output strides: sample, channel, flat position
@@ -428,10 +435,13 @@ void compute_tile(const Problem& pr, int64_t b, const float* const* bk, const in
     }
   }
   float* y = pr.y + b * pr.ysB;
+  const float* res = pr.res == nullptr ? nullptr : pr.res + b * pr.ysB;
   const float* arow[kMR];
   float* yrow[kMR];
+  const float* rrow[kMR];
   float bias[kMR];
-  const KernelArgs args{K, arow, kf, bk, q0, s.tile, direct ? yrow : nullptr, bias, &seg, pr.relu};
+  const KernelArgs args{K, arow, kf, bk, q0, s.tile, direct ? yrow : nullptr, res ? rrow : nullptr, bias, &seg,
+                        pr.relu};
   const int64_t ldw = g.Cin * g.T;
   // Balanced row blocks (32 rows as 6+6+5+5+5+5, not 6*5+2): a thin block reloads B for few FMAs.
   const int64_t nblk = (na + kMR - 1) / kMR;
@@ -441,6 +451,7 @@ void compute_tile(const Problem& pr, int64_t b, const float* const* bk, const in
       const int64_t o = co[m0 + i];
       arow[i] = pr.w + o * ldw;
       yrow[i] = y + o * pr.ysC;
+      rrow[i] = res == nullptr ? nullptr : res + o * pr.ysC;
       bias[i] = pr.bias ? pr.bias[o] : 0.f;
     }
     kernel_for(mr, v)(args);
@@ -448,8 +459,9 @@ void compute_tile(const Problem& pr, int64_t b, const float* const* bk, const in
       const float* src = s.tile + i * kTile;
       for (int r = 0; r < nruns; ++r) {
         float* dst = yrow[i] + runs[r][1] * pr.ysP;
+        const float* add = res == nullptr ? nullptr : rrow[i] + runs[r][1] * pr.ysP;
         for (int64_t j = 0; j < runs[r][2]; ++j) {
-          const float val = src[runs[r][0] + j] + bias[i];
+          const float val = src[runs[r][0] + j] + bias[i] + (add == nullptr ? 0.f : add[j * pr.ysP]);
           dst[j * pr.ysP] = pr.relu ? relu1(val) : val;
         }
       }
@@ -503,14 +515,17 @@ void run(const Problem& pr) {
 
 void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& in_mask, const std::optional<at::Tensor>& out_mask,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                             at::Tensor& y) {
+                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && y.dim() == 4 && x.scalar_type() == at::kFloat &&
                   weight.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat,
               "channel_skip_conv2d (CPU): internal: 4-D float32 x, weight and y expected; call "
               "sparsekern.ops.channel_skip_conv2d, which validates its inputs");
   TORCH_CHECK(y.is_contiguous() || y.is_contiguous(at::MemoryFormat::ChannelsLast),
               "channel_skip_conv2d (CPU): internal: y must be NCHW- or NHWC-contiguous");
+  TORCH_CHECK(!residual.has_value() || (residual->sizes() == y.sizes() && residual->strides() == y.strides() &&
+                                        residual->scalar_type() == at::kFloat && !out_mask.has_value()),
+              "channel_skip_conv2d (CPU): internal: a residual must have y's shape and strides, without out_mask");
   if (y.numel() == 0) return;
   const int64_t B = x.size(0), Cin = x.size(1), Cout = weight.size(0);
   Problem pr;
@@ -524,6 +539,7 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   pr.x = x.data_ptr<float>();
   pr.w = w.data_ptr<float>();
   pr.bias = bc.has_value() ? bc->data_ptr<float>() : nullptr;
+  pr.res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
   pr.relu = relu;
   pr.y = y.data_ptr<float>();
   pr.ysB = y.stride(0), pr.ysC = y.stride(1), pr.ysP = y.stride(3);

@@ -1,6 +1,7 @@
 // Shared pieces of sparsekern's C++ CPU kernels: a float SIMD vector and torch's intra-op thread pool.
 //
-// Vec: kL floats (AVX-512: 16, AVX2 + FMA: 8, otherwise 4 in plain C++), chosen by the compiler flags the
+// Vec: kL floats (AVX-512: 16, AVX2 + FMA: 8, otherwise 4 in plain C++); the masked load and store touch only
+// the lanes set in `lanes` (bit i = lane i), chosen by the compiler flags the
 // extension is built with (-march=native). SPARSEKERN_SIMD names the choice (512, 256 or 0) for kernels that
 // size their register tiles by it.
 //
@@ -40,6 +41,7 @@ inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline Vec vset1(float a) { return {_mm512_set1_ps(a)}; }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
 inline void vstore_mask(float* p, Vec a, uint32_t lanes) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(lanes), a.v); }
+inline Vec vload_mask(const float* p, uint32_t lanes) { return {_mm512_maskz_loadu_ps(static_cast<__mmask16>(lanes), p)}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vrelu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }  // NaN stays NaN, as torch.relu
@@ -53,11 +55,12 @@ inline Vec vzero() { return {_mm256_setzero_ps()}; }
 inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline Vec vset1(float a) { return {_mm256_set1_ps(a)}; }
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
-inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
+inline __m256i lane_mask(uint32_t lanes) {
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
-  _mm256_maskstore_ps(p, on, a.v);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
 }
+inline void vstore_mask(float* p, Vec a, uint32_t lanes) { _mm256_maskstore_ps(p, lane_mask(lanes), a.v); }
+inline Vec vload_mask(const float* p, uint32_t lanes) { return {_mm256_maskload_ps(p, lane_mask(lanes))}; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec vrelu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
@@ -74,6 +77,12 @@ inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof(a.v)); }
 inline void vstore_mask(float* p, Vec a, uint32_t lanes) {
   for (int i = 0; i < 4; ++i)
     if (lanes >> i & 1u) p[i] = a.v[i];
+}
+inline Vec vload_mask(const float* p, uint32_t lanes) {
+  Vec a = vzero();
+  for (int i = 0; i < 4; ++i)
+    if (lanes >> i & 1u) a.v[i] = p[i];
+  return a;
 }
 inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];

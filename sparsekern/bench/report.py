@@ -33,7 +33,8 @@ class LayerBench:
 
     ``theoretical_speedup`` is ``dense_flops / fast_flops`` (FLOPs per call; ``None`` when the
     fast layer counts 0 FLOPs), ``measured_speedup = dense_ms / fast_ms`` (medians),
-    ``efficiency = measured / theoretical``.
+    ``efficiency = measured / theoretical``. ``*_backend``: the kernel the inference passes chose for the
+    layer (``"onednn"`` or ``"direct"``, :mod:`sparsekern.tuning`; empty without passes).
     """
 
     name: str
@@ -50,6 +51,8 @@ class LayerBench:
     fast_spread: float
     dense_input_shape: list[int] | None = None
     fast_input_shape: list[int] | None = None
+    dense_backend: str = ""
+    fast_backend: str = ""
 
 
 @dataclass
@@ -126,13 +129,13 @@ class BenchReport:
         )
         rows: list[tuple[str, ...]] = [(
             "layer", "kind", "dense MFLOPs", "fast MFLOPs", "theory x", "measured x",
-            "efficiency", "dense ms", "fast ms", "spread d/f",
+            "efficiency", "dense ms", "fast ms", "spread d/f", "backend d/f",
         )]
         rows.append((
             "<model>", "", _mf(self.dense_flops), _mf(self.fast_flops),
             _x(self.theoretical_speedup), _x(self.measured_speedup), _pct(self.efficiency),
             f"{self.dense.median_ms:.3f}", f"{self.fast.median_ms:.3f}",
-            f"{_pct(self.dense.spread)}/{_pct(self.fast.spread)}",
+            f"{_pct(self.dense.spread)}/{_pct(self.fast.spread)}", "",
         ))
         for lb in self.layers:
             kind = lb.dense_kind if lb.dense_kind == lb.fast_kind else f"{lb.dense_kind}>{lb.fast_kind}"
@@ -141,7 +144,10 @@ class BenchReport:
                 _x(lb.theoretical_speedup), _x(lb.measured_speedup), _pct(lb.efficiency),
                 f"{lb.dense_ms:.3f}", f"{lb.fast_ms:.3f}",
                 f"{_pct(lb.dense_spread)}/{_pct(lb.fast_spread)}",
+                f"{lb.dense_backend or '-'}/{lb.fast_backend or '-'}",
             ))
+        if not any(lb.dense_backend or lb.fast_backend for lb in self.layers):
+            rows = [row[:-1] for row in rows]
         lines = [head, align_columns(rows, right=tuple(range(2, 10)))]
         if self.unmatched_layers:
             lines.append("not in fast model: " + ", ".join(self.unmatched_layers))
@@ -305,8 +311,8 @@ def _layer_audit(
             unmatched.append(name)
             continue
         (da, dk), (fa, fk) = dense_in[name], fast_in[name]
-        dm = _with_passes(dense.get_submodule(name), passes, da)
-        fm = _with_passes(fast_modules[name], passes, fa)
+        dm = _layer_with_passes(dense.get_submodule(name), passes, da)
+        fm = _layer_with_passes(fast_modules[name], passes, fa)
         t = time_interleaved(
             {"dense": lambda: dm(*da, **dk), "fast": lambda: fm(*fa, **fk)},
             warmup=warmup, repeats=repeats, device=device,
@@ -322,8 +328,20 @@ def _layer_audit(
             dense_ms=t["dense"].median_ms, fast_ms=t["fast"].median_ms,
             dense_spread=t["dense"].spread, fast_spread=t["fast"].spread,
             dense_input_shape=_shape(da), fast_input_shape=_shape(fa),
+            dense_backend=_backend(dm), fast_backend=_backend(fm),
         ))
     return rows, unmatched
+
+
+def _layer_with_passes(layer: nn.Module, passes: Sequence[str], args: tuple[Any, ...]) -> nn.Module:
+    """One layer after ``passes``, held in a container so that the passes see it as the module call they
+    rewrite in a whole model (traced alone, its forward would be inlined into plain functional calls)."""
+    return _with_passes(nn.Sequential(layer), passes, args) if passes else layer
+
+
+def _backend(layer: nn.Module) -> str:
+    """The kernel the passes chose for a single layer (:func:`_layer_with_passes`), or ``""``."""
+    return ",".join(sorted(set(getattr(layer, "sk_backends", {}).values())))
 
 
 def _with_passes(model: nn.Module, passes: Sequence[str], args: tuple[Any, ...]) -> nn.Module:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from sparsekern.ops import reference
 from sparsekern.ops.backend import Backend, Dispatch, NoBackendError
 from sparsekern.ops.channel_skip_conv2d import channel_skip_conv2d
+from sparsekern.ops.fused_conv2d import fused_conv2d
 from sparsekern.ops.lowrank_linear import lowrank_linear
 
-__all__ = ["channel_skip_conv2d", "lowrank_linear", "reference", "Backend", "Dispatch", "NoBackendError",
+__all__ = ["channel_skip_conv2d", "fused_conv2d", "lowrank_linear", "reference", "Backend", "Dispatch", "NoBackendError",
            "dispatch_of"]
 
 
 def dispatch_of(op: str) -> Dispatch:
-    """The :class:`Dispatch` of ``op`` (``"channel_skip_conv2d"`` or ``"lowrank_linear"``)."""
+    """The :class:`Dispatch` of ``op`` (``"channel_skip_conv2d"``, ``"fused_conv2d"`` or ``"lowrank_linear"``)."""
     import importlib
 
     return importlib.import_module(f"sparsekern.ops.{op}").DISPATCH

@@ -130,8 +130,8 @@ def _gpu_kernel_limits(pr: ConvProblem) -> list[str]:
 
 def _run_cpu(pr: ConvProblem) -> torch.Tensor:
     y = pr.new_output()
-    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, pr.stride, pr.padding,
-                                           pr.dilation, pr.relu, y)
+    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, pr.in_mask, pr.out_mask, None, pr.stride,
+                                           pr.padding, pr.dilation, pr.relu, y)
     return y
 
 

@@ -216,7 +216,7 @@ def test_bad_inputs_get_clear_errors(native) -> None:
         op(x, w, None, None, torch.ones(2, 4, dtype=torch.bool), [1, 1], [0, 0], [1, 1], False)
     kernel = _ext.kernel("channel_skip_conv2d_cpu")  # the kernel itself refuses what could corrupt memory
     with pytest.raises(RuntimeError, match="internal: 4-D float32"):
-        kernel(x.double(), w.double(), None, None, None, [1, 1], [0, 0], [1, 1], False, torch.empty(2, 5, 4, 4))
+        kernel(x.double(), w.double(), None, None, None, None, [1, 1], [0, 0], [1, 1], False, torch.empty(2, 5, 4, 4))
 
 
 def test_benchmark_shapes_and_bookkeeping(native) -> None:

@@ -1,0 +1,189 @@
+"""``fused_conv2d``: a dense convolution (groups=1) with its epilogue fused: ``act(conv(x, W) + bias + residual)``.
+
+The epilogue is what follows a convolution in an inference graph once BatchNorm is folded into it: the bias,
+the residual addition of a ResNet block and the ReLU. Semantics: ``y = conv2d(x, weight, bias)``, then
+``y + residual`` when a residual is given, then ``relu`` when asked (the ``aten`` backend computes exactly that).
+
+One torch op, ``torch.ops.sparsekern.fused_conv2d`` (with a fake implementation), validated once
+(:func:`problem`) and run by the first backend of :data:`DISPATCH` that can take it:
+
+========  ============================================================================================
+cpu       ``csrc/cpu/channel_skip_conv2d.cpp``, the direct convolution of :func:`channel_skip_conv2d`
+          without masks: vectors along output pixels, register blocks of output channels, bias, residual
+          and ReLU applied in registers (CPU float32). Narrow layers (a few to a few dozen channels), where
+          kernels that vectorise over channels leave SIMD lanes idle, are where it pays.
+aten      ``F.conv2d`` (oneDNN on CPU, cuDNN on GPU), then the add and the ReLU (any device and dtype)
+========  ============================================================================================
+
+Which of oneDNN's prepacked call and this op runs a given layer is decided per layer and input shape by
+measurement (:mod:`sparsekern.tuning`, used by the ``onednn`` inference pass and :func:`sparsekern.optimize`).
+Inference only: no autograd formula.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sparsekern.ops import _ext
+from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
+from sparsekern.ops.shapes import conv2d_memory_format, conv2d_output_size, pair
+
+__all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "DISPATCH"]
+
+_OP = "fused_conv2d"
+
+
+@dataclass(frozen=True)
+class FusedConvProblem(OnInput):
+    """Validated arguments of one call and the output they produce."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    residual: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    relu: bool
+    out_shape: tuple[int, int, int, int]
+    memory_format: torch.memory_format
+
+    def new_output(self) -> torch.Tensor:
+        """An uninitialised output in the op's memory format (the input's)."""
+        return torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device, memory_format=self.memory_format)
+
+    def residual_like(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The residual with ``y``'s strides (a copy only when they differ)."""
+        if self.residual is None or self.residual.stride() == y.stride():
+            return self.residual
+        return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(self.residual)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{_OP}: x must be (B, C_in, H, W) and weight (C_out, C_in, kh, kw), got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{_OP}: weight {tuple(weight.shape)} expects {weight.shape[1]} input channels but x "
+                         f"{tuple(x.shape)} has {x.shape[1]}; groups=1 only")
+    if x.dtype not in FLOATS or weight.dtype != x.dtype:
+        raise TypeError(f"{_OP}: x and weight must share a float dtype, got {x.dtype} and {weight.dtype}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"{_OP}: bias must be ({weight.shape[0]},) {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+
+
+def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+            dilation: int | Sequence[int] = 1, relu: bool = False) -> FusedConvProblem:
+    """Validate the arguments of :func:`fused_conv2d` and return them with their output shape."""
+    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
+        pair(dilation, "dilation", _OP)
+    _check(x, weight, bias)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{_OP}: bad stride {stride} / padding {padding} / dilation {dilation}")
+    h_out, w_out = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"{_OP}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with "
+                         f"padding {padding} and dilation {dilation}")
+    out_shape = (x.shape[0], weight.shape[0], h_out, w_out)
+    if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"{_OP}: residual must match the output, {out_shape} {x.dtype} on {x.device}, got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    return FusedConvProblem(x, weight, bias, residual, stride, padding, dilation, bool(relu), out_shape,
+                            conv2d_memory_format(x))
+
+
+def _run_cpu(pr: FusedConvProblem) -> torch.Tensor:
+    y = pr.new_output()
+    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, pr.residual_like(y),
+                                           pr.stride, pr.padding, pr.dilation, pr.relu, y)
+    return y
+
+
+def _run_aten(pr: FusedConvProblem) -> torch.Tensor:
+    y = F.conv2d(pr.x, pr.weight, pr.bias, pr.stride, pr.padding, pr.dilation)
+    if pr.residual is not None:
+        y = y.add_(pr.residual)
+    if pr.relu:
+        y = y.relu_()
+    return y.contiguous(memory_format=pr.memory_format)
+
+
+DISPATCH = Dispatch(_OP, problem)
+DISPATCH.register(Backend("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,),
+                          available=_ext.requirement("channel_skip_conv2d_cpu")))
+DISPATCH.register(Backend("aten", _run_aten))
+
+
+def select_backend(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, relu: bool = False, *,
+                   backend: str | None = None) -> str:
+    """Name of the backend :func:`fused_conv2d` runs for these arguments."""
+    return DISPATCH.select(problem(x, weight, bias, residual, stride, padding, dilation, relu), backend).name
+
+
+_LIB = torch.library.Library("sparsekern", "FRAGMENT")
+_LIB.define(f"{_OP}(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
+            "int[2] dilation, bool relu, str? backend=None) -> Tensor")
+
+
+def _impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+          stride: list[int], padding: list[int], dilation: list[int], relu: bool,
+          backend: Optional[str] = None) -> torch.Tensor:
+    return DISPATCH.run(problem(x, weight, bias, residual, stride, padding, dilation, relu), backend)
+
+
+def _fake(x, weight, bias, residual, stride, padding, dilation, relu, backend=None) -> torch.Tensor:
+    return problem(x, weight, bias, residual, stride, padding, dilation, relu).new_output()
+
+
+_LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
+
+
+def _flop_count(x_shape, w_shape, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of the convolution, multiply-add = 2 (the epilogue counts 0, as torch counts a conv's bias)."""
+    c_out, c_in, kh, kw = (int(s) for s in w_shape)
+    b, _, h_out, w_out = out_val.shape
+    return 2 * int(b) * c_out * int(h_out) * int(w_out) * c_in * kh * kw
+
+
+def _register_flops() -> None:
+    from torch.utils import flop_counter
+
+    if torch.ops.sparsekern.fused_conv2d not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.sparsekern.fused_conv2d, get_raw=True)(_flop_count)
+
+
+_register_flops()
+
+
+def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, relu: bool = False, *,
+                 backend: str | None = None) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, stride, padding, dilation) + residual)``, the add and the ReLU optional.
+
+    Args:
+        x: (B, C_in, H, W), float32/float16/bfloat16, any memory layout.
+        weight: (C_out, C_in, kh, kw) (groups=1), same dtype and device.
+        bias: (C_out,) or None.
+        residual: (B, C_out, H_out, W_out) or None: added before the ReLU.
+        stride, padding, dilation: as in ``torch.nn.functional.conv2d``.
+        relu: apply a ReLU last.
+        backend: force ``"cpu"`` or ``"aten"``; default: the first that can take the input.
+
+    Returns:
+        (B, C_out, H_out, W_out) in x's dtype, channels-last when x is (as ``F.conv2d``).
+    """
+    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
+        pair(dilation, "dilation", _OP)
+    return torch.ops.sparsekern.fused_conv2d(x, weight, bias, residual, stride, padding, dilation, relu, backend)

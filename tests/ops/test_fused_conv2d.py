@@ -1,0 +1,103 @@
+"""fused_conv2d: the direct CPU convolution with its epilogue (bias, residual, ReLU) against a float64 ground
+truth over a shape matrix, layouts and threads; the torch op (opcheck, fake under export); the errors."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsekern.ops import NoBackendError, _ext, fused_conv2d
+from sparsekern.ops.fused_conv2d import DISPATCH, select_backend
+from tests.conftest import assert_close_to_scale, threads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    why = _ext.status()
+    if why is not None:
+        pytest.skip(f"the C++ extension is unavailable: {why}")
+
+
+def truth(x, w, b, residual, stride, padding, relu) -> torch.Tensor:
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    if residual is not None:
+        y = y + residual.double()
+    return y.relu() if relu else y
+
+
+# (batch, c_in, c_out, h, w, kernel, stride, padding)
+SHAPES = [
+    (1, 1, 1, 5, 5, 3, 1, 1), (1, 8, 8, 16, 16, 3, 1, 1), (2, 3, 17, 9, 7, 3, 2, 1), (4, 16, 11, 8, 8, 3, 1, 1),
+    (3, 22, 45, 7, 10, 3, 2, 1), (2, 64, 64, 4, 4, 3, 1, 1), (2, 7, 33, 6, 6, 1, 1, 0), (2, 13, 5, 9, 9, 1, 2, 0),
+    (1, 5, 9, 3, 3, 3, 1, 0), (2, 40, 24, 13, 11, 3, 1, 2),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_matches_float64_ground_truth(shape, layout) -> None:
+    b, c_in, c_out, h, w, k, s, p = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(b, 2 * c_in if layout == "sliced" else c_in, h, w, generator=g)
+    x = x[:, ::2] if layout == "sliced" else x
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    wt, bias = torch.randn(c_out, c_in, k, k, generator=g), torch.randn(c_out, generator=g)
+    h_out, w_out = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    res = torch.randn(b, c_out, h_out, w_out, generator=g)
+    for use_bias, use_res, relu in itertools.product((False, True), repeat=3):
+        args = (x, wt, bias if use_bias else None, res if use_res else None, s, p, 1, relu)
+        y = fused_conv2d(*args, backend="cpu")
+        assert y.shape == (b, c_out, h_out, w_out)
+        assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                               else torch.contiguous_format)
+        assert_close_to_scale(y, truth(x, wt, args[2], args[3], s, p, relu), tol=1e-5)
+        assert_close_to_scale(fused_conv2d(*args, backend="aten"), truth(x, wt, args[2], args[3], s, p, relu),
+                              tol=1e-5)
+
+
+def test_residual_in_another_layout_and_threads() -> None:
+    x = torch.randn(3, 12, 10, 10).contiguous(memory_format=torch.channels_last)
+    w, res = torch.randn(20, 12, 3, 3), torch.randn(3, 20, 10, 10)  # NCHW residual for an NHWC output
+    outs = []
+    for n in (1, 2):
+        with threads(n):
+            outs.append(fused_conv2d(x, w, None, res, 1, 1, relu=True, backend="cpu"))
+    assert torch.equal(outs[0], outs[1])
+    assert_close_to_scale(outs[0], truth(x, w, None, res, 1, 1, True), tol=1e-5)
+
+
+def test_dispatch_opcheck_and_export() -> None:
+    x, w, b = torch.randn(2, 6, 9, 9), torch.randn(10, 6, 3, 3), torch.randn(10)
+    res = torch.randn(2, 10, 9, 9)
+    assert select_backend(x, w, b, res, padding=1) == "cpu"
+    assert select_backend(x.half(), w.half()) == "aten"
+    assert DISPATCH.reasons(x.half(), w.half())["cpu"] == ["takes float32, got float16"]
+    op = torch.ops.sparsekern.fused_conv2d.default
+    for args in [(x, w, b, res, [1, 1], [1, 1], [1, 1], True, "cpu"),
+                 (x.contiguous(memory_format=torch.channels_last), w, None, None, [2, 2], [0, 0], [1, 1], False,
+                  None)]:
+        torch.library.opcheck(op, args)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, r):
+            return fused_conv2d(x, w, b, r, 1, 1, relu=True)
+
+    ep = torch.export.export(Block(), (x, res))
+    assert any(n.target is op for n in ep.graph.nodes)
+    assert torch.equal(ep.module()(x, res), Block()(x, res))
+
+
+def test_bad_inputs_get_clear_errors() -> None:
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"residual must match the output, \(2, 5, 4, 4\)"):
+        fused_conv2d(x, w, residual=torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match="groups=1 only"):
+        fused_conv2d(x, torch.randn(5, 2, 3, 3))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        fused_conv2d(x, torch.randn(5, 4, 9, 9))
+    with pytest.raises(NoBackendError, match="'cpu' cannot run these inputs: takes float32, got float16"):
+        fused_conv2d(x.half(), w.half(), backend="cpu")
+    with pytest.raises(TypeError, match="share a float dtype"):
+        fused_conv2d(x.double(), w.double())
