@@ -17,7 +17,11 @@ Masks sit on every conv output before its BatchNorm and on the input of every li
 
 Training (:func:`train_anp`, through the one trainer :func:`sparsekern.train.train`) uses an L-inf PGD
 adversary with random start, clipped to the data range (:func:`data_range_pgd`; CIFAR: eps 0.03, step 0.007
-in [0, 1] pixel units, 10 steps for training, 40 for evaluation), and two parameter groups:
+in [0, 1] pixel units, 10 steps for training, 40 for evaluation). As in the authors' code, the attack of a
+training step runs on the network in evaluation mode: the masks are their expectations ``E[pi]`` (no
+sampling) and BatchNorm uses its running statistics; the training forwards that follow sample masks and
+use batch statistics again (``eval_attack=True``; ``False`` attacks the training-mode network). Two
+parameter groups:
 
 * masks (Adam, lr 1e-2): ``CE(x_adv) + beta * KL / N``;
 * weights (Adam, lr 1e-3, L2 1e-4): ``(CE(x) + w CE(x_adv)) / (1 + w) + beta * KL / N + lambda * VS``,
@@ -42,9 +46,14 @@ A FLOPs budget (:func:`prune` with ``flops_budget``). ANP has none of its own: i
 :func:`sparsekern.methods.scratch.keep_count_for_budget`, until the FLOPs meet the budget; if ANP alone is
 already under it, the budget does not bind (recorded in the plan's meta).
 
+Network: the paper's VGG-16 has a two-FC classifier (512-512 FC + BN), so that both FC inputs carry a mask;
+:func:`build_model` builds zoo models with the paper's options (:data:`PAPER_MODEL_KWARGS`:
+``classifier="two_fc"`` for VGG-16).
+
 Baseline (:func:`adversarial_training`, :func:`magnitude_plan`): plain adversarial training of the same
-network with the same adversary and ``w``, pruned afterwards to the **same channel count in every group** as
-the ANP plan (hence the same FLOPs), keeping the filters of largest L1 norm.
+network with the same adversary (attacking in evaluation mode too) and ``w``, pruned afterwards to the
+**same channel count in every group** as the ANP plan (hence the same FLOPs), keeping the filters of largest
+L1 norm.
 """
 from __future__ import annotations
 
@@ -64,6 +73,7 @@ from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
 from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
+from sparsekern.models import build
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.train import PGD, Hook, TrainConfig, TrainResult, TrainState, default_loss, evaluate, train
@@ -75,8 +85,10 @@ __all__ = [
     "ANPNet",
     "BetaBernoulliMask",
     "MaskSite",
+    "PAPER_MODEL_KWARGS",
     "VulnerabilityHook",
     "adversarial_training",
+    "build_model",
     "data_range",
     "data_range_pgd",
     "feature_distortion",
@@ -103,6 +115,15 @@ TRAIN_STEPS, EVAL_STEPS = 10, 40
 MASK_LR, WEIGHT_LR, WEIGHT_DECAY = 1e-2, 1e-3, 1e-4
 EULER_GAMMA = 0.5772156649015329
 _EPS = 1e-6            # keeps uniform draws and probabilities away from 0 and 1 in float32
+#: Zoo build options of the paper's networks: its VGG-16 ends in two FC layers (512-512 FC + BN), so both
+#: FC inputs carry a mask (the authors' code).
+PAPER_MODEL_KWARGS: dict[str, dict[str, Any]] = {"vgg16_bn": {"classifier": "two_fc"}}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Zoo model ``name`` (:func:`sparsekern.models.build`) with the paper's options of
+    :data:`PAPER_MODEL_KWARGS` (VGG-16: ``classifier="two_fc"``) under ``kwargs``, which override them."""
+    return build(name, **{**PAPER_MODEL_KWARGS.get(name, {}), **kwargs})
 
 
 # ----------------------------------------------------------------------------- the mask
@@ -362,17 +383,19 @@ def data_range(data: Any, *, max_batches: int | None = None) -> tuple[torch.Tens
 
 def data_range_pgd(
     data: Any, eps: float = EPS, step: float = STEP, steps: int = TRAIN_STEPS, *,
-    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None, eval_mode: bool = False,
 ) -> PGD:
     """L-inf PGD with random start whose ``eps`` and ``step`` are fractions of the data range.
 
-    ``PGD(eps * (hi - lo), step * (hi - lo), steps, clamp=(lo, hi))`` with ``(lo, hi) = bounds`` or
-    :func:`data_range` of ``data``: for [0, 1] images normalised per channel this is the usual attack in
-    pixel units (CIFAR in the paper: eps 0.03, step 0.007; 10 steps to train, 40 to evaluate).
+    ``PGD(eps * (hi - lo), step * (hi - lo), steps, clamp=(lo, hi), eval_mode=eval_mode)`` with
+    ``(lo, hi) = bounds`` or :func:`data_range` of ``data``: for [0, 1] images normalised per channel this is
+    the usual attack in pixel units (CIFAR in the paper: eps 0.03, step 0.007; 10 steps to train, 40 to
+    evaluate). ``eval_mode``: attack the model in evaluation mode, its flags restored afterwards
+    (:func:`sparsekern.train.pgd_attack`).
     """
     lo, hi = bounds if bounds is not None else data_range(data)
     scale = hi - lo
-    return PGD(eps * scale, step * scale, int(steps), random_start=True, clamp=(lo, hi))
+    return PGD(eps * scale, step * scale, int(steps), random_start=True, clamp=(lo, hi), eval_mode=eval_mode)
 
 
 class VulnerabilityHook(Hook):
@@ -471,6 +494,7 @@ def train_anp(
     eps: float = EPS,
     step: float = STEP,
     steps: int = TRAIN_STEPS,
+    eval_attack: bool = True,
     beta: float = BETA,
     vs_weight: float = VS_WEIGHT,
     adversarial_weight: float = ADV_WEIGHT,
@@ -492,7 +516,10 @@ def train_anp(
         example_inputs: tensor or tuple to trace the network (needed for a plain network).
         epochs, batch_size, seed, progress: the run (Adam, lr drops 10x at 50% and 80%).
         adversary: ``adversary(model, x, y) -> x_adv``; default :func:`data_range_pgd` of ``train_data``
-            with ``eps``, ``step``, ``steps`` (fractions of the data range).
+            with ``eps``, ``step``, ``steps`` (fractions of the data range) and ``eval_mode=eval_attack``.
+        eval_attack: the default adversary attacks the network in evaluation mode, as the authors' code:
+            ``E[pi]`` masks and BN running statistics; the training forwards then sample masks and use batch
+            statistics (the flags are restored after the attack). ``False``: attack the training-mode network.
         beta, vs_weight, adversarial_weight: KL weight, lambda and w.
         mask_lr, weight_lr, weight_decay: the two groups' Adam settings (L2 on the weights only).
         config: a full :class:`TrainConfig` instead (its lr is the weights' lr).
@@ -511,7 +538,7 @@ def train_anp(
         net = ANPNet(model_or_net, example_inputs)
     device = next(net.model.parameters()).device
     net.to(device)
-    adversary = adversary or data_range_pgd(train_data, eps, step, steps)
+    adversary = adversary or data_range_pgd(train_data, eps, step, steps, eval_mode=eval_attack)
     config = config or _config(epochs, weight_lr, batch_size, seed, progress, weight_decay)
     params = [
         {"params": net.weight_parameters(), "name": "weights"},
@@ -533,6 +560,7 @@ def adversarial_training(
     eps: float = EPS,
     step: float = STEP,
     steps: int = TRAIN_STEPS,
+    eval_attack: bool = True,
     adversarial_weight: float = ADV_WEIGHT,
     vs_weight: float = 0.0,
     lr: float = WEIGHT_LR,
@@ -544,9 +572,10 @@ def adversarial_training(
     **train_kwargs: Any,
 ) -> TrainResult:
     """The baseline: plain adversarial training of ``model`` in place, ``(CE(x) + w CE(x_adv)) / (1 + w)``
-    with the same adversary and optimizer as the weights of :func:`train_anp` (``vs_weight > 0`` adds the
-    VS loss: "AT-VS" of the paper). Prune the result with :func:`magnitude_plan`."""
-    adversary = adversary or data_range_pgd(train_data, eps, step, steps)
+    with the same adversary (attacking in evaluation mode unless ``eval_attack=False``) and optimizer as the
+    weights of :func:`train_anp` (``vs_weight > 0`` adds the VS loss: "AT-VS" of the paper). Prune the
+    result with :func:`magnitude_plan`."""
+    adversary = adversary or data_range_pgd(train_data, eps, step, steps, eval_mode=eval_attack)
     config = config or _config(epochs, lr, batch_size, seed, progress, weight_decay)
     hooks = [VulnerabilityHook(vs_weight)] if vs_weight > 0 else []
     return train(model, train_data, config, hooks=hooks + list(train_kwargs.pop("hooks", ())), adversary=adversary,
@@ -875,7 +904,8 @@ def prune_to_budget(
 @register_method("anp")
 class ANPVS(Method):
     """ANP-VS: :func:`prune_to_budget` (adversarially trained masks); no arm of its own, and the protocol
-    reports clean and PGD accuracy against adversarial training."""
+    reports clean and PGD accuracy against adversarial training. ``model_kwargs``: the zoo options of the
+    paper's networks (:data:`PAPER_MODEL_KWARGS`), for a runner that builds the model for this method."""
 
     order = 70
     summary = "adversarial neural pruning with vulnerability suppression (Madaan et al., ICML 2020)"
@@ -883,6 +913,7 @@ class ANPVS(Method):
     protocol_arms = ()
     searches = True
     robustness = True
+    model_kwargs = PAPER_MODEL_KWARGS
 
     def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
         return Pruned(*prune_to_budget(model, ctx.example_inputs, ctx.train_data, budget, seed=ctx.seed,

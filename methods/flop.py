@@ -8,16 +8,20 @@ with a gate per rank-one component::
 so that removing component ``k`` (``z_k = 0``) removes column ``k`` of ``P`` and row ``k`` of ``Q``: the
 layer becomes a smaller low-rank product, which :func:`sparsekern.compile` runs on the fused
 ``lowrank_linear`` kernel (:mod:`sparsekern.lowrank`). The default rank ``r = in * out // (in + out)`` gives
-the factorized layer the parameter count of the dense one.
+the factorized layer the parameter count of the dense one. Layers named in the model's
+``sk_flop_input_masked`` (the SRU's first layer, as the official enwik8 script) instead keep their dense
+weight and gate their *input features* (:class:`InputMaskedLinear`, ``y = (x * z) W^T + bias``): pruning
+feature ``i`` removes column ``i`` of ``W``, and the compiled layer reads only the kept features.
 
 Gates (Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR 2018):
 hard-concrete variables with a learned ``log_alpha`` per component. Training samples, per forward and
 shared by the batch, ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
 ``z = clamp(s * (1.1 - (-0.1)) + (-0.1), 0, 1)`` with ``beta = 1``. The expected number of non-zero gates
 (:meth:`FactorizedLinear.expected_l0`) is ``sum sigmoid(log_alpha - beta * log(0.1 / 1.1))``; a factorized
-matrix's expected size is ``(in + out) * E[L0]``; the expected sparsity of the model is
+matrix's expected size is ``(in + out) * E[L0]``, an input-masked one's ``out * E[L0]``; the expected
+sparsity of the model is
 ``s_hat = 1 - sum(sizes) / (number of prunable parameters)``, the latter being the size of the *dense*
-matrices, ``sum in * out`` over the factorized layers: the authors' code divides by the factors' size
+matrices, ``sum in * out`` over the gated layers: the authors' code divides by the factors' size
 ``sum (in + out) * r``, which is the same up to rounding for the default rank; the dense size keeps the
 meaning "fraction of the dense weights removed" for any rank (e.g. a full-rank SVD start, whose factors
 hold more parameters than the matrix: its ``s_hat`` starts below 0). ``log_alpha`` starts at
@@ -25,8 +29,9 @@ hold more parameters than the matrix: its ``s_hat`` starts below 0). ``log_alpha
 a trained model (plus N(0, 0.01) noise, as the authors' code).
 
 Budget (:class:`LagrangianHook`): the augmented Lagrangian ``task + l1 (s_hat - t) + l2 (s_hat - t)^2``,
-minimised over the model and maximised over ``l1, l2`` (a trainer param group with ``maximize=True``),
-with the target ``t`` ramped linearly from 0 over a warm-up. Training runs in the one trainer
+minimised over the model and maximised over ``l1, l2`` (by default a trainer param group with
+``maximize=True``; ``lambda_optimizer="adam"``: a separate Adam, as the official code), with the target
+``t`` ramped linearly from 0 over a warm-up. Training runs in the one trainer
 (:func:`sparsekern.train.train`; :func:`train_flop` wires it up).
 
 Evaluation gates (:meth:`FactorizedLinear.eval_gates`): the number of zeros is ``round(r - E[L0])``; the
@@ -40,7 +45,9 @@ Starting points (:func:`factorize`): ``init="svd"`` (default, since ``factorize`
 model) sets ``P, Q`` to the best rank-``r`` approximation of each trained ``W`` (exact when
 ``r >= min(in, out)``) with ``p = 0.05``; ``init="random"`` draws fresh factors whose product has the
 dense layer's weight scale, with ``p = 0.5``: training with FLOP from scratch (as the authors' enwik8 SRU
-script, which factorizes before training).
+script, which factorizes before training). The official Transformer-XL route trains a factorized model
+first (:func:`factorize` with ``gates=False``: :class:`sparsekern.lowrank.LowRankLinear` layers), then
+adds the gates to its trained factors without re-factorizing (:func:`gate_factorized`, ``p = 0.05``).
 
 Typical use::
 
@@ -74,6 +81,9 @@ __all__ = [
     "LIMIT_L",
     "LIMIT_R",
     "FactorizedLinear",
+    "HardConcreteLayer",
+    "InputMaskedLinear",
+    "LAMBDA_OPTIMIZERS",
     "LagrangianHook",
     "build_factorized",
     "default_rank",
@@ -81,6 +91,8 @@ __all__ = [
     "factorize",
     "factorized_layers",
     "flop_param_groups",
+    "gate_factorized",
+    "gated_layers",
     "hard_sparsity",
     "prune",
     "run_lm",
@@ -108,7 +120,76 @@ def _log_alpha_init(drop_init: float) -> float:
     return math.log((1.0 - drop_init) / drop_init)
 
 
-class FactorizedLinear(nn.Module):
+class HardConcreteLayer(nn.Module):
+    """Base of FLOP's gated layers: ``n_gates`` hard-concrete gates with a learned ``log_alpha`` (n_gates,).
+
+    Subclasses set ``log_alpha``, ``beta``, ``drop_init`` and ``init_std`` and define :attr:`n_gates`,
+    :meth:`expected_size` (the expected parameter count of the pruned layer, differentiable in ``log_alpha``)
+    and :meth:`kept_params` (the parameters the compiled layer holds when ``n`` gates are non-zero). Their
+    plan entry (:func:`prune`) is a :class:`~sparsekern.plan.LowRankKeep` over the gates, with ``rank =
+    n_gates``; :mod:`sparsekern.lowrank` compiles it.
+    """
+
+    log_alpha: nn.Parameter
+    beta: float
+    drop_init: float
+    init_std: float
+    in_features: int
+    out_features: int
+
+    @property
+    def n_gates(self) -> int:
+        """Number of gates."""
+        raise NotImplementedError
+
+    def expected_size(self) -> Tensor:
+        """Expected parameter count of the pruned layer (scalar tensor, differentiable in ``log_alpha``)."""
+        raise NotImplementedError
+
+    def kept_params(self, n_kept: int) -> int:
+        """Parameters of the compiled layer when ``n_kept`` gates are non-zero."""
+        raise NotImplementedError
+
+    @property
+    def n_dense_params(self) -> int:
+        """Parameters of the dense matrix the layer stands for, ``in * out`` (the sparsity denominator)."""
+        return self.in_features * self.out_features
+
+    def reset_gates(self, drop_init: float | None = None) -> None:
+        """``log_alpha = log((1 - p) / p) + N(0, init_std)`` with ``p = drop_init`` (default: the layer's)."""
+        if drop_init is not None:
+            self.drop_init = float(drop_init)
+        with torch.no_grad():
+            self.log_alpha.normal_(_log_alpha_init(self.drop_init), self.init_std)
+
+    def expected_l0(self) -> Tensor:
+        """Expected number of non-zero gates, ``sum sigmoid(log_alpha - beta log(-l / r))`` (scalar tensor,
+        differentiable in ``log_alpha``)."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-LIMIT_L / LIMIT_R)).sum()
+
+    def sample_gates(self) -> Tensor:
+        """One hard-concrete draw ``z`` (n_gates,), differentiable in ``log_alpha`` (reparametrised)."""
+        u = torch.rand_like(self.log_alpha).clamp(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
+
+    def eval_gates(self) -> Tensor:
+        """Deterministic gates (n_gates,): ``sigmoid(0.8 log_alpha / beta)``, with the ``round(n_gates - E[L0])``
+        smallest set to zero (ties: lower index first). Not differentiable."""
+        with torch.no_grad():
+            n_zeros = round(self.n_gates - float(self.expected_l0()))
+            soft = torch.sigmoid(EVAL_SHARPNESS * self.log_alpha.detach() / self.beta)
+            if n_zeros > 0:
+                order = torch.sort(soft, stable=True).indices
+                soft[order[:n_zeros]] = 0.0
+        return soft
+
+    def gates(self) -> Tensor:
+        """:meth:`sample_gates` in train mode, :meth:`eval_gates` in eval mode."""
+        return self.sample_gates() if self.training else self.eval_gates()
+
+
+class FactorizedLinear(HardConcreteLayer):
     """``y = x Q^T diag(z) P^T + bias`` with hard-concrete gates ``z`` (FLOP's factorized weight matrix).
 
     Shapes: x (..., in_features) -> (..., out_features); ``P`` (out, r), ``Q`` (r, in), ``log_alpha`` (r,),
@@ -145,6 +226,11 @@ class FactorizedLinear(nn.Module):
         self.log_alpha = nn.Parameter(torch.empty(rank))
         self.reset_parameters()
 
+    @property
+    def n_gates(self) -> int:
+        """The rank ``r``: one gate per rank-one component."""
+        return self.rank
+
     # ------------------------------------------------------------------ initialisation
     def reset_parameters(self, weight_std: float | None = None) -> None:
         """Random factors whose product has entries of std ``weight_std`` (default: that of ``nn.Linear``'s
@@ -161,13 +247,6 @@ class FactorizedLinear(nn.Module):
                 b = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-b, b)
         self.reset_gates()
-
-    def reset_gates(self, drop_init: float | None = None) -> None:
-        """``log_alpha = log((1 - p) / p) + N(0, init_std)`` with ``p = drop_init`` (default: the layer's)."""
-        if drop_init is not None:
-            self.drop_init = float(drop_init)
-        with torch.no_grad():
-            self.log_alpha.normal_(_log_alpha_init(self.drop_init), self.init_std)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None, *, init: str = "svd",
@@ -209,46 +288,44 @@ class FactorizedLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         return layer
 
-    # ------------------------------------------------------------------ gates
-    def expected_l0(self) -> Tensor:
-        """Expected number of non-zero gates, ``sum sigmoid(log_alpha - beta log(-l / r))`` (scalar tensor,
-        differentiable in ``log_alpha``)."""
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-LIMIT_L / LIMIT_R)).sum()
+    @classmethod
+    def from_factors(cls, layer: nn.Module, *, drop_init: float = 0.05, beta: float = 1.0,
+                     init_std: float = 0.01) -> "FactorizedLinear":
+        """A gated copy of an already factorized layer: any module with ``P`` (out, r), ``Q`` (r, in) and
+        ``bias`` ((out,) or None), e.g. :class:`sparsekern.lowrank.LowRankLinear`. The factors and the bias
+        are copied bit for bit (same device and dtype); only the gates are new, at ``p = drop_init``
+        (default 0.05, the official Transformer-XL script's ``prune_init_mean``), so with every gate at 1
+        the result computes what ``layer`` computes."""
+        P, Q = getattr(layer, "P", None), getattr(layer, "Q", None)
+        if not (isinstance(P, Tensor) and isinstance(Q, Tensor) and P.dim() == 2 and Q.dim() == 2
+                and P.shape[1] == Q.shape[0]):
+            raise TypeError(f"from_factors takes a layer with factors P (out, r) and Q (r, in), got a "
+                            f"{type(layer).__name__}")
+        bias = getattr(layer, "bias", None)
+        bias = bias if isinstance(bias, Tensor) else None
+        new = cls(Q.shape[1], P.shape[0], Q.shape[0], bias is not None, drop_init=drop_init, beta=beta,
+                  init_std=init_std)
+        new.to(device=Q.device, dtype=Q.dtype)
+        with torch.no_grad():
+            new.P.copy_(P.detach())
+            new.Q.copy_(Q.detach())
+            if bias is not None:
+                new.bias.copy_(bias.detach())
+        return new
 
+    # ------------------------------------------------------------------ sizes
     def expected_size(self) -> Tensor:
         """Expected parameter count of the pruned factors, ``(in + out) * E[L0]`` (scalar tensor)."""
         return (self.in_features + self.out_features) * self.expected_l0()
+
+    def kept_params(self, n_kept: int) -> int:
+        """Parameters of the factors with ``n_kept`` components, ``(in + out) * n_kept``."""
+        return (self.in_features + self.out_features) * int(n_kept)
 
     @property
     def n_factor_params(self) -> int:
         """Parameters of the two factors, ``(in + out) * r``."""
         return (self.in_features + self.out_features) * self.rank
-
-    @property
-    def n_dense_params(self) -> int:
-        """Parameters of the dense matrix the layer stands for, ``in * out`` (the sparsity denominator)."""
-        return self.in_features * self.out_features
-
-    def sample_gates(self) -> Tensor:
-        """One hard-concrete draw ``z`` (r,), differentiable in ``log_alpha`` (reparametrised)."""
-        u = torch.rand_like(self.log_alpha).clamp(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
-        return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
-
-    def eval_gates(self) -> Tensor:
-        """Deterministic gates (r,): ``sigmoid(0.8 log_alpha / beta)``, with the ``round(r - E[L0])`` smallest
-        set to zero (ties: lower index first). Not differentiable."""
-        with torch.no_grad():
-            n_zeros = round(self.rank - float(self.expected_l0()))
-            soft = torch.sigmoid(EVAL_SHARPNESS * self.log_alpha.detach() / self.beta)
-            if n_zeros > 0:
-                order = torch.sort(soft, stable=True).indices
-                soft[order[:n_zeros]] = 0.0
-        return soft
-
-    def gates(self) -> Tensor:
-        """:meth:`sample_gates` in train mode, :meth:`eval_gates` in eval mode."""
-        return self.sample_gates() if self.training else self.eval_gates()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -268,10 +345,95 @@ class FactorizedLinear(nn.Module):
                 f"bias={self.bias is not None}, beta={self.beta}")
 
 
+class InputMaskedLinear(HardConcreteLayer):
+    """``y = (x * z) W^T + bias``: a dense layer whose *input features* carry hard-concrete gates ``z``.
+
+    The official enwik8 SRU script gives the first SRU layer this mask instead of a factorization (the
+    authors' ``HardConcreteLinear``): pruning input feature ``i`` removes column ``i`` of ``W``, so the
+    compiled layer reads fewer input features (:class:`sparsekern.lowrank.FeatureSelectLinear`). It is the
+    factorization ``P = W``, ``Q = I`` with one gate per input feature, and is planned like one
+    (``rank = in_features`` in its :class:`~sparsekern.plan.LowRankKeep`).
+
+    Shapes: x (..., in_features) -> (..., out_features); ``weight`` (out, in) as ``nn.Linear``,
+    ``log_alpha`` (in,), ``bias`` (out,) or None. Gates as :class:`FactorizedLinear` (sampled in train mode,
+    :meth:`eval_gates` in eval mode). Expected size (as the official code): ``out * E[L0]``.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear`` (weights initialised as ``nn.Linear``).
+        drop_init, beta, init_std: the gates' initialisation and temperature (see :class:`FactorizedLinear`).
+    """
+
+    sk_leaf = True
+    #: :mod:`sparsekern.lowrank` reads the gates of this layer as input-feature gates.
+    sk_input_gates = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, drop_init: float = 0.5,
+                 beta: float = 1.0, init_std: float = 0.01) -> None:
+        super().__init__()
+        if min(in_features, out_features) < 1:
+            raise ValueError(f"InputMaskedLinear needs positive sizes, got in={in_features}, out={out_features}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.in_features, self.out_features = in_features, out_features
+        self.beta = float(beta)
+        self.drop_init, self.init_std = float(drop_init), float(init_std)
+        dense = nn.Linear(in_features, out_features, bias)
+        self.weight = nn.Parameter(dense.weight.detach().clone())
+        self.bias = nn.Parameter(dense.bias.detach().clone()) if bias else None
+        self.log_alpha = nn.Parameter(torch.empty(in_features))
+        self.reset_gates()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, drop_init: float = 0.5, beta: float = 1.0,
+                    init_std: float = 0.01) -> "InputMaskedLinear":
+        """A gated copy of ``linear``: its weight and bias copied bit for bit (device and dtype kept), fresh
+        gates at ``p = drop_init``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, drop_init=drop_init,
+                    beta=beta, init_std=init_std)
+        layer.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def n_gates(self) -> int:
+        """``in_features``: one gate per input feature."""
+        return self.in_features
+
+    def expected_size(self) -> Tensor:
+        """Expected parameter count of the kept columns of ``W``, ``out * E[L0]`` (scalar tensor)."""
+        return self.out_features * self.expected_l0()
+
+    def kept_params(self, n_kept: int) -> int:
+        """Parameters of ``W`` with ``n_kept`` input features, ``out * n_kept``."""
+        return self.out_features * int(n_kept)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"InputMaskedLinear(in={self.in_features}): input has {x.shape[-1]} features "
+                             f"(shape {tuple(x.shape)})")
+        return F.linear(x * self.gates().to(x.dtype), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"beta={self.beta}")
+
+
 # ----------------------------------------------------------------------------- model conversion
 def factorized_layers(model: nn.Module) -> dict[str, FactorizedLinear]:
     """Qualified name -> every :class:`FactorizedLinear` of ``model``, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def gated_layers(model: nn.Module) -> dict[str, HardConcreteLayer]:
+    """Qualified name -> every gated layer of ``model`` (:class:`FactorizedLinear` and
+    :class:`InputMaskedLinear`), in module order: the layers the sparsity budget counts and the plan prunes."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, HardConcreteLayer)}
 
 
 def factorize(
@@ -279,23 +441,36 @@ def factorize(
     layers: Iterable[str] | None = None,
     *,
     exclude: Sequence[str] = ("head",),
+    input_masked: Iterable[str] | None = None,
     rank: int | Mapping[str, int] | Callable[[int, int], int] | None = None,
     init: str = "svd",
     drop_init: float | None = None,
     beta: float = 1.0,
+    gates: bool = True,
 ) -> nn.Module:
-    """Replace ``nn.Linear`` layers of ``model`` (in place) by :class:`FactorizedLinear` layers.
+    """Replace ``nn.Linear`` layers of ``model`` (in place) by :class:`FactorizedLinear` layers, and the
+    layers named in ``input_masked`` by :class:`InputMaskedLinear` layers.
 
     Args:
         model: the model; returned for chaining.
-        layers: qualified names of the linear layers to factorize; default: every ``nn.Linear`` not in
+        layers: qualified names of the linear layers to convert; default: every ``nn.Linear`` not in
             ``exclude``.
         exclude: names left dense when ``layers`` is None (the zoo LMs' output layer is ``"head"``; the
             paper keeps embeddings and softmax dense; embeddings are not linear layers anyway).
+        input_masked: layers that keep their dense weight and get a hard-concrete mask on their input
+            features instead of a factorization. ``None``: the model's ``sk_flop_input_masked`` among the
+            converted layers (:class:`~sparsekern.models.lm.SRULM`: its first layer's ``layers.0.proj``, as
+            the official enwik8 script; nothing for other models); ``()``: factorize every converted layer.
         rank: an int for every layer, a mapping name -> rank, or ``f(in, out) -> rank``; default
             :func:`default_rank` (the dense parameter count).
         init, drop_init, beta: see :meth:`FactorizedLinear.from_linear` (``"svd"`` by default: keep what a
-            trained model learned; pass ``init="random"`` to train with FLOP from scratch).
+            trained model learned; pass ``init="random"`` to train with FLOP from scratch). An input-masked
+            layer keeps its weight in both cases; its gates start at ``drop_init`` (default 0.05 with
+            ``"svd"``, 0.5 with ``"random"``).
+        gates: ``False`` makes a factorized model *without* gates, to be trained first and gated later with
+            :func:`gate_factorized` (the official Transformer-XL route): the layers become
+            :class:`sparsekern.lowrank.LowRankLinear` (``P``, ``Q`` from ``init``) and input-masked layers
+            stay ``nn.Linear``.
 
     Returns:
         ``model``. If it came from :func:`sparsekern.models.build` its ``sk_arch`` becomes a factory record
@@ -304,7 +479,33 @@ def factorize(
     Raises:
         ValueError: an unknown or non-linear layer name, or nothing to factorize.
     """
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     modules = dict(model.named_modules())
+    names = _linear_names(modules, layers, exclude)
+    masked = _input_masked_names(model, modules, names, input_masked)
+    p = drop_init if drop_init is not None else (0.05 if init == "svd" else 0.5)
+    ranks: dict[str, int] = {}
+    for n in names:
+        lin = modules[n]
+        if n in masked:
+            if gates:
+                model.set_submodule(n, InputMaskedLinear.from_linear(lin, drop_init=p, beta=beta))
+            continue
+        layer = FactorizedLinear.from_linear(lin, _rank_for(rank, n, lin), init=init, drop_init=p, beta=beta)
+        if not gates:
+            from sparsekern.lowrank import LowRankLinear
+
+            layer = LowRankLinear.from_factors(layer.Q, layer.P, layer.bias)
+        model.set_submodule(n, layer)
+        ranks[n] = layer.rank
+    _record_arch(model, ranks, sorted(masked), beta, gates)
+    return model
+
+
+def _linear_names(modules: Mapping[str, nn.Module], layers: Iterable[str] | None,
+                  exclude: Sequence[str]) -> list[str]:
+    """The linear layers :func:`factorize` converts, checked."""
     if layers is None:
         names = [n for n, m in modules.items() if type(m) is nn.Linear and n not in set(exclude)]
     else:
@@ -316,51 +517,160 @@ def factorize(
                 raise ValueError(f"factorize: {n!r} is a {type(modules[n]).__name__}, not an nn.Linear")
     if not names:
         raise ValueError("factorize: no nn.Linear layer to factorize (check `layers` / `exclude`)")
-    ranks: dict[str, int] = {}
-    for n in names:
-        lin = modules[n]
-        if rank is None:
-            r = None
-        elif isinstance(rank, int):
-            r = rank
-        elif isinstance(rank, Mapping):
-            r = rank.get(n)
-        else:
-            r = int(rank(lin.in_features, lin.out_features))
-        layer = FactorizedLinear.from_linear(lin, r, init=init, drop_init=drop_init, beta=beta)
-        model.set_submodule(n, layer)
-        ranks[n] = layer.rank
+    return names
+
+
+def _input_masked_names(model: nn.Module, modules: Mapping[str, nn.Module], names: Sequence[str],
+                        input_masked: Iterable[str] | None) -> set[str]:
+    """The converted layers that get an input mask: the model's default among ``names``, or those given
+    (each must be one of ``names``)."""
+    if input_masked is None:
+        return {n for n in getattr(model, "sk_flop_input_masked", ()) if n in names}
+    chosen = set(input_masked)
+    for n in sorted(chosen):
+        if n not in modules:
+            raise ValueError(f"factorize: the model has no layer {n!r}")
+        if n not in names:
+            raise ValueError(f"factorize: input_masked names {n!r}, which is not among the linear layers converted "
+                             f"({_preview(names)})")
+    return chosen
+
+
+def _preview(names: Sequence[str], k: int = 6) -> str:
+    return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+def _rank_for(rank: int | Mapping[str, int] | Callable[[int, int], int] | None, name: str,
+              lin: nn.Linear) -> int | None:
+    if rank is None:
+        return None
+    if isinstance(rank, int):
+        return rank
+    if isinstance(rank, Mapping):
+        return rank.get(name)
+    return int(rank(lin.in_features, lin.out_features))
+
+
+def _record_arch(model: nn.Module, ranks: Mapping[str, int], input_masked: Sequence[str], beta: float,
+                 gates: bool) -> None:
+    """Point a zoo model's ``sk_arch`` at :func:`build_factorized` (merging with an existing record)."""
     arch = getattr(model, "sk_arch", None)
-    if isinstance(arch, Mapping):
-        if "factory" in arch and arch.get("factory") == _FACTORY:
-            kwargs = dict(arch["kwargs"])
-            kwargs["ranks"] = {**kwargs["ranks"], **ranks}
-            model.sk_arch = {"factory": _FACTORY, "kwargs": kwargs}
-        else:
-            model.sk_arch = {"factory": _FACTORY, "kwargs": {"arch": dict(arch), "ranks": ranks, "beta": beta}}
-    return model
+    if not isinstance(arch, Mapping):
+        return
+    if arch.get("factory") == _FACTORY:
+        kwargs = dict(arch["kwargs"])
+        kwargs["ranks"] = {**kwargs["ranks"], **ranks}
+        masked = sorted({*kwargs.get("input_masked", ()), *(input_masked if gates else ())})
+    else:
+        kwargs = {"arch": dict(arch), "ranks": dict(ranks), "beta": beta}
+        masked = sorted(input_masked) if gates else []
+    if masked:
+        kwargs["input_masked"] = masked
+    if not gates:
+        kwargs["gates"] = False
+    model.sk_arch = {"factory": _FACTORY, "kwargs": kwargs}
+
+
+def gate_factorized(
+    model: nn.Module,
+    layers: Iterable[str] | None = None,
+    *,
+    input_masked: Iterable[str] | None = None,
+    drop_init: float = 0.05,
+    beta: float = 1.0,
+) -> nn.Module:
+    """FLOP from a factorized model trained first (the official Transformer-XL route): a copy of ``model``
+    whose factorized layers get gates, with the trained factors taken as they are (no re-factorization).
+
+    Every layer with factors ``P`` (out, r) and ``Q`` (r, in) (a :class:`sparsekern.lowrank.LowRankLinear`, as
+    :func:`factorize` with ``gates=False`` makes, or any module with those attributes and ``bias``) becomes
+    a :class:`FactorizedLinear` holding bit-identical copies of ``P``, ``Q`` and ``bias``
+    (:meth:`FactorizedLinear.from_factors`); with every gate at 1 it computes what the input model computes.
+
+    Args:
+        model: the trained factorized model; not modified.
+        layers: the factorized layers to gate (default: every one that is not already gated).
+        input_masked: dense ``nn.Linear`` layers to give an input-feature mask; ``None``: the model's
+            ``sk_flop_input_masked`` that are still ``nn.Linear`` (see :func:`factorize`).
+        drop_init: ``p`` of the new gates (default 0.05, the official script's ``prune_init_mean``).
+        beta: hard-concrete temperature.
+
+    Returns:
+        The gated copy, ready for :func:`train_flop`. A ``sk_arch`` factory record of :func:`factorize`
+        is updated to the gated architecture (dropped when ``layers`` leaves some factorized layer ungated).
+
+    Raises:
+        ValueError: no factorized layer to gate, or a name that is not one.
+    """
+    net = copy.deepcopy(model)
+    modules = dict(net.named_modules())
+    factored = {n: m for n, m in modules.items() if _has_factors(m) and not isinstance(m, HardConcreteLayer)}
+    names = list(factored) if layers is None else list(layers)
+    if not names:
+        raise ValueError("gate_factorized: the model has no factorized layer (P (out, r), Q (r, in)); make one with "
+                         "sparsekern.methods.flop.factorize(model, gates=False) and train it first")
+    for n in names:
+        if n not in factored:
+            raise ValueError(f"gate_factorized: {n!r} is not an ungated factorized layer of the model "
+                             f"(those are: {_preview(list(factored))})")
+        net.set_submodule(n, FactorizedLinear.from_factors(factored[n], drop_init=drop_init, beta=beta))
+    if input_masked is None:
+        input_masked = [n for n in getattr(net, "sk_flop_input_masked", ()) if type(modules.get(n)) is nn.Linear]
+    masked = sorted(set(input_masked))
+    for n in masked:
+        if not isinstance(modules.get(n), nn.Linear):
+            raise ValueError(f"gate_factorized: input_masked names {n!r}, which is not an nn.Linear of the model")
+        net.set_submodule(n, InputMaskedLinear.from_linear(modules[n], drop_init=drop_init, beta=beta))
+    _record_gated_arch(net, masked, complete=set(names) == set(factored))
+    return net
+
+
+def _record_gated_arch(net: nn.Module, masked: Sequence[str], complete: bool) -> None:
+    """Update a :func:`factorize` record of ``net`` to its gated architecture; when only some factorized
+    layers were gated (which :func:`build_factorized` cannot rebuild) drop the record, so that ``sk.save``
+    asks for ``arch=`` instead of writing a wrong one."""
+    arch = getattr(net, "sk_arch", None)
+    if not (isinstance(arch, Mapping) and arch.get("factory") == _FACTORY):
+        return
+    if not complete:
+        del net.sk_arch
+        return
+    kwargs = {k: v for k, v in arch["kwargs"].items() if k != "gates"}
+    kwargs["input_masked"] = sorted({*kwargs.get("input_masked", ()), *masked})
+    net.sk_arch = {"factory": _FACTORY, "kwargs": kwargs}
+
+
+def _has_factors(m: nn.Module) -> bool:
+    P, Q = getattr(m, "P", None), getattr(m, "Q", None)
+    return (isinstance(P, Tensor) and isinstance(Q, Tensor) and P.dim() == 2 and Q.dim() == 2
+            and P.shape[1] == Q.shape[0])
 
 
 _FACTORY = "sparsekern.methods.flop:build_factorized"
 
 
-def build_factorized(arch: Mapping[str, Any], ranks: Mapping[str, int], beta: float = 1.0) -> nn.Module:
+def build_factorized(arch: Mapping[str, Any], ranks: Mapping[str, int], beta: float = 1.0,
+                     input_masked: Sequence[str] = (), gates: bool = True) -> nn.Module:
     """Rebuild a factorized architecture (the ``sk_arch`` factory that :func:`factorize` records).
 
     ``arch`` is the dense model's architecture reference (see :func:`sparsekern.serialize.build_arch`),
-    ``ranks`` the factorized layers and their ranks. Weights are random (``sk.load`` overwrites them).
+    ``ranks`` the factorized layers and their ranks, ``input_masked`` the layers with an input-feature mask,
+    ``gates=False`` an ungated factorized model (:func:`factorize`). Weights are random (``sk.load``
+    overwrites them).
     """
     from sparsekern.serialize import build_arch
 
     model = build_arch(arch)
     model.sk_arch = dict(arch)
-    return factorize(model, list(ranks), rank=dict(ranks), init="random", beta=beta)
+    names = [*ranks, *input_masked]
+    return factorize(model, names, rank=dict(ranks), init="random", beta=beta, input_masked=list(input_masked),
+                     gates=gates)
 
 
 # ----------------------------------------------------------------------------- sparsity
-def _layers_of(model_or_layers: nn.Module | Iterable[FactorizedLinear]) -> list[FactorizedLinear]:
+def _layers_of(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> list[HardConcreteLayer]:
     if isinstance(model_or_layers, nn.Module):
-        layers = list(factorized_layers(model_or_layers).values())
+        layers = list(gated_layers(model_or_layers).values())
     else:
         layers = list(model_or_layers)
     if not layers:
@@ -369,49 +679,77 @@ def _layers_of(model_or_layers: nn.Module | Iterable[FactorizedLinear]) -> list[
     return layers
 
 
-def expected_sparsity(model_or_layers: nn.Module | Iterable[FactorizedLinear]) -> Tensor:
-    """``s_hat = 1 - sum (in + out) E[L0] / sum in * out`` over the factorized layers (differentiable)."""
+def expected_sparsity(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> Tensor:
+    """``s_hat = 1 - sum expected sizes / sum in * out`` over the gated layers (differentiable): a factorized
+    layer's expected size is ``(in + out) E[L0]``, an input-masked layer's ``out E[L0]``."""
     layers = _layers_of(model_or_layers)
     total = sum(layer.n_dense_params for layer in layers)
     return 1.0 - torch.stack([layer.expected_size() for layer in layers]).sum() / total
 
 
-def hard_sparsity(model_or_layers: nn.Module | Iterable[FactorizedLinear]) -> float:
-    """Sparsity of the evaluation gates, ``1 - sum (in + out) nnz(z) / sum in * out``: the fraction of the dense
-    weights of the factorized layers that the compiled model does without."""
+def hard_sparsity(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> float:
+    """Sparsity of the evaluation gates, ``1 - sum kept params / sum in * out`` (kept params: ``(in + out)
+    nnz(z)`` for a factorized layer, ``out nnz(z)`` for an input-masked one): the fraction of the dense
+    weights of the gated layers that the compiled model does without."""
     layers = _layers_of(model_or_layers)
     total = sum(layer.n_dense_params for layer in layers)
-    kept = sum((layer.in_features + layer.out_features) * int((layer.eval_gates() != 0).sum()) for layer in layers)
+    kept = sum(layer.kept_params(int((layer.eval_gates() != 0).sum())) for layer in layers)
     return 1.0 - kept / total
+
+
+#: How :class:`LagrangianHook` updates the multipliers: ``"trainer"`` (a param group of the trainer's
+#: optimizer) or ``"adam"`` (the hook's own Adam, as the official scripts).
+LAMBDA_OPTIMIZERS = ("trainer", "adam")
 
 
 class LagrangianHook(Hook):
     """FLOP's sparsity constraint as a trainer hook: adds ``l1 (s_hat - t) + l2 (s_hat - t)^2``.
 
-    ``s_hat`` is :func:`expected_sparsity` of the factorized layers; ``t`` ramps linearly from 0 to ``target``
+    ``s_hat`` is :func:`expected_sparsity` of the gated layers; ``t`` ramps linearly from 0 to ``target``
     over the warm-up (``t = target * min(1, (step + 1) / warmup_steps)``), then stays. The multipliers
-    ``lambda1``, ``lambda2`` (scalar parameters, start at 0) belong to the hook; give
-    :meth:`param_group` to the trainer so that they are *maximised* (gradient ascent), which raises the
-    penalty until the constraint ``s_hat = t`` holds.
+    ``lambda1``, ``lambda2`` (scalar parameters, start at 0) belong to the hook and are *maximised* (gradient
+    ascent on ``dL/dl1 = s_hat - t``, ``dL/dl2 = (s_hat - t)^2``), which raises the penalty until the
+    constraint ``s_hat = t`` holds. Two optimisers (``lambda_optimizer``):
+
+    * ``"trainer"`` (default, this project's): give :meth:`param_group` to the trainer; the multipliers are
+      a group of its optimizer with ``maximize=True`` and no momentum (Adam's ``beta1 = 0``; see
+      :meth:`param_group` for why), at the lr given there, following the trainer's schedule and gradient clip.
+    * ``"adam"`` (the official code's, asappresearch/flop, enwik8 SRU and Transformer-XL scripts): a separate
+      ``torch.optim.Adam`` over the two multipliers with the default betas (0.9, 0.999), no weight decay,
+      maximising (the authors give Adam a negative learning rate, which makes the same updates), at
+      ``lambda_lr`` times the factor of the trainer's lr schedule at that step (the scripts put the
+      multipliers on the model's noam / inverse-square-root schedule); no gradient clipping. It steps after
+      every optimizer step of ``stage``, on the gradient of that step's Lagrangian. The scripts' lr is
+      ``prune_lr`` times the schedule (the SRU script: 1.5 times the model's lr).
+
+    The issue asking for the official optimiser asks for it as an option; the default stays ``"trainer"``,
+    whose convergence on short runs is measured in :meth:`param_group`.
 
     Args:
-        model_or_layers: the factorized model (or its :class:`FactorizedLinear` layers).
+        model_or_layers: the gated model (or its :class:`HardConcreteLayer` layers).
         target: the sparsity to reach, in [0, 1).
         warmup_steps: length of the ramp in optimizer steps; ``None``: ``warmup_fraction`` of the run.
         warmup_fraction: see ``warmup_steps``.
         stage: the trainer stage whose objective gets the term.
+        lambda_optimizer: ``"trainer"`` or ``"adam"`` (above).
+        lambda_lr: the base learning rate of the ``"adam"`` optimiser (``"trainer"``: see :meth:`param_group`).
 
     Logged metrics: ``expected_sparsity``, ``target_sparsity``, ``lambda1``, ``lambda2``.
     """
 
-    def __init__(self, model_or_layers: nn.Module | Iterable[FactorizedLinear], target: float, *,
-                 warmup_steps: int | None = None, warmup_fraction: float = 0.3, stage: str = "main") -> None:
+    def __init__(self, model_or_layers: nn.Module | Iterable[HardConcreteLayer], target: float, *,
+                 warmup_steps: int | None = None, warmup_fraction: float = 0.3, stage: str = "main",
+                 lambda_optimizer: str = "trainer", lambda_lr: float = 0.2) -> None:
         if not 0.0 <= float(target) < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target}")
         if warmup_steps is not None and warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {warmup_fraction}")
+        if lambda_optimizer not in LAMBDA_OPTIMIZERS:
+            raise ValueError(f"lambda_optimizer must be one of {LAMBDA_OPTIMIZERS}, got {lambda_optimizer!r}")
+        if lambda_lr <= 0:
+            raise ValueError(f"lambda_lr must be > 0, got {lambda_lr}")
         self.layers = _layers_of(model_or_layers)
         self.target = float(target)
         self.warmup_steps = warmup_steps
@@ -419,7 +757,14 @@ class LagrangianHook(Hook):
         self.stage = stage
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
+        self.lambda_optimizer, self.lambda_lr = lambda_optimizer, float(lambda_lr)
+        #: the ``"adam"`` optimiser of the multipliers (None with ``"trainer"``).
+        self.optimizer: torch.optim.Adam | None = None
+        if lambda_optimizer == "adam":
+            self.optimizer = torch.optim.Adam([self.lambda1, self.lambda2], lr=self.lambda_lr, betas=(0.9, 0.999),
+                                              weight_decay=0.0, maximize=True)
         self._ramp = warmup_steps
+        self._pending: tuple[Tensor, float] | None = None
 
     def param_group(self, lr: float) -> dict[str, Any]:
         """The multipliers as a trainer param group: gradient *ascent* at ``lr``, no weight decay, no momentum
@@ -428,7 +773,13 @@ class LagrangianHook(Hook):
         Momentum on the multipliers makes the min-max oscillate around the target: on a 1-layer, d=32 byte LM
         (300 Adam steps, 6 model/target/seed cases from 0.4 to 0.9) the largest final ``|s_hat - t|`` was
         0.06-0.27 with Adam's default ``beta1 = 0.9`` and 0.008 with ``beta1 = 0``.
+
+        Raises:
+            ValueError: the hook updates the multipliers with its own optimiser (``lambda_optimizer="adam"``).
         """
+        if self.optimizer is not None:
+            raise ValueError("this LagrangianHook updates its multipliers with its own Adam "
+                             "(lambda_optimizer='adam'); do not give them to the trainer")
         return {"params": [self.lambda1, self.lambda2], "lr": float(lr), "maximize": True, "weight_decay": 0.0,
                 "betas": (0.0, 0.999), "momentum": 0.0, "name": "flop_lambdas"}
 
@@ -442,6 +793,11 @@ class LagrangianHook(Hook):
     def on_train_start(self, state: TrainState) -> None:
         if self.warmup_steps is None:
             self._ramp = round(self.warmup_fraction * state.total_steps)
+        if self.optimizer is not None and self.lambda1.device != state.device:
+            saved = self.optimizer.state_dict()
+            for p in (self.lambda1, self.lambda2):
+                p.data = p.data.to(state.device)
+            self.optimizer.load_state_dict(saved)  # moves the moment estimates along
 
     def loss(self, state: TrainState, batch: Any, outputs: Any) -> Tensor | None:
         if state.stage != self.stage:
@@ -451,27 +807,71 @@ class LagrangianHook(Hook):
         gap = s_hat - t
         state.metrics.update(expected_sparsity=s_hat.detach(), target_sparsity=t,
                              lambda1=self.lambda1.detach().clone(), lambda2=self.lambda2.detach().clone())
-        return self.lambda1 * gap + self.lambda2 * gap * gap
+        if self.optimizer is None:
+            return self.lambda1 * gap + self.lambda2 * gap * gap
+        self._pending = (gap.detach(), _schedule_factor(state, self.stage))
+        return self.lambda1.detach() * gap + self.lambda2.detach() * gap * gap
+
+    def after_step(self, state: TrainState) -> None:
+        if self.optimizer is None or state.stage != self.stage or self._pending is None:
+            return
+        gap, factor = self._pending
+        self._pending = None
+        self.step_multipliers(gap, factor)
+
+    def step_multipliers(self, gap: Tensor | float, lr_factor: float = 1.0) -> None:
+        """One step of the ``"adam"`` optimiser, ascending the Lagrangian: gradients ``(gap, gap^2)`` with
+        ``gap = s_hat - t``, learning rate ``lambda_lr * lr_factor``."""
+        if self.optimizer is None:
+            raise ValueError("step_multipliers needs lambda_optimizer='adam' (with 'trainer' the trainer's "
+                             "optimizer steps the multipliers)")
+        g = torch.as_tensor(gap, dtype=self.lambda1.dtype, device=self.lambda1.device).detach()
+        self.lambda1.grad, self.lambda2.grad = g.clone(), g * g
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lambda_lr * float(lr_factor)
+        self.optimizer.step()
+        self.lambda1.grad = self.lambda2.grad = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "ramp": self._ramp}
+        out: dict[str, Any] = {"target": self.target, "ramp": self._ramp}
+        if self.optimizer is not None:
+            out["lambdas"] = torch.stack([self.lambda1.detach(), self.lambda2.detach()]).cpu()
+            out["lambda_optimizer"] = copy.deepcopy(self.optimizer.state_dict())  # a snapshot, not live tensors
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._ramp = state.get("ramp", self._ramp)
+        if self.optimizer is not None and "lambdas" in state:
+            with torch.no_grad():
+                self.lambda1.copy_(state["lambdas"][0])
+                self.lambda2.copy_(state["lambdas"][1])
+            self.optimizer.load_state_dict(state["lambda_optimizer"])
+
+
+def _schedule_factor(state: TrainState, stage: str) -> float:
+    """The trainer's lr-schedule factor of ``stage`` now (its first group's ``lr / initial_lr``; 1 without
+    a schedule)."""
+    idx = state.stage_names.index(stage) if stage in state.stage_names else 0
+    group = state.optimizers[idx].param_groups[0]
+    initial = group.get("initial_lr")
+    return float(group["lr"]) / float(initial) if initial else 1.0
 
 
 def flop_param_groups(model: nn.Module, hook: LagrangianHook, *, alpha_lr: float, lambda_lr: float,
                       lr: float | None = None) -> list[dict[str, Any]]:
     """Trainer param groups for FLOP: the model's weights (``lr``, default: the config's), the gates'
-    ``log_alpha`` (``alpha_lr``, no weight decay) and the hook's multipliers (``lambda_lr``, maximised)."""
-    alphas = [layer.log_alpha for layer in factorized_layers(model).values()]
+    ``log_alpha`` of every gated layer (``alpha_lr``, no weight decay) and, unless the hook has its own
+    optimiser (``lambda_optimizer="adam"``), the hook's multipliers (``lambda_lr``, maximised)."""
+    alphas = [layer.log_alpha for layer in gated_layers(model).values()]
     ids = {id(p) for p in alphas}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     wgroup: dict[str, Any] = {"params": weights, "name": "weights"}
     if lr is not None:
         wgroup["lr"] = float(lr)
-    return [wgroup, {"params": alphas, "lr": float(alpha_lr), "weight_decay": 0.0, "name": "flop_log_alpha"},
-            hook.param_group(lambda_lr)]
+    groups = [wgroup, {"params": alphas, "lr": float(alpha_lr), "weight_decay": 0.0, "name": "flop_log_alpha"}]
+    if hook.optimizer is None:
+        groups.append(hook.param_group(lambda_lr))
+    return groups
 
 
 def train_flop(
@@ -484,21 +884,25 @@ def train_flop(
     warmup_fraction: float = 0.3,
     alpha_lr: float = 0.1,
     lambda_lr: float = 0.2,
+    lambda_optimizer: str = "trainer",
     hooks: Sequence[Any] = (),
     **train_kwargs: Any,
 ) -> TrainResult:
     """Train a factorized model with FLOP's Lagrangian sparsity constraint (:func:`sparsekern.train.train`).
 
     Args:
-        model: a model with :class:`FactorizedLinear` layers (:func:`factorize`).
+        model: a model with gated layers (:func:`factorize` or :func:`gate_factorized`).
         train_data, config: as for :func:`sparsekern.train.train`; for LMs a
             :class:`~sparsekern.text_data.LMSequences` and e.g. ``TrainConfig(optimizer="adam", lr=1e-3)``.
-        target: expected sparsity to reach (fraction of the factorized layers' dense weights removed).
+        target: expected sparsity to reach (fraction of the gated layers' dense weights removed).
         warmup_steps, warmup_fraction: the target's linear ramp (see :class:`LagrangianHook`).
         alpha_lr: learning rate of ``log_alpha``; lambda_lr: learning rate of the multipliers. The defaults
             (0.1 and 0.2, in log-odds and multiplier units per step) suit ``optimizer="adam"`` (the paper's), whose
             steps do not scale with the gradient: they reached the target within 0.01 in 300 steps in the
             sweep quoted in :meth:`LagrangianHook.param_group`. With SGD, pass values suited to it.
+        lambda_optimizer: ``"trainer"`` (default: the multipliers are a maximised group of the trainer's
+            optimizer, without momentum) or ``"adam"`` (the official code's separate Adam, betas (0.9, 0.999),
+            at ``lambda_lr`` times the trainer's schedule); see :class:`LagrangianHook`.
         hooks: further hooks, after the Lagrangian.
         train_kwargs: further :func:`sparsekern.train.train` arguments (``eval_data``, ``loss_fn``, ...).
 
@@ -507,7 +911,8 @@ def train_flop(
         records ``target`` (copied into the plan by :func:`prune`).
     """
     config = config or TrainConfig()
-    hook = LagrangianHook(model, target, warmup_steps=warmup_steps, warmup_fraction=warmup_fraction)
+    hook = LagrangianHook(model, target, warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
+                          lambda_optimizer=lambda_optimizer, lambda_lr=lambda_lr)
     groups = flop_param_groups(model, hook, alpha_lr=alpha_lr, lambda_lr=lambda_lr)
     result = train(model, train_data, config, hooks=[hook, *hooks], params=groups, **train_kwargs)
     model.sk_flop_target = float(target)
@@ -516,13 +921,14 @@ def train_flop(
 
 # ----------------------------------------------------------------------------- plan
 def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, Any] | None = None) -> Plan:
-    """The plan of a FLOP-trained model: every factorized layer's evaluation gates as a rank keep-set.
+    """The plan of a FLOP-trained model: every gated layer's evaluation gates as a keep-set.
 
     ``plan.lowrank[name]``: a :class:`~sparsekern.plan.LowRankKeep` (JSON ``{"in", "out", "rank", "keep",
-    "scale"}``): the layer's sizes, the sorted indices
-    of the non-zero gates and their values (the soft gates ``sigmoid(0.8 log_alpha / beta)``, which the
-    compiler folds into ``Q``). Stored in the plan, not read from the model at compile time, so the plan
-    alone decides the pruned model.
+    "scale"}``): the layer's sizes, its number of gates as ``rank`` (the rank of a :class:`FactorizedLinear`,
+    the input width of an :class:`InputMaskedLinear`), the sorted indices of the non-zero gates and their
+    values (the soft gates ``sigmoid(0.8 log_alpha / beta)``, which the compiler folds into ``Q``, or into
+    the kept columns of an input-masked layer's weight). Stored in the plan, not read from the model at
+    compile time, so the plan alone decides the pruned model.
 
     Args:
         model: the factorized model (its gates are read in eval semantics; the model is not modified).
@@ -531,22 +937,23 @@ def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, An
 
     Returns:
         A plan with ``lowrank`` set and ``meta``: ``method="flop"``, ``expected_sparsity``, ``sparsity``
-        (:func:`hard_sparsity`), ``params_prunable`` (dense size of the factorized layers), ``params_kept``
-        (their compiled factors), the target
+        (:func:`hard_sparsity`), ``params_prunable`` (dense size of the gated layers), ``params_kept``
+        (their compiled weights), the target
         of the last :func:`train_flop` run (if any) and ``inputs``.
     """
-    layers = factorized_layers(model)
+    layers = gated_layers(model)
     if not layers:
-        raise PlanError("FLOP: the model has no FactorizedLinear layer; call sparsekern.methods.flop.factorize("
-                        "model) and train it with train_flop before pruning")
+        raise PlanError("FLOP: the model has no FactorizedLinear layer (nor any other gated layer); call "
+                        "sparsekern.methods.flop.factorize(model) and train it with train_flop before pruning")
     lowrank: dict[str, LowRankKeep] = {}
     kept_params = 0
     for name, layer in layers.items():
         gates = layer.eval_gates().float().cpu()
         keep = torch.nonzero(gates).flatten()
-        lowrank[name] = LowRankKeep(keep=tuple(keep.tolist()), scale=tuple(gates[keep].tolist()), rank=layer.rank,
-                                    in_features=layer.in_features, out_features=layer.out_features)
-        kept_params += (layer.in_features + layer.out_features) * len(keep)
+        lowrank[name] = LowRankKeep(keep=tuple(keep.tolist()), scale=tuple(gates[keep].tolist()),
+                                    rank=layer.n_gates, in_features=layer.in_features,
+                                    out_features=layer.out_features)
+        kept_params += layer.kept_params(len(keep))
     total = sum(layer.n_dense_params for layer in layers.values())
     with torch.no_grad():
         s_hat = float(expected_sparsity(list(layers.values())))
@@ -577,7 +984,9 @@ class FlopRun:
         report: JSON-serialisable summary: ``model``, ``kwargs``, ``target``, ``expected_sparsity``,
             ``sparsity``, ``params_dense`` (the unfactorized architecture), ``params_compiled``,
             ``test_bpb`` (compiled model, test split), ``compiled_vs_masked_max_rel_err``, ``ranks``
-            (layer -> [kept, rank]), ``steps``, ``train_s``.
+            (layer -> [kept gates, gates]: the kept rank of a factorized layer, the kept input features of an
+            input-masked one), ``start`` (``"scratch"``, ``"dense"`` or ``"factorized"``), ``steps``,
+            ``train_s``.
         history: the trainer's per-epoch history.
     """
 
@@ -612,9 +1021,11 @@ def run_lm(
             schedule="constant", ...)``; a decaying schedule also decays the gates' and multipliers' lr).
         target: target sparsity of the factorized layers.
         model_kwargs: zoo constructor arguments (``d_model``, ``layers``, ``context``, ...).
-        start_from: a trained dense model of that architecture to start from (copied; factorized with
-            ``init="svd"``, gates at ``p = 0.05``); default: a fresh model, factorized with ``init="random"``
-            (``p = 0.5``), trained with FLOP from scratch.
+        start_from: a trained model of that architecture to start from (not modified): a dense one is
+            copied and factorized with ``init="svd"``, gates at ``p = 0.05``; a factorized one without gates
+            (:func:`factorize` with ``gates=False``, then trained: the official Transformer-XL route) gets
+            gates on its own factors (:func:`gate_factorized`, ``p = 0.05``). Default: a fresh model,
+            factorized with ``init="random"`` (``p = 0.5``), trained with FLOP from scratch.
         seq_len: training / evaluation window (default: the model's ``context``, else 128).
         eval_bytes: evaluate on the first this many test bytes only (default: the whole test split).
         seed: seeds the model initialisation.
@@ -629,10 +1040,10 @@ def run_lm(
 
     kwargs = dict(model_kwargs or {})
     torch.manual_seed(seed)
-    model = build(model_name, **kwargs) if start_from is None else copy.deepcopy(start_from)
-    params_dense = sum(p.numel() for p in model.parameters())
-    seq_len = int(seq_len or getattr(model, "context", 128))
-    factorize(model, init="random" if start_from is None else "svd")
+    base = build(model_name, **kwargs) if start_from is None else start_from
+    params_dense = sum(p.numel() for p in base.parameters())
+    seq_len = int(seq_len or getattr(base, "context", 128))
+    model, start = _flop_start(base, start_from is None)
     store = checkpoints if checkpoints is not None else Checkpoints(None)
     steps, train_s, history = _train_or_resume(model, corpus, config, target, seq_len, store, flop_kwargs)
     model.eval()
@@ -645,7 +1056,7 @@ def run_lm(
         "model": model_name,
         "kwargs": kwargs,
         "target": float(target),
-        "start": "scratch" if start_from is None else "dense",
+        "start": start,
         "expected_sparsity": s_hat,
         "sparsity": plan.meta["sparsity"],
         "params_dense": params_dense,
@@ -657,6 +1068,17 @@ def run_lm(
         "train_s": train_s,
     }
     return FlopRun(model, plan, compiled, report, history)
+
+
+def _flop_start(base: nn.Module, scratch: bool) -> tuple[nn.Module, str]:
+    """The gated model :func:`run_lm` trains, and its start (``"scratch"``, ``"dense"`` or ``"factorized"``):
+    ``base`` factorized at random (a fresh model, converted in place), a copy factorized from its SVD (a
+    trained dense model) or a gated copy of its own factors (a trained factorized model)."""
+    if scratch:
+        return factorize(base, init="random"), "scratch"
+    if any(_has_factors(m) and not isinstance(m, HardConcreteLayer) for m in base.modules()):
+        return gate_factorized(base), "factorized"
+    return factorize(copy.deepcopy(base), init="svd"), "dense"
 
 
 def _train_or_resume(model: nn.Module, corpus: Any, config: TrainConfig, target: float, seq_len: int,

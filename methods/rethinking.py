@@ -18,7 +18,7 @@ The methods come from :mod:`sparsekern.methods.registry` (every method of kind `
 ones run through the same steps with their own search in step 2 and their own arm in step 3 (each method's
 ``arms``): Pruning from Scratch searches gates on a frozen random copy and trains the pruned network from
 scratch (Scratch-B); TAS searches widths and depths and trains the result from scratch with
-distillation from the full model (arm ``KD``); ANP-VS trains its masks adversarially from the full model,
+distillation from the full model for the full model's epochs (arm ``KD``, the base schedule); ANP-VS trains its masks adversarially from the full model,
 and its report adds clean and PGD accuracy against plain adversarial training pruned to the same channels.
 """
 from __future__ import annotations
@@ -39,9 +39,10 @@ from sparsekern.models import build
 from sparsekern.models.init import init_weights
 from sparsekern.methods.registry import Method, PruneContext, get_method, list_methods
 from sparsekern.plan import Plan
+from sparsekern.serialize import build_arch
 from sparsekern.train import TrainConfig, evaluate, scratch_b_epochs, train
 
-__all__ = ["protocol_methods", "default_arms", "prune_to_budget", "run", "ProtocolReport", "Arm", "ARMS",
+__all__ = ["protocol_methods", "default_arms", "arm_epochs", "prune_to_budget", "run", "ProtocolReport", "Arm", "ARMS",
            "PROTOCOL_ARMS"]
 
 #: every arm the runner knows; ``KD`` is TAS's training with distillation from the full model
@@ -188,6 +189,15 @@ def _robustness(full: nn.Module, pruned: nn.Module, plan: Plan, data: DataBundle
     return result
 
 
+def arm_epochs(epochs: float, finetune_epochs: float, flops_full: float, flops_pruned: float) -> dict[str, float]:
+    """Epochs of each arm for a full model trained ``epochs`` epochs: fine-tune ``finetune_epochs``; Scratch-E
+    ``epochs``; Scratch-B ``epochs * flops_full / flops_pruned`` (:func:`sparsekern.train.scratch_b_epochs`);
+    ``KD`` (TAS) ``epochs``, the base schedule, as the official TAS code trains its searched network with the
+    unpruned network's schedule."""
+    return {"fine-tune": finetune_epochs, "Scratch-E": epochs,
+            "Scratch-B": scratch_b_epochs(epochs, flops_full, flops_pruned), "KD": epochs}
+
+
 def _reinitialised(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with fresh weights: every layer's own reset, then the zoo's conv/BN init."""
     fresh = copy.deepcopy(model)
@@ -263,7 +273,10 @@ class _Runner:
         done = self.resumed("prune")
         if done is not None:
             plan = Plan.from_dict(done.info["plan"])
-            return plan, done.load_into(sk.compile(full, plan, self.x), "pruned").eval(), done.info["accuracy"]
+            # the model the plan was made for: ``full``, or the architecture the method recorded (Pruning from
+            # Scratch's expanded network); its weights come from the checkpoint
+            source = build_arch(plan.meta["source_arch"]) if "source_arch" in plan.meta else full
+            return plan, done.load_into(sk.compile(source, plan, self.x), "pruned").eval(), done.info["accuracy"]
         self.log(f"[{self.spec.name}] pruning to {budget:.0%} of the FLOPs")
         plan, source = prune_to_budget(self.spec.name, full, self.x, self.data.train, budget, seed=self.seed,
                                        slimming_penalty=options.get("slimming_penalty"),
@@ -371,8 +384,7 @@ def run(
     plan, pruned, before = runner.prune(full, budget, options, search_epochs)
     flops_full, flops_pruned = sk.flops(full, x), sk.flops(pruned, x)
 
-    b_epochs = scratch_b_epochs(epochs, flops_full.total, flops_pruned.total)
-    epochs_of = {"fine-tune": finetune_epochs, "Scratch-E": epochs, "Scratch-B": b_epochs, "KD": b_epochs}
+    epochs_of = arm_epochs(epochs, finetune_epochs, flops_full.total, flops_pruned.total)
     lr_of = {"fine-tune": finetune_lr}
     results, trained = _train_arms(runner, arms, pruned, full, epochs_of, lr_of, lr)
     if model_out is not None:

@@ -2,15 +2,22 @@
 
 No pre-training: the architecture of the pruned network is read off a *randomly initialised* network.
 
+0. **Expansion** (:func:`expand`). The gates are learned on a randomly initialised copy of the network
+   whose gated channels are ``EXPANSION = 1.25`` times wider (the official code builds its CIFAR networks
+   with ``--expanded_inchannel 80``, VGG-16's 64 channels x 1.25, all layers scaled alike), so that a
+   pruned layer may end up wider than the original one. The budget still refers to the original network.
 1. **Gate search** (:func:`search_gates`). A scalar gate ``g_c`` (init 1) multiplies every prunable
    channel; the network's weights stay frozen at their random values and only the gates learn, with Adam
    (lr 0.01) on ``CE + lambda * (mean_c |g_c| - r)^2`` (CIFAR: ``lambda = 0.5``, ``r = 0.2``, 10 epochs;
    :class:`GateHook`). Gates are clamped to [0, 1] after every step. The network runs in train mode, so
    the BatchNorm running statistics keep following the gated features (the affine BN parameters are
-   frozen with the other weights).
+   frozen with the other weights). The gates kept are those of the best epoch among the epochs whose
+   density ``(g != 0).mean()`` is at most ``r`` (the official rule; the last epoch's when none is;
+   :class:`BestGates`).
 2. **Budget search** (:func:`prune`). All gates are ranked globally; the global keep ratio (the fraction
-   of gated channels kept, largest gates first) is binary-searched so that the compiled network's FLOPs
-   meet the budget: ``|FLOPs - budget * FLOPs_full| / (budget * FLOPs_full) <= 0.001``.
+   of gated channels kept, largest gates first) is binary-searched so that the compiled (expanded, pruned)
+   network's FLOPs meet the budget on the original network:
+   ``|FLOPs - budget * FLOPs_full| / (budget * FLOPs_full) <= 0.001``, ``FLOPs_full`` the original's.
 3. **Training** of the pruned architecture from random weights (:func:`train_from_scratch`), with the
    Scratch-B epoch budget of Liu et al. 2019 (:func:`sparsekern.train.scratch_b_epochs`). No weights are
    inherited.
@@ -45,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from sparsekern.compiler import compile as compile_plan
+from sparsekern.compiler import example_inputs_for
 from sparsekern.cost import eval_flops
 from sparsekern.graph import ChannelGraph, trace_channels
 from sparsekern.methods.budget import plan_flops
@@ -52,8 +60,10 @@ from sparsekern.methods.l1_norm import prunable_layers
 from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
 from sparsekern.models.init import init_weights
 from sparsekern.plan import GroupKeep, Plan, PlanError
+from sparsekern.serialize import build_arch, register_factory
 from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, scratch_b_epochs, train
 from sparsekern.utils import as_tuple as _as_tuple
+from sparsekern.utils import input_spec
 
 __all__ = [
     "PruningFromScratch",
@@ -61,6 +71,10 @@ __all__ = [
     "GateHook",
     "GateSite",
     "BudgetSearch",
+    "BestGates",
+    "EXPANSION",
+    "build_expanded",
+    "expand",
     "gate_sites",
     "keep_count_for_budget",
     "prune",
@@ -72,8 +86,11 @@ __all__ = [
 
 #: The paper's CIFAR settings (sec. 4): sparsity weight lambda, target mean gate r, gate lr, epochs.
 LAMBDA, TARGET_RATIO, GATE_LR, EPOCHS = 0.5, 0.2, 0.01, 10
-
-
+#: Width expansion of the gated channels for the gate search: the official CIFAR script's default
+#: ``--expanded_inchannel 80`` on VGG-16's 64 base channels (every layer scaled alike), 1.25x.
+EXPANSION = 1.25
+#: the :func:`sparsekern.serialize.build_arch` factory recorded on expanded networks (:func:`expand`)
+EXPANDED_FACTORY = "sparsekern.methods.scratch:build_expanded"
 
 
 # ----------------------------------------------------------------------------- gates
@@ -141,6 +158,7 @@ class ChannelGates(nn.Module):
         super().__init__()
         self.sites = list(sites)
         self.gates = nn.ParameterList([nn.Parameter(torch.full((s.channels,), float(init))) for s in self.sites])
+        self.selection: dict[str, Any] | None = None  # which epoch's gates these are (search_gates)
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module) -> Iterator["ChannelGates"]:
@@ -198,6 +216,54 @@ class GateHook(Hook):
         self.gates.clamp_(0.0, 1.0)
 
 
+class BestGates(Hook):
+    """Keeps the gates of the best epoch among those within the sparsity target (the official code's rule).
+
+    At the end of every epoch: the gates' density ``(g != 0).mean()`` and the epoch's score, its
+    ``eval_accuracy`` when the run evaluates (``eval_data``) else its mean ``train_accuracy``. An epoch is
+    *within the target* when ``density <= r``; among those, the highest score wins (the earliest on ties) and
+    its gates are copied. :meth:`restore` loads them into the gates; when no epoch was within the target the
+    gates stay those of the last epoch, as the official code then saves the last epoch's.
+
+    Attributes:
+        epochs: per epoch ``{"epoch", "density", "score", "within"}``.
+        best_epoch: the chosen epoch (1-based, as the trainer's history), or None.
+    """
+
+    def __init__(self, gates: ChannelGates, r: float = TARGET_RATIO) -> None:
+        self.gates, self.r = gates, float(r)
+        self.epochs: list[dict[str, float]] = []
+        self.best_epoch: int | None = None
+        self.best: list[torch.Tensor] | None = None
+        self._score = -float("inf")
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        entry = state.history[-1] if state.history else {}
+        score = float(entry.get("eval_accuracy", entry.get("train_accuracy", 0.0)))
+        density = float((self.gates.flat().detach() != 0).float().mean())
+        epoch = int(entry.get("epoch", state.epoch + 1))
+        within = density <= self.r
+        self.epochs.append({"epoch": epoch, "density": density, "score": score, "within": within})
+        if within and score > self._score:
+            self._score, self.best_epoch = score, epoch
+            self.best = [g.detach().clone() for g in self.gates.gates]
+
+    def restore(self) -> bool:
+        """Load the best within-target epoch's gates; False (gates unchanged) when there was none."""
+        if self.best is None:
+            return False
+        with torch.no_grad():
+            for g, v in zip(self.gates.gates, self.best):
+                g.copy_(v)
+        return True
+
+    def record(self) -> dict[str, Any]:
+        """The selection, JSON-ready: ``kept`` (``"best"`` or ``"last"``), ``epoch``, ``r`` and ``epochs``."""
+        last = self.epochs[-1]["epoch"] if self.epochs else None
+        return {"kept": "best" if self.best is not None else "last",
+                "epoch": self.best_epoch if self.best is not None else last, "r": self.r, "epochs": list(self.epochs)}
+
+
 def search_gates(
     model: nn.Module,
     train_data: Any,
@@ -211,6 +277,7 @@ def search_gates(
     seed: int = 0,
     progress: bool = False,
     config: TrainConfig | None = None,
+    keep: str = "best",
     **train_kwargs: Any,
 ) -> tuple[ChannelGates, TrainResult]:
     """Learn the channel gates of ``model`` with its weights frozen (step 1 of the module docstring).
@@ -223,11 +290,18 @@ def search_gates(
         epochs, lam, r, lr, batch_size, seed, progress: the search's settings (defaults: the paper's CIFAR
             values; Adam, constant lr, no weight decay on the gates).
         config: a full :class:`~sparsekern.train.TrainConfig` instead (overrides the settings above).
+        keep: ``"best"`` (the official code): the gates of the best epoch among those whose density
+            ``(g != 0).mean() <= r``, scored by ``eval_accuracy`` with ``eval_data``, else by the epoch's
+            training accuracy; the last epoch's when none qualifies (:class:`BestGates`). ``"last"``: the
+            last epoch's gates.
         train_kwargs: further arguments of :func:`sparsekern.train.train` (``eval_data``, ``hooks``, ...).
 
     Returns:
-        (gates clamped to [0, 1], the trainer's result; ``history`` holds ``train_gate_mean``).
+        (gates clamped to [0, 1], the trainer's result; ``history`` holds ``train_gate_mean``). The gates'
+        ``selection`` attribute records the choice (:meth:`BestGates.record`).
     """
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
     sites = gate_sites(model, example_inputs)
     device = next(model.parameters()).device
     gates = ChannelGates(sites).to(device)
@@ -235,10 +309,86 @@ def search_gates(
         epochs=epochs, batch_size=batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
         schedule="constant", seed=seed, progress=progress,
     )
-    hooks = [GateHook(gates, lam, r), *train_kwargs.pop("hooks", ())]
+    best = BestGates(gates, r)
+    hooks = [GateHook(gates, lam, r), best, *train_kwargs.pop("hooks", ())]
     with gates.attach(model):
         result = train(model, train_data, config, hooks=hooks, params=list(gates.parameters()), **train_kwargs)
+    if keep == "best":
+        best.restore()
+    gates.selection = best.record()
+    if keep == "last" and best.epochs:
+        gates.selection.update(kept="last", epoch=best.epochs[-1]["epoch"])
     return gates, result
+
+
+# ----------------------------------------------------------------------------- width expansion
+def _widened(module: nn.Module, out: int | None, inp: tuple[int, int, int] | None) -> nn.Module:
+    """A fresh ``module`` with ``out`` output channels and/or its input widened by ``inp = (C, C', positions)``."""
+    w = next(module.parameters(), None)
+    factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(out, module.eps, module.momentum, module.affine, module.track_running_stats, **factory)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        cin = module.in_channels if inp is None else inp[1]
+        return nn.Conv2d(cin, out or module.out_channels, module.kernel_size, module.stride, module.padding,
+                         module.dilation, 1, module.bias is not None, module.padding_mode, **factory)
+    if isinstance(module, nn.Linear) and out is None and inp is not None:
+        c, wide, positions = inp
+        return nn.Linear(positions // c * wide, module.out_features, module.bias is not None, **factory)
+    raise PlanError(f"Pruning from Scratch cannot widen a {type(module).__name__} (plain Conv2d, BatchNorm2d and, as "
+                    "a consumer, Linear only); search with expansion=1.0")
+
+
+def expand(model: nn.Module, example_inputs: Any, ratio: float = EXPANSION, *, seed: int | None = None) -> nn.Module:
+    """A randomly initialised copy of ``model`` whose gated channels are ``ratio`` times wider (Wang et al.).
+
+    Every :func:`gate_sites` group of C channels becomes ``max(C, round(C * ratio))`` channels: its producer
+    conv, the BatchNorm after it and its one consumer (a conv, or a linear layer reading them, flattened or
+    not) are rebuilt at the new width; other channels (residual streams, tied groups) keep theirs. The copy
+    gets fresh weights (:func:`reinitialise`, seeded by ``seed``); ``model`` is not modified. ``ratio = 1``
+    gives a re-initialised copy. When ``model`` records its architecture (``sk_arch``), the copy records
+    :func:`build_expanded` with the ratio and the input shapes, so a compiled result saves and loads.
+
+    Raises:
+        ValueError: ``ratio < 1``. PlanError: a gated layer that cannot be widened.
+    """
+    if not ratio >= 1.0:
+        raise ValueError(f"the expansion ratio must be >= 1, got {ratio}")
+    inputs = _as_tuple(example_inputs)
+    cg = trace_channels(model, inputs)
+    outs: dict[str, int] = {}
+    ins: dict[str, tuple[int, int, int]] = {}
+    for site in gate_sites(model, inputs, cg=cg):
+        wide = max(site.channels, int(round(site.channels * ratio)))
+        outs[site.producer] = outs[site.layer] = wide
+        (consumer, positions), = cg.consumers(site.group).items()
+        if (positions < 0).any() or len(positions) % site.channels:
+            raise PlanError(f"cannot widen group {site.group!r}: its consumer {consumer!r} also reads other channels")
+        ins[consumer] = (site.channels, wide, len(positions))
+    out = copy.deepcopy(model)
+    for name in sorted(set(outs) | set(ins)):
+        parent, _, child = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        setattr(holder, child, _widened(out.get_submodule(name), outs.get(name), ins.get(name)))
+    reinitialise(out, seed)
+    arch = getattr(model, "sk_arch", None)
+    if arch is not None:
+        out.sk_arch = {"factory": EXPANDED_FACTORY, "kwargs": {"arch": dict(arch), "ratio": float(ratio),
+                                                              "inputs": input_spec(inputs)}}
+    elif hasattr(out, "sk_arch"):
+        del out.sk_arch
+    return out
+
+
+def build_expanded(arch: dict[str, Any], ratio: float, inputs: list[dict[str, Any]]) -> nn.Module:
+    """Rebuild an expanded architecture from its record (the ``sk_arch`` factory of :func:`expand`): the
+    architecture ``arch`` (:func:`sparsekern.serialize.build_arch`) widened by ``ratio`` for inputs of the
+    recorded shapes. Weights are random (loading fills them)."""
+    base = build_arch(arch)
+    return expand(base, example_inputs_for(inputs), ratio, seed=0)
+
+
+register_factory(EXPANDED_FACTORY, build_expanded)
 
 
 # ----------------------------------------------------------------------------- budget search
@@ -330,14 +480,17 @@ def prune(
     budget: float,
     tolerance: float = 1e-3,
     max_iter: int = 20,
+    base: nn.Module | None = None,
 ) -> Plan:
     """Plan the pruned architecture: keep the globally largest gates, as many as the FLOPs ``budget`` allows.
 
     Args:
-        model: the network the gates were searched on (only its architecture matters).
+        model: the network the gates were searched on (only its architecture matters); the plan is for it.
         example_inputs: a tensor or tuple to trace with (FLOPs are counted for these shapes).
         gates: :class:`ChannelGates`, or group name -> scores (C,) for the groups of :func:`gate_sites`.
-        budget: FLOPs of the compiled model as a fraction of ``model``'s, in (0, 1].
+        budget: FLOPs of the compiled model as a fraction of ``base``'s, in (0, 1].
+        base: the network the budget refers to (default ``model``); the unexpanded network when ``model``
+            is its :func:`expand` ed copy, as the official code counts the budget on the original network.
         tolerance: relative tolerance on the FLOPs (the paper: 0.1%).
         max_iter: cap on FLOP evaluations of the bisection.
 
@@ -359,6 +512,7 @@ def prune(
         raise PlanError(f"no gate scores for the gated groups {missing[:4]}; the gates were searched on another model")
     order, floor = _ranking(sites, scores)
     dense = eval_flops(model, inputs)
+    reference = dense.total if base is None else eval_flops(base, inputs).total
 
     def plan_for(k: int) -> Plan:
         kept: dict[str, set[int]] = {s.group: set() for s in sites}
@@ -375,11 +529,11 @@ def prune(
     def cost(k: int) -> float:
         return float(plan_flops(cg, dense, plan_for(k)))
 
-    search = keep_count_for_budget(cost, len(order), budget * dense.total, tolerance=tolerance, max_iter=max_iter)
+    search = keep_count_for_budget(cost, len(order), budget * reference, tolerance=tolerance, max_iter=max_iter)
     plan = plan_for(search.k)
     plan.meta.update({
         "method": "scratch", "budget": float(budget), "inputs": cg.input_spec,
-        "keep_ratio": search.k / len(order), "flops_ratio": search.flops / dense.total,
+        "keep_ratio": search.k / len(order), "flops_ratio": search.flops / reference,
         "search": search.to_dict(),
     })
     cg.check_plan(plan)
@@ -411,6 +565,7 @@ def train_from_scratch(
     config: TrainConfig | None = None,
     max_factor: float | None = None,
     seed: int = 0,
+    base: nn.Module | None = None,
     **train_kwargs: Any,
 ) -> tuple[nn.Module, TrainResult]:
     """Compile ``plan``, re-initialise the pruned network and train it with the Scratch-B budget.
@@ -425,6 +580,8 @@ def train_from_scratch(
             capped by ``max_factor``).
         config: training settings (its ``epochs`` is replaced); default SGD lr 0.1, cosine, no progress bar.
         seed: seeds the re-initialisation (and the run, when ``config`` is not given).
+        base: the full network whose FLOPs define Scratch-B (default ``model``; the unexpanded network when
+            ``model`` is an :func:`expand` ed copy).
         train_kwargs: further arguments of :func:`sparsekern.train.train` (``eval_data``, ...).
 
     Returns:
@@ -433,7 +590,7 @@ def train_from_scratch(
     inputs = _as_tuple(example_inputs)
     pruned = compile_plan(model, plan, inputs)
     reinitialise(pruned, seed)
-    full, small = eval_flops(model, inputs).total, eval_flops(pruned, inputs).total
+    full, small = eval_flops(model if base is None else base, inputs).total, eval_flops(pruned, inputs).total
     b_epochs = scratch_b_epochs(epochs, full, small, max_factor=max_factor)
     config = dataclasses.replace(config, epochs=b_epochs) if config is not None else TrainConfig(
         epochs=b_epochs, seed=seed, progress=False)
@@ -450,30 +607,37 @@ def prune_to_budget(
     seed: int = 0,
     epochs: float = EPOCHS,
     progress: bool = False,
+    expansion: float = EXPANSION,
     **search_kwargs: Any,
 ) -> tuple[Plan, nn.Module]:
     """The :func:`sparsekern.methods.rethinking.prune_to_budget` convention for Pruning from Scratch.
 
-    The gates are searched on a *re-initialised copy* of ``model`` (seeded by ``seed``), as the paper
-    prescribes; ``model`` itself is left untouched, its trained weights unused. Returns the plan and that
-    random network, which is what the plan compiles against: the compiled model starts from random
+    The gates are searched on a randomly initialised copy of ``model`` whose gated channels are widened by
+    ``expansion`` (:func:`expand`, seeded by ``seed``; 1.25 as the official CIFAR code, 1.0 for an unexpanded
+    copy); ``model`` itself is left untouched, its trained weights unused. The kept gates are those of the
+    best epoch within the sparsity target (:func:`search_gates`, ``keep="best"``), and the plan meets
+    ``budget`` x the FLOPs of ``model`` (:func:`prune` with ``base=model``). Returns the plan and the
+    expanded random network, which is what the plan compiles against: the compiled model starts from random
     weights, so "fine-tuning" it is training from scratch. ``search_kwargs`` go to :func:`search_gates`.
     """
     inputs = _as_tuple(x)
-    random_net = reinitialise(copy.deepcopy(model), seed)
+    random_net = expand(model, inputs, expansion, seed=seed)
     gates, _ = search_gates(random_net, train_data, inputs, epochs=epochs, seed=seed, progress=progress,
                             **search_kwargs)
-    plan = prune(random_net, inputs, gates, budget=budget)
+    plan = prune(random_net, inputs, gates, budget=budget, base=model)
     values = gates.flat().detach()
-    plan.meta.update({"search_epochs": float(epochs), "seed": int(seed),
-                      "gate_mean": float(values.mean()), "gates_below_0.05": float((values < 0.05).float().mean())})
+    plan.meta.update({"search_epochs": float(epochs), "seed": int(seed), "expansion": float(expansion),
+                      "gates_kept": gates.selection, "gate_mean": float(values.mean()),
+                      "gates_below_0.05": float((values < 0.05).float().mean())})
+    if getattr(random_net, "sk_arch", None) is not None:
+        plan.meta["source_arch"] = dict(random_net.sk_arch)
     return plan, random_net
 
 
 @register_method("scratch")
 class PruningFromScratch(Method):
-    """Pruning from Scratch: :func:`prune_to_budget` (gates searched on a re-initialised copy); its own arm
-    is Scratch-B."""
+    """Pruning from Scratch: :func:`prune_to_budget` (gates searched on a width-expanded random copy); its own
+    arm is Scratch-B."""
 
     order = 50
     summary = "gates learned on a random network, pruned net trained from scratch (Wang et al., AAAI 2020)"

@@ -19,11 +19,21 @@ Two steps:
 Channels and dependency groups. A plan prunes *dependency groups* (:mod:`sparsekern.graph`): channels tied
 by residual adds live and die together in every tensor of their group. Each group channel gets one score
 from the BNs among the group's members (a BN whose input is a concatenation contributes to several groups,
-position by position). When several BNs normalise one group channel (a ResNet's residual stream: the stem
-BN, every block's last BN and the projection shortcut's BN), their ``|gamma|`` are combined with ``max``
-(default): pruning the group channel zeroes it in *every* one of those tensors, so it is only unimportant
+position by position). When several BNs normalise one group channel (a ResNet's residual stream, a
+candidate under ``scope="all"``: the stem BN, every block's last BN and the projection shortcut's BN), their
+``|gamma|`` are combined with ``max`` (default): pruning the group channel zeroes it in *every* one of those tensors, so it is only unimportant
 when all of its scales are small, and the largest scale bounds the signal that pruning removes; a mean
 would let one large scale hide among many small ones. ``combine="mean"`` is available for comparison.
+
+Scope: the residual stream (Liu et al. 2017 on ResNets). The official code prunes a pre-activation
+ResNet-164 through a "channel selection" layer after the first BN of each bottleneck: it selects which
+channels of the block's input the block reads, so the residual stream itself keeps its full width and
+only the channels internal to each block are pruned. ``scope="internal"`` (default) does the same here: a
+dependency group whose channels reach a residual add (an elementwise add of two tracked tensors,
+:func:`residual_groups`, found through the channel graph, not by module names) is not a candidate; in a
+ResNet that leaves the block-internal BNs (``bn1`` of a basic block, ``bn1``/``bn2`` of a bottleneck). On
+networks without residual adds (VGG) the scope changes nothing. ``scope="all"`` ranges the global threshold
+over the residual-stream groups too (this package's earlier behaviour).
 
 Candidates are the channels that have a BN score, belong to a group without a per-group count constraint
 (grouped convolutions, GroupNorm: the global threshold cannot promise equal counts per slice) and are not
@@ -43,6 +53,7 @@ is a possible later extension.)
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -62,11 +73,13 @@ from sparsekern.train import Hook, TrainConfig, TrainResult, TrainState, train
 __all__ = [
     "NetworkSlimming",
     "PENALTIES",
+    "SCOPES",
     "SparsityHook",
     "channel_scores",
     "default_penalty",
     "prune",
     "pruned_constant_error",
+    "residual_groups",
     "train_sparse",
 ]
 
@@ -74,6 +87,10 @@ __all__ = [
 #: (sec. 4.3) and reused by Liu et al. 2019.
 PENALTIES: dict[str, float] = {"vgg": 1e-4, "resnet": 1e-5, "densenet": 1e-5}
 _COMBINE = ("max", "mean")
+#: ``"internal"``: the official code's ResNet rule (the residual stream keeps its width); ``"all"``: every group.
+SCOPES = ("internal", "all")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
 
 
 # ----------------------------------------------------------------------------- sparsity training
@@ -236,6 +253,28 @@ def channel_scores(cg: ChannelGraph, combine: str = "max") -> dict[str, np.ndarr
     return total
 
 
+def residual_groups(cg: ChannelGraph) -> set[str]:
+    """Names of the dependency groups whose channels meet a residual add: an elementwise add
+    (``+``, ``+=``, ``torch.add``, ``Tensor.add``) of two or more tensors whose channels the graph tracks.
+
+    In a ResNet these are the residual-stream groups (the stem, every block's last conv and the projection
+    shortcuts, tied by the adds); a block's internal channels never reach an add. Adding a constant or an
+    untracked tensor (a bias, a positional table) is not a residual add.
+    """
+    group_of_root = {int(r): g for g, cls in cg.group_classes.items() for r in cls.tolist()}
+    out: set[str] = set()
+    for node in cg.gm.graph.nodes:
+        is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in _ADD_METHODS))
+        if not is_add:
+            continue
+        tracked = [cg.layouts[a.name] for a in node.all_input_nodes if isinstance(cg.layouts.get(a.name), Layout)]
+        if len(tracked) < 2:
+            continue
+        for lay in tracked:
+            out.update(group_of_root[int(r)] for r in cg.roots[lay.atoms].tolist() if int(r) in group_of_root)
+    return out
+
 
 # ----------------------------------------------------------------------------- pruning
 @dataclass
@@ -293,6 +332,7 @@ def prune(
     min_keep: float = 0.0,
     combine: str = "max",
     s: float | None = None,
+    scope: str = "internal",
 ) -> Plan:
     """Plan Network Slimming: remove the channels whose BN scale ``|gamma|`` is below one global threshold.
 
@@ -309,6 +349,10 @@ def prune(
         combine: ``"max"`` (default) or ``"mean"`` of the scales of BNs tied in one group channel.
         s: the sparsity penalty the model was trained with, recorded in the meta (default: the
             ``sk_sparsity_penalty`` that :func:`train_sparse` left on the model, if any).
+        scope: ``"internal"`` (default; the official code on ResNets): groups that reach a residual add
+            (:func:`residual_groups`) are kept whole, so the residual stream keeps its width and only the
+            channels inside residual blocks are candidates; the same as ``"all"`` on networks without
+            residual adds. ``"all"``: every BN-scored group is a candidate, the residual stream included.
 
     Returns:
         A plan over the pruned groups; each carries the channel scores (|gamma|; channels without a BN
@@ -316,27 +360,24 @@ def prune(
         score <= threshold are pruned, up to ties and the floor; None when none is), ``flops_ratio``
         (``sk.flops`` of the compiled model / of the dense model),
         ``pruned_channels`` / ``candidate_channels``, ``percent`` or ``flops_budget``, ``min_keep``,
-        ``combine`` and ``s``.
+        ``combine``, ``scope``, ``residual_groups`` (how many groups the scope kept whole) and ``s``.
 
     Raises:
         ValueError: for bad arguments (neither or both of ``percent`` and ``flops_budget``, out of range).
-        PlanError: when the model has no BN-scored channel to prune, or the budget cannot be met.
+        PlanError (a ValueError): when the model has no BN-scored channel to prune, or the budget cannot be
+            met (the message names the budget and the smallest FLOPs fraction reachable in this scope).
     """
-    _check_args(percent, flops_budget, min_keep)
+    _check_args(percent, flops_budget, min_keep, scope)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     cg = trace_channels(model, inputs)
-    skipped = cg.constrained_groups()
-    scores = {g: sc for g, sc in channel_scores(cg, combine).items() if g not in skipped}
-    cands = _candidates(cg, scores, float(min_keep))
-    if cands.n == 0:
-        raise PlanError(
-            "Network Slimming found no channel to prune: no unpinned dependency group has a BatchNorm with an "
-            "affine scale among its members (groups under grouped-conv/GroupNorm constraints are skipped)"
-        )
+    stream = residual_groups(cg) if scope == "internal" else set()
+    scores, cands = _scored_candidates(cg, combine, float(min_keep), stream)
     meta = {
         "method": "slimming",
         "criterion": "bn_gamma_abs",
         "combine": combine,
+        "scope": scope,
+        "residual_groups": len(stream),
         "percent": None if percent is None else float(percent),
         "flops_budget": None if flops_budget is None else float(flops_budget),
         "min_keep": float(min_keep),
@@ -355,16 +396,37 @@ def prune(
     def cost(k: int) -> float:
         return float(plan_flops(cg, dense, plan_for(k))) if cands.prunable[:k].any() else float(dense.total)
 
-    k = _choose_k(cost, cands.n, dense.total, percent, flops_budget)
+    hint = (" (scope='internal' keeps the residual stream at full width; scope='all' prunes it too)"
+            if stream else "")
+    k = _choose_k(cost, cands.n, dense.total, percent, flops_budget, hint)
     plan = plan_for(k)
     plan.meta["flops_ratio"] = cost(k) / dense.total
     cg.check_plan(plan)
     return plan
 
 
-def _check_args(percent: float | None, flops_budget: float | None, min_keep: float) -> None:
+def _scored_candidates(cg: ChannelGraph, combine: str, min_keep: float,
+                       stream: set[str]) -> tuple[dict[str, np.ndarray], _Candidates]:
+    """The candidate groups' scores and the candidates in global order; groups under count constraints and
+    the ``stream`` groups (kept whole by ``scope="internal"``) are left out. PlanError when none is left."""
+    skipped = cg.constrained_groups() | stream
+    scores = {g: sc for g, sc in channel_scores(cg, combine).items() if g not in skipped}
+    cands = _candidates(cg, scores, min_keep)
+    if cands.n == 0:
+        kept_whole = (f"; scope='internal' keeps the {len(stream)} residual-stream groups whole, scope='all' "
+                      "prunes them" if stream else "")
+        raise PlanError(
+            "Network Slimming found no channel to prune: no unpinned dependency group has a BatchNorm with an "
+            f"affine scale among its members (groups under grouped-conv/GroupNorm constraints are skipped{kept_whole})"
+        )
+    return scores, cands
+
+
+def _check_args(percent: float | None, flops_budget: float | None, min_keep: float, scope: str) -> None:
     """Raise ValueError unless exactly one of ``percent`` / ``flops_budget`` is given and every argument is
     in range (see :func:`prune`)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if (percent is None) == (flops_budget is None):
         raise ValueError("give exactly one of percent= or flops_budget=")
     if percent is not None and not 0.0 <= float(percent) < 1.0:
@@ -392,9 +454,10 @@ def _plan_for(cg: ChannelGraph, scores: Mapping[str, np.ndarray], cands: _Candid
 
 
 def _choose_k(cost: Callable[[int], float], n: int, dense_total: float, percent: float | None,
-              flops_budget: float | None) -> int:
+              flops_budget: float | None, hint: str = "") -> int:
     """How many candidates to prune: the paper's ``int(n * percent)``, or the fewest that meet
-    ``flops_budget`` (PlanError when even all ``n`` do not)."""
+    ``flops_budget`` (PlanError naming the budget, the reachable minimum and ``hint`` when even all ``n``
+    do not)."""
     if percent is not None:
         return int(math.floor(float(percent) * n + 1e-9))  # the paper's int(total * percent)
     k = _smallest_feasible(cost, n, float(flops_budget) * dense_total)
@@ -402,7 +465,8 @@ def _choose_k(cost: Callable[[int], float], n: int, dense_total: float, percent:
         raise PlanError(
             f"flops_budget={flops_budget} cannot be met by Network Slimming: pruning every candidate "
             f"channel (keeping max(1, ceil(min_keep * size)) per group) leaves "
-            f"{cost(n) / dense_total:.4f} of the dense FLOPs; raise the budget or lower min_keep"
+            f"{cost(n) / dense_total:.4f} of the dense FLOPs, the minimum reachable{hint}; raise the budget "
+            "or lower min_keep"
         )
     return k
 
@@ -447,18 +511,21 @@ def pruned_constant_error(model: nn.Module, plan: Plan, example_inputs: Any) -> 
 class NetworkSlimming(Method):
     """Network Slimming at a FLOPs budget: the full model trains with the sparsity penalty
     (:class:`SparsityHook`, option ``slimming_penalty``, default :func:`default_penalty`), then one global BN
-    threshold is searched for the budget (:func:`prune` with ``flops_budget``)."""
+    threshold is searched for the budget (:func:`prune` with ``flops_budget`` and ``scope`` from option
+    ``slimming_scope``, default ``"internal"``: the residual stream keeps its width)."""
 
     order = 20
     summary = "one global threshold on BatchNorm scales trained with an L1 penalty (Liu et al., ICCV 2017)"
 
     def prepare(self, model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
         penalty = options.get("slimming_penalty")
-        return {**options, "slimming_penalty": default_penalty(model) if penalty is None else penalty}
+        return {**options, "slimming_penalty": default_penalty(model) if penalty is None else penalty,
+                "slimming_scope": options.get("slimming_scope") or "internal"}
 
     def train_hooks(self, options: Mapping[str, Any]) -> tuple[Any, ...]:
         return (SparsityHook(options["slimming_penalty"]),)
 
     def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
-        plan = prune(model, ctx.example_inputs, flops_budget=budget, s=ctx.options.get("slimming_penalty"))
+        plan = prune(model, ctx.example_inputs, flops_budget=budget, s=ctx.options.get("slimming_penalty"),
+                     scope=ctx.options.get("slimming_scope") or "internal")
         return Pruned(plan, model)

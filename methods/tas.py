@@ -3,52 +3,68 @@
 TAS searches the *architecture* of the pruned network (channels per layer and blocks per stage) under a
 FLOPs budget, then trains that architecture with knowledge distillation from the unpruned network.
 
-Search space (docs/methods.md#tas), here for the zoo's CIFAR ResNets:
+Search space (docs/methods.md#tas), here for the zoo's CIFAR ResNets, as the official code
+(D-X-Y/AutoDL-Projects, ``SearchShapeCifarResNet``) has it:
 
-* **width**: candidate channel counts ``int(C * r)`` for ``r`` in 0.3, 0.4, ..., 1.0 (:func:`width_choices`).
-  Channels tied by residual adds form one dependency group (:mod:`sparsekern.graph`) and therefore share
-  one width choice: the stem and every block output of a stage (``layerS`` below, the stage's residual
-  stream, projection shortcut included). Each block's inner conv (``layerS.B.conv1``) has its own.
+* **width**: one choice per conv, block outputs included: the stem ``conv1`` and every block's ``conv1``
+  and ``conv2`` (a projection shortcut runs with its block's ``conv2`` choice), i.e. ``depth - 1`` choices
+  (55 for ResNet-56). Candidates ``int(C * r)`` for ``r`` in 0.3, 0.4, ..., 1.0 (:func:`width_choices`).
 * **depth**: candidate numbers of blocks per stage ``{1, 3, 5, ..., N}`` (``N`` added when even; all of
   ``1..N`` for ``N <= 3``; :func:`depth_choices`). A stage of depth ``d`` keeps its first ``d`` blocks.
 
-Forward of the searchable network (:class:`TASResNet`): every width choice samples two candidates from
-its Gumbel-perturbed distribution ``softmax((log_softmax(a) + g) / tau)`` and renormalises their weights
-(a softmax over the two perturbed logits). A conv runs once at full width; the first ``C_i`` channels of
-its output go through candidate ``i``'s own BatchNorm; the two results are aligned to the larger count by
-channel-wise interpolation (adaptive average pooling over the channel axis, :func:`channel_interpolate`)
-and summed with their weights. The next conv reads the first channels of its full weight, which is the
-zero-padding of the paper's code without the zeros. Depth: the outputs after each candidate number of
-blocks of a stage are mixed with Gumbel-softmax weights over the stage's depth choices.
+Forward of the searchable network (:class:`TASResNet`, ``mode="search"``): every width choice samples two
+candidates from its Gumbel-perturbed distribution ``softmax((log_softmax(a) + g) / tau)`` and renormalises
+their weights (a softmax over the two perturbed logits). A conv runs once at full width; the first ``C_i``
+channels of its output go through candidate ``i``'s own BatchNorm; the two results are aligned to the larger
+count by channel-wise interpolation (adaptive average pooling over the channel axis,
+:func:`channel_interpolate`) and summed with their weights. The next conv reads the first channels of its
+full weight (the official zero-padding without the zeros). A residual add of tensors of different widths
+pads the narrower with zero channels (:func:`add_padded`, the official ``additive_func``), so the stream
+after a block carries the larger of the two widths. Depth: the outputs after each candidate number of
+blocks of a stage are aligned by channel-wise interpolation and mixed with Gumbel-softmax weights.
+
+**The residual stream.** The convs writing a stage's stream (the stem in stage 1, each block's ``conv2``
+and projection shortcut) choose their widths independently, but their channels are tied by the residual
+adds into one dependency group (:mod:`sparsekern.graph`), which a plan can only keep at one width. The
+official code's derived network instead inserts a 1x1 projection wherever a block's input and output widths
+differ (``InferCifarResNet``), a layer a plan on the unpruned model cannot add. Here the choices are
+combined the way the search network's zero-padded adds combine them: the stream of stage ``s`` is kept at
+``W_s = max`` of the argmax widths of the stream convs in the kept blocks (:meth:`TASResNet.stream_widths`),
+the width its last tensor carries in the search; every stream conv of the derived network (``mode="argmax"``,
+:meth:`TASResNet.export`, :func:`derive_plan`) runs at ``W_s`` with its candidate BatchNorm of that width.
+The FLOP objective counts that derived network: a stream's expected width is ``E[max_i C_i]`` over its kept
+convs' independent choices, averaged over the stage's depth distribution.
 
 Objective of the architecture parameters: cross-entropy plus ``2 * L_flop``, with
 ``L_flop = -log E[F]`` when the argmax architecture's FLOPs are below ``target - tolerance``,
 ``+log E[F]`` when above ``target``, and 0 in between (tolerance 5% of the unpruned FLOPs).
 ``E[F]`` is differentiable: every conv contributes ``unit * E[C_in] * E[C_out] * P(block kept)`` with
-``E[C] = sum_i softmax(a)_i C_i`` and ``P(block b kept) = sum_{d >= b} softmax(depth logits)_d``
-(:meth:`TASResNet.expected_flops`, per sample, in FLOPs with a multiply-add counted as 2 like
-:func:`sparsekern.flops`). Bilevel optimisation: the weights by SGD on one half of the training data, the
-architecture logits by Adam (lr 1e-3, betas (0.5, 0.999), weight decay 1e-3) on the other half, in
-alternating steps (the trainer's :class:`~sparsekern.train.Stage`); the Gumbel temperature falls linearly
-from 5 to 0.1 over the search (:class:`TemperatureHook`).
+``E[C] = sum_i softmax(a)_i C_i`` (streams: above) and ``P(block b kept) = sum_{d > b} softmax(depth
+logits)_d`` (:meth:`TASResNet.expected_flops`, per sample, in FLOPs with a multiply-add counted as 2 like
+:func:`sparsekern.flops`). Bilevel optimisation from random initialisation (the official code builds the
+search network from scratch; ``init="model"`` starts from the given model's weights instead): the weights by
+SGD on one half of the training data, the architecture logits by Adam (lr 1e-3, betas (0.5, 0.999), weight
+decay 1e-3) on the other half, in alternating steps (the trainer's :class:`~sparsekern.train.Stage`). The
+Gumbel temperature follows the official cosine, updated once per epoch, from 10 to 0.1
+(:func:`cosine_temperature`, :class:`TemperatureHook`; ``tau_schedule="linear"`` anneals per step).
 
 Output: the argmax architecture as a :class:`~sparsekern.plan.Plan` (:func:`derive_plan`): channel
-keep-sets keeping the first ``C_i`` channels of each group, and ``removed_blocks`` for the blocks past each
-stage's depth, which :func:`sparsekern.compile` replaces by their shortcut (:mod:`sparsekern.depth`).
-Channel groups are named as in the model *after* those blocks are removed. Then the pruned network is
-trained from scratch with distillation from the unpruned one, ``(1 - a) CE + a T^2 KL`` with
-``a = 0.9, T = 4`` (:func:`train_pruned`, through the trainer's ``teacher=``).
+keep-sets keeping the first channels of each group, and ``removed_blocks`` for the blocks past each stage's
+depth, which :func:`sparsekern.compile` replaces by their shortcut (:mod:`sparsekern.depth`). Channel
+groups are named as in the model *after* those blocks are removed. Then the pruned network is trained from
+scratch with distillation from the unpruned one, ``(1 - a) CE + a T^2 KL`` with ``a = 0.9, T = 4``
+(:func:`train_pruned`, through the trainer's ``teacher=``), for the base schedule's epochs (the official
+code trains the derived network with the same schedule as the unpruned one; the Rethinking runner's ``KD``
+arm uses the full model's epochs).
 
-Departures from the paper's code, for this library: the searchable network starts from the given
-(usually trained) model's weights, BN statistics and affine parameters sliced per candidate; channels
-tied by residual adds share one width choice (the paper's code lets each conv choose and adds tensors of
-different widths by zero padding, which has no static dependency-group equivalent); the search returns
-the last architecture whose FLOPs lay in the accepted band ``[target - tolerance, target]`` when the final
-step left it (:func:`search`).
+Departures from the official code: the residual streams as above; the search returns the last architecture
+whose FLOPs lay in the accepted band ``[target - tolerance, target]`` when the final step left it
+(:func:`search`), where the official code keeps the last epoch's (or the best-validated in-band) genotype.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -78,7 +94,10 @@ __all__ = [
     "TASResNet",
     "TemperatureHook",
     "WidthChoice",
+    "TAU",
+    "add_padded",
     "channel_interpolate",
+    "cosine_temperature",
     "depth_choices",
     "derive_plan",
     "flop_loss",
@@ -95,6 +114,8 @@ FLOP_WEIGHT = 2.0
 FLOP_TOLERANCE = 0.05
 DISTILL_ALPHA = 0.9
 DISTILL_TEMPERATURE = 4.0
+#: Gumbel temperature at the start and the end of the search (the official code's 10 -> 0.1)
+TAU: tuple[float, float] = (10.0, 0.1)
 _MFLOPS = 1e6
 
 
@@ -151,25 +172,32 @@ def _gumbel_softmax(logits: Tensor, tau: float) -> Tensor:
 
 @dataclass(frozen=True)
 class WidthChoice:
-    """One searched width: the channels of a dependency group.
+    """One searched width: the output channels of one conv (the paper's search space: one choice per conv).
 
     Attributes:
-        name: ``"layerS"`` for the residual stream of stage S (the stem is in stage 1's), else the inner
-            conv of a block, ``"layerS.B.conv1"``.
-        layer: a conv of the unpruned model that produces the group's channels (kept whatever the depth).
-        channels: the group's size.
+        name: the conv, ``"conv1"`` (the stem), ``"layerS.B.conv1"`` or ``"layerS.B.conv2"``; a block's
+            projection shortcut (``downsample``) shares its ``conv2``'s choice, as in the official code.
+        layer: the conv of the unpruned model whose output channels the choice sets (= ``name``).
+        channels: the conv's output channels C.
         choices: candidate channel counts (:func:`width_choices`).
+        stream: index of the stage whose residual stream the conv writes (the stem and every ``conv2``), else
+            None (a block's inner ``conv1``).
     """
 
     name: str
     layer: str
     channels: int
     choices: tuple[int, ...]
+    stream: int | None = None
 
 
 @dataclass(frozen=True)
 class _Cost:
-    """FLOPs of one conv/linear per sample: ``unit * C_in * C_out`` (times the keep probability of its block)."""
+    """FLOPs of one conv/linear per sample: ``unit * C_in * C_out`` (times the keep probability of its block).
+
+    ``in_var`` / ``out_var`` index the width values of :meth:`TASResNet._flops`: a width choice (``< n``) or a
+    stage's combined stream width (``n + s``); None for a fixed count (``in_fixed`` / ``out_fixed``).
+    """
 
     layer: str
     unit: int
@@ -178,6 +206,16 @@ class _Cost:
     out_var: int | None
     out_fixed: int
     block: tuple[int, int] | None
+
+
+def add_padded(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` over the channel axis of (N, C, H, W) tensors of different widths, the narrower one padded with
+    zero channels at the end (the official code's residual add in the search network)."""
+    if a.shape[1] < b.shape[1]:
+        a, b = b, a
+    if a.shape[1] == b.shape[1]:
+        return a + b
+    return torch.cat([a[:, : b.shape[1]] + b, a[:, b.shape[1]:]], 1)
 
 
 # ----------------------------------------------------------------------------- searchable layers
@@ -216,7 +254,10 @@ class SearchConv(nn.Module):
 
 
 class _SearchBlock(nn.Module):
-    """A searchable BasicBlock: ``relu(conv2(relu(conv1(x))) + shortcut(x))``."""
+    """A searchable BasicBlock: ``relu(conv2(relu(conv1(x))) (+) shortcut(x))``, ``(+)`` :func:`add_padded`.
+
+    The projection shortcut runs with ``conv2``'s width choice (the official code's rule).
+    """
 
     def __init__(self, block: nn.Module, inner: WidthChoice, outer: WidthChoice) -> None:
         super().__init__()
@@ -228,25 +269,37 @@ class _SearchBlock(nn.Module):
     def forward(self, x: Tensor, inner: tuple, outer: tuple) -> Tensor:
         h = self.conv2(F.relu(self.conv1(x, *inner)), *outer)
         shortcut = x if self.downsample is None else self.downsample(x, *outer)
-        return F.relu(h + shortcut)
+        return F.relu(add_padded(h, shortcut))
+
+
+def _expected_max(logits: Sequence[Tensor], values: Tensor) -> Tensor:
+    """E[max_i C_i] for independent C_i ~ softmax(logits[i]) over the same sorted ``values``."""
+    cdf = torch.stack([a.softmax(-1).cumsum(-1) for a in logits]).prod(0)
+    pmf = torch.cat([cdf[:1], cdf[1:] - cdf[:-1]])
+    return (pmf * values).sum()
 
 
 class TASResNet(nn.Module):
     """The searchable network of TAS for a zoo CIFAR ResNet (see the module docstring).
 
     Args:
-        model: a :class:`~sparsekern.models.resnet.CifarResNet` (``resnet20/56/110``); its weights, BN
-            statistics and affine parameters initialise every candidate (not modified).
+        model: a :class:`~sparsekern.models.resnet.CifarResNet` (``resnet20/56/110``); its architecture (and,
+            with ``init="model"``, its weights and BN statistics) define the network. Not modified.
         example_inputs: (N, C, H, W) inputs fixing the spatial sizes that FLOPs are counted at.
         ratios: width ratios (default 0.3 .. 1.0).
+        init: ``"random"`` (the official code: fresh weights from the zoo's initialisation, seeded by
+            ``seed``) or ``"model"`` (every candidate starts from ``model``'s weights and BN parameters).
         init_std: architecture logits start as N(0, init_std) (seeded by ``seed``).
 
     Attributes:
-        mode: ``"search"`` (sampled widths and depth mixture) or ``"argmax"`` (the most likely
-            architecture: one BN per conv, the first ``d`` blocks of each stage).
+        mode: ``"search"`` (sampled widths and depth mixture) or ``"argmax"`` (the derived architecture:
+            each conv's most likely width, each stage's residual stream at its combined width, the first
+            ``d`` blocks of each stage).
         tau: Gumbel-softmax temperature (annealed by :class:`TemperatureHook`).
-        widths: the :class:`WidthChoice` s, in the order of ``width_logits``.
+        widths: the :class:`WidthChoice` s, one per conv, in the order of ``width_logits``.
         depths: depth choices per stage, in the order of ``depth_logits``.
+        stream_vars: per stage, the width choices writing its residual stream, in block order (the stem first
+            in stage 1); ``inner_var`` / ``outer_var``: per stage and block, its conv1 / conv2 choice.
     """
 
     def __init__(
@@ -255,6 +308,7 @@ class TASResNet(nn.Module):
         example_inputs: Tensor,
         *,
         ratios: Sequence[float] = WIDTH_RATIOS,
+        init: str = "random",
         init_std: float = 0.01,
         seed: int = 0,
     ) -> None:
@@ -264,44 +318,54 @@ class TASResNet(nn.Module):
                 f"TAS's searchable network is built for the zoo's CIFAR ResNets (resnet20/56/110, "
                 f"sparsekern.models.build), got {type(model).__name__}"
             )
+        if init not in ("random", "model"):
+            raise ValueError(f"init must be 'random' or 'model', got {init!r}")
         x = example_inputs[0] if isinstance(example_inputs, tuple) else example_inputs
         self.mode = "search"
-        self.tau = 5.0
+        self.tau = 10.0
         self._arch = {"depth": model.depth, "num_classes": model.fc.out_features,
                       "in_channels": model.conv1.in_channels, "sk_arch": getattr(model, "sk_arch", None)}
         stages = [model.layer1, model.layer2, model.layer3]
-        widths: list[WidthChoice] = []
-        for s, stage in enumerate(stages, 1):
-            c = stage[0].conv2.out_channels
-            widths.append(WidthChoice(f"layer{s}", "conv1" if s == 1 else f"layer{s}.0.conv2", c,
-                                      width_choices(c, ratios)))
-        self.stage_var = list(range(len(stages)))
-        self.inner_var: list[list[int]] = []
-        for s, stage in enumerate(stages, 1):
-            ids = []
-            for b, block in enumerate(stage):
-                c = block.conv1.out_channels
-                ids.append(len(widths))
-                widths.append(WidthChoice(f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv1", c, width_choices(c, ratios)))
-            self.inner_var.append(ids)
-        self.widths = widths
+        self._build_choices(model, stages, ratios)
         self.depths = [depth_choices(len(stage)) for stage in stages]
         self.blocks_per_stage = [len(stage) for stage in stages]
 
-        self.conv1 = SearchConv(model.conv1, model.bn1, widths[0].choices)
+        self.conv1 = SearchConv(model.conv1, model.bn1, self.widths[0].choices)
         self.layers = nn.ModuleList(
-            nn.ModuleList(_SearchBlock(block, widths[self.inner_var[s][b]], widths[self.stage_var[s]])
+            nn.ModuleList(_SearchBlock(block, self.widths[self.inner_var[s][b]], self.widths[self.outer_var[s][b]])
                           for b, block in enumerate(stage))
             for s, stage in enumerate(stages)
         )
         self.fc = copy.deepcopy(model.fc)
+        if init == "random":
+            _fresh_weights(self, seed)
         g = torch.Generator().manual_seed(seed)
         self.width_logits = nn.ParameterList(
-            nn.Parameter(torch.randn(len(w.choices), generator=g) * init_std) for w in widths)
+            nn.Parameter(torch.randn(len(w.choices), generator=g) * init_std) for w in self.widths)
         self.depth_logits = nn.ParameterList(
             nn.Parameter(torch.randn(len(d), generator=g) * init_std) for d in self.depths)
         self._costs = self._cost_table(model, x)
-        self.full_flops = self.flops_of([w.channels for w in widths], self.blocks_per_stage)
+        self.full_flops = self.flops_of([w.channels for w in self.widths], self.blocks_per_stage)
+
+    def _build_choices(self, model: CifarResNet, stages: Sequence[nn.Sequential], ratios: Sequence[float]) -> None:
+        """One :class:`WidthChoice` per conv: the stem, then each block's conv1 and conv2."""
+        c = model.conv1.out_channels
+        widths = [WidthChoice("conv1", "conv1", c, width_choices(c, ratios), stream=0)]
+        self.inner_var: list[list[int]] = []
+        self.outer_var: list[list[int]] = []
+        self.stream_vars: list[list[int]] = [[0]] + [[] for _ in stages[1:]]
+        for s, stage in enumerate(stages):
+            inner, outer = [], []
+            for b, block in enumerate(stage):
+                for conv, ids, stream in (("conv1", inner, None), ("conv2", outer, s)):
+                    c = getattr(block, conv).out_channels
+                    ids.append(len(widths))
+                    widths.append(WidthChoice(f"layer{s + 1}.{b}.{conv}", f"layer{s + 1}.{b}.{conv}", c,
+                                              width_choices(c, ratios), stream=stream))
+                self.stream_vars[s].append(outer[-1])
+            self.inner_var.append(inner)
+            self.outer_var.append(outer)
+        self.widths = widths
 
     # ------------------------------------------------------------------ parameters
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -317,75 +381,93 @@ class TASResNet(nn.Module):
     def _cost_table(self, model: nn.Module, x: Tensor) -> list[_Cost]:
         """Per-sample FLOP units of every conv and the classifier, from one probe forward of ``model``."""
         shapes: dict[str, tuple[int, ...]] = {}
+
         def record(name: str) -> Any:
             def hook(module: nn.Module, args: Any, out: Tensor) -> None:
                 shapes.setdefault(name, tuple(out.shape))
             return hook
 
-        hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        was = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(x[:1])
-        finally:
-            model.train(was)
-            for h in hooks:
-                h.remove()
+        probe = copy.deepcopy(model).eval()
+        hooks = [m.register_forward_hook(record(n)) for n, m in probe.named_modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            probe(x[:1])
+        for h in hooks:
+            h.remove()
 
         def unit(name: str) -> int:
             conv = model.get_submodule(name)
             kh, kw = conv.kernel_size
             return 2 * kh * kw * shapes[name][2] * shapes[name][3]
 
-        costs = [_Cost("conv1", unit("conv1"), None, model.conv1.in_channels, 0, 0, None)]
+        n = len(self.widths)
+        costs = [_Cost("conv1", unit("conv1"), None, model.conv1.in_channels, n, 0, None)]
         for s in range(len(self.depths)):
-            prev = self.stage_var[max(s - 1, 0)]
             for b in range(self.blocks_per_stage[s]):
                 p = f"layer{s + 1}.{b}"
-                stream_in = prev if b == 0 else self.stage_var[s]
-                inner, outer = self.inner_var[s][b], self.stage_var[s]
+                stream_in = n + (s - 1 if b == 0 and s > 0 else s)
+                inner = self.inner_var[s][b]
                 costs.append(_Cost(f"{p}.conv1", unit(f"{p}.conv1"), stream_in, 0, inner, 0, (s, b)))
-                costs.append(_Cost(f"{p}.conv2", unit(f"{p}.conv2"), inner, 0, outer, 0, (s, b)))
+                costs.append(_Cost(f"{p}.conv2", unit(f"{p}.conv2"), inner, 0, n + s, 0, (s, b)))
                 if f"{p}.downsample.0" in shapes:
-                    costs.append(_Cost(f"{p}.downsample.0", unit(f"{p}.downsample.0"), stream_in, 0, outer, 0, (s, b)))
-        costs.append(_Cost("fc", 2, self.stage_var[-1], 0, None, model.fc.out_features, None))
+                    costs.append(_Cost(f"{p}.downsample.0", unit(f"{p}.downsample.0"), stream_in, 0, n + s, 0, (s, b)))
+        costs.append(_Cost("fc", 2, n + len(self.depths) - 1, 0, None, model.fc.out_features, None))
         return costs
 
-    def _flops(self, width: Sequence[Any], keep: Sequence[Sequence[Any]]) -> Any:
+    def _flops(self, values: Sequence[Any], keep: Sequence[Sequence[Any]]) -> Any:
         total = 0.0
         for c in self._costs:
-            cin = width[c.in_var] if c.in_var is not None else c.in_fixed
-            cout = width[c.out_var] if c.out_var is not None else c.out_fixed
+            cin = values[c.in_var] if c.in_var is not None else c.in_fixed
+            cout = values[c.out_var] if c.out_var is not None else c.out_fixed
             term = c.unit * cin * cout
             total = total + (term if c.block is None else term * keep[c.block[0]][c.block[1]])
         return total
 
+    def _stream_members(self, s: int, depth: int) -> list[int]:
+        """The width choices on stage ``s``'s stream that a depth of ``depth`` blocks keeps."""
+        kept = self.outer_var[s][:depth]
+        return [0] + kept if s == 0 else kept
+
+    def stream_widths(self, widths: Sequence[int], depths: Sequence[int]) -> list[int]:
+        """Each stage's residual-stream width for these per-conv widths and depths: the largest width chosen by
+        a conv that writes the stream in a kept block (the zero-padded adds carry that many channels)."""
+        return [max(int(widths[i]) for i in self._stream_members(s, d)) for s, d in enumerate(depths)]
+
     def expected_flops(self) -> Tensor:
         """E[FLOPs] per sample of the current architecture distribution (differentiable in the logits).
 
-        ``E[C]`` per width choice from ``softmax(width_logits)``; block ``b`` of a stage is kept with
-        probability ``P(depth > b)`` from ``softmax(depth_logits)``.
+        ``E[C]`` per inner conv from ``softmax(width_logits)``; a stage's stream width is
+        ``E[max_i C_i]`` over the stream convs of the kept blocks (independent choices), averaged over the
+        stage's depth distribution; block ``b`` of a stage is kept with probability ``P(depth > b)``.
         """
-        width = [(a.softmax(-1) * torch.tensor(w.choices, dtype=a.dtype, device=a.device)).sum()
-                 for a, w in zip(self.width_logits, self.widths)]
+        values = [(a.softmax(-1) * torch.tensor(w.choices, dtype=a.dtype, device=a.device)).sum()
+                  for a, w in zip(self.width_logits, self.widths)]
         keep = []
-        for a, choices in zip(self.depth_logits, self.depths):
+        for s, (a, choices) in enumerate(zip(self.depth_logits, self.depths)):
             p = a.softmax(-1)
             d = torch.tensor(choices, device=a.device)
             keep.append([p[d > b].sum() for b in range(max(choices))])
-        return self._flops(width, keep)
+            cands = torch.tensor(self.widths[self.stream_vars[s][0]].choices, dtype=a.dtype, device=a.device)
+            values.append(sum(p[j] * _expected_max([self.width_logits[i] for i in self._stream_members(s, dj)], cands)
+                              for j, dj in enumerate(choices)))
+        return self._flops(values, keep)
 
     def flops_of(self, widths: Sequence[int], depths: Sequence[int]) -> int:
-        """FLOPs per sample of the architecture with these channel counts (per width choice) and depths."""
+        """FLOPs per sample of the derived architecture with these channel counts (per width choice) and depths
+        (the streams at :meth:`stream_widths`)."""
         keep = [[1 if b < d else 0 for b in range(n)] for d, n in zip(depths, self.blocks_per_stage)]
-        return int(self._flops([int(w) for w in widths], keep))
+        values = [int(w) for w in widths] + self.stream_widths(widths, depths)
+        return int(self._flops(values, keep))
 
     def argmax_widths(self) -> list[int]:
+        """Each conv's most likely width."""
         return [w.choices[int(a.argmax())] for a, w in zip(self.width_logits, self.widths)]
 
     def argmax_depths(self) -> list[int]:
         return [d[int(a.argmax())] for a, d in zip(self.depth_logits, self.depths)]
+
+    def argmax_streams(self) -> list[int]:
+        """Each stage's combined stream width in the argmax architecture (:meth:`stream_widths`)."""
+        return self.stream_widths(self.argmax_widths(), self.argmax_depths())
 
     def argmax_flops(self) -> int:
         """FLOPs per sample of the argmax architecture (equal to ``sk.flops`` of its compiled plan / N)."""
@@ -394,6 +476,14 @@ class TASResNet(nn.Module):
     def min_flops(self) -> int:
         """FLOPs per sample of the smallest architecture in the search space."""
         return self.flops_of([w.choices[0] for w in self.widths], [d[0] for d in self.depths])
+
+    def _argmax_indices(self) -> list[int]:
+        """Candidate index per width choice in the derived architecture (stream convs at their stage's width)."""
+        index = [int(a.argmax()) for a in self.width_logits]
+        for s, width in enumerate(self.argmax_streams()):
+            for i in self.stream_vars[s]:
+                index[i] = self.widths[i].choices.index(width)
+        return index
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -404,31 +494,32 @@ class TASResNet(nn.Module):
         if search:
             ws = [_sample_two(a, self.tau) for a in self.width_logits]
         else:
-            ws = [([int(a.argmax())], None) for a in self.width_logits]
-        x = F.relu(self.conv1(x, *ws[self.stage_var[0]]))
+            ws = [([i], None) for i in self._argmax_indices()]
+        x = F.relu(self.conv1(x, *ws[0]))
         for s, blocks in enumerate(self.layers):
-            outer = ws[self.stage_var[s]]
             choices = self.depths[s]
             if not search:
                 for b in range(choices[int(self.depth_logits[s].argmax())]):
-                    x = blocks[b](x, ws[self.inner_var[s][b]], outer)
+                    x = blocks[b](x, ws[self.inner_var[s][b]], ws[self.outer_var[s][b]])
                 continue
             ends = []
             for b, block in enumerate(blocks):
-                x = block(x, ws[self.inner_var[s][b]], outer)
+                x = block(x, ws[self.inner_var[s][b]], ws[self.outer_var[s][b]])
                 if b + 1 in choices:
                     ends.append(x)
             if len(ends) > 1:
                 p = _gumbel_softmax(self.depth_logits[s], self.tau)
-                x = sum(pj * e for pj, e in zip(p, ends))
+                width = max(e.shape[1] for e in ends)
+                x = sum(pj * channel_interpolate(e, width) for pj, e in zip(p, ends))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return F.linear(x, self.fc.weight[:, : x.shape[1]], self.fc.bias)
 
     # ------------------------------------------------------------------ results
     def architecture(self) -> dict[str, Any]:
-        """The argmax architecture: channels per width choice and blocks per stage (JSON-ready)."""
+        """The argmax architecture: channels per conv, per stage's stream, and blocks per stage (JSON-ready)."""
         return {
             "widths": {w.name: c for w, c in zip(self.widths, self.argmax_widths())},
+            "streams": {f"layer{s + 1}": c for s, c in enumerate(self.argmax_streams())},
             "depths": {f"layer{s + 1}": d for s, d in enumerate(self.argmax_depths())},
         }
 
@@ -439,32 +530,43 @@ class TASResNet(nn.Module):
 
     def export(self) -> CifarResNet:
         """An unpruned CifarResNet carrying the search's weights, with each BN's first channels taken from
-        the argmax candidate's BN: compiling :func:`derive_plan`'s plan on it gives the argmax network."""
+        the derived architecture's candidate BN: compiling :func:`derive_plan`'s plan on it gives the argmax
+        network."""
         arch = self._arch
         out = CifarResNet(arch["depth"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
         if arch["sk_arch"] is not None:
             out.sk_arch = copy.deepcopy(arch["sk_arch"])
-        picks = [int(a.argmax()) for a in self.width_logits]
+        picks = self._argmax_indices()
 
         def put(conv: nn.Conv2d, bn: nn.BatchNorm2d, sconv: SearchConv, var: int) -> None:
             with torch.no_grad():
                 conv.weight.copy_(sconv.conv.weight)
-                for k in (len(sconv.bns) - 1, picks[var]):  # widest first, then the argmax on top
+                for k in (len(sconv.bns) - 1, picks[var]):  # widest first, then the derived candidate on top
                     src = sconv.bns[k]
                     c = src.num_features
                     for name in ("weight", "bias", "running_mean", "running_var"):
                         getattr(bn, name)[:c].copy_(getattr(src, name))
 
-        put(out.conv1, out.bn1, self.conv1, self.stage_var[0])
+        put(out.conv1, out.bn1, self.conv1, 0)
         for s, stage in enumerate([out.layer1, out.layer2, out.layer3]):
             for b, block in enumerate(stage):
                 sb = self.layers[s][b]
                 put(block.conv1, block.bn1, sb.conv1, self.inner_var[s][b])
-                put(block.conv2, block.bn2, sb.conv2, self.stage_var[s])
+                put(block.conv2, block.bn2, sb.conv2, self.outer_var[s][b])
                 if block.downsample is not None:
-                    put(block.downsample[0], block.downsample[1], sb.downsample, self.stage_var[s])
+                    put(block.downsample[0], block.downsample[1], sb.downsample, self.outer_var[s][b])
         out.fc.load_state_dict(self.fc.state_dict())
         return out.to(self.fc.weight.device).train(self.training)
+
+
+def _fresh_weights(network: nn.Module, seed: int) -> None:
+    """Random weights for every layer of ``network`` (the zoo's initialisation, seeded), BN statistics reset."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in network.modules():
+            if m is not network and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+        init_weights(network)
 
 
 # ----------------------------------------------------------------------------- search objective
@@ -478,17 +580,42 @@ def flop_loss(expected: Tensor, current: float, target: float, tolerance: float)
     return None
 
 
-class TemperatureHook(Hook):
-    """Anneals ``network.tau`` linearly from ``start`` at the first step to ``end`` at the last."""
+def cosine_temperature(epoch: int, epochs: int, start: float = TAU[0], end: float = TAU[1]) -> float:
+    """The official code's Gumbel temperature in epoch ``epoch`` of ``epochs`` (0-based):
+    ``end + (start - end) * (1 + cos(pi * epoch / epochs)) / 2``, so ``start`` in the first epoch, falling on
+    a half cosine towards ``end`` (reached only after the last epoch)."""
+    if epochs < 1 or not 0 <= epoch <= epochs:
+        raise ValueError(f"need 0 <= epoch <= epochs and epochs >= 1, got epoch={epoch}, epochs={epochs}")
+    return end + (start - end) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
 
-    def __init__(self, network: TASResNet, start: float = 5.0, end: float = 0.1) -> None:
+
+class TemperatureHook(Hook):
+    """Anneals ``network.tau`` from ``start`` to ``end``.
+
+    ``schedule="cosine"`` (default, the official code): once per epoch, :func:`cosine_temperature` of the
+    epoch among the run's ``ceil(total_steps / steps_per_epoch)`` epochs (a run of one epoch or less keeps
+    ``start``, as the official code's first epoch does). ``schedule="linear"``: per step,
+    linearly from ``start`` at the first step to ``end`` at the last.
+    """
+
+    def __init__(self, network: TASResNet, start: float = TAU[0], end: float = TAU[1], *,
+                 schedule: str = "cosine") -> None:
         if not start >= end > 0:
             raise ValueError(f"temperatures must satisfy start >= end > 0, got {start}, {end}")
-        self.network, self.start, self.end = network, start, end
+        if schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
+        self.network, self.start, self.end, self.schedule = network, start, end, schedule
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        if self.schedule == "cosine":
+            per_epoch = state.steps_per_epoch or state.total_steps
+            epochs = max(1, math.ceil(state.total_steps / max(1, per_epoch)))
+            self.network.tau = cosine_temperature(min(state.epoch, epochs), epochs, self.start, self.end)
 
     def on_step_start(self, state: TrainState) -> None:
-        frac = state.step / max(1, state.total_steps - 1)
-        self.network.tau = self.start - (self.start - self.end) * min(1.0, frac)
+        if self.schedule == "linear":
+            frac = state.step / max(1, state.total_steps - 1)
+            self.network.tau = self.start - (self.start - self.end) * min(1.0, frac)
 
 
 class FlopLossHook(Hook):
@@ -600,7 +727,9 @@ def search(
     arch_weight_decay: float = 1e-3,
     flop_weight: float = FLOP_WEIGHT,
     tolerance: float = FLOP_TOLERANCE,
-    tau: tuple[float, float] = (5.0, 0.1),
+    tau: tuple[float, float] = TAU,
+    tau_schedule: str = "cosine",
+    init: str = "random",
     ratios: Sequence[float] = WIDTH_RATIOS,
     seed: int = 0,
     max_steps: int | None = None,
@@ -610,7 +739,9 @@ def search(
     """Search the width and depth of ``model`` for ``budget`` x its FLOPs (Dong & Yang 2019).
 
     Args:
-        model: a zoo CIFAR ResNet (not modified); its weights initialise the searchable network.
+        model: a zoo CIFAR ResNet (not modified): its architecture is searched. With ``init="random"`` (the
+            official code) the searchable network starts from fresh random weights seeded by ``seed``,
+            whatever ``model``'s weights; ``init="model"`` starts every candidate from ``model``'s weights.
         example_inputs: (N, C, H, W) inputs at the resolution the FLOPs are counted at.
         train_data: Dataset or ``(X, Y)`` pair, split into two seeded halves: weights train on the first
             (SGD, ``lr``, cosine schedule, Nesterov momentum, ``weight_decay``), the architecture logits on
@@ -618,8 +749,10 @@ def search(
         budget: target FLOPs as a fraction of the unpruned model's, in (0, 1].
         epochs: passes over the weights' half.
         flop_weight, tolerance: the FLOP loss weight (2) and tolerance (fraction of the unpruned FLOPs, 5%).
-        tau: Gumbel temperature at the first and the last step (5 -> 0.1, linear).
-        seed: seeds the halves, the logits' initialisation and the trainer.
+        tau, tau_schedule: Gumbel temperature from ``tau[0]`` to ``tau[1]`` (10 -> 0.1), on a cosine updated
+            once per epoch (``"cosine"``, the official code) or linearly per step (``"linear"``);
+            :class:`TemperatureHook`.
+        seed: seeds the halves, the weights' and the logits' initialisation and the trainer.
 
     Returns:
         :class:`SearchResult` with the network in ``"argmax"`` and eval mode. Its argmax architecture is
@@ -630,7 +763,7 @@ def search(
     """
     if not 0.0 < budget <= 1.0:
         raise PlanError(f"FLOPs budget must be a fraction in (0, 1], got {budget}")
-    net = TASResNet(model, example_inputs, ratios=ratios, seed=seed)
+    net = TASResNet(model, example_inputs, ratios=ratios, init=init, seed=seed)
     full = net.full_flops
     target, tol = budget * full, tolerance * full
     if net.min_flops() > target:
@@ -646,7 +779,7 @@ def search(
                  weight_decay=arch_weight_decay)
     band = FlopLossHook(net, target, tol, weight=flop_weight)
     net.mode = "search"
-    result = train(net, weights_half, config, hooks=[TemperatureHook(net, *tau), band],
+    result = train(net, weights_half, config, hooks=[TemperatureHook(net, *tau, schedule=tau_schedule), band],
                    params=net.weight_parameters(), stages=[arch])
     net.mode = "argmax"
     net.eval()
@@ -659,16 +792,21 @@ def search(
 def derive_plan(network: TASResNet, example_inputs: Tensor, *, meta: dict[str, Any] | None = None) -> Plan:
     """The argmax architecture of ``network`` as a plan for the unpruned model (or ``network.export()``).
 
-    Each width choice keeps the first ``C_i`` channels of its dependency group; blocks past each stage's
-    depth are ``removed_blocks``. Groups are named as in the model after removal
+    The inner conv of each kept block keeps the first ``C_i`` channels of its group (its argmax width); the
+    residual stream of stage ``s``, one dependency group, keeps its first ``W_s`` channels, ``W_s`` the
+    largest argmax width among the convs writing it in kept blocks (:meth:`TASResNet.stream_widths`); blocks
+    past each stage's depth are ``removed_blocks``. Groups are named as in the model after removal
     (:func:`sparsekern.depth.channel_graph`). ``meta`` records the method, the architecture and its FLOPs.
     """
     removed = network.removed_blocks()
     cg = channel_graph(network.export(), removed, example_inputs)
     channels: dict[str, GroupKeep] = {}
-    for w, c in zip(network.widths, network.argmax_widths()):
-        if w.name.count(".") and w.name.rsplit(".", 1)[0] in removed:
-            continue  # inner conv of a removed block
+    widths = network.argmax_widths()
+    kept = [(w, widths[i]) for i, w in enumerate(network.widths)
+            if w.stream is None and w.name.rsplit(".", 1)[0] not in removed]
+    for s, width in enumerate(network.argmax_streams()):
+        kept.append((network.widths[network.stream_vars[s][0]], width))
+    for w, c in kept:
         groups = cg.group_of(w.layer)
         if len(groups) != 1 or cg.groups[groups[0]].size != w.channels:
             raise PlanError(f"TAS width choice {w.name!r}: layer {w.layer!r} is not the producer of one "

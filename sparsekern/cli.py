@@ -10,12 +10,16 @@ Rules:
 * ``prune`` checkpoints every completed stage into ``--out``/checkpoints; after an interruption (Ctrl-C
   exits with code 130 and says what was saved) the same command with ``--resume`` skips the completed
   stages. Resuming with other arguments is refused, naming the arguments that differ.
+* ``prune --recipe NAME`` runs a paper's recipe (:mod:`sparsekern.recipes`, docs/recipes.md): the recipe fills
+  every flag not given on the command line (explicit flags win) and the settings it cannot honour are printed
+  before the run and recorded in its report; ``--scale F`` runs it shrunk on the embedded data.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -32,6 +36,7 @@ from sparsekern.cli_checks import (
     prune_methods,
     search_methods,
 )
+from sparsekern.recipes import DATA_NAMES, Recipe, RecipeError, list_recipes, load_recipe
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 _HELP = """train, prune, compile and benchmark models (demo, prune, bench)
@@ -162,16 +167,73 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- prune
 
 #: flag -> default, for the flags only the LM (``"lowrank"``) methods read and those only the image
-#: (``"static"``) methods read; a flag given to a method that does not read it is refused rather than ignored
-LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None}
+#: (``"static"``) methods read; a flag given to a method that does not read it is refused rather than ignored.
+#: ``None``: the pipeline's own default (``rethinking.run``'s, :class:`TrainConfig`'s, the zoo model's).
+LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None, "seq_len": None,
+           "dropout": None, "grad_clip": None}
 IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
-              "search_epochs": None, "repeats": 30}
+              "search_epochs": None, "repeats": 30, "finetune_lr": None, "momentum": None, "nesterov": None,
+              "milestones": None, "gamma": None, "slimming_penalty": None}
+#: training flags of image runs that go to ``rethinking.run`` itself; the others of ``DEFAULTABLE``
+#: (:func:`sparsekern.training.config.train_defaults`) reach every trainer the pipeline builds
+RUN_SETTINGS = ("lr", "finetune_lr", "batch_size", "slimming_penalty")
 #: arguments that do not change what a run computes (left out of the checkpoints' identity)
-NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats")
+NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats", "list_recipes")
 
 
-def _check_prune(args: argparse.Namespace) -> None:
-    """Refuse flags the method does not read, fill the defaults, and check model, sizes and data."""
+@dataclass(frozen=True)
+class RecipeRun:
+    """A recipe applied to a command line: the recipe, its scale, and the flags given that replaced its values
+    (flag -> (given, recipe's))."""
+
+    recipe: Recipe
+    scale: float
+    overrides: dict[str, tuple[Any, Any]]
+
+
+def _apply_recipe(args: argparse.Namespace) -> RecipeRun:
+    """Fill every flag not given on the command line from ``--recipe`` (at ``--scale``); explicit flags win.
+
+    Without ``--data``, a full-scale recipe is refused (it names the flag the paper's data needs) and a
+    shrunk one reads the embedded data.
+    """
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as e:
+        raise UsageError(f"--recipe {args.recipe!r}: {e}") from None
+    if args.method is not None and args.method != recipe.method:
+        raise UsageError(f"--method {args.method}: --recipe {recipe.name} runs --method {recipe.method}; drop "
+                         "--method, or choose a recipe of that method (--list-recipes)")
+    scale = 1.0 if args.scale is None else args.scale
+    overrides = {}
+    for key, value in recipe.arguments(scale).items():
+        value = list(value) if isinstance(value, tuple) else value
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, value)
+        elif given != value:
+            overrides[key] = (given, value)
+    if args.data is None:
+        if scale == 1.0:
+            raise UsageError(f"--recipe {recipe.name} trains on {DATA_NAMES[recipe.data]} ({recipe.citation}); pass "
+                             f"{recipe.data_flag}, or --scale F (e.g. --scale 0.01) to run it shrunk on the embedded "
+                             f"{recipe.embedded_data} data")
+        args.data = recipe.embedded_data
+    return RecipeRun(recipe, scale, overrides)
+
+
+def _check_prune(args: argparse.Namespace) -> RecipeRun | None:
+    """Apply ``--recipe``, refuse flags the method does not read, fill the defaults, and check model, sizes
+    and data; returns the applied recipe (None without ``--recipe``)."""
+    run = _apply_recipe(args) if args.recipe is not None else None
+    if args.scale is not None and run is None:
+        raise UsageError(f"--scale {args.scale:g} shrinks a recipe; pass --recipe NAME (--list-recipes lists them)")
+    if args.method is None:
+        raise UsageError("pass --method NAME, or --recipe NAME to run a paper's recipe (--list-recipes lists them)")
+    if args.slimming_penalty is not None and args.method != "slimming":
+        raise UsageError(f"--slimming-penalty applies to --method slimming only; drop it for --method {args.method}")
+    if args.milestones is not None and list(args.milestones) != sorted(args.milestones):
+        raise UsageError(f"--milestones {' '.join(map(str, args.milestones))}: give the lr drops in increasing order")
     lm = _is_lm(args.method)
     foreign = LM_ONLY if not lm else IMAGE_ONLY
     given = [k for k in foreign if getattr(args, k) is not None]
@@ -199,6 +261,7 @@ def _check_prune(args: argparse.Namespace) -> None:
         args.data = args.data or "digits"
         check_data_spec(args.data, kinds={"digits": "", "cifar10": "dir"})
         check_image_model(args.model, args.image_size or 32)
+    return run
 
 
 def _is_lm(method: str) -> bool:
@@ -208,8 +271,9 @@ def _is_lm(method: str) -> bool:
     return get_method(method).kind == "lowrank"
 
 
-def _lm_kwargs(args: argparse.Namespace) -> dict[str, int]:
-    return {k: v for k, v in (("d_model", args.d_model), ("layers", args.layers)) if v is not None}
+def _lm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The zoo LM's constructor arguments given on the command line (or by a recipe)."""
+    return {k: getattr(args, k) for k in ("d_model", "layers", "dropout") if getattr(args, k) is not None}
 
 
 def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +284,10 @@ def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
 def _prune(args: argparse.Namespace) -> int:
     from sparsekern.checkpoint import CheckpointMismatch, Checkpoints
 
-    _check_prune(args)
+    if args.list_recipes:
+        print(_recipe_table())
+        return 0
+    recipe_run = _check_prune(args)
     out = prepare_out(args.out, PRUNE_OUTPUTS, overwrite=args.overwrite, resume=args.resume,
                       checkpoints=CHECKPOINTS)
     store = Checkpoints(out / CHECKPOINTS, _run_identity(args), resume=args.resume)
@@ -233,11 +300,15 @@ def _prune(args: argparse.Namespace) -> int:
             print(f"--resume: no checkpoints in {store.folder} yet; starting from the beginning")
     elif store.completed():  # prepare_out let them through: --overwrite
         store.clear()
+    if recipe_run is not None:
+        print(_recipe_header(recipe_run, args))
     try:
         report_line = _prune_lm(args, out, store) if _is_lm(args.method) else _prune_images(args, out, store)
     except KeyboardInterrupt:
         raise _interrupted(store.folder, store.completed(),
                            "run the same command with --resume to continue from there")
+    if recipe_run is not None:
+        _record_recipe(out / "report.json", recipe_run, args)
     print(report_line)
     print(f"wrote {out / 'report.json'} and {out / 'model.sk'}")
     return 0
@@ -253,13 +324,16 @@ def _load_data(load: Any, spec: str, **kwargs: Any) -> Any:
 def _prune_images(args: argparse.Namespace, out: Path, store: Any) -> str:
     from sparsekern.data import load
     from sparsekern.methods import rethinking
+    from sparsekern.training.config import train_defaults
 
     data = _load_data(load, args.data, image_size=args.image_size)
-    report = rethinking.run(args.method, data, model_name=args.model, budget=args.budget, epochs=args.epochs,
-                            finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
-                            arms=rethinking.default_arms(args.method, args.protocol), seed=args.seed,
-                            progress=not args.no_progress, out=out / "report.json", model_out=out / "model.sk",
-                            checkpoints=store, bench_repeats=args.repeats)
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS if getattr(args, k) is not None}
+    with train_defaults(**_train_defaults(args)):
+        report = rethinking.run(args.method, data, model_name=args.model, budget=args.budget, epochs=args.epochs,
+                                finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
+                                arms=rethinking.default_arms(args.method, args.protocol), seed=args.seed,
+                                progress=not args.no_progress, out=out / "report.json", model_out=out / "model.sk",
+                                checkpoints=store, bench_repeats=args.repeats, **settings)
     return f"{args.method}: FLOPs {report.flops_pruned / report.flops_full:.1%} of the full {args.model}"
 
 
@@ -273,16 +347,81 @@ def _prune_lm(args: argparse.Namespace, out: Path, store: Any) -> str:
     from sparsekern.train import TrainConfig
 
     corpus = _load_data(load, args.data)
-    config = TrainConfig(max_steps=args.steps, epochs=1e9, optimizer="adam", lr=3e-3, weight_decay=0.0,
-                         schedule="constant", warmup_steps=max(1, args.steps // 20), grad_clip=1.0, seed=args.seed,
-                         progress=not args.no_progress)
+    batch = {} if args.batch_size is None else {"batch_size": args.batch_size}  # else TrainConfig's
+    config = TrainConfig(max_steps=args.steps, epochs=1e9, optimizer="adam", lr=_given(args.lr, 3e-3),
+                         weight_decay=_given(args.weight_decay, 0.0), schedule=_given(args.schedule, "constant"),
+                         warmup_steps=_given(args.warmup_steps, max(1, args.steps // 20)),
+                         grad_clip=_given(args.grad_clip, 1.0), seed=args.seed, progress=not args.no_progress, **batch)
     run = get_method(args.method).run_lm(args.model, corpus, config, target=args.target, seed=args.seed,
-                                         eval_bytes=args.eval_bytes, model_kwargs=_lm_kwargs(args), checkpoints=store)
+                                         eval_bytes=args.eval_bytes, model_kwargs=_lm_kwargs(args), checkpoints=store,
+                                         seq_len=args.seq_len)
     sk.save(run.compiled, out / "model.sk")
     (out / "report.json").write_text(json.dumps(run.report, indent=1))
     return (f"{args.model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
             f"{run.report['params_dense']} -> {run.report['params_compiled']}, test bits per byte "
             f"{run.report['test_bpb']:.3f}")
+
+
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless it is None (a flag not given)."""
+    return default if value is None else value
+
+
+def _train_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`~sparsekern.training.config.DEFAULTABLE` settings given (by flag or recipe), for
+    :func:`~sparsekern.training.config.train_defaults`."""
+    from sparsekern.training.config import DEFAULTABLE
+
+    given = {k: getattr(args, k) for k in DEFAULTABLE if getattr(args, k, None) is not None}
+    if "milestones" in given:
+        given["milestones"] = tuple(given["milestones"])
+    return given
+
+
+# ----------------------------------------------------------------------------------------- recipes
+
+def _recipe_table() -> str:
+    """``--list-recipes``: one line per shipped recipe (name, method, model, data, paper), then how to run one."""
+    rows = [("recipe", "method", "model", "data", "paper")]
+    for name in list_recipes():
+        r = load_recipe(name)
+        rows.append((name, r.method, r.settings["model"], DATA_NAMES[r.data],
+                     f"{r.citation}, \"{r.paper['title']}\" {r.paper['url']}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    lines += ["", "run one at full scale: sparsekern prune --recipe NAME --data cifar10:PATH (enwik8:PATH for flop); "
+              "shrunk on the embedded data: sparsekern prune --recipe NAME --scale 0.01 (docs/recipes.md)"]
+    return "\n".join(lines)
+
+
+def _recipe_header(run: RecipeRun, args: argparse.Namespace) -> str:
+    """What a recipe run prints before any work: the paper and code it follows, the data and scale, the flags
+    that replaced recipe values, and every official setting the implementation cannot honour."""
+    r = run.recipe
+    lines = [f"recipe {r.name}: {r.citation}, \"{r.paper['title']}\"; following {r.code['repo']} ({r.code['follows']})"]
+    if run.scale == 1.0:
+        lines.append(f"  full scale on --data {args.data}")
+    else:
+        sizes = ", ".join(f"{k} {v}" for k, v in r.shrunk.items())
+        lines.append(f"  shrunk: epochs and steps x {run.scale:g}, sizes {sizes}; --data {args.data}")
+    for key, (given, value) in run.overrides.items():
+        lines.append(f"  --{key.replace('_', '-')} {given} given on the command line (the recipe's: {value})")
+    if r.not_supported:
+        lines.append(f"  not honoured by this implementation ({len(r.not_supported)}):")
+        lines += [f"    - {u.line()}" for u in r.not_supported]
+    return "\n".join(lines)
+
+
+def _record_recipe(path: Path, run: RecipeRun, args: argparse.Namespace) -> None:
+    """Add the recipe, its scale, the overrides and what was not honoured to the run's ``report.json``."""
+    import json
+
+    doc = json.loads(path.read_text())
+    doc["recipe"] = {"name": run.recipe.name, "source": run.recipe.source, "paper": dict(run.recipe.paper),
+                     "code": dict(run.recipe.code), "scale": run.scale, "data": args.data,
+                     "overrides": {k: {"given": g, "recipe": v} for k, (g, v) in run.overrides.items()},
+                     "not_supported": [asdict(u) for u in run.recipe.not_supported]}
+    path.write_text(json.dumps(doc, indent=1))
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -333,9 +472,12 @@ def _add_demo_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 def _add_prune_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """``sparsekern prune``."""
-    prune = sub.add_parser("prune", parents=[common],
-                           help="train, prune to a FLOPs budget, fine-tune, save and report")
-    prune.add_argument("--method", required=True, choices=prune_methods(), help=_method_help())
+    prune = sub.add_parser("prune", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           help="train, prune to a FLOPs budget, fine-tune, save and report",
+                           description="train, prune to a FLOPs budget, fine-tune, save and report.\n\n"
+                                       "--recipe NAME runs a paper's recipe (--list-recipes lists them): it sets "
+                                       "the flags below;\nflags given explicitly override the recipe's values.")
+    prune.add_argument("--method", choices=prune_methods(), help=_method_help() + " (required unless --recipe)")
     prune.add_argument("--model", help=f"zoo model name (default: resnet56; transformer_lm for flop); image "
                                        f"methods: {', '.join(image_models())}")
     prune.add_argument("--budget", type=number(float, low=0, high=1, low_open=True, what="fraction of FLOPs kept"),
@@ -356,6 +498,8 @@ def _add_prune_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     prune.add_argument("--search-epochs", type=positive,
                        help=f"{'/'.join(search_methods())}: the method's search (gate training, architecture "
                             "search, mask training) (default: epochs / 2)")
+    _add_training_flags(prune)
+    _add_recipe_flags(prune)
     prune.add_argument("--seed", type=nonnegative_int, default=0)
     prune.add_argument("--repeats", type=count, help="timed runs per model for the measured speedup (default 30)")
     prune.add_argument("--out", default="sparsekern-prune",
@@ -367,6 +511,45 @@ def _add_prune_parser(sub: argparse._SubParsersAction, common: argparse.Argument
                             "(refused if they were run with other arguments)")
     prune.add_argument("--no-progress", action="store_true")
     prune.set_defaults(run=_prune)
+
+
+def _add_training_flags(prune: argparse.ArgumentParser) -> None:
+    """``prune``'s optimisation flags (a recipe sets them; default: the pipeline's own settings)."""
+    nonnegative = number(float, low=0)
+    fraction = number(float, low=0, high=1)
+    prune.add_argument("--lr", type=positive, help="learning rate of the full model and the scratch arms "
+                                                   "(default 0.1; flop: Adam's, default 3e-3)")
+    prune.add_argument("--finetune-lr", type=positive, help="the fine-tune arm's learning rate (default 0.01)")
+    prune.add_argument("--batch-size", type=count, help="training batch (default 64; flop: 128)")
+    prune.add_argument("--weight-decay", type=nonnegative, help="default 1e-4 (flop: 0)")
+    prune.add_argument("--momentum", type=fraction, help="SGD momentum (default 0.9)")
+    prune.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default off)")
+    prune.add_argument("--schedule", choices=("cosine", "step", "constant"),
+                       help="lr schedule of every training run (default cosine; flop: constant)")
+    prune.add_argument("--milestones", type=fraction, nargs="+",
+                       help="--schedule step: the lr drops, as fractions of each run (default 0.5 0.75)")
+    prune.add_argument("--gamma", type=number(float, low=0, high=1, low_open=True),
+                       help="--schedule step: lr factor at each milestone (default 0.1)")
+    prune.add_argument("--warmup-steps", type=nonnegative_int,
+                       help="linear lr warm-up of every trainer the run builds without its own (default 0; flop: "
+                            "steps / 20)")
+    prune.add_argument("--slimming-penalty", type=positive,
+                       help="slimming: the L1 penalty s on BN scales (default 1e-4 VGG, 1e-5 ResNet)")
+    prune.add_argument("--seq-len", type=count, help="flop: training window in bytes (default: the model's)")
+    prune.add_argument("--dropout", type=fraction, help="flop: the LM's dropout (default: the zoo's, 0)")
+    prune.add_argument("--grad-clip", type=positive, help="flop: gradient norm clip (default 1)")
+
+
+def _add_recipe_flags(prune: argparse.ArgumentParser) -> None:
+    """``prune --recipe``, ``--list-recipes`` and ``--scale``."""
+    prune.add_argument("--recipe", metavar="NAME",
+                       help="run a paper's recipe (sparsekern/recipes/NAME.json, or a path to a recipe .json): it "
+                            "sets method, model and every training flag; explicitly given flags override its values")
+    prune.add_argument("--list-recipes", action="store_true", help="list the recipes with their paper and data, "
+                                                                   "and exit")
+    prune.add_argument("--scale", type=number(float, low=0, high=1, low_open=True),
+                       help="--recipe: run it shrunk, every epoch and step count x SCALE in (0, 1], with the "
+                            "recipe's small sizes and, without --data, the embedded data (default 1: full scale)")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

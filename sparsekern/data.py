@@ -9,6 +9,15 @@
   :func:`loader` wraps a dataset in a seeded, single-process ``DataLoader``.
 
 All image tensors are float32 (N, C, H, W), normalised per channel; labels are int64 (N,).
+
+Augmentation (:class:`RandomCropFlip`, :class:`AugmentedTensorDataset`): the standard CIFAR recipe of every
+official CIFAR script of the papers reproduced here (Network Slimming, Rethinking, TAS, Pruning from Scratch):
+pad 4 pixels with black (zero) pixels, crop a random 32x32 window, flip horizontally with probability 1/2.
+It is on by default for the CIFAR-10 training split (``cifar10(root, "train")``, ``load("cifar10:PATH")``) and
+off for test splits and for the tiny embedded digits (8x8 images upsampled; the recipe is meant for
+CIFAR's natural images, and ``digits(augment=True)`` turns it on). The random draws come from torch's global RNG
+in ``__getitem__``, so a run is reproducible given ``torch.manual_seed`` (the trainer seeds it at the start
+of training), also with ``num_workers > 0`` (each worker's RNG is seeded from the global one).
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +35,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
+    "AugmentedTensorDataset",
     "CIFAR10_MEAN",
+    "CIFAR10_PAD",
     "CIFAR10_STD",
     "DataBundle",
+    "RandomCropFlip",
     "cifar10",
     "digits",
     "load",
@@ -44,6 +56,9 @@ CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
 
 CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILES: tuple[str, ...] = ("test_batch",)
+
+#: Padding of the random crop of the CIFAR recipe, in pixels of a 32x32 image.
+CIFAR10_PAD = 4
 
 DIGITS_TEST_FRACTION = 0.2
 _SPLITS = ("train", "test")
@@ -65,6 +80,93 @@ def _resize(images: torch.Tensor, image_size: int, chunk: int = 4096) -> torch.T
         for i in range(0, images.shape[0], chunk)
     ]
     return torch.cat(parts) if parts else images.new_zeros(0, images.shape[1], image_size, image_size)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+class RandomCropFlip:
+    """Random crop of a padded image and random horizontal flip, on one image (C, H, W) -> (C, H, W).
+
+    The image is padded by ``padding`` pixels on every side with ``fill`` (one value, or one per channel:
+    for normalised data, the value of a black pixel, ``-mean / std``, so that the padding is the zero
+    padding of the raw pixels as in ``torchvision.transforms.RandomCrop(32, padding=4)``); a window of the
+    original size is taken at a uniformly random offset ``(i, j)`` in ``[0, 2 * padding]^2`` and, with
+    probability 1/2 if ``flip``, mirrored along the width. The output is a real window of the padded image
+    (possibly flipped): pixels move, values do not change.
+
+    Each call draws three integers from torch's global RNG (two offsets and the flip coin, the coin also
+    without ``flip``), so the draws are seeded by ``torch.manual_seed``.
+
+    Args:
+        padding: pixels of padding per side (>= 0; CIFAR: 4).
+        flip: also flip horizontally with probability 1/2.
+        fill: padding value, a float or a sequence of one float per channel.
+    """
+
+    def __init__(self, padding: int = CIFAR10_PAD, *, flip: bool = True, fill: float | Sequence[float] = 0.0) -> None:
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+        self.padding = padding
+        self.flip = bool(flip)
+        self.fill = torch.as_tensor(fill, dtype=torch.float32).flatten()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3:
+            raise ValueError(f"RandomCropFlip expects one image (C, H, W), got shape {tuple(image.shape)}")
+        c, h, w = image.shape
+        if self.fill.numel() not in (1, c):
+            raise ValueError(f"RandomCropFlip: fill has {self.fill.numel()} values for an image of {c} channels")
+        p = self.padding
+        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        coin = bool(torch.randint(0, 2, ()).item())  # drawn even without flip: the same draws per call
+        flip = self.flip and coin
+        fill = self.fill.to(device=image.device, dtype=image.dtype).view(-1, 1, 1)
+        padded = fill.expand(c, h + 2 * p, w + 2 * p).clone()
+        padded[:, p:p + h, p:p + w] = image
+        out = padded[:, i:i + h, j:j + w]
+        return out.flip(-1) if flip else out.contiguous()
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(padding={self.padding}, flip={self.flip}, fill={self.fill.tolist()})"
+
+
+class AugmentedTensorDataset(TensorDataset):
+    """A ``TensorDataset`` (images (N, C, H, W), labels (N,), ...) whose images pass through ``transform`` on
+    every read: ``dataset[i] == (transform(images[i]), labels[i], ...)``; the other tensors are unchanged.
+
+    ``tensors`` still holds the unaugmented data, so code that reads it directly (statistics, data ranges,
+    example inputs) sees the original images. Reads draw from torch's global RNG (see :class:`RandomCropFlip`).
+    """
+
+    def __init__(self, *tensors: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(*tensors)
+        if not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        items = super().__getitem__(index)
+        return (self.transform(items[0]),) + tuple(items[1:])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, ...]]:
+        """Batched reads (``DataLoader`` prefers this method when it exists): each item through
+        :meth:`__getitem__`, so a batch is augmented exactly as single reads are."""
+        return [self[i] for i in indices]
+
+
+def _augmented(dataset: TensorDataset, fill: Sequence[float], padding: int) -> AugmentedTensorDataset:
+    """``dataset`` with :class:`RandomCropFlip` (``padding``, flip, ``fill``) on its images."""
+    return AugmentedTensorDataset(*dataset.tensors, transform=RandomCropFlip(padding, fill=list(fill)))
+
+
+def _black(mean: Sequence[float], std: Sequence[float]) -> list[float]:
+    """A black (0) pixel after normalisation with ``mean`` and ``std``, per channel."""
+    return [-m / s for m, s in zip(mean, std)]
+
+
+def _scaled_pad(image_size: int) -> int:
+    """The CIFAR padding (4 at 32x32) scaled to ``image_size``, at least 1."""
+    return max(1, int(round(CIFAR10_PAD * image_size / 32)))
 
 
 # ----------------------------------------------------------------------------------------------- digits
@@ -95,13 +197,19 @@ def _digits_split_indices(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return pixels, labels, train_idx, test_idx
 
 
-def digits(split: str = "train", *, image_size: int = 32, channels: int = 3, seed: int = 0) -> TensorDataset:
+def digits(
+    split: str = "train", *, image_size: int = 32, channels: int = 3, seed: int = 0, augment: bool = False,
+) -> TensorDataset:
     """scikit-learn's handwritten digits as a ``TensorDataset`` of (image, label).
 
     The 1797 images are split once, stratified by class and seeded: about 80% "train" (1438) and
     20% "test" (359; round(20%) of each class), disjoint and identical for the same ``seed``. Pixels 0..16 are scaled to [0, 1],
     bilinearly upsampled from 8x8 to ``image_size``, replicated to ``channels`` and normalised with the
     mean and std of the train split (after upsampling), so the train images have mean 0 and std 1.
+
+    ``augment=True`` returns an :class:`AugmentedTensorDataset` with the CIFAR recipe (:class:`RandomCropFlip`,
+    padding ``4 * image_size / 32`` of black, i.e. 0-valued, pixels); off by default for these tiny
+    upsampled images.
 
     Returns images float32 (N, channels, image_size, image_size) and labels int64 (N,) in 0..9.
     """
@@ -116,7 +224,10 @@ def digits(split: str = "train", *, image_size: int = 32, channels: int = 3, see
     chosen = train_idx if split == "train" else test_idx
     x = ((images[torch.from_numpy(chosen)] - mean) / std).expand(-1, channels, -1, -1).contiguous()
     y = torch.from_numpy(labels[chosen])
-    return TensorDataset(x.float(), y.long())
+    dataset = TensorDataset(x.float(), y.long())
+    if augment:
+        return _augmented(dataset, _black([float(mean)] * channels, [float(std)] * channels), _scaled_pad(image_size))
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR-10
@@ -190,13 +301,18 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def cifar10(root: str | os.PathLike[str], split: str = "train") -> TensorDataset:
+def cifar10(root: str | os.PathLike[str], split: str = "train", *, augment: bool | None = None) -> TensorDataset:
     """CIFAR-10 from the standard python-pickle folder (``cifar-10-batches-py``).
 
     ``root`` holds ``data_batch_1`` .. ``data_batch_5`` (train, 50000 images) and ``test_batch``
     (test, 10000), each a pickled dict with ``b"data"`` (N, 3072) uint8 in channel-major RGB order and
     ``b"labels"``; ``root`` may also be the folder that contains ``cifar-10-batches-py``.
     Pixels are scaled to [0, 1] and normalised with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`.
+
+    ``augment``: the CIFAR training recipe (:class:`RandomCropFlip`: pad 4 with black pixels, random 32x32
+    crop, horizontal flip with probability 1/2), applied on every read of an :class:`AugmentedTensorDataset`
+    whose ``tensors`` stay the unaugmented images. ``None`` (default): on for ``"train"``, off for
+    ``"test"``.
 
     Returns images float32 (N, 3, 32, 32) and labels int64 (N,). Raises ``FileNotFoundError`` naming the
     missing file.
@@ -217,7 +333,10 @@ def cifar10(root: str | os.PathLike[str], split: str = "train") -> TensorDataset
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     images.sub_(mean).div_(std)
-    return TensorDataset(images, torch.from_numpy(labels))
+    dataset = TensorDataset(images, torch.from_numpy(labels))
+    if (split == "train") if augment is None else augment:
+        return _augmented(dataset, _black(CIFAR10_MEAN, CIFAR10_STD), CIFAR10_PAD)
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -238,11 +357,14 @@ _SPEC_HELP = ("accepted data specs: 'digits' or 'cifar10:PATH' (PATH = folder wi
               "byte-level text corpora ('pystdlib', 'enwik8:PATH') load with sparsekern.text_data.load")
 
 
-def load(spec: str, *, image_size: int | None = None) -> DataBundle:
+def load(spec: str, *, image_size: int | None = None, augment: bool | None = None) -> DataBundle:
     """Load a dataset by spec: ``"digits"`` (embedded, 3x32x32 by default) or ``"cifar10:PATH"``.
 
-    ``image_size`` resizes the images (bilinear); ``None`` keeps 32 for both. Bad specs raise
-    ``ValueError`` naming the accepted forms.
+    ``image_size`` resizes the images (bilinear); ``None`` keeps 32 for both. ``augment`` applies to the
+    training split only (the test split is never augmented): ``None`` (default) is each dataset's default,
+    on for CIFAR-10 (:func:`cifar10`) and off for digits (:func:`digits`); ``True`` / ``False`` forces it.
+    The random crop pads ``4 * image_size / 32`` pixels (4 at 32x32). Bad specs raise ``ValueError``
+    naming the accepted forms.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"bad data spec {spec!r}; {_SPEC_HELP}")
@@ -251,7 +373,7 @@ def load(spec: str, *, image_size: int | None = None) -> DataBundle:
     size = 32 if image_size is None else int(image_size)
     if kind == "digits" and not sep:
         return DataBundle(
-            train=digits("train", image_size=size),
+            train=digits("train", image_size=size, augment=bool(augment)),
             test=digits("test", image_size=size),
             num_classes=10,
             in_channels=3,
@@ -260,10 +382,12 @@ def load(spec: str, *, image_size: int | None = None) -> DataBundle:
         )
     if kind == "cifar10" and sep and arg.strip():
         path = arg.strip()
-        train, test = cifar10(path, "train"), cifar10(path, "test")
+        train, test = cifar10(path, "train", augment=False), cifar10(path, "test", augment=False)
         if size != 32:
             train = TensorDataset(_resize(train.tensors[0], size), train.tensors[1])
             test = TensorDataset(_resize(test.tensors[0], size), test.tensors[1])
+        if augment is None or augment:
+            train = _augmented(train, _black(CIFAR10_MEAN, CIFAR10_STD), _scaled_pad(size))
         return DataBundle(train=train, test=test, num_classes=10, in_channels=3, image_size=size, name="cifar10")
     raise ValueError(f"bad data spec {spec!r}; {_SPEC_HELP}")
 

@@ -16,6 +16,15 @@ A *factorized layer* computes ``y = x Q^T diag(z) P^T + bias`` with ``P`` (out, 
   ``Q' = diag(scale) Q[keep]`` (the gates folded into ``Q``) and ``P' = P[:, keep]``, running
   :func:`sparsekern.ops.lowrank_linear`: ``y = x Q'^T P'^T + bias``, which equals the reference.
 
+An *input-gated layer* computes ``y = (x * z) W^T + bias`` with ``W`` (out, in) and gates ``z`` (in,) on its
+input features (:class:`sparsekern.methods.flop.InputMaskedLinear`; any module with the class attribute
+``sk_input_gates = True`` and attributes ``weight`` (out, in) and ``bias`` qualifies): the factorization
+``P = W``, ``Q = I`` with ``rank = in``. Its plan entry keeps input features:
+
+* the reference is :class:`MaskedInputLinear`, ``(x * m) W^T + bias``;
+* the compiled layer is a :class:`FeatureSelectLinear` that reads only the ``r' = len(keep)`` kept features,
+  ``y = x[..., keep] W'^T + bias`` with ``W' = W[:, keep] diag(scale)`` (``in_features = r'``).
+
 Both are called by :func:`sparsekern.compiler.masked` / :func:`sparsekern.compiler.compile` on the traced
 ``torch.fx.GraphModule``, where factorized layers (``sk_leaf``) are single ``call_module`` nodes under their
 qualified names; the submodule is swapped in place, so the graph is unchanged.
@@ -32,7 +41,8 @@ from torch import Tensor, nn
 from sparsekern import ops
 from sparsekern.plan import LowRankKeep, Plan, PlanError
 
-__all__ = ["LowRankLinear", "MaskedFactorizedLinear", "compile_lowrank", "lowrank_gates", "masked_lowrank"]
+__all__ = ["FeatureSelectLinear", "LowRankLinear", "MaskedFactorizedLinear", "MaskedInputLinear", "compile_lowrank",
+           "lowrank_gates", "masked_lowrank"]
 
 
 class LowRankLinear(nn.Module):
@@ -98,27 +108,101 @@ class MaskedFactorizedLinear(nn.Module):
         return f"rank={self.Q.shape[0]}, kept={int((self.gates != 0).sum())}"
 
 
+class MaskedInputLinear(nn.Module):
+    """The reference of a pruned input-gated layer: ``(x * gates) W^T + bias`` at full width, with fixed gates
+    (in,) (zeros at pruned features). Shares ``weight`` and ``bias`` with the layer it wraps."""
+
+    sk_leaf = True
+
+    def __init__(self, layer: nn.Module, gates: Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.register_buffer("gates", gates.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x * self.gates.to(x.dtype), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, kept={int((self.gates != 0).sum())}"
+
+
+class FeatureSelectLinear(nn.Module):
+    """``y = x[..., index] W^T + bias``: a linear layer that reads only some input features (the compiled
+    form of an input-gated layer).
+
+    Shapes: x (..., source_features) -> (..., out_features); ``index`` (in_features,) int64 buffer of the
+    features read, in ``[0, source_features)``; ``weight`` (out_features, in_features); ``bias``
+    (out_features,) or None. ``in_features`` may be 0 (every feature pruned): the output is then the bias
+    (or zeros).
+    """
+
+    sk_leaf = True
+
+    def __init__(self, index: Tensor, source_features: int, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        index = torch.as_tensor(index, dtype=torch.int64).flatten()
+        if weight.dim() != 2 or weight.shape[1] != index.numel():
+            raise ValueError(f"FeatureSelectLinear: need weight (out, {index.numel()}) for {index.numel()} "
+                             f"selected features, got {tuple(weight.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= source_features):
+            raise ValueError(f"FeatureSelectLinear: feature indices must lie in [0, {source_features})")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"FeatureSelectLinear: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+        self.source_features, self.in_features, self.out_features = source_features, index.numel(), weight.shape[0]
+        self.register_buffer("index", index.to(weight.device).clone())
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.source_features:
+            raise ValueError(f"FeatureSelectLinear(source_features={self.source_features}): input has "
+                             f"{x.shape[-1]} features (shape {tuple(x.shape)})")
+        if self.in_features == 0:
+            y = x.new_zeros((*x.shape[:-1], self.out_features))
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"source_features={self.source_features}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, bias={self.bias is not None}")
+
+
+def _is_input_gated(layer: nn.Module) -> bool:
+    w = getattr(layer, "weight", None)
+    return bool(getattr(layer, "sk_input_gates", False)) and isinstance(w, Tensor) and w.dim() == 2
+
+
 def _factorized(gm: nn.Module, name: str, entry: LowRankKeep) -> nn.Module:
-    """The factorized layer ``name`` of ``gm``, checked against its plan entry."""
+    """The factorized or input-gated layer ``name`` of ``gm``, checked against its plan entry."""
     try:
         layer = gm.get_submodule(name)
     except AttributeError:
         raise PlanError(f"plan.lowrank names {name!r}, but the model has no such layer; plan it on the factorized "
                         "model (sparsekern.methods.flop.factorize) it was made for") from None
-    P, Q = getattr(layer, "P", None), getattr(layer, "Q", None)
-    if not (isinstance(P, Tensor) and isinstance(Q, Tensor) and P.dim() == 2 and Q.dim() == 2
-            and P.shape[1] == Q.shape[0]):
-        raise PlanError(
-            f"plan.lowrank names {name!r}, a {type(layer).__name__}, which is not a factorized layer (P (out, r), "
-            "Q (r, in)); factorize the model first with sparsekern.methods.flop.factorize(model)"
-        )
-    rank, in_f, out_f = Q.shape[0], Q.shape[1], P.shape[0]
+    if _is_input_gated(layer):
+        out_f, in_f = layer.weight.shape
+        rank = in_f
+    else:
+        P, Q = getattr(layer, "P", None), getattr(layer, "Q", None)
+        if not (isinstance(P, Tensor) and isinstance(Q, Tensor) and P.dim() == 2 and Q.dim() == 2
+                and P.shape[1] == Q.shape[0]):
+            raise PlanError(
+                f"plan.lowrank names {name!r}, a {type(layer).__name__}, which is not a factorized layer (P (out, "
+                "r), Q (r, in)) nor an input-gated one (sk_input_gates, weight (out, in)); factorize the model "
+                "first with sparsekern.methods.flop.factorize(model)"
+            )
+        rank, in_f, out_f = Q.shape[0], Q.shape[1], P.shape[0]
     for key, want, actual in (("rank", entry.rank, rank), ("in", entry.in_features, in_f),
                               ("out", entry.out_features, out_f)):
         if want is not None and want != actual:
             raise PlanError(f"plan.lowrank[{name!r}]: the plan has {key}={want} but the layer has {actual}; "
                             "the plan was made for a different model")
     return layer
+
+
+def _n_components(layer: nn.Module) -> int:
+    return layer.weight.shape[1] if _is_input_gated(layer) else layer.Q.shape[0]
 
 
 def lowrank_gates(name: str, entry: LowRankKeep | Mapping[str, Any], rank: int) -> tuple[Tensor, Tensor]:
@@ -138,33 +222,43 @@ def lowrank_gates(name: str, entry: LowRankKeep | Mapping[str, Any], rank: int) 
 
 
 def masked_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
-    """Replace every factorized layer named in ``plan.lowrank`` by :class:`MaskedFactorizedLinear` with the
-    plan's gates (in place; returns ``gm``). ``example_inputs`` is unused (the part needs no tracing)."""
+    """Replace every layer named in ``plan.lowrank`` by its reference with the plan's gates (in place; returns
+    ``gm``): a factorized layer by :class:`MaskedFactorizedLinear`, an input-gated one by
+    :class:`MaskedInputLinear`. ``example_inputs`` is unused (the part needs no tracing)."""
     for name, entry in plan.lowrank_layers().items():
         layer = _factorized(gm, name, entry)
-        rank = layer.Q.shape[0]
+        rank = _n_components(layer)
         keep, scale = lowrank_gates(name, entry, rank)
-        gates = torch.zeros(rank, dtype=layer.Q.dtype, device=layer.Q.device)
+        ref = layer.weight if _is_input_gated(layer) else layer.Q
+        gates = torch.zeros(rank, dtype=ref.dtype, device=ref.device)
         gates[keep.to(gates.device)] = scale.to(gates)
-        gm.set_submodule(name, MaskedFactorizedLinear(layer, gates))
+        wrapped = MaskedInputLinear(layer, gates) if _is_input_gated(layer) else MaskedFactorizedLinear(layer, gates)
+        gm.set_submodule(name, wrapped)
     gm.recompile()
     return gm
 
 
 def compile_lowrank(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
-    """Replace every factorized layer named in ``plan.lowrank`` by a :class:`LowRankLinear` of the kept rank
-    with the gates folded into ``Q`` (in place; returns ``gm``). ``example_inputs`` is unused."""
+    """Replace every layer named in ``plan.lowrank`` by its compiled form (in place; returns ``gm``): a
+    factorized layer by a :class:`LowRankLinear` of the kept rank with the gates folded into ``Q``, an
+    input-gated one by a :class:`FeatureSelectLinear` reading the kept features, the gates folded into its
+    weight. ``example_inputs`` is unused."""
     for name, entry in plan.lowrank_layers().items():
         layer = _factorized(gm, name, entry)
-        keep, scale = lowrank_gates(name, entry, layer.Q.shape[0])
-        with torch.no_grad():
-            idx = keep.to(layer.Q.device)
-            q = layer.Q.detach().index_select(0, idx) * scale.to(layer.Q)[:, None]
-            p = layer.P.detach().index_select(1, idx)
+        keep, scale = lowrank_gates(name, entry, _n_components(layer))
         bias = getattr(layer, "bias", None)
-        new = LowRankLinear.from_factors(q, p, bias.detach() if isinstance(bias, Tensor) else None)
+        bias = bias.detach() if isinstance(bias, Tensor) else None
+        with torch.no_grad():
+            if _is_input_gated(layer):
+                w = layer.weight.detach()
+                idx = keep.to(w.device)
+                new = FeatureSelectLinear(idx, w.shape[1], w.index_select(1, idx) * scale.to(w), bias)
+            else:
+                idx = keep.to(layer.Q.device)
+                q = layer.Q.detach().index_select(0, idx) * scale.to(layer.Q)[:, None]
+                p = layer.P.detach().index_select(1, idx)
+                new = LowRankLinear.from_factors(q, p, bias)
         new.train(layer.training)
         gm.set_submodule(name, new)
     gm.recompile()
     return gm
-

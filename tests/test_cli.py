@@ -19,6 +19,7 @@ import sparsekern.bench.models as bench_models
 import sparsekern.demo as demo_module
 from sparsekern.cli import main
 from sparsekern.methods import flop, rethinking
+from sparsekern.train import TrainConfig
 from tests.conftest import training_backend
 
 TINY = ["--model", "resnet20", "--image-size", "8", "--epochs", "0.05", "--repeats", "2", "--no-progress"]
@@ -98,6 +99,11 @@ KERNELS = ["bench", "kernels", "--op", "lowrank_linear"]
     (PRUNE + ["--data", "cifar10:does/not/exist"], "does/not/exist"),
     (PRUNE + ["--target", "0.3"], "--target"),  # a flop flag the method would ignore
     (PRUNE + ["--search-epochs", "1"], "--search-epochs"),
+    (PRUNE + ["--dropout", "0.1"], "--dropout"),  # an LM flag
+    (PRUNE + ["--momentum", "1.5"], "--momentum"),
+    (PRUNE + ["--milestones", "0.8", "0.2"], "--milestones"),
+    (PRUNE + ["--schedule", "noam"], "--schedule"),
+    (FLOP + ["--momentum", "0.9"], "--momentum"),  # an image flag
     (FLOP + ["--target", "1"], "--target"),
     (FLOP + ["--steps", "0"], "--steps"),
     (FLOP + ["--model", "resnet20"], "resnet20"),
@@ -123,6 +129,27 @@ def test_bad_arguments_are_refused_before_any_work(argv: list[str], named: str, 
     assert named in _one_error_line(capsys)
     assert no_work == []
     assert not Path("sparsekern-prune").exists() and not Path("sparsekern-demo").exists()
+
+
+def test_training_flags_reach_the_pipeline_without_a_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--lr/--batch-size go to rethinking.run; --schedule/--milestones/--weight-decay become the defaults of every
+    TrainConfig built during the run, and only during it."""
+    seen: dict[str, Any] = {}
+
+    def run(method: str, data: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs, config=TrainConfig(), explicit=TrainConfig(schedule="cosine"))
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(rethinking, "run", run)
+    argv = PRUNE + TINY + ["--out", str(tmp_path), "--lr", "0.05", "--batch-size", "32", "--schedule", "step",
+                           "--milestones", "0.3", "0.6", "--weight-decay", "5e-4", "--nesterov"]
+    assert main(argv) == 130
+    assert (seen["lr"], seen["batch_size"]) == (0.05, 32) and "finetune_lr" not in seen
+    config = seen["config"]
+    assert (config.schedule, config.milestones, config.weight_decay, config.nesterov) == ("step", (0.3, 0.6), 5e-4,
+                                                                                          True)
+    assert seen["explicit"].schedule == "cosine"  # an explicit argument still wins
+    assert TrainConfig().schedule == "cosine" and TrainConfig().weight_decay == 1e-4  # restored after the run
 
 
 @pytest.mark.parametrize("argv, flag", [(PRUNE + ["--model", "vgg16_bn", "--image-size", "8"], "--image-size"),

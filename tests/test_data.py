@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 
 from sparsekern import data
 from sparsekern.data import CIFAR10_MEAN, CIFAR10_STD
+from sparsekern.training.data import make_loader
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,147 @@ def test_loader_is_seeded():
     assert torch.cat([b[0] for b in plain]).tolist() == list(range(50))
     assert len(data.loader(ds, 8, shuffle=False, drop_last=True)) == 6
     assert len(plain) == 7
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+
+def _windows(image, padding, fill):
+    """Every (i, j, flipped) window of ``image`` (C, H, W) padded by ``padding`` with ``fill`` per channel."""
+    c, h, w = image.shape
+    padded = torch.as_tensor(fill, dtype=image.dtype).view(-1, 1, 1).expand(c, h + 2 * padding, w + 2 * padding).clone()
+    padded[:, padding:padding + h, padding:padding + w] = image
+    out = {}
+    for i in range(2 * padding + 1):
+        for j in range(2 * padding + 1):
+            win = padded[:, i:i + h, j:j + w]
+            out[(i, j, False)] = win
+            out[(i, j, True)] = win.flip(-1)
+    return out
+
+
+def _which_window(out, windows):
+    hits = [key for key, win in windows.items() if torch.equal(out, win)]
+    assert len(hits) == 1, f"the output matches {len(hits)} windows of the padded image (expected exactly one)"
+    return hits[0]
+
+
+def test_random_crop_flip_outputs_a_window_of_the_zero_padded_image():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 6, 7, generator=gen) + 0.5  # no zeros: a window is identified by its values
+    windows = _windows(image, 2, [0.0, 0.0, 0.0])
+    transform = data.RandomCropFlip(2)
+    torch.manual_seed(1)
+    seen = set()
+    for _ in range(400):
+        out = transform(image)
+        assert out.shape == image.shape and out.dtype == image.dtype
+        seen.add(_which_window(out, windows))
+    # every offset and both orientations occur (50 keys, 400 uniform draws: each is missed w.p. ~3e-4)
+    assert {(i, j) for i, j, _ in seen} == {(i, j) for i in range(5) for j in range(5)}
+    assert {f for _, _, f in seen} == {False, True}
+    assert torch.equal(image, windows[(2, 2, False)])  # the input is not modified
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_crop_flip_flips_half_the_time(seed):
+    image = torch.arange(12, dtype=torch.float32).view(1, 3, 4)
+    torch.manual_seed(seed)
+    flips = sum(torch.equal(data.RandomCropFlip(0)(image), image.flip(-1)) for _ in range(2000))
+    assert 800 <= flips <= 1200  # Binomial(2000, 1/2): mean 1000, sd 22; the margin is 9 sd
+    torch.manual_seed(seed)
+    assert all(torch.equal(data.RandomCropFlip(0, flip=False)(image), image) for _ in range(50))
+
+
+def test_random_crop_flip_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="padding"):
+        data.RandomCropFlip(-1)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        data.RandomCropFlip()(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="fill has 2 values"):
+        data.RandomCropFlip(fill=[0.0, 1.0])(torch.zeros(3, 8, 8))
+
+
+def _black_pixel():
+    return [-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]
+
+
+def test_cifar10_train_is_augmented_by_default_and_test_is_not(tmp_path):
+    folder = tmp_path / "cifar"
+    _write_fake_cifar(folder)
+    train, test = data.cifar10(folder, "train"), data.cifar10(folder, "test")
+    assert isinstance(train, data.AugmentedTensorDataset)
+    assert not isinstance(test, data.AugmentedTensorDataset)
+    x, y = train.tensors  # the stored images are the unaugmented ones
+    torch.testing.assert_close(x, data.cifar10(folder, "train", augment=False).tensors[0], rtol=0, atol=0)
+    torch.manual_seed(0)
+    changed = 0
+    for i in range(len(train)):
+        for _ in range(5):
+            img, label = train[i]
+            assert label.item() == y[i].item() and img.shape == (3, 32, 32) and img.dtype == torch.float32
+            _which_window(img, _windows(x[i], 4, _black_pixel()))
+            changed += not torch.equal(img, x[i])
+    assert changed >= 50  # of 100 reads, only (4, 4, unflipped) = 1 in 162 returns the original
+    for i in range(len(test)):
+        img, label = test[i]
+        assert torch.equal(img, test.tensors[0][i]) and label.item() == test.tensors[1][i].item()
+    forced = data.cifar10(folder, "test", augment=True)
+    assert isinstance(forced, data.AugmentedTensorDataset)
+
+
+def test_cifar10_padding_is_black_in_pixel_units(tmp_path):
+    folder = tmp_path / "cifar"
+    _write_fake_cifar(folder)
+    train = data.cifar10(folder, "train")
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.manual_seed(0)
+    top_padded = 0
+    for i in range(len(train)):
+        for _ in range(5):
+            img = train[i][0]
+            row, _, _ = _which_window(img, _windows(train.tensors[0][i], 4, _black_pixel()))
+            if row < 4:  # shifted down: the first 4 - row rows are padding, pixel value 0 once unnormalised
+                pixels = img[:, : 4 - row] * std + mean
+                torch.testing.assert_close(pixels, torch.zeros(3, 4 - row, 32), atol=1e-6, rtol=0)
+                top_padded += 1
+    assert top_padded >= 20  # 4 of the 9 row offsets pad the top: ~44 of 100 reads
+
+
+def test_augmented_reads_are_reproducible_under_the_torch_seed(tmp_path):
+    folder = tmp_path / "cifar"
+    _write_fake_cifar(folder)
+    train = data.cifar10(folder, "train")
+
+    def epoch(seed):
+        torch.manual_seed(seed)
+        loader, sampler = make_loader(train, batch_size=8, shuffle=True, seed=0, rank=0, world_size=1)
+        x, y = (torch.cat(t) for t in zip(*loader))
+        order = list(sampler)
+        assert torch.equal(y, train.tensors[1][order])  # labels follow their images
+        assert not torch.equal(x, train.tensors[0][order])  # the loader's batches are augmented
+        return x
+
+    assert torch.equal(epoch(3), epoch(3))
+    assert not torch.equal(epoch(3), epoch(4))
+
+
+def test_load_augments_cifar_training_data_only_and_never_digits(tmp_path):
+    folder = tmp_path / "c10"
+    _write_fake_cifar(folder)
+    c = data.load(f"cifar10:{folder}")
+    assert isinstance(c.train, data.AugmentedTensorDataset) and not isinstance(c.test, data.AugmentedTensorDataset)
+    assert c.train.transform.padding == 4
+    assert not isinstance(data.load(f"cifar10:{folder}", augment=False).train, data.AugmentedTensorDataset)
+    small = data.load(f"cifar10:{folder}", image_size=16)
+    assert small.train.transform.padding == 2 and small.train[0][0].shape == (3, 16, 16)
+
+    digits = data.load("digits", image_size=8)
+    assert not isinstance(digits.train, data.AugmentedTensorDataset)
+    assert not isinstance(digits.test, data.AugmentedTensorDataset)
+    torch.manual_seed(0)
+    assert torch.equal(digits.train[5][0], digits.train.tensors[0][5])
+    forced = data.load("digits", image_size=8, augment=True)
+    assert isinstance(forced.train, data.AugmentedTensorDataset) and forced.train.transform.padding == 1
+    assert not isinstance(forced.test, data.AugmentedTensorDataset)
+    # digits' padding is the background: the 0 pixel after the digits' normalisation
+    assert forced.train.transform.fill.tolist() == pytest.approx([forced.train.tensors[0].min().item()] * 3, abs=1e-6)

@@ -8,6 +8,7 @@ name                    architecture                                            
 ``resnet18/50``         ImageNet ResNet, torchvision layout (He et al. 2016)        1000        224
 ``vgg16_bn/vgg19_bn``   VGG-BN (Simonyan & Zisserman 2015), CIFAR layout of the     10 (1000)   32
                         Network Slimming code; ``imagenet=True``: torchvision's                 (224)
+                        (``classifier="two_fc"``: ANP-VS's 512-512 FC + BN head)
 ``mobilenet_v2``        MobileNetV2 (Sandler et al. 2018), torchvision layout       1000        224
 ======================  ==========================================================  ==========  =====
 
@@ -90,8 +91,8 @@ def _lookup(name: str) -> tuple[Callable[..., nn.Module], int]:
 def build(name: str, kwargs: dict[str, Any] | None = None, **extra: Any) -> nn.Module:
     """Construct zoo model ``name`` and record ``model.sk_arch = {"name": name, "kwargs": kwargs}``.
 
-    Keyword arguments go to the constructor (``num_classes``, ``in_channels``; ``imagenet`` and ``cfg``
-    for VGG; ``width_mult`` and ``dropout`` for MobileNetV2; ``zero_init_residual`` for ImageNet ResNets).
+    Keyword arguments go to the constructor (``num_classes``, ``in_channels``; ``imagenet``, ``cfg`` and
+    ``classifier`` for VGG; ``width_mult`` and ``dropout`` for MobileNetV2; ``zero_init_residual`` for ImageNet ResNets).
     They may also be given as one ``kwargs`` dict, so that ``build(**model.sk_arch)`` round-trips.
     They must be JSON-serialisable (``TypeError`` otherwise); ``sk_arch`` holds their JSON round-trip
     (tuples become lists). Unknown names raise ``ValueError`` listing the known ones.
@@ -158,17 +159,19 @@ def resnet50(*, num_classes: int = 1000, in_channels: int = 3, zero_init_residua
 
 
 def vgg16_bn(*, num_classes: int | None = None, in_channels: int = 3, imagenet: bool = False,
-             cfg: Sequence[int | str] | None = None) -> VGG:
-    """VGG-16-BN (Simonyan & Zisserman 2015); CIFAR layout unless ``imagenet`` (see ``models.vgg``)."""
+             cfg: Sequence[int | str] | None = None, classifier: str = "one_fc") -> VGG:
+    """VGG-16-BN (Simonyan & Zisserman 2015); CIFAR layout unless ``imagenet``; ``classifier="two_fc"``: the
+    ANP-VS head (see ``models.vgg``)."""
     return build("vgg16_bn", num_classes=num_classes, in_channels=in_channels,  # type: ignore[return-value]
-                 imagenet=imagenet, cfg=None if cfg is None else list(cfg))
+                 imagenet=imagenet, cfg=None if cfg is None else list(cfg), classifier=classifier)
 
 
 def vgg19_bn(*, num_classes: int | None = None, in_channels: int = 3, imagenet: bool = False,
-             cfg: Sequence[int | str] | None = None) -> VGG:
-    """VGG-19-BN (Simonyan & Zisserman 2015); CIFAR layout unless ``imagenet`` (see ``models.vgg``)."""
+             cfg: Sequence[int | str] | None = None, classifier: str = "one_fc") -> VGG:
+    """VGG-19-BN (Simonyan & Zisserman 2015); CIFAR layout unless ``imagenet``; ``classifier="two_fc"``: the
+    ANP-VS head (see ``models.vgg``)."""
     return build("vgg19_bn", num_classes=num_classes, in_channels=in_channels,  # type: ignore[return-value]
-                 imagenet=imagenet, cfg=None if cfg is None else list(cfg))
+                 imagenet=imagenet, cfg=None if cfg is None else list(cfg), classifier=classifier)
 
 
 def mobilenet_v2(*, num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0,

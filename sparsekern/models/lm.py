@@ -4,7 +4,9 @@
 Both map int64 bytes (B, T) to next-byte logits (B, T, vocab_size) and are causal: the logits at position t
 depend only on bytes 0..t. Every weight matrix of the sequence layers is an ``nn.Linear``, so FLOP's
 :func:`~sparsekern.methods.flop.factorize` can replace it by a factorized, gated layer; the embeddings and
-the output layer ``head`` are kept dense (the paper's choice). Both forwards are ``torch.fx``-traceable:
+the output layer ``head`` are kept dense (the paper's choice). A model may name, in ``sk_flop_input_masked``,
+layers that FLOP gates by input features instead of factorizing: the SRU's first projection, as the official
+enwik8 script. Both forwards are ``torch.fx``-traceable:
 the SRU's elementwise recurrence runs inside :class:`SRURecurrence`, which is marked ``sk_leaf`` and stays
 one opaque node.
 
@@ -202,6 +204,10 @@ class SRULayer(nn.Module):
 class SRULM(nn.Module):
     """SRU language model over bytes: int64 (B, T) -> logits (B, T, vocab_size), any T >= 1.
 
+    FLOP (:func:`~sparsekern.methods.flop.factorize`) factorizes every ``proj`` but the first layer's, which
+    keeps its dense weight and gets a hard-concrete mask on its input features (``sk_flop_input_masked``), as
+    the official enwik8 script (asappresearch/flop, ``train_enwik8.py``) does with its first SRU layer.
+
     Args:
         vocab_size: number of symbols (256 bytes).
         d_model: hidden width of every layer.
@@ -209,6 +215,9 @@ class SRULM(nn.Module):
         dropout: dropout between layers.
         highway_bias: initial highway-gate bias ``b_r``.
     """
+
+    #: Layers that FLOP gates by input features instead of factorizing (the official enwik8 SRU recipe).
+    sk_flop_input_masked: tuple[str, ...] = ("layers.0.proj",)
 
     def __init__(self, vocab_size: int = VOCAB_SIZE, d_model: int = 256, layers: int = 4, dropout: float = 0.0,
                  highway_bias: float = -3.0) -> None:

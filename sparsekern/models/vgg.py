@@ -11,6 +11,9 @@ Two layouts share the ``features`` stack (conv3x3-BN-ReLU triples and 2x2 max-po
   ``avgpool`` is ``AdaptiveAvgPool2d(1)``, which is the same operation at 32x32 and also accepts other
   input sizes. (N, in_channels, 32, 32) -> (N, num_classes).
   VGG-16: 13 convs, 14.7M parameters at 10 classes.
+  ``classifier="two_fc"``: the classifier of the ANP-VS code (Madaan et al. 2020), two FC layers with BN,
+  ``classifier = Linear(512, 512)-BatchNorm1d(512)-ReLU-Linear(512, num_classes)`` (``classifier.0``,
+  ``classifier.1``, ``classifier.2``, ``classifier.3``), so that both FC inputs carry a mask.
 
 * ImageNet (``imagenet=True``): torchvision's ``vgg16_bn`` / ``vgg19_bn`` exactly. Convs have a bias,
   all five max-pools are kept, ``avgpool = AdaptiveAvgPool2d(7)``, and
@@ -29,7 +32,7 @@ from torch import nn
 
 from sparsekern.models.init import init_weights
 
-__all__ = ["VGG", "CIFAR_CFGS", "IMAGENET_CFGS", "vgg_bn"]
+__all__ = ["VGG", "CIFAR_CFGS", "CLASSIFIERS", "IMAGENET_CFGS", "TWO_FC_WIDTH", "vgg_bn"]
 
 CfgItem = Union[int, str]
 
@@ -40,6 +43,10 @@ IMAGENET_CFGS: dict[int, list[CfgItem]] = {
 }
 # The CIFAR variants (Network Slimming code) drop the final max-pool.
 CIFAR_CFGS: dict[int, list[CfgItem]] = {depth: cfg[:-1] for depth, cfg in IMAGENET_CFGS.items()}
+#: CIFAR classifiers: ``"one_fc"`` (Network Slimming / Rethinking code) or ``"two_fc"`` (ANP-VS code).
+CLASSIFIERS = ("one_fc", "two_fc")
+#: Hidden width of the ``"two_fc"`` classifier.
+TWO_FC_WIDTH = 512
 
 
 def make_features(cfg: Sequence[CfgItem], in_channels: int, *, conv_bias: bool) -> nn.Sequential:
@@ -62,7 +69,10 @@ def make_features(cfg: Sequence[CfgItem], in_channels: int, *, conv_bias: bool) 
 
 
 class VGG(nn.Module):
-    """VGG-BN; see the module docstring for the two layouts. ``features -> avgpool -> flatten -> classifier``."""
+    """VGG-BN; see the module docstring for the two layouts. ``features -> avgpool -> flatten -> classifier``.
+
+    ``classifier`` (CIFAR layout only): ``"one_fc"`` (default) or ``"two_fc"`` (module docstring).
+    """
 
     def __init__(
         self,
@@ -71,8 +81,14 @@ class VGG(nn.Module):
         in_channels: int = 3,
         imagenet: bool = False,
         dropout: float = 0.5,
+        classifier: str = "one_fc",
     ) -> None:
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"VGG classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        if imagenet and classifier != "one_fc":
+            raise ValueError(f"classifier={classifier!r} is a CIFAR-layout option; the ImageNet layout has "
+                             "torchvision's three-FC classifier (drop imagenet=True or the classifier)")
         self.cfg = list(cfg)
         self.imagenet = imagenet
         self.features = make_features(self.cfg, in_channels, conv_bias=imagenet)
@@ -93,7 +109,12 @@ class VGG(nn.Module):
             )
         else:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.classifier = nn.Linear(last, num_classes)
+            self.classifier = nn.Linear(last, num_classes) if classifier == "one_fc" else nn.Sequential(
+                nn.Linear(last, TWO_FC_WIDTH),
+                nn.BatchNorm1d(TWO_FC_WIDTH),
+                nn.ReLU(inplace=True),
+                nn.Linear(TWO_FC_WIDTH, num_classes),
+            )
         init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +131,10 @@ def vgg_bn(
     in_channels: int = 3,
     imagenet: bool = False,
     cfg: Sequence[CfgItem] | None = None,
+    classifier: str = "one_fc",
 ) -> VGG:
-    """VGG-``depth`` (16 or 19) with BN. ``num_classes`` defaults to 10 (CIFAR) or 1000 (``imagenet``).
+    """VGG-``depth`` (16 or 19) with BN. ``num_classes`` defaults to 10 (CIFAR) or 1000 (``imagenet``);
+    ``classifier="two_fc"`` gives the ANP-VS classifier (CIFAR layout; module docstring).
 
     Prefer ``sparsekern.models.build("vgg16_bn", ...)``, which records the architecture in ``sk_arch``.
     """
@@ -120,4 +143,5 @@ def vgg_bn(
         raise ValueError(f"VGG depth must be one of {sorted(table)}, got {depth}")
     if num_classes is None:
         num_classes = 1000 if imagenet else 10
-    return VGG(table[depth] if cfg is None else cfg, num_classes, in_channels, imagenet=imagenet)
+    return VGG(table[depth] if cfg is None else cfg, num_classes, in_channels, imagenet=imagenet,
+               classifier=classifier)

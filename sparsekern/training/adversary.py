@@ -1,5 +1,6 @@
 """Adversarial inputs: the L-inf PGD attack (its buffer guard, :func:`sparsekern.modes.preserve_buffers`, keeps
-attacks from moving BN statistics)."""
+attacks from moving BN statistics; ``eval_mode=True`` runs it on the model in evaluation mode, as the official
+ANP-VS attack does during training)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from sparsekern.modes import eval_mode as evaluation_mode
 from sparsekern.modes import preserve_buffers
 from sparsekern.training.losses import LossFn, default_loss
 
@@ -38,6 +40,7 @@ def pgd_attack(
     random_start: bool = True,
     clamp: tuple[float | Tensor | None, float | Tensor | None] | None = None,
     loss_fn: LossFn | None = None,
+    eval_mode: bool = False,
 ) -> Tensor:
     """L-infinity projected gradient descent attack (Madry et al. 2018, "Towards Deep Learning Models
     Resistant to Adversarial Attacks").
@@ -46,8 +49,8 @@ def pgd_attack(
     ``x_{k+1} = clip(proj_eps(x_k + step * sign(grad_x loss_fn(model(x_k), y))))``.
 
     Args:
-        model: used in its current mode. In train mode its buffers (BN running stats) are restored after
-            the attack, so the attack does not shift them; in eval mode nothing changes.
+        model: used in its current mode unless ``eval_mode``. In train mode its buffers (BN running stats) are
+            restored after the attack, so the attack does not shift them; in eval mode nothing changes.
         x: inputs, any shape (e.g. (N, C, H, W)), in the units of the data the model sees.
         y: targets for ``loss_fn`` (class indices (N,) by default).
         eps: radius of the L-inf ball around ``x`` (a float or a tensor broadcastable to ``x``, e.g. a
@@ -57,6 +60,10 @@ def pgd_attack(
         random_start: start from a uniform sample of the ball instead of ``x``.
         clamp: data range ``(lo, hi)`` (floats or broadcastable tensors, ``None`` = unbounded side).
         loss_fn: loss to maximise, ``loss_fn(outputs, y)``; mean cross-entropy by default.
+        eval_mode: attack the model in evaluation mode (``model.eval()`` inside the attack: BN uses its running
+            statistics, dropout and stochastic masks their test-time form), every submodule's own flag restored
+            afterwards (:func:`sparsekern.modes.eval_mode`). The ANP-VS official code attacks this way while
+            training (Madaan et al. 2020).
 
     Returns:
         ``x_adv`` with ``|x_adv - x|_inf <= eps`` and inside ``clamp``; detached, same shape as ``x``.
@@ -66,7 +73,10 @@ def pgd_attack(
     x = x.detach()
     eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     step_t = torch.as_tensor(step, dtype=x.dtype, device=x.device)
-    guard = preserve_buffers(model) if model.training else contextlib.nullcontext()
+    if eval_mode:
+        guard: Any = evaluation_mode(model)
+    else:
+        guard = preserve_buffers(model) if model.training else contextlib.nullcontext()
     with guard, torch.enable_grad():
         if random_start:
             x_adv = x + (torch.rand_like(x) * 2 - 1) * eps_t
@@ -86,8 +96,9 @@ class PGD:
     """An adversary for :func:`sparsekern.train.train` / :func:`sparsekern.train.evaluate`:
     ``PGD(eps, step, steps)(model, x, y)``.
 
-    ANP-VS on CIFAR (Madaan et al. 2020): ``PGD(0.03, 0.007, 10, clamp=(0, 1))`` for training, 40 steps
-    for evaluation (on [0, 1] pixels; pass per-channel tensors for normalised data).
+    ANP-VS on CIFAR (Madaan et al. 2020): ``PGD(0.03, 0.007, 10, clamp=(0, 1), eval_mode=True)`` for
+    training, 40 steps for evaluation (on [0, 1] pixels; pass per-channel tensors for normalised data).
+    ``eval_mode``: see :func:`pgd_attack`.
     """
 
     eps: float | Tensor
@@ -96,10 +107,11 @@ class PGD:
     random_start: bool = True
     clamp: tuple[Any, Any] | None = None
     loss_fn: LossFn | None = None
+    eval_mode: bool = False
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return pgd_attack(
             model, x, y, eps=self.eps, step=self.step, steps=self.steps,
-            random_start=self.random_start, clamp=self.clamp, loss_fn=self.loss_fn,
+            random_start=self.random_start, clamp=self.clamp, loss_fn=self.loss_fn, eval_mode=self.eval_mode,
         )
 

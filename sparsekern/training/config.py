@@ -1,14 +1,46 @@
-"""Settings of a training run: :class:`TrainConfig`, further optimisation :class:`Stage` s, lr schedules."""
+"""Settings of a training run: :class:`TrainConfig` (and :func:`train_defaults`, its defaults for a block of
+code), further optimisation :class:`Stage` s, lr schedules."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from torch.utils.data import DataLoader, Dataset
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+#: :class:`TrainConfig` fields whose defaults :func:`train_defaults` may replace
+DEFAULTABLE = ("momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma", "warmup_steps")
+_DEFAULTS: ContextVar[Mapping[str, Any]] = ContextVar("sparsekern_train_defaults", default=MappingProxyType({}))
+
+
+def _defaultable(name: str, value: Any) -> Any:
+    """A dataclass field defaulting to ``value`` unless :func:`train_defaults` is active for ``name``."""
+    return field(default_factory=lambda: _DEFAULTS.get().get(name, value))
+
+
+@contextmanager
+def train_defaults(**fields: Any) -> Iterator[None]:
+    """Within the block, every :class:`TrainConfig` built without one of ``fields`` (names from
+    :data:`DEFAULTABLE`) takes the value given here instead of the usual default; explicit arguments win.
+
+    This is how a recipe's training settings (:mod:`sparsekern.recipes`: schedule, milestones, weight decay,
+    ...) reach the trainers that pipelines build internally (the Rethinking protocol's stages). Nested blocks
+    merge, the inner values winning; the previous defaults return when the block exits.
+    """
+    unknown = sorted(set(fields) - set(DEFAULTABLE))
+    if unknown:
+        raise ValueError(f"train_defaults: {unknown} cannot be defaulted; choose from {list(DEFAULTABLE)}")
+    token = _DEFAULTS.set(MappingProxyType({**_DEFAULTS.get(), **fields}))
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
+
 
 @dataclass
 class TrainConfig:
@@ -42,6 +74,9 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms(True)`` for the run (CPU runs are
             bit-reproducible for a fixed seed even without it).
         find_unused_parameters: passed to ``DistributedDataParallel``.
+
+    The defaults of the fields in :data:`DEFAULTABLE` can be replaced for a block of code with
+    :func:`train_defaults`.
     """
 
     epochs: float = 1
@@ -51,15 +86,15 @@ class TrainConfig:
     drop_last: bool = False
     num_workers: int = 0
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
+    momentum: float = _defaultable("momentum", 0.9)
+    weight_decay: float = _defaultable("weight_decay", 1e-4)
+    nesterov: bool = _defaultable("nesterov", False)
     betas: tuple[float, float] = (0.9, 0.999)
     optimizer: str = "sgd"
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    warmup_steps: int = 0
+    schedule: str = _defaultable("schedule", "cosine")
+    milestones: tuple[float, ...] = _defaultable("milestones", (0.5, 0.75))
+    gamma: float = _defaultable("gamma", 0.1)
+    warmup_steps: int = _defaultable("warmup_steps", 0)
     grad_clip: float | None = None
     seed: int = 0
     device: str | None = None

@@ -21,7 +21,8 @@ MODELS = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 
 
 def _factorized(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = flop.factorize(build(name, **MODELS[name]), init="random")
+    # input_masked=(): every projection factorized (the SRU's first one is input-masked by default)
+    model = flop.factorize(build(name, **MODELS[name]), init="random", input_masked=())
     with torch.no_grad():
         for layer in flop.factorized_layers(model).values():
             if layer.bias is not None:

@@ -18,7 +18,7 @@ from sparsekern.data import digits
 from sparsekern.methods import anp
 from sparsekern.models import build
 from sparsekern.plan import PlanError
-from sparsekern.train import TrainConfig, train
+from sparsekern.train import Hook, TrainConfig, train
 from tests.conftest import assert_close_to_scale, training_backend
 
 TINY_VGG = [16, "M", 32, 64]  # on 8x8 digits; masks on 3 conv outputs (112 channels) and the FC input (64)
@@ -301,3 +301,97 @@ def test_adversarial_training_baseline_at_the_same_channel_counts(data, dense, r
     r_anp = anp.robustness(net, test, EPS, step=STEP, steps=10)
     print("AT dense:", r_at, "AT + magnitude pruning:", r_base, "ANP-VS:", r_anp)
     assert r_at["pgd_accuracy"] > 0.2  # the baseline is a real adversarially trained network (seen: 0.41)
+
+
+# ----------------------------------------------------------------------------- the official code's attack and VGG
+class _Phase(Hook):
+    """Keeps the trainer's state, so that instrumentation can read the phase (attack, clean, adversarial)."""
+
+    state = None
+
+    def on_train_start(self, state) -> None:
+        self.state = state
+
+
+def _instrumented_run(monkeypatch, eval_attack: bool) -> list[tuple[str, str, object]]:
+    """Two training steps of ANP-VS on a tiny two-FC VGG; per mask call and BN call in the attack and the two
+    training forwards: (phase, "mask", "sample" | "expected") or (phase, "bn", bn.training)."""
+    phase, log = _Phase(), []
+    sample, test_mask = anp.BetaBernoulliMask.sample, anp.BetaBernoulliMask.test_mask
+
+    def record(entry) -> None:
+        if phase.state is not None and phase.state.phase in ("attack", "clean", "adversarial"):
+            log.append((phase.state.phase,) + entry)
+
+    def logged_sample(self, n):
+        record(("mask", "sample"))
+        return sample(self, n)
+
+    def logged_test_mask(self):
+        record(("mask", "expected"))
+        return test_mask(self)
+
+    monkeypatch.setattr(anp.BetaBernoulliMask, "sample", logged_sample)
+    monkeypatch.setattr(anp.BetaBernoulliMask, "test_mask", logged_test_mask)
+    torch.manual_seed(0)
+    model = anp.build_model("vgg16_bn", cfg=TINY_VGG)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(lambda mod, args: record(("bn", mod.training)))
+    x, y = torch.randn(16, 3, SIZE, SIZE), torch.randint(0, 10, (16,))
+    net, _ = anp.train_anp(model, (x, y), x[:1], epochs=1, batch_size=8, steps=2, eps=EPS, step=STEP,
+                           eval_attack=eval_attack, hooks=[phase])
+    assert phase.state.step == 2
+    return log
+
+
+def test_training_attack_sees_expected_masks_and_running_statistics(monkeypatch) -> None:
+    """The authors' attack runs in test mode: E[pi] masks (no sampling) and BN running statistics; the
+    training forwards after it sample masks and use batch statistics again (the flags are restored)."""
+    log = _instrumented_run(monkeypatch, eval_attack=True)
+    seen = {p: {(kind, v) for q, kind, v in log if q == p} for p in ("attack", "clean", "adversarial")}
+    assert seen["attack"] == {("mask", "expected"), ("bn", False)}
+    assert seen["clean"] == seen["adversarial"] == {("mask", "sample"), ("bn", True)}
+    # per test-mode forward: 5 masks (3 conv outputs, 2 FC inputs) and 3 BN-output zeroings read E[pi];
+    # 2 steps x 2 PGD iterations in the attack
+    assert sum(1 for p, kind, _ in log if p == "attack" and kind == "mask") == 2 * 2 * (5 + 3)
+    # the contrast: without eval_attack the attack sees the training network
+    monkeypatch.undo()
+    log = _instrumented_run(monkeypatch, eval_attack=False)
+    assert {(kind, v) for p, kind, v in log if p == "attack"} == {("mask", "sample"), ("bn", True)}
+
+
+def test_eval_attack_leaves_every_flag_and_buffer_as_it_was() -> None:
+    net = anp.ANPNet(build("vgg16_bn", cfg=TINY_VGG), torch.randn(1, 3, SIZE, SIZE))
+    net.train()
+    net.model.features[1].eval()  # a submodule with its own flag must keep it
+    flags = [m.training for m in net.modules()]
+    buffers = [b.clone() for b in net.buffers()]
+    x, y = torch.randn(8, 3, SIZE, SIZE), torch.randint(0, 10, (8,))
+    attack = anp.data_range_pgd((x, y), EPS, STEP, 2, eval_mode=True)
+    assert attack.eval_mode
+    x_adv = attack(net, x, y)
+    assert x_adv.shape == x.shape and not torch.equal(x_adv, x)
+    assert [m.training for m in net.modules()] == flags
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+
+
+def test_paper_vgg_has_both_fc_masks_and_prunes_the_hidden_fc() -> None:
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = anp.build_model("vgg16_bn", cfg=TINY_VGG)
+    assert model.sk_arch["kwargs"]["classifier"] == "two_fc" and anp.ANPVS.model_kwargs == anp.PAPER_MODEL_KWARGS
+    net = anp.ANPNet(_randomize(model, 3), x[:1])
+    fc = [s for s in net.sites if s.kind == "fc_in"]
+    assert fc == [anp.MaskSite("classifier.0", "fc_in", 64), anp.MaskSite("classifier.3", "fc_in", 512)]
+    at = {s.layer: i for i, s in enumerate(net.sites)}
+    with torch.no_grad():
+        net.masks[at["classifier.0"]].a_raw[:12] = -10.0  # the first FC ignores channels 0..11 of the last conv
+        net.masks[at["classifier.3"]].a_raw[:100] = -10.0  # the last FC ignores hidden units 0..99
+    plan, folded = anp.prune(net.eval())
+    assert plan.channels["features.7"].keep == tuple(range(12, 64))
+    assert plan.channels["classifier.0"].keep == tuple(range(100, 512))  # the hidden FC group
+    with torch.no_grad():
+        ref = net(x)
+        assert_close_to_scale(folded.eval()(x), ref)
+        assert_close_to_scale(sk.compile(folded, plan, x[:1]).eval()(x), ref)
+    assert build("vgg16_bn").sk_arch["kwargs"].get("classifier") is None  # the zoo default stays one FC

@@ -31,6 +31,14 @@ def test_protocol_runs_three_arms_at_the_budget(digits16, tmp_path: Path) -> Non
     assert saved["method"] == "l1_norm" and len(saved["arms"]) == 3 and saved["efficiency"] > 0
 
 
+def test_arm_epochs_follow_each_arms_schedule() -> None:
+    """Scratch-B scales the full model's epochs by the FLOPs ratio; TAS's KD arm trains the base schedule (the
+    official TAS code trains the searched network with the unpruned network's schedule), like Scratch-E."""
+    epochs = rethinking.arm_epochs(160, 40, flops_full=4e8, flops_pruned=1e8)
+    assert epochs == {"fine-tune": 40, "Scratch-E": 160, "Scratch-B": 640, "KD": 160}
+    assert rethinking.arm_epochs(10, 2.5, 3e6, 2e6)["KD"] == 10
+
+
 def test_scratch_arms_start_from_fresh_weights(digits16) -> None:
     model = sk.models.build("resnet20").eval()
     fresh = rethinking._reinitialised(model)
@@ -70,6 +78,9 @@ def test_cli_prune_runs_the_learned_methods_with_their_own_arm(method: str, arm:
     assert model(x).shape == (2, 10)
     if method == "tas":
         assert sk.Plan.from_dict(report["plan"]).removed_blocks or report["plan"]["channels"]
+        assert report["arms"][0]["epochs"] == pytest.approx(0.3)  # KD trains the base schedule, not Scratch-B's
+    else:
+        assert report["plan"]["meta"]["expansion"] == 1.25  # gates learned on the 1.25x-wide random network
 
 
 def test_anp_report_compares_robustness_with_adversarial_training(digits16) -> None:

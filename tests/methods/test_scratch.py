@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import sparsekern as sk
 from sparsekern.data import digits
@@ -18,6 +18,7 @@ from sparsekern.methods import scratch
 from sparsekern.methods.budget import plan_flops
 from sparsekern.models import build
 from sparsekern.plan import PlanError
+from sparsekern.train import Hook
 from tests.conftest import assert_close_to_scale, training_backend
 
 TINY_VGG = [16, 32, "M", 64, 64]  # on 8x8 digits: 4 conv-BN-ReLU, 176 gated channels
@@ -206,7 +207,32 @@ def test_pruned_network_trains_from_scratch_with_the_scratch_b_budget(seeded, da
     assert np.median(accs) > 0.75, accs
 
 
-def test_prune_to_budget_searches_a_fresh_random_copy(data) -> None:
+def test_gates_are_learned_on_a_network_wider_by_the_expansion_ratio() -> None:
+    """Every gated group is EXPANSION = 1.25 times wider in the gate-search network (16/32/64 -> 20/40/80 in a
+    ResNet's blocks, every conv of a VGG); the residual streams keep their width; the copy is random (seeded)
+    and the model passed in is untouched."""
+    assert scratch.EXPANSION == 1.25
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for base in (build("resnet20"), build("vgg16_bn", cfg=TINY_VGG)):
+        before = copy.deepcopy(base.state_dict())
+        wide = scratch.expand(base, x, seed=0)
+        narrow, widened = scratch.gate_sites(base, x), scratch.gate_sites(wide, x)
+        assert [s.group for s in narrow] == [s.group for s in widened]
+        assert [s.channels for s in widened] == [round(s.channels * scratch.EXPANSION) for s in narrow]
+        assert all(w.channels == 1.25 * n.channels for n, w in zip(narrow, widened))  # 16 -> 20, 32 -> 40, 64 -> 80
+        assert wide.eval()(x).shape == base.eval()(x).shape == (2, 10)
+        assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+        again = scratch.expand(base, x, seed=0)
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in wide.state_dict().items())
+    assert wide.classifier.in_features == 80  # the VGG classifier reads the widened last conv
+    resnet = scratch.expand(build("resnet20"), x)
+    assert resnet.conv1.out_channels == 16 and resnet.layer3[0].conv2.out_channels == 64  # streams unchanged
+    assert scratch.expand(build("resnet20"), x, 1.0).layer1[0].conv1.out_channels == 16
+    with pytest.raises(ValueError, match=">= 1"):
+        scratch.expand(build("resnet20"), x, 0.5)
+
+
+def test_prune_to_budget_searches_an_expanded_random_copy_and_fits_the_base_budget(data, tmp_path) -> None:
     torch.manual_seed(0)
     trained = build("vgg16_bn", cfg=TINY_VGG)
     before = copy.deepcopy(trained.state_dict())
@@ -214,8 +240,95 @@ def test_prune_to_budget_searches_a_fresh_random_copy(data) -> None:
     with training_backend():
         plan, random_net = scratch.prune_to_budget(trained, x, data, 0.5, seed=3, epochs=1)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())  # the given model is untouched
-    assert not torch.equal(random_net.features[0].weight, trained.features[0].weight)  # searched on new weights
+    assert random_net.features[0].out_channels == 20  # searched on the 1.25x network, new weights
+    assert plan.meta["expansion"] == 1.25 and plan.channels["features.0"].size == 20
     fast = sk.compile(random_net, plan, x)
-    assert sk.flops(fast, x).total / sk.flops(trained, x).total == pytest.approx(plan.meta["flops_ratio"])
+    full = sk.flops(trained, x).total
+    # the budget refers to the unexpanded network: the plan's network costs half of it (within one channel)
+    assert sk.flops(fast, x).total / full == pytest.approx(plan.meta["flops_ratio"])
+    assert sk.flops(fast, x).total <= 0.5 * full * 1.01 and sk.flops(random_net, x).total > full
     assert plan.meta["method"] == "scratch" and plan.meta["search_epochs"] == 1.0
-    assert isinstance(random_net, nn.Module) and plan.channels
+    assert plan.meta["gates_kept"]["kept"] in ("best", "last")
+    # the recorded architecture rebuilds the expanded network (a resumed protocol run), and saved models load
+    rebuilt = sk.serialize.build_arch(plan.meta["source_arch"])
+    assert [s.channels for s in scratch.gate_sites(rebuilt, x)] == [20, 40, 80, 80]
+    sk.save(fast.eval(), tmp_path / "m.sk")
+    with torch.no_grad():
+        assert torch.equal(sk.load(tmp_path / "m.sk")(x), fast(x))
+
+
+def _set(gates: scratch.ChannelGates, values) -> None:
+    with torch.no_grad():
+        gates.gates[0].copy_(torch.tensor(values, dtype=torch.float32))
+
+
+def test_kept_gates_are_those_of_the_best_epoch_within_the_target() -> None:
+    """The official rule: among the epochs whose gate density (g != 0).mean() <= r, the best score wins (ties:
+    the earliest); epochs over the target never win, however well they score; none within: the last gates."""
+    gates = scratch.ChannelGates([scratch.GateSite("g", "p", "p", 4)])
+    best = scratch.BestGates(gates, r=0.5)
+    epochs = [([1.0, 1.0, 1.0, 0.0], 0.90),  # density 0.75: over the target
+              ([0.3, 0.0, 0.0, 0.0], 0.60),  # 0.25: within
+              ([0.5, 0.2, 0.0, 0.0], 0.70),  # 0.5: within, the best within
+              ([0.0, 0.0, 0.0, 0.8], 0.70),  # within, ties the best: the earlier stays
+              ([1.0, 1.0, 1.0, 1.0], 0.99)]  # over the target, the highest score
+    for epoch, (values, score) in enumerate(epochs, 1):
+        _set(gates, values)
+        best.on_epoch_end(SimpleNamespace(history=[{"epoch": epoch, "train_accuracy": score}], epoch=epoch - 1))
+    assert [e["within"] for e in best.epochs] == [False, True, True, True, False]
+    assert best.restore() and best.best_epoch == 3
+    assert gates.gates[0].tolist() == pytest.approx([0.5, 0.2, 0.0, 0.0])
+    assert best.record()["kept"] == "best" and best.record()["epoch"] == 3
+    # an evaluation score, when the run has one, decides over the training accuracy
+    scored = scratch.BestGates(gates, r=0.5)
+    for epoch, (values, train_acc, eval_acc) in enumerate([([1.0, 0, 0, 0], 0.9, 0.5), ([0, 1.0, 0, 0], 0.5, 0.8)], 1):
+        _set(gates, values)
+        scored.on_epoch_end(SimpleNamespace(history=[{"epoch": epoch, "train_accuracy": train_acc,
+                                                       "eval_accuracy": eval_acc}], epoch=epoch - 1))
+    assert scored.restore() and scored.best_epoch == 2 and gates.gates[0].tolist() == [0, 1.0, 0, 0]
+    none = scratch.BestGates(gates, r=0.1)
+    for epoch, (values, score) in enumerate(epochs, 1):
+        _set(gates, values)
+        none.on_epoch_end(SimpleNamespace(history=[{"epoch": epoch, "train_accuracy": score}], epoch=epoch - 1))
+    assert not none.restore() and gates.gates[0].tolist() == [1.0] * 4 and none.record()["kept"] == "last"
+
+
+class _Snapshots(Hook):
+    """The gates (the parameters the search trains) at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.gates: list[torch.Tensor] = []
+
+    def on_epoch_end(self, state) -> None:
+        params = [p for group in state.optimizer.param_groups for p in group["params"]]
+        self.gates.append(torch.cat([p.detach().flatten() for p in params]).clone())
+
+
+def test_gate_search_returns_the_best_epochs_gates(data) -> None:
+    """End to end: with r = 1 every epoch is within the target, so the gates returned are the epoch's with the best
+    evaluation accuracy (as recorded in the history); keep="last" returns the last epoch's."""
+    small = torch.utils.data.TensorDataset(data.tensors[0][:256], data.tensors[1][:256])
+    held_out = torch.utils.data.TensorDataset(data.tensors[0][256:512], data.tensors[1][256:512])
+    x = data.tensors[0][:2]
+    kept = {}
+    for keep in ("best", "last"):
+        torch.manual_seed(0)
+        model = build("vgg16_bn", cfg=TINY_VGG)
+        snap = _Snapshots()
+        sites = scratch.gate_sites(model, x)
+        with training_backend():
+            gates, result = scratch.search_gates(model, small, x, epochs=4, batch_size=64, r=1.0, seed=0, keep=keep,
+                                                 eval_data=held_out, hooks=[snap], lr=0.05)
+        snap_gates = snap.gates
+        scores = [h["eval_accuracy"] for h in result.history]
+        kept[keep] = (gates.flat().detach(), snap_gates, scores, gates.selection)
+        assert len(snap_gates) == 4 and sum(s.channels for s in sites) == snap_gates[0].numel()
+    flat, snaps, scores, selection = kept["best"]
+    best = max(range(4), key=lambda e: (scores[e], -e))
+    assert selection["kept"] == "best" and selection["epoch"] == best + 1
+    assert [e["score"] for e in selection["epochs"]] == scores
+    assert torch.equal(flat, snaps[best])
+    if best != 3:  # (seed 0 on digits: epoch 3 of 4 scores best) the kept gates are not simply the last ones
+        assert not torch.equal(flat, snaps[-1])
+    flat_last, snaps_last, _, selection_last = kept["last"]
+    assert torch.equal(flat_last, snaps_last[-1]) and selection_last["kept"] == "last"

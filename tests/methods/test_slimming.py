@@ -209,7 +209,7 @@ def test_percent_prunes_the_global_quantile_with_max_over_tied_bns(resnet) -> No
     with torch.no_grad():
         model.layer1[1].bn1.weight.mul_(1e-3)  # a whole group far below the threshold
     expected = _resnet20_expected_scores(model)
-    plan = slimming.prune(model, x, percent=0.4)
+    plan = slimming.prune(model, x, percent=0.4, scope="all")  # the stream's tied BNs are candidates too
     allscores = np.concatenate(list(expected.values()))
     assert len(allscores) == plan.meta["candidate_channels"] == 448
     k = int(0.4 * 448)
@@ -232,16 +232,16 @@ def test_percent_prunes_the_global_quantile_with_max_over_tied_bns(resnet) -> No
     with torch.no_grad():
         assert_close_to_scale(fast(x), sk.masked(model, plan, x)(x))
     assert sk.Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
-    nothing = slimming.prune(model, x, percent=0.0)
+    nothing = slimming.prune(model, x, percent=0.0, scope="all")
     assert not nothing.channels and nothing.meta["threshold"] is None and nothing.meta["flops_ratio"] == 1.0
 
 
 def test_min_keep_and_extreme_percent_never_empty_a_group(resnet) -> None:
     model, x = resnet
-    plan = slimming.prune(model, x, percent=0.99)
+    plan = slimming.prune(model, x, percent=0.99, scope="all")
     assert len(plan.channels) == 12 and all(g.n_keep >= 1 for g in plan.channels.values())
     assert any(g.n_keep == 1 for g in plan.channels.values())
-    plan = slimming.prune(model, x, percent=0.99, min_keep=0.25)
+    plan = slimming.prune(model, x, percent=0.99, min_keep=0.25, scope="all")
     assert all(g.n_keep == g.size // 4 for g in plan.channels.values())
     with torch.no_grad():
         assert_close_to_scale(sk.compile(model, plan, x)(x), sk.masked(model, plan, x)(x))
@@ -325,3 +325,90 @@ def test_flops_budget_counts_unpruned_matmuls() -> None:
     assert 0.55 <= ratio <= 0.6 and plan.meta["flops_ratio"] == pytest.approx(ratio, rel=1e-12)
     with torch.no_grad():
         assert_close_to_scale(sk.compile(model, plan, x)(x), sk.masked(model, plan, x)(x))
+
+
+# ----------------------------------------------------------------------------- (f) scope: the residual stream
+def _stream_bns(model: nn.Module) -> list[str]:
+    """A CIFAR ResNet's residual-stream BNs, by module name (cf. _resnet20_expected_scores): the stem BN, the
+    projection shortcuts' BNs and every block's bn2."""
+    blocks = len(model.layer1)
+    return (["bn1", "layer2.0.downsample.1", "layer3.0.downsample.1"]
+            + [f"layer{s}.{b}.bn2" for s in (1, 2, 3) for b in range(blocks)])
+
+
+def _stream_groups(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Groups that contain a residual-stream BN, found by module name (independently of the method)."""
+    names = set(_stream_bns(model))
+    return {g for g, spec in trace_channels(model, x).groups.items() if names & set(spec.members)}
+
+
+def _quiet_stream(model: nn.Module) -> nn.Module:
+    """The first half of every stream channel gets |gamma| ~ 1e-3 in all its tied BNs: the smallest scores
+    of the network, which a global threshold over every group prunes first."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in _stream_bns(model):
+            w = model.get_submodule(name).weight
+            w[: w.numel() // 2] = 1e-3
+    return model
+
+
+def test_residual_groups_are_the_groups_that_meet_an_add(resnet) -> None:
+    model, x = resnet
+    assert slimming.residual_groups(trace_channels(model, x)) == _stream_groups(model, x) \
+        == {"conv1", "layer2.0.conv2", "layer3.0.conv2"}
+    vgg = build("vgg16_bn", cfg=TINY_VGG)
+    assert slimming.residual_groups(trace_channels(vgg, x)) == set()
+
+    class _AddsABias(nn.Module):  # adding an untracked tensor is not a residual add
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(t)) + 1.0
+
+    assert slimming.residual_groups(trace_channels(_AddsABias(), x)) == set()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_default_scope_keeps_the_residual_stream_and_meets_the_budget(name: str) -> None:
+    model = _quiet_stream(_random_gammas(build(name), seed=3))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    stream = _stream_groups(model, x)
+    plan = slimming.prune(model, x, flops_budget=0.5)
+    assert plan.meta["scope"] == "internal" and plan.meta["residual_groups"] == len(stream) == 3
+    assert plan.channels and not stream & set(plan.channels)  # stream groups are never shrunk
+    ratio = sk.flops(sk.compile(model, plan, x), x).total / sk.flops(model, x).total
+    assert 0.47 <= ratio <= 0.5 and plan.meta["flops_ratio"] == pytest.approx(ratio, rel=1e-12)
+    # percent: the quiet stream channels are the smallest scores of all, yet none is pruned
+    by_percent = slimming.prune(model, x, percent=0.3)
+    assert by_percent.channels and not stream & set(by_percent.channels)
+    # the old behaviour prunes exactly those quiet stream channels first
+    everything = slimming.prune(model, x, percent=0.3, scope="all")
+    assert stream <= set(everything.channels)
+    for g in stream:
+        assert set(range(everything.channels[g].size // 2)).isdisjoint(everything.channels[g].keep), g
+
+
+def test_unreachable_budget_without_the_stream_names_budget_and_minimum(resnet) -> None:
+    model, x = resnet
+    with pytest.raises(ValueError, match=r"flops_budget=0.03 cannot be met.*leaves 0\.0\d+ of the dense FLOPs, "
+                                         r"the minimum reachable \(scope='internal' keeps the residual stream"):
+        slimming.prune(model, x, flops_budget=0.03)
+    everything = slimming.prune(model, x, flops_budget=0.03, scope="all")  # pruning the stream reaches it
+    assert everything.meta["flops_ratio"] <= 0.03
+    with pytest.raises(ValueError, match=r"scope must be one of \('internal', 'all'\)"):
+        slimming.prune(model, x, percent=0.5, scope="stream")
+
+
+def test_registered_method_defaults_to_the_internal_scope(resnet) -> None:
+    from sparsekern.methods.registry import PruneContext, get_method
+
+    model, x = resnet
+    method = get_method("slimming")
+    options = method.prepare(model, {})
+    assert options["slimming_scope"] == "internal"
+    ctx = PruneContext(example_inputs=x, train_data=None, options=options)
+    pruned = method.prune(model, 0.5, ctx)
+    assert not _stream_groups(model, x) & set(pruned.plan.channels)

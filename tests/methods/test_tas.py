@@ -2,6 +2,7 @@
 that lands in the FLOPs band, and distillation through the trainer's teacher path."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -38,6 +39,80 @@ def test_search_space_and_channel_interpolation() -> None:
     assert tas.channel_interpolate(x[:, :2], 4).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]  # stretched
 
 
+def test_search_space_is_one_width_choice_per_conv_the_official_size_for_resnet56() -> None:
+    """The paper's space: one width choice per conv, block outputs included. ResNet-56 has 3 stages of 9 basic
+    blocks: the stem plus 2 convs per block is 1 + 2 * 27 = 55 = depth - 1 choices (the official code asserts
+    ``len(Ranges) + 1 == depth``); a projection shortcut shares its block's conv2 choice."""
+    model = build("resnet56")
+    net = tas.TASResNet(model, torch.randn(1, 3, SIZE, SIZE))
+    blocks = sum(len(stage) for stage in (model.layer1, model.layer2, model.layer3))
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in n]
+    assert len(convs) == 1 + 2 * blocks == model.depth - 1 == 55
+    assert [w.name for w in net.widths] == convs == [w.layer for w in net.widths]
+    assert len(net.width_logits) == 55 and [len(d) for d in net.depth_logits] == [5, 5, 5]
+    for w in net.widths:
+        assert w.choices == tas.width_choices(model.get_submodule(w.name).out_channels)
+    # the stream convs of each stage: the stem (stage 1) and every block's conv2
+    assert [[net.widths[i].name for i in ids] for ids in net.stream_vars] == [
+        (["conv1"] if s == 1 else []) + [f"layer{s}.{b}.conv2" for b in range(9)] for s in (1, 2, 3)]
+    assert net.layers[1][0].downsample.choices == net.widths[net.outer_var[1][0]].choices
+
+
+def test_residual_adds_pad_the_narrower_tensor_with_zeros() -> None:
+    a, b = torch.randn(2, 5, 3, 3), torch.randn(2, 3, 3, 3)
+    out = tas.add_padded(a, b)
+    assert torch.equal(out[:, :3], a[:, :3] + b) and torch.equal(out[:, 3:], a[:, 3:])
+    assert torch.equal(tas.add_padded(b, a), out)
+
+
+def test_temperature_follows_the_official_cosine_once_per_epoch() -> None:
+    """tau(e) = 0.1 + 9.9 (1 + cos(pi e / E)) / 2 at the start of epoch e of E, constant within the epoch."""
+    assert tas.TAU == (10.0, 0.1)
+    epochs = 4
+    expected = [0.1 + 9.9 * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    assert [tas.cosine_temperature(e, epochs) for e in range(epochs)] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == 10.0 and expected[2] == pytest.approx(5.05)
+    net = tas.TASResNet(build("resnet20"), torch.randn(1, 3, SIZE, SIZE))
+    seen: list[tuple[int, int, float]] = []
+
+    class Record(Hook):
+        def on_step_start(self, state) -> None:
+            seen.append((state.epoch, state.step, net.tau))
+
+    data = (torch.randn(12, 3, SIZE, SIZE), torch.randint(0, 10, (12,)))
+    config = TrainConfig(epochs=epochs, batch_size=4, lr=0.01, progress=False, seed=0, device="cpu")
+    train(net, data, config, hooks=[tas.TemperatureHook(net), Record()], params=net.weight_parameters())
+    assert [e for e, _, _ in seen] == [e for e in range(epochs) for _ in range(3)]
+    assert [t for _, _, t in seen] == pytest.approx([expected[e] for e, _, _ in seen], rel=1e-12)
+    seen.clear()
+    train(net, data, config, hooks=[tas.TemperatureHook(net, schedule="linear"), Record()],
+          params=net.weight_parameters())
+    assert [t for _, _, t in seen] == pytest.approx([10.0 - 9.9 * s / 11 for s in range(12)], rel=1e-12)
+
+
+def test_search_starts_from_its_own_random_initialisation() -> None:
+    """The searchable network's weights come from a seeded fresh initialisation, not from the model passed in:
+    two models with different weights give the same searchable network, and the search run from them the same
+    result; ``init="model"`` (the option) copies the model's weights."""
+    x = torch.randn(2, 3, SIZE, SIZE)
+    torch.manual_seed(1)
+    trained = randomize_bn(build("resnet20"))
+    torch.manual_seed(2)
+    other = randomize_bn(build("resnet20"))
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    a, b = tas.TASResNet(trained, x, seed=3), tas.TASResNet(other, x, seed=3)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.conv1.conv.weight, trained.conv1.weight)
+    assert torch.equal(a.conv1.bns[-1].weight, torch.ones(16))  # fresh BN, not the model's randomised one
+    copied = tas.TASResNet(trained, x, seed=3, init="model")
+    assert torch.equal(copied.conv1.conv.weight, trained.conv1.weight)
+    assert torch.equal(copied.conv1.bns[-1].running_var, trained.bn1.running_var)
+    data = (torch.randn(16, 3, SIZE, SIZE), torch.randint(0, 10, (16,)))
+    found = [tas.search(m, x, data, 0.6, epochs=1, batch_size=4, seed=3).network for m in (trained, other)]
+    assert all(torch.equal(v, found[1].state_dict()[k]) for k, v in found[0].state_dict().items())
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())  # the model is untouched
+
+
 def test_expected_flops_gradients_match_finite_differences_and_corners_are_exact() -> None:
     model = build("resnet20").eval()
     net = tas.TASResNet(model, torch.randn(2, 3, SIZE, SIZE)).double()
@@ -71,11 +146,15 @@ def test_argmax_plan_compiles_to_the_network_the_search_evaluates() -> None:
     model = randomize_bn(build("resnet20"))
     x = torch.randn(3, 3, SIZE, SIZE)
     net = tas.TASResNet(model, x)
-    _random_logits(net, 0)  # depths 2/3/1 with this seed: blocks removed in two stages
+    _random_logits(net, 0)  # depths 1/3/1 with this seed: blocks removed in two stages
     net.mode = "argmax"
     net.eval()
     plan = tas.derive_plan(net, x)
-    assert plan.removed_blocks == net.removed_blocks() and len(plan.removed_blocks) == 3
+    assert plan.removed_blocks == net.removed_blocks() and len(plan.removed_blocks) == 4
+    # the stream convs chose different widths; the plan keeps each stream at the widest kept one
+    widths, streams = net.argmax_widths(), net.argmax_streams()
+    assert len({widths[i] for i in net.stream_vars[1]}) > 1 and streams[1] == max(widths[i] for i in net.stream_vars[1])
+    assert len(plan.channels["layer2.0.conv2"].keep) == streams[1]
     source = net.export().eval()
     fast = sk.compile(source, plan, x)
     with torch.no_grad():
@@ -124,7 +203,7 @@ SEARCH_SIZE = 8  # the searches run on 8 px digits: 1.6x cheaper than 12 px, the
 @pytest.fixture(scope="module")
 def seeded() -> dict[int, dict]:
     """Per seed: a resnet20 trained 2 epochs on 8 px digits (the teacher, 94-96%), and a 3-epoch TAS search at
-    50% FLOPs (2 epochs are not enough: on 12 px digits seeds 3 and 4 then end below the band)."""
+    50% FLOPs from random initialisation (the teacher's architecture only)."""
     train_set, test_set = digits("train", image_size=SEARCH_SIZE), digits("test", image_size=SEARCH_SIZE)
     x = test_set.tensors[0][:2]
     out = {}
@@ -146,8 +225,9 @@ def searched(seeded) -> dict:
 
 def test_short_search_lands_in_the_flops_band(seeded: dict) -> None:
     """TAS's claim: the searched architecture meets the FLOPs budget, i.e. lies in its accepted band
-    [budget - tolerance, budget], on every seed (seen over seeds 0-5: 0.452 to 0.495; 0.452 to 0.490 over
-    seeds 0-7 on 12 px digits), starting from an argmax architecture far below the band."""
+    [budget - tolerance, budget], on every seed (seen over seeds 0-7: 0.451 to 0.500), mostly starting from an
+    argmax architecture far below the band."""
+    starts = []
     for seed, searched in seeded.items():
         plan, source, x, teacher = searched["plan"], searched["source"], searched["x"], searched["teacher"]
         fast = sk.compile(source, plan, x).eval()
@@ -157,8 +237,11 @@ def test_short_search_lands_in_the_flops_band(seeded: dict) -> None:
         assert plan.meta["method"] == "tas" and set(plan.meta["depths"]) == {"layer1", "layer2", "layer3"}
         with torch.no_grad():
             assert_close_to_scale(fast(x), sk.masked(source, plan, x)(x))
-        start = tas.TASResNet(teacher, x)
-        assert start.argmax_flops() / start.full_flops < 0.5 - tas.FLOP_TOLERANCE
+        start = tas.TASResNet(teacher, x, seed=seed)
+        starts.append(start.argmax_flops() / start.full_flops)
+    # the searches start from random logits whose argmax architecture mostly lies below the band (seen: 0.26,
+    # 0.47, 0.40 on seeds 0-2; 0.16 to 0.47 over seeds 0-7, where all eight searches land in the band)
+    assert sum(r < 0.5 - tas.FLOP_TOLERANCE for r in starts) >= 2, starts
 
 
 class _Capture(Hook):

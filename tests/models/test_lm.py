@@ -96,3 +96,12 @@ def test_transformer_rejects_inputs_longer_than_its_context() -> None:
     model = build("transformer_lm", **SMALL["transformer_lm"])
     with pytest.raises(Exception, match="longer than the model's context"):
         model(_bytes(1, 25))
+
+
+def test_sru_names_its_first_projection_for_flops_input_mask() -> None:
+    """The official enwik8 FLOP script gates the first SRU layer's input features instead of factorizing it:
+    the SRU declares that layer, the Transformer declares none."""
+    model = build("sru_lm", **SMALL["sru_lm"])
+    assert model.sk_flop_input_masked == ("layers.0.proj",)
+    assert isinstance(model.get_submodule("layers.0.proj"), torch.nn.Linear)
+    assert not getattr(build("transformer_lm", **SMALL["transformer_lm"]), "sk_flop_input_masked", ())

@@ -272,6 +272,30 @@ def test_vgg_custom_cfg_builds_thinner_network():
         build("vgg16_bn", cfg=[32, "X"])
 
 
+def test_vgg_two_fc_classifier_of_the_anp_code():
+    model = build("vgg16_bn", classifier="two_fc", num_classes=7)
+    kinds = [type(m) for m in model.classifier]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert (model.classifier[0].in_features, model.classifier[0].out_features) == (512, 512)
+    assert (model.classifier[3].in_features, model.classifier[3].out_features) == (512, 7)
+    assert _n_params(model) == _n_params(build("vgg16_bn", num_classes=7)) - (512 * 7 + 7) \
+        + (512 * 512 + 512) + 2 * 512 + (512 * 7 + 7)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 7)
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    assert models.vgg16_bn(classifier="two_fc").sk_arch["kwargs"]["classifier"] == "two_fc"
+    rebuilt = build(**model.sk_arch)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    thin = build("vgg16_bn", cfg=[16, "M", 32], classifier="two_fc")
+    assert thin.classifier[0].in_features == 32 and thin(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        build("vgg16_bn", classifier="three_fc")
+    with pytest.raises(ValueError, match="CIFAR-layout option"):
+        build("vgg16_bn", classifier="two_fc", imagenet=True)
+
+
 def test_mobilenet_v2_module_names_and_residuals():
     model = build("mobilenet_v2")
     mods = dict(model.named_modules())
