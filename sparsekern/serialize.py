@@ -20,7 +20,7 @@ chosen over ``torch.save`` because it cannot execute code on load and memory-map
 **Loading never executes code named by the file.** A file names its architecture, it does not provide it:
 ``"name"`` must be a zoo model, and ``"factory"`` must be a *trusted* factory, one of
 
-* the factories sparsekern itself records (SANP and FLOP models, :data:`BUILTIN_FACTORIES`),
+* the factories sparsekern itself records (SANP, FLOP and Pruning-from-Scratch models, :data:`BUILTIN_FACTORIES`),
 * factories registered in this process with :func:`register_factory`,
 * factories passed to the call: ``sk.load(path, factories={NAME: callable})``.
 
@@ -57,6 +57,7 @@ __all__ = ["save", "load", "SerializationError", "build_arch", "register_factory
 BUILTIN_FACTORIES: tuple[str, ...] = (
     "sparsekern.methods.sanp:build_sanp",
     "sparsekern.methods.flop:build_factorized",
+    "sparsekern.methods.scratch:build_expanded",
 )
 _REGISTERED: dict[str, Callable[..., nn.Module]] = {}
 # The ``factories`` of the :func:`load` call in progress, so that nested references (a SANP or FLOP factory
