@@ -225,26 +225,28 @@ def _fuse_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, conv: nn.Conv2d, i
     chain, unary, other = _fusable_chain(node, modules)
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation))
     packed = onednn_weight(conv.weight, *geometry, conv.groups, in_shape)
-    weight = conv.weight.detach().clone()
     bias = None if conv.bias is None else conv.bias.detach().clone()
-    backend = _choose_backend(conv, in_shape, weight, packed, bias, other is not None, unary == "relu", tuner)
-    wname, bname = f"_sk_conv_w{count}", f"_sk_conv_b{count}"
-    gm.register_buffer(wname, packed if backend == "onednn" else weight, persistent=False)
-    gm.register_buffer(bname, bias, persistent=False)
+    direct = _prepared_direct(conv, in_shape, unary == "relu")
+    backend = "onednn" if direct is None else _choose_backend(conv, in_shape, packed, bias, direct,
+                                                              other is not None, unary == "relu", tuner)
     last = chain[-1]
     x = node.args[0]
     with gm.graph.inserting_before(last):
-        w = gm.graph.get_attr(wname)
-        b = gm.graph.get_attr(bname) if bias is not None else None
         if backend == "direct":
-            fused = gm.graph.call_function(torch.ops.sparsekern.fused_conv2d.default, (
-                x, w, b, other, list(conv.stride), list(conv.padding), list(conv.dilation), unary == "relu"))
-        elif other is None:
-            fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
-                                           (x, w, b, *geometry, conv.groups, unary or "none", [], ""))
+            gm.add_submodule(f"_sk_conv{count}", direct)
+            fused = gm.graph.call_module(f"_sk_conv{count}", (x, other))
         else:
-            fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.binary,
-                                           (x, other, w, b, *geometry, conv.groups, "add", None, unary, [], ""))
+            wname, bname = f"_sk_onednn_w{count}", f"_sk_onednn_b{count}"
+            gm.register_buffer(wname, packed, persistent=False)
+            gm.register_buffer(bname, bias, persistent=False)
+            w = gm.graph.get_attr(wname)
+            b = gm.graph.get_attr(bname) if bias is not None else None
+            if other is None:
+                fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
+                                               (x, w, b, *geometry, conv.groups, unary or "none", [], ""))
+            else:
+                fused = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.binary,
+                                               (x, other, w, b, *geometry, conv.groups, "add", None, unary, [], ""))
     fused.meta = dict(last.meta)
     last.replace_all_uses_with(fused)
     for dead in reversed(chain):
@@ -252,31 +254,33 @@ def _fuse_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, conv: nn.Conv2d, i
     return backend
 
 
-def _choose_backend(conv: nn.Conv2d, in_shape: tuple[int, ...], weight: torch.Tensor, packed: torch.Tensor,
-                    bias: torch.Tensor | None, residual: bool, relu: bool, tuner: ConvTuner) -> str:
-    """``"onednn"`` or ``"direct"`` for this conv on NHWC inputs of ``in_shape``: the tuner times both on random
-    data of the layer's shapes (or answers from its table); grouped convs and machines without the extension
-    get oneDNN."""
-    from sparsekern.ops.fused_conv2d import DISPATCH, problem
+def _prepared_direct(conv: nn.Conv2d, in_shape: tuple[int, ...], relu: bool) -> nn.Module | None:
+    """The direct convolution of ``conv`` prepared for NHWC inputs of ``in_shape``, or None where it cannot run
+    (grouped convs, no C++ extension)."""
+    from sparsekern.ops.fused_conv2d import PreparedFusedConv2d
 
+    if conv.groups != 1:
+        return None
+    prepared = PreparedFusedConv2d(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, relu, in_shape)
+    return prepared if prepared.direct else None
+
+
+def _choose_backend(conv: nn.Conv2d, in_shape: tuple[int, ...], packed: torch.Tensor, bias: torch.Tensor | None,
+                    direct: nn.Module, residual: bool, relu: bool, tuner: ConvTuner) -> str:
+    """``"onednn"`` or ``"direct"`` for this conv on NHWC inputs of ``in_shape``: the tuner times both calls as
+    the graph would make them, on random data of the layer's shapes (or answers from its table)."""
     x = torch.randn(in_shape).contiguous(memory_format=torch.channels_last)
-    direct = problem(x, weight, bias, None, conv.stride, conv.padding, conv.dilation, relu) \
-        if conv.groups == 1 else None
-    if direct is None or DISPATCH["cpu"].reasons(direct):
-        return "onednn"
     other = torch.randn(direct.out_shape).contiguous(memory_format=torch.channels_last) if residual else None
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    candidates = {
-        "onednn": (lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "relu" if relu else
-                                                                     "none", [], "")) if other is None else
-        (lambda: torch.ops.mkldnn._convolution_pointwise.binary(x, other, packed, bias, *geometry, "add", None,
-                                                                 "relu" if relu else None, [], "")),
-        "direct": lambda: torch.ops.sparsekern.fused_conv2d(x, weight, bias, other, list(conv.stride),
-                                                            list(conv.padding), list(conv.dilation), relu, "cpu"),
-    }
-    call = ConvCall(tuple(in_shape), tuple(weight.shape), tuple(conv.stride), tuple(conv.padding),
+    if other is None:
+        onednn_call = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
+            x, packed, bias, *geometry, "relu" if relu else "none", [], "")
+    else:
+        onednn_call = lambda: torch.ops.mkldnn._convolution_pointwise.binary(  # noqa: E731
+            x, other, packed, bias, *geometry, "add", None, "relu" if relu else None, [], "")
+    call = ConvCall(tuple(in_shape), tuple(conv.weight.shape), tuple(conv.stride), tuple(conv.padding),
                     tuple(conv.dilation), bias is not None, residual, relu, True, torch.get_num_threads())
-    return tuner.choose(call, candidates)
+    return tuner.choose(call, {"onednn": onednn_call, "direct": lambda: direct(x, other)})
 
 
 def freeze(model: nn.Module, *, inplace: bool = False) -> torch.jit.ScriptModule:

@@ -7,6 +7,7 @@ import torch
 
 import sparsekern as sk
 from sparsekern.ops import _ext
+from sparsekern.ops.fused_conv2d import PreparedFusedConv2d, fused_conv2d
 from sparsekern.tuning import ConvCall, ConvTuner, use_tuner, current_tuner
 from tests.conftest import assert_close_to_scale
 
@@ -58,8 +59,10 @@ def test_the_pass_builds_what_the_table_says() -> None:
     fast = sk.optimize(model, x, tuner=tuner)
     same_call = {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}  # the choice is per call
     assert {k for k, v in fast.sk_backends.items() if v == "direct"} == same_call
-    targets = [n.target for n in fast.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.sparsekern.fused_conv2d.default) == len(same_call)
+    modules = dict(fast.named_modules())
+    prepared = [n for n in fast.graph.nodes if n.op == "call_module"
+                and isinstance(modules[n.target], PreparedFusedConv2d)]
+    assert len(prepared) == len(same_call)
     with torch.no_grad():
         assert_close_to_scale(fast(x), model(x))
 
@@ -91,3 +94,19 @@ def test_every_zoo_model_keeps_its_outputs_on_either_kernel(name: str) -> None:
             fast = sk.optimize(model, x, tuner=ConvTuner(measure=False, fallback=fallback))
             assert fallback in set(fast.sk_backends.values())
             assert_close_to_scale(fast(x), want)
+
+
+@needs_ext
+def test_a_prepared_conv_equals_the_op_and_falls_back_on_other_inputs() -> None:
+    w, b = torch.randn(12, 8, 3, 3), torch.randn(12)
+    shape = (2, 8, 7, 7)
+    prepared = PreparedFusedConv2d(w, b, (2, 2), (1, 1), (1, 1), True, shape)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 12, 4, 4)  # NCHW residual for an NHWC output: copied to the output's strides
+    torch.testing.assert_close(prepared(x, res), fused_conv2d(x, w, b, res, 2, 1, relu=True))
+    for other in (torch.randn(3, 8, 7, 7), torch.randn(shape), torch.randn(shape).double()):
+        if other.dtype == torch.float64:
+            with pytest.raises(TypeError, match="share a float dtype"):  # the op's own checks
+                prepared(other)
+        else:
+            torch.testing.assert_close(prepared(other), fused_conv2d(other, w, b, None, 2, 1, relu=True))

@@ -31,7 +31,7 @@ from sparsekern.ops import _ext
 from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
 from sparsekern.ops.shapes import conv2d_memory_format, conv2d_output_size, pair
 
-__all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "DISPATCH"]
+__all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "PreparedFusedConv2d", "DISPATCH"]
 
 _OP = "fused_conv2d"
 
@@ -187,3 +187,46 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
         pair(dilation, "dilation", _OP)
     return torch.ops.sparsekern.fused_conv2d(x, weight, bias, residual, stride, padding, dilation, relu, backend)
+
+
+class PreparedFusedConv2d(torch.nn.Module):
+    """:func:`fused_conv2d` with fixed weights, validated once for one input shape and memory format.
+
+    An inference graph calls the same convolution on the same shapes every time; this module checks the
+    weights and geometry when it is built, so a call on ``input_shape`` costs a shape comparison, the output
+    allocation and the kernel (a few microseconds where the op's validation and dispatch cost about ten).
+    Any other input (another shape, layout, dtype or device) goes through :func:`fused_conv2d`, with its full
+    checks and dispatch. ``forward(x, residual=None)`` computes ``relu(conv(x) + bias + residual)`` as the op.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], relu: bool, input_shape: Sequence[int],
+                 memory_format: torch.memory_format = torch.channels_last) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        example = torch.empty(tuple(input_shape), dtype=weight.dtype, device=weight.device,
+                              memory_format=memory_format)
+        pr = problem(example, self.weight, self.bias, None, stride, padding, dilation, relu)
+        self.stride, self.padding, self.dilation, self.relu = pr.stride, pr.padding, pr.dilation, pr.relu
+        self.input_shape, self.out_shape, self.memory_format = tuple(example.shape), pr.out_shape, pr.memory_format
+        self.direct = not DISPATCH["cpu"].reasons(pr)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not (self.direct and x.shape == self.input_shape and x.dtype == torch.float32 and x.is_cpu
+                and conv2d_memory_format(x) == self.memory_format
+                and (residual is None or (residual.shape == self.out_shape and residual.dtype == torch.float32
+                                          and residual.is_cpu))):
+            return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
+                                self.relu)
+        y = torch.empty(self.out_shape, memory_format=self.memory_format)
+        if residual is not None and residual.stride() != y.stride():
+            residual = torch.empty_like(y).copy_(residual)
+        _ext.kernel("channel_skip_conv2d_cpu")(x, self.weight, self.bias, None, None, residual, self.stride,
+                                               self.padding, self.dilation, self.relu, y)
+        return y
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight.shape
+        return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
+                f"padding={tuple(self.padding)}, relu={self.relu}, input_shape={self.input_shape}")
