@@ -53,7 +53,6 @@ is a possible later extension.)
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -63,6 +62,7 @@ import torch.nn as nn
 
 from sparsekern.compiler import masked
 from sparsekern.cost import eval_flops
+from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import ChannelGraph, Layout, trace_channels
 from sparsekern.methods.budget import plan_flops
 from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
@@ -89,8 +89,6 @@ PENALTIES: dict[str, float] = {"vgg": 1e-4, "resnet": 1e-5, "densenet": 1e-5}
 _COMBINE = ("max", "mean")
 #: ``"internal"``: the official code's ResNet rule (the residual stream keeps its width); ``"all"``: every group.
 SCOPES = ("internal", "all")
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
 
 
 # ----------------------------------------------------------------------------- sparsity training
@@ -254,19 +252,19 @@ def channel_scores(cg: ChannelGraph, combine: str = "max") -> dict[str, np.ndarr
 
 
 def residual_groups(cg: ChannelGraph) -> set[str]:
-    """Names of the dependency groups whose channels meet a residual add: an elementwise add
-    (``+``, ``+=``, ``torch.add``, ``Tensor.add``) of two or more tensors whose channels the graph tracks.
+    """Names of the dependency groups whose channels meet a residual add: an op whose channel rule carries the
+    ``"add"`` tag (``+``, ``+=``, ``torch.add``, ``Tensor.add``) applied to two or more tensors whose channels the
+    graph tracks.
 
     In a ResNet these are the residual-stream groups (the stem, every block's last conv and the projection
     shortcuts, tied by the adds); a block's internal channels never reach an add. Adding a constant or an
     untracked tensor (a bias, a positional table) is not a residual add.
     """
     group_of_root = {int(r): g for g, cls in cg.group_classes.items() for r in cls.tolist()}
+    modules = dict(cg.gm.named_modules())
     out: set[str] = set()
     for node in cg.gm.graph.nodes:
-        is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in _ADD_METHODS))
-        if not is_add:
+        if not node_has_tag(node, modules, "add"):  # the channel rules' residual additions
             continue
         tracked = [cg.layouts[a.name] for a in node.all_input_nodes if isinstance(cg.layouts.get(a.name), Layout)]
         if len(tracked) < 2:

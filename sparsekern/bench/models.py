@@ -66,13 +66,15 @@ class Case:
         return label
 
 
-# The issue's acceptance set: ResNet-50 (224x224, batch 1 and 8), ResNet-56 (CIFAR, batch 64), 30% and 50%.
-# Kept counts round up to 16 for ResNet-50 (AVX-512 holds 16 floats). ResNet-56's stages are only 16/32/64
-# wide: rounding to 16 would undo most of the pruning, and on the NHWC oneDNN path unrounded counts measured
-# fastest (30%: 50.9 ms unrounded vs 54.5 ms rounded to 4, batch 64), so it is not rounded.
+# The acceptance set: ResNet-50 (224x224, batch 1 and 8), ResNet-56 (CIFAR, batch 64 on both paths, batch 1 on
+# the NHWC path) and ResNet-20 (CIFAR, batch 64 and 1, NHWC path), 30% and 50%. Kept counts round up to 16 for
+# ResNet-50 (AVX-512 holds 16 floats). The CIFAR ResNets' stages are only 16/32/64 wide: rounding to 16 would
+# undo most of the pruning, so they are not rounded (the onednn pass picks the faster kernel per layer).
 STANDARD_CASES = tuple(
     [Case("resnet50", r, b, 224, round_to=16, passes=p) for p in CPU_PATHS for b in (1, 8) for r in (0.3, 0.5)]
     + [Case("resnet56", r, 64, 32, round_to=None, passes=p) for p in CPU_PATHS for r in (0.3, 0.5)]
+    + [Case(m, r, b, 32, round_to=None) for m, b in (("resnet56", 1), ("resnet20", 64), ("resnet20", 1))
+       for r in (0.3, 0.5)]
 )
 
 
