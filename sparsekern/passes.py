@@ -39,7 +39,7 @@ from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import keep_attributes, symbolic_trace
 from sparsekern.tuning import ConvCall, ConvTuner, current_tuner, use_tuner
 
-__all__ = ["apply", "optimize", "fold_bn", "channels_last", "onednn", "freeze", "PASSES", "DEVICE_PASSES"]
+__all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "freeze", "PASSES", "DEVICE_PASSES"]
 
 
 def _as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
@@ -301,6 +301,23 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
     "freeze": freeze,
 }
 _NEEDS_INPUTS = {"onednn"}
+
+
+def register_pass(name: str, fn: Callable[..., nn.Module], *, needs_inputs: bool = False,
+                  replace: bool = False) -> None:
+    """Make ``fn`` available to :func:`apply` as ``name``.
+
+    ``fn(model, *, inplace)`` (or ``fn(model, example_inputs, *, inplace)`` with ``needs_inputs``) returns the
+    rewritten model and must leave what the model computes unchanged, for dense and compiled models alike;
+    with ``inplace=False`` it must not modify ``model``. A taken name is refused unless ``replace``.
+    """
+    if name in PASSES and not replace:
+        raise ValueError(f"inference pass {name!r} is already registered; pass replace=True to replace it")
+    PASSES[name] = fn
+    if needs_inputs:
+        _NEEDS_INPUTS.add(name)
+    else:
+        _NEEDS_INPUTS.discard(name)
 
 
 def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *, inplace: bool = False) -> nn.Module:

@@ -154,3 +154,24 @@ def test_fold_bn_leaves_shared_layers_unfolded() -> None:
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         assert_close_to_scale(sk.passes.apply(model, ["fold_bn"])(x), model(x))
+
+
+def test_a_registered_pass_runs_through_apply() -> None:
+    import torch.nn as nn
+
+    from sparsekern.passes import PASSES, apply, register_pass
+
+    def mark(model: nn.Module, *, inplace: bool) -> nn.Module:
+        out = model if inplace else copy.deepcopy(model)
+        out.sk_marked = True
+        return out
+
+    register_pass("mark_test", mark)
+    try:
+        model = nn.Linear(3, 2)
+        out = apply(model, ["mark_test"])
+        assert out.sk_marked and not hasattr(model, "sk_marked")
+        with pytest.raises(ValueError, match="already registered"):
+            register_pass("mark_test", mark)
+    finally:
+        del PASSES["mark_test"]
