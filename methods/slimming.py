@@ -514,6 +514,8 @@ class NetworkSlimming(Method):
 
     order = 20
     summary = "one global threshold on BatchNorm scales trained with an L1 penalty (Liu et al., ICCV 2017)"
+    #: options a run may set (``rethinking.run(method_options=...)``): the candidate scope of :func:`prune`.
+    prune_options = {"slimming_scope": "internal"}
 
     def prepare(self, model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
         penalty = options.get("slimming_penalty")

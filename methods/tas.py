@@ -905,7 +905,13 @@ class TAS(Method):
     protocol_arms = ("KD",)
     searches = True
     robustness = False
+    #: options a run may set (``rethinking.run(method_options=...)``, a recipe's ``method_options``): the
+    #: search's batch size, weight lr, architecture lr and temperature range, passed to :func:`search`.
+    prune_options = {"batch_size": 64, "lr": 0.1, "arch_lr": 1e-3, "tau": TAU}
 
     def prune(self, model: nn.Module, budget: float, ctx: PruneContext) -> Pruned:
+        options = {k: ctx.options[k] for k in self.prune_options if k in ctx.options}
+        if "tau" in options:
+            options["tau"] = tuple(options["tau"])
         return Pruned(*prune_to_budget(model, ctx.example_inputs, ctx.train_data, budget, seed=ctx.seed,
-                                       epochs=ctx.search_epochs, progress=ctx.progress))
+                                       epochs=ctx.search_epochs, progress=ctx.progress, **options))

@@ -60,6 +60,43 @@ def test_the_rethinking_recipe_holds_the_papers_schedule() -> None:
     assert (args["finetune_epochs"], args["finetune_lr"], args["protocol"]) == (40, 0.001, "rethinking")
 
 
+@pytest.mark.parametrize("name", ["rethinking-l1_norm", "rethinking-slimming", "rethinking-thinet", "rethinking-lasso"])
+def test_the_rethinking_recipes_ask_for_the_official_finetune_and_scratch_b(name: str) -> None:
+    """Constant fine-tune lr and whole Scratch-B epochs (main_finetune.py, main_B.py) are run options, and the
+    run's defaults, so nothing about them is listed as not honoured; CIFAR runs leave Scratch-B uncapped."""
+    recipe = load_recipe(name)
+    assert recipe.run_options() == {"finetune_schedule": "constant", "scratch_b_rounding": "floor"}
+    assert not set(recipe.run_options()) & set(recipe.arguments())  # not sparsekern prune flags (yet)
+    defaults = {k: rethinking.run.__kwdefaults__[k] for k in rethinking.RUN_OPTION_DEFAULTS}
+    assert defaults == rethinking.RUN_OPTION_DEFAULTS  # what the loader compares a recipe's run options with
+    assert {k: defaults[k] for k in recipe.run_options()} == recipe.run_options() and defaults["scratch_b_cap"] is None
+    assert not [u for u in recipe.not_supported if "Scratch-B" in u.setting or "finetune" in u.setting]
+
+
+def test_a_run_option_the_command_line_cannot_pass_is_listed_as_not_honoured_there() -> None:
+    """Network Slimming refines with its training schedule; until sparsekern prune has --finetune-schedule, the
+    command line runs rethinking.run's constant default, and the recipe says so."""
+    recipe = load_recipe("network-slimming-vgg19")
+    assert recipe.run_options() == {"finetune_schedule": "step"} and "finetune_schedule" not in recipe.arguments()
+    line = next(u.line() for u in recipe.not_supported if u.setting == "finetune_schedule on the command line")
+    assert "--finetune-schedule" in line and '"constant"' in line
+    assert not any("command line" in u.setting for u in load_recipe("rethinking-l1_norm").not_supported)
+
+
+def test_the_anp_recipe_builds_the_papers_two_fc_vgg16() -> None:
+    assert not any("classifier" in u.setting for u in load_recipe("anp-vs-vgg16").not_supported)
+    from sparsekern.methods.registry import get_method
+
+    assert get_method("anp").model_kwargs["vgg16_bn"] == {"classifier": "two_fc"}  # what rethinking.base_model reads
+
+
+def test_a_recipes_method_option_the_method_does_not_declare_is_refused_naming_both() -> None:
+    doc = _mutated(lambda d: d["settings"].update(method_options={"search_batch_size": 256}), "tas-resnet56")
+    with pytest.raises(RecipeError, match="recipe 'tas-resnet56': settings.method_options: method 'tas' has no prune "
+                                          "option 'search_batch_size'"):
+        recipe_from_dict(doc, "tas-resnet56")
+
+
 # ------------------------------------------------------------------------------------------------ end to end, shrunk
 
 def _run_shrunk(name: str, out: Path, *extra: str) -> dict[str, Any]:
@@ -105,9 +142,11 @@ def test_a_recipes_training_settings_reach_the_trainer(monkeypatch: pytest.Monke
     configs = [args[2] for args, _ in trainer.calls]  # train(model, data, config, hooks=...)
     assert len(configs) == 4  # full model, fine-tune, Scratch-E, Scratch-B
     for config in configs:
-        assert (config.schedule, config.milestones, config.gamma) == ("step", (0.5, 0.75), 0.1)
+        assert (config.milestones, config.gamma) == ((0.5, 0.75), 0.1)
         assert (config.momentum, config.weight_decay, config.batch_size) == (0.9, 1e-4, 64)
-    full, finetune, scratch_e, _ = configs
+    full, finetune, scratch_e, scratch_b = configs
+    assert full.schedule == scratch_e.schedule == scratch_b.schedule == "step"
+    assert finetune.schedule == "constant"  # the paper's fine-tune: constant lr 0.001, not the full model's steps
     assert full.epochs == scratch_e.epochs == pytest.approx(160 * float(SCALE)) and full.lr == 0.1
     assert finetune.epochs == pytest.approx(40 * float(SCALE)) and finetune.lr == 0.001
     assert TrainConfig().schedule == "cosine"  # the recipe's defaults ended with the run
@@ -189,6 +228,11 @@ def _mutated(change: Any, name: str = "rethinking-l1_norm") -> dict[str, Any]:
     (lambda d: d["settings"].update(slimming_penalty=1e-4), "settings.slimming_penalty"),
     (lambda d: d["settings"].update(milestones=[0.75, 0.5]), "settings.milestones"),
     (lambda d: d["settings"].update(schedule="noam"), "settings.schedule"),
+    (lambda d: d["settings"].update(finetune_schedule="noam"), "settings.finetune_schedule"),
+    (lambda d: d["settings"].update(scratch_b_cap=0.5), "settings.scratch_b_cap"),
+    (lambda d: d["settings"].update(scratch_b_rounding="round"), "settings.scratch_b_rounding"),
+    (lambda d: d["settings"].update(method_options=[256]), "settings.method_options"),
+    (lambda d: d["settings"].update(method_options={"batch_size": 256}), "settings.method_options"),
     (lambda d: d["shrunk"].update(epochs=1), "shrunk.epochs"),
     (lambda d: d["paper"].pop("year"), "paper.year"),
     (lambda d: d["paper"].update(year="2019"), "paper.year"),

@@ -12,6 +12,12 @@ Rules:
   (``finetune_lr`` is ``--finetune-lr``); :data:`SETTINGS` is the schema. Image methods (registry kind
   ``"static"``, run through the Rethinking protocol, :mod:`sparsekern.methods.rethinking`) and the byte-level
   LM methods (kind ``"lowrank"``) read different keys; a key the recipe's method does not read is refused.
+* A few settings are keywords of :func:`sparsekern.methods.rethinking.run` that ``sparsekern prune`` has no
+  flag for yet (``Setting.flag`` false: ``finetune_schedule``, ``scratch_b_cap``, ``scratch_b_rounding``,
+  ``method_options``). :meth:`Recipe.arguments` (the flags) leaves them out and :meth:`Recipe.run_options`
+  returns them; where such a value differs from ``rethinking.run``'s default, the loader adds a
+  ``not_supported`` entry saying the command line cannot honour it yet. ``method_options`` are checked against
+  the options the method declares (:func:`sparsekern.methods.rethinking.check_method_options`).
 * ``shrunk`` replaces sizes (model, image size, width, ...) when the recipe runs scaled down (``scale < 1``,
   :meth:`Recipe.arguments`), where every epoch and step count is also multiplied by ``scale``; the shrunk run
   reads the embedded data (:data:`EMBEDDED`).
@@ -95,6 +101,12 @@ def _text(value: Any) -> str | None:
     return None if isinstance(value, str) and value else f"expected a non-empty string, got {value!r}"
 
 
+def _options(value: Any) -> str | None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        return f"expected an object of option name -> value, got {value!r}"
+    return None
+
+
 def _milestones(value: Any) -> str | None:
     fraction = _number(0.0, high=1.0)
     if not isinstance(value, list) or any(fraction(v) for v in value) or value != sorted(value):
@@ -105,13 +117,15 @@ def _milestones(value: Any) -> str | None:
 @dataclass(frozen=True)
 class Setting:
     """One key of a recipe's ``settings``: which methods read it (``"image"``, ``"lm"`` or ``"both"``), its
-    check, and its role when the recipe is shrunk (``"time"``: multiplied by the scale, ``"size"``: may be
-    replaced by ``shrunk``)."""
+    check, its role when the recipe is shrunk (``"time"``: multiplied by the scale, ``"size"``: may be
+    replaced by ``shrunk``), and whether ``sparsekern prune`` has a flag for it (``flag``; if not, it is a
+    :func:`sparsekern.methods.rethinking.run` keyword only, module docstring)."""
 
     reads: str
     check: Check
     role: str = ""
     help: str = ""
+    flag: bool = True
 
 
 #: the keys of ``settings`` (the ``sparsekern prune`` flags they set, ``_`` for ``-``)
@@ -125,6 +139,14 @@ SETTINGS: dict[str, Setting] = {
     "finetune_epochs": Setting("image", _number(0.0, low_open=True), "time"),
     "search_epochs": Setting("image", _number(0.0, low_open=True), "time", "the learned methods' search"),
     "finetune_lr": Setting("image", _number(0.0, low_open=True)),
+    "finetune_schedule": Setting("image", _choice("constant", "step", "cosine"), flag=False,
+                                 help="the fine-tune arm's lr schedule (the paper: constant)"),
+    "scratch_b_cap": Setting("image", _number(1.0), flag=False,
+                             help="cap on Scratch-B's FLOPs factor (the paper: 2 on ImageNet, none on CIFAR)"),
+    "scratch_b_rounding": Setting("image", _choice("floor", "exact"), flag=False,
+                                  help="Scratch-B epochs rounded down to whole epochs (the official code) or not"),
+    "method_options": Setting("image", _options, flag=False,
+                              help="options of the method's prune step (the method's prune_options)"),
     "momentum": Setting("image", _number(0.0, high=1.0)),
     "nesterov": Setting("image", _boolean),
     "milestones": Setting("image", _milestones, help="lr steps, as fractions of each run"),
@@ -196,14 +218,15 @@ class Recipe:
         return f"{who}, {self.paper['venue']} {self.paper['year']}"
 
     def arguments(self, scale: float = 1.0) -> dict[str, Any]:
-        """The prune pipeline's arguments (``sparsekern prune`` flag -> value) at ``scale`` in (0, 1].
+        """The prune pipeline's arguments (``sparsekern prune`` flag -> value) at ``scale`` in (0, 1]; the
+        settings without a flag are :meth:`run_options`.
 
         At ``scale < 1`` every ``"time"`` setting (epochs, steps, warm-up) is multiplied by ``scale`` (integer
         step counts rounded, at least 1 for ``steps``) and the ``shrunk`` values replace the sizes.
         """
         if not 0.0 < scale <= 1.0:
             raise ValueError(f"scale must be in (0, 1], got {scale}")
-        args = {k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items()}
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in self.settings.items() if SETTINGS[k].flag}
         if scale == 1.0:
             return args
         for key, value in list(args.items()):
@@ -213,6 +236,13 @@ class Recipe:
                 args[key] = float(value) * scale
         args.update(self.shrunk)
         return args
+
+
+    def run_options(self) -> dict[str, Any]:
+        """The settings ``sparsekern prune`` has no flag for yet, as :func:`sparsekern.methods.rethinking.run`
+        keywords (``finetune_schedule``, ``scratch_b_cap``, ``scratch_b_rounding``, ``method_options``); no
+        scale changes them."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.settings.items() if not SETTINGS[k].flag}
 
 
 def _err(recipe: str, key: str, problem: str, fix: str) -> RecipeError:
@@ -265,6 +295,14 @@ def _check_settings(recipe: str, key: str, settings: Any, kind: str, *, method: 
             raise _err(recipe, f"{key}.{k}", problem, "fix the value")
     if "slimming_penalty" in settings and method != "slimming":
         raise _err(recipe, f"{key}.slimming_penalty", f"only Network Slimming reads it, not {method}", "drop it")
+    if "method_options" in settings:
+        from sparsekern.methods.rethinking import check_method_options
+
+        try:
+            check_method_options(method, settings["method_options"])
+        except ValueError as e:
+            raise _err(recipe, f"{key}.method_options", str(e), "drop it, or list the official value in "
+                                                                  "not_supported") from None
     models = image_models() if kind == "static" else list(LM_MODELS)
     if "model" in settings and settings["model"] not in models:
         raise _err(recipe, f"{key}.model", f"{settings['model']!r} is not a model {method} can prune",
@@ -314,6 +352,22 @@ def _unsupported(recipe: str, entries: Any) -> tuple[Unsupported, ...]:
     return tuple(out)
 
 
+def _without_flag(settings: Mapping[str, Any]) -> tuple[Unsupported, ...]:
+    """A ``not_supported`` entry for each setting without a ``sparsekern prune`` flag whose value differs from
+    :func:`sparsekern.methods.rethinking.run`'s default: the command line runs the default instead."""
+    from sparsekern.methods.rethinking import RUN_OPTION_DEFAULTS as defaults
+
+    out = []
+    for key, value in settings.items():
+        default = value if SETTINGS[key].flag else defaults[key]
+        if value != default and not (default is None and value == {}):  # no method_options is None
+            flag = "--" + key.replace("_", "-")
+            reason = (f"sparsekern prune has no {flag} flag yet, so it runs rethinking.run's default "
+                      f"{json.dumps(default)}; rethinking.run({key}={value!r}) honours it (Recipe.run_options())")
+            out.append(Unsupported(f"{key} on the command line", value, reason))
+    return tuple(out)
+
+
 def recipe_from_dict(doc: Any, name: str, source: str = "<dict>") -> Recipe:
     """Validate a parsed recipe ``doc`` (module docstring) named ``name``; :class:`RecipeError` otherwise."""
     _table(doc, name, "", _TOP_KEYS)
@@ -346,7 +400,8 @@ def recipe_from_dict(doc: Any, name: str, source: str = "<dict>") -> Recipe:
     return Recipe(name=name, summary=doc["summary"], paper=dict(doc["paper"]), code=dict(doc["code"]),
                   data=doc["data"], settings=dict(settings), shrunk=dict(doc["shrunk"]),
                   implementation_defaults=dict(doc.get("implementation_defaults", {})),
-                  not_supported=_unsupported(name, doc["not_supported"]), notes=tuple(notes), source=source)
+                  not_supported=_unsupported(name, doc["not_supported"]) + _without_flag(settings),
+                  notes=tuple(notes), source=source)
 
 
 def _files() -> dict[str, Any]:

@@ -280,3 +280,23 @@ def test_distillation_objective_is_the_papers_and_training_learns(seeded: dict) 
         assert result.final["accuracy"] > 0.8 > before + 0.5, (seed, before, result.final)
         assert isinstance(pruned, nn.Module)
         assert sk.flops(pruned, searched["x"]).total < sk.flops(teacher, searched["x"]).total
+
+
+def test_declared_prune_options_reach_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's method options (a recipe's search batch size, lrs and temperature) reach tas.search."""
+    from sparsekern.methods.registry import PruneContext, get_method
+
+    seen = {}
+
+    def fake_prune_to_budget(model, x, data, budget, **kwargs):
+        seen.update(kwargs)
+        return "plan", model
+
+    monkeypatch.setattr(tas, "prune_to_budget", fake_prune_to_budget)
+    method = get_method("tas")
+    assert set(method.prune_options) == {"batch_size", "lr", "arch_lr", "tau"}
+    ctx = PruneContext(example_inputs=torch.randn(2, 3, 8, 8), train_data=None, seed=3, search_epochs=2.0,
+                       options={"batch_size": 256, "tau": [5.0, 0.1], "unrelated": 1})
+    method.prune(torch.nn.Linear(2, 2), 0.5, ctx)
+    assert seen["batch_size"] == 256 and seen["tau"] == (5.0, 0.1) and "unrelated" not in seen
+    assert seen["seed"] == 3 and seen["epochs"] == 2.0
