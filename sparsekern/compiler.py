@@ -7,8 +7,10 @@ which tensor a plan removes:
   right after the op that produced it. Normalisation layers that pool statistics over channels
   (LayerNorm, GroupNorm) compute them over the kept channels only: a pruned channel is absent, not zero.
 * :func:`compile` slices the weights of every conv, linear and norm layer to the kept channels and rewrites
-  the few graph arguments that name channel counts (split sizes, chunk, view/reshape sizes). The result
-  is a plain :class:`torch.fx.GraphModule` (scriptable and exportable) with the original submodule names.
+  the few graph arguments that name channel counts (split sizes, chunk, view/reshape sizes); a channel
+  shuffle becomes one gather of the kept channels, a per-channel tensor the graph reads directly (a layer
+  scale) is sliced. The result is a plain :class:`torch.fx.GraphModule` (scriptable and exportable) with the
+  original submodule names.
 
 In eval mode ``compile(model, plan)(x)`` equals ``masked(model, plan)(x)`` at the kept positions, and the
 pruned positions do not exist (docs/design.md#semantics).
@@ -27,8 +29,10 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.channel_rules import module_rule
-from sparsekern.graph import ChannelGraph, Layout, keep_attributes, trace_channels
+from sparsekern.graph import (AttrSlice, ChannelGraph, Layout, has_torch_prune, keep_attributes, remove_torch_prune,
+                              trace_channels)
 from sparsekern.plan import GroupKeep, Plan, PlanError
+from sparsekern.slicing import slice_param
 from sparsekern.utils import as_tuple, input_spec
 
 __all__ = ["compile", "masked", "round_plan", "example_inputs_for"]
@@ -73,6 +77,12 @@ def example_inputs_for(plan_or_spec: Any, example_inputs: Any = None, *, seed: i
 def _trace(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple[ChannelGraph, tuple]:
     inputs = example_inputs_for(plan, example_inputs)
     return trace_channels(model, inputs), inputs
+
+
+def _without_torch_prune(model: nn.Module) -> nn.Module:
+    """``model``, or for a model pruned with ``torch.nn.utils.prune`` a copy with its masks baked into its
+    weights (:func:`sparsekern.graph.remove_torch_prune`): the pruning hook would undo a sliced weight."""
+    return remove_torch_prune(model) if has_torch_prune(model) else model
 
 
 # ----------------------------------------------------------------------------- masked reference
@@ -136,6 +146,7 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
         A ``torch.fx.GraphModule`` with the original submodule names and an extra multiply by a 0/1 channel
         mask after every op whose output carries a pruned channel.
     """
+    model = _without_torch_prune(model)
     if plan.removed_blocks:
         from sparsekern.depth import channel_graph, zero_branches
 
@@ -214,7 +225,8 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
     (:mod:`sparsekern.lowrank`); then the inference ``passes`` run.
 
     Args:
-        model: the unpruned model (not modified).
+        model: the unpruned model (not modified). A model pruned with ``torch.nn.utils.prune`` compiles as it
+            computes: on a copy with its masks baked into the weights (``Plan.from_torch_prune``).
         plan: what to skip (see :class:`~sparsekern.plan.Plan`); channel keep-sets refer to the model after
             its removed blocks are gone.
         example_inputs: a tensor or tuple of tensors to trace with; defaults to random inputs of the shapes
@@ -231,6 +243,7 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
         mode, and attributes ``sk_plan`` (the plan compiled), ``sk_arch`` (the model's architecture
         reference, if any) and ``sk_compile`` (options, for :func:`sparsekern.save`).
     """
+    model = _without_torch_prune(model)  # a model pruned with torch.nn.utils.prune compiles as it computes
     if plan.removed_blocks:
         from sparsekern.depth import remove_blocks
 
@@ -246,8 +259,12 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
             if node.target not in sliced:  # a shared module: every call has the same kept channels
                 _slice_module(gm.get_submodule(node.target), node, cg, keep)
                 sliced.add(node.target)
+        elif node.name in cg.shuffles:
+            _gather_shuffle(gm, node, cg, keep)
         elif node.op in ("call_function", "call_method"):
             _rewrite_channel_args(gm, node, cg, keep)
+        elif node.name in cg.sliced_attrs:
+            _slice_attr(gm, cg.sliced_attrs[node.name], cg, keep)
     gm.graph.lint()
     gm.recompile()
     if plan.dynamic:
@@ -286,6 +303,35 @@ def _slice_module(m: nn.Module, node: torch.fx.Node, cg: ChannelGraph, keep: np.
     in_lay = cg.layouts.get(in_node.name) if in_node is not None else None
     sizes = [lay.size if isinstance(lay, Layout) else 0 for lay in (in_lay, out_lay)]
     rule.slice(m, _positions(cg, in_lay, keep, sizes[0]), _positions(cg, out_lay, keep, sizes[1]))
+
+
+def _gather_shuffle(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    """Replace the channel shuffle ending at ``node`` (:class:`~sparsekern.graph.ChannelShuffle`) by one
+    ``index_select`` of the kept input channels in the shuffled order (a buffer ``_sk_shuffle_<node>``); a
+    shuffle whose channels are all kept stays as it is."""
+    shuffle = cg.shuffles[node.name]
+    kept_in = cg.kept_positions(shuffle.input, keep)
+    if len(kept_in) == shuffle.input.size:
+        return
+    kept_out = cg.kept_positions(cg.layouts[node.name], keep)
+    order = torch.from_numpy(np.searchsorted(kept_in, shuffle.source[kept_out]).astype(np.int64))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    buf = f"_sk_shuffle_{node.name}"
+    gm.register_buffer(buf, order)
+    with gm.graph.inserting_before(node):
+        index = gm.graph.get_attr(buf)
+    # the last node becomes the gather (keeping its name, so the nodes after it find its layout)
+    node.target = "index_select" if node.op == "call_method" else torch.index_select
+    node.args, node.kwargs = (nodes[shuffle.nodes[0]].args[0], shuffle.dim, index), {}
+    for name in reversed(shuffle.nodes[:-1]):
+        gm.graph.erase_node(nodes[name])
+
+
+def _slice_attr(gm: torch.fx.GraphModule, attr: AttrSlice, cg: ChannelGraph, keep: np.ndarray) -> None:
+    """Slice a per-channel tensor read by ``get_attr`` (a layer scale) to the kept channels of its op."""
+    index = _positions(cg, attr.layout, keep, attr.layout.size)
+    owner, _, field = attr.target.rpartition(".")
+    slice_param(gm.get_submodule(owner), field, index, attr.axis)
 
 
 def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:

@@ -11,6 +11,10 @@ graph once on example inputs, and follows every tensor's *channel axis* through 
   inputs at every call site, and every call of a shared conv or linear outputs the same atoms;
 * a **dependency group** is the set of producers whose atoms are tied; its channels are the distinct
   atom classes, numbered in topological order. A plan keeps or prunes each class.
+* a channel shuffle (a view splitting the channel axis into ``(g, C / g)``, a transpose of the two, a view
+  merging them back) permutes the atoms (:class:`ChannelShuffle`; compiled as one gather); a model tensor
+  that only an elementwise op reads, per channel (a layer-scale ``nn.Parameter``), is sliced with the
+  channels (:class:`AttrSlice`).
 
 Channels that must never be pruned are **pinned** with a reason: the model output (logits), and every
 channel that reaches an op this module cannot slice (a reduction over channels, a reshape that mixes
@@ -22,12 +26,18 @@ What each op does to channels is looked up in the public table of channel rules
 :func:`channel_rule_scope`); the :class:`_LayoutInterpreter` below is the ``LayoutContext`` those rules run
 in, and its public methods are the built-in propagations they may reuse (docs/adding-a-channel-rule.md).
 
+Masks users already have (``torch.nn.utils.prune``'s ``weight_mask`` buffers, weight-shaped mask dicts)
+become plans through :func:`plan_from_torch_prune` and :func:`plan_from_weight_masks` (the rules are in
+:meth:`sparsekern.plan.Plan.from_torch_prune`); :func:`remove_torch_prune` bakes the masks into a copy.
+
 The vocabulary follows Torch-Pruning (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023);
 the union-find formulation over per-position atoms is this package's own.
 """
 from __future__ import annotations
 
+import copy
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -50,7 +60,7 @@ from sparsekern.channel_rules import (  # noqa: F401 (the public table of channe
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
 from sparsekern.slicing import is_depthwise  # noqa: F401 (re-exported: graph users ask it of layers)
-from sparsekern.utils import as_tuple, edit_distance, input_spec
+from sparsekern.utils import as_tuple, closest, edit_distance, input_spec
 
 
 class GraphError(RuntimeError):
@@ -81,6 +91,32 @@ class GroupConstraint:
     layout: Layout
     groups: int
     what: str
+
+
+@dataclass(frozen=True)
+class ChannelShuffle:
+    """A channel shuffle: the chain of fx nodes ``nodes`` (a view splitting the channel axis ``dim`` of size
+    ``C`` into ``(g, C / g)``, a transpose of those two axes, an optional ``contiguous``, a view merging them
+    back) permutes the channels of ``input``: output position ``q`` holds input position ``source[q]``.
+    :func:`sparsekern.compile` replaces the chain by one ``index_select`` over the kept channels, so any plan
+    compiles (no per-group count constraint)."""
+
+    nodes: tuple[str, ...]
+    dim: int
+    source: np.ndarray
+    input: Layout
+
+
+@dataclass(frozen=True)
+class AttrSlice:
+    """A model tensor read by a ``get_attr`` node (a layer scale ``nn.Parameter``, a per-channel bias) that
+    an elementwise op combines with tracked channels along its axis ``axis``: :func:`sparsekern.compile`
+    slices it to the kept positions of ``layout``. Only a tensor read once, by that op alone, is sliced;
+    others pin the channels (their other readers would see a sliced tensor)."""
+
+    target: str
+    axis: int
+    layout: Layout
 
 
 class _UnionFind:
@@ -179,6 +215,8 @@ class ChannelGraph:
             residual add ties them).
         constraints: grouped convolutions and GroupNorms that need equal kept counts per group.
         opaque: node name -> why its tracked input channels were pinned.
+        shuffles: name of the last node of each channel shuffle -> its :class:`ChannelShuffle`.
+        sliced_attrs: ``get_attr`` node name -> the :class:`AttrSlice` that compile applies to its tensor.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = ()) -> None:
@@ -193,6 +231,8 @@ class ChannelGraph:
         self.shapes: dict[str, Any] = {}
         self.constraints: list[GroupConstraint] = []
         self.opaque: dict[str, str] = {}
+        self.shuffles: dict[str, ChannelShuffle] = {}
+        self.sliced_attrs: dict[str, AttrSlice] = {}
         inputs = as_tuple(example_inputs)
         self.input_spec = input_spec(inputs)
         with eval_mode(model), torch.no_grad():
@@ -500,6 +540,203 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, leaf_modules: tuple
     return ChannelGraph(model, example_inputs, leaf_modules=leaf_modules)
 
 
+# ----------------------------------------------------------------------------- masks users already have
+#: What :func:`plan_from_weight_masks` does with a removed channel that is not zero in the masked model.
+CONSTANTS_MODES = ("warn", "error", "ignore")
+
+
+def torch_pruned_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own tensors that ``torch.nn.utils.prune`` reparametrised: each ``name`` with a
+    parameter ``name_orig`` and a buffer ``name_mask`` (``module.name`` is recomputed from them by a forward
+    pre-hook)."""
+    params = dict(module.named_parameters(recurse=False))
+    return [b[: -len("_mask")] for b, _ in module.named_buffers(recurse=False)
+            if b.endswith("_mask") and b[: -len("_mask")] + "_orig" in params]
+
+
+def has_torch_prune(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` still carries a ``torch.nn.utils.prune`` reparametrisation."""
+    return any(torch_pruned_tensors(m) for m in model.modules())
+
+
+def remove_torch_prune(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``torch.nn.utils.prune`` reparametrisation baked in.
+
+    On the copy, each pruned tensor ``name`` becomes a plain parameter ``name = name_orig * name_mask`` and
+    its forward pre-hook goes (``torch.nn.utils.prune.remove``); the copy computes exactly what the pruned
+    model computes. ``model`` itself keeps its masks, hooks and state dict. :func:`sparsekern.compile` and
+    :func:`sparsekern.masked` call this on a pruned model, so a plan compiles on it directly.
+
+    Raises:
+        GraphError: naming the layer, for a ``name_orig``/``name_mask`` pair without its pruning hook.
+    """
+    from torch.nn.utils import prune
+
+    # each pruned tensor is computed (orig * mask, not a graph leaf), which deepcopy refuses: its copy is a
+    # detached one, replaced below by the baked parameter
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for name in torch_pruned_tensors(m):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t.detach().clone()
+    out = copy.deepcopy(model, memo)
+    for layer, m in out.named_modules():
+        for name in torch_pruned_tensors(m):
+            try:
+                prune.remove(m, name)
+            except ValueError as e:
+                raise GraphError(
+                    f"layer {layer!r} has {name}_orig and {name}_mask but no torch.nn.utils.prune hook for "
+                    f"{name!r} ({e}); set `{name}` from them yourself or prune the layer again with "
+                    "torch.nn.utils.prune") from e
+    return out
+
+
+def torch_prune_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Layer name -> a copy of the ``weight_mask`` buffer ``torch.nn.utils.prune`` left on the layer, for
+    every layer whose ``weight`` is pruned (weight-shaped, 1 = kept, 0 = pruned)."""
+    return {name: m.weight_mask.detach().clone() for name, m in model.named_modules()
+            if "weight" in torch_pruned_tensors(m)}
+
+
+def apply_weight_masks(model: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
+    """A copy of ``model`` whose layers' weights are multiplied by ``masks`` (layer name -> weight-shaped
+    0/1 mask): the model the masks describe. ``model`` is not modified. Checked as in
+    :func:`plan_from_weight_masks`."""
+    checked = checked_weight_masks(model, masks)
+    out = remove_torch_prune(model) if has_torch_prune(model) else copy.deepcopy(model)
+    for name, mask in checked.items():
+        m = out.get_submodule(name)
+        w = m.weight
+        masked_w = w.detach() * mask.to(device=w.device, dtype=w.dtype)
+        m.weight = nn.Parameter(masked_w, requires_grad=w.requires_grad) if isinstance(w, nn.Parameter) else masked_w
+    return out
+
+
+def checked_weight_masks(model: nn.Module, masks: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``masks`` (layer name -> weight-shaped mask, bool or 0/1) as bool tensors.
+
+    Raises:
+        PlanError: naming the layer and the fix, for a name that is not a layer of ``model``, a layer without
+            a ``weight`` tensor, a mask of another shape than the weight, or values other than 0/1.
+    """
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        if name not in modules:
+            raise PlanError(f"the model has no layer {name!r} (closest names: {closest(name, [n for n in modules if n])}); "
+                            "key the masks by the names of model.named_modules()")
+        w = getattr(modules[name], "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise PlanError(f"layer {name!r} ({type(modules[name]).__name__}) has no weight tensor to mask; give "
+                            "masks for conv, linear or norm layers only")
+        m = torch.as_tensor(mask).detach().cpu()
+        if tuple(m.shape) != tuple(w.shape):
+            raise PlanError(f"the weight mask for {name!r} has shape {tuple(m.shape)} but the layer's weight has "
+                            f"shape {tuple(w.shape)}; give a mask of the weight's shape (1 = keep, 0 = pruned), "
+                            f"e.g. torch.ones_like(model.get_submodule({name!r}).weight)")
+        if m.dtype != torch.bool:
+            bad = ~((m == 0) | (m == 1))
+            if bad.any():
+                raise PlanError(f"the weight mask for {name!r} must hold 0/1 or booleans, got {m.dtype} with value "
+                                f"{m[bad][0].item()!r}; threshold scores into a mask first")
+        out[name] = m.to(torch.bool)
+    return out
+
+
+def plan_from_torch_prune(model: nn.Module, example_inputs: Any, *, constants: str = "warn") -> Plan:
+    """See :meth:`sparsekern.plan.Plan.from_torch_prune`."""
+    plan = plan_from_weight_masks(model, torch_prune_masks(model), example_inputs, constants=constants)
+    plan.meta["method"] = "torch.nn.utils.prune"
+    return plan
+
+
+def plan_from_weight_masks(model: nn.Module, masks: Mapping[str, Any], example_inputs: Any, *,
+                           constants: str = "warn") -> Plan:
+    """See :meth:`sparsekern.plan.Plan.from_weight_masks`."""
+    if constants not in CONSTANTS_MODES:
+        raise ValueError(f"constants must be one of {CONSTANTS_MODES}, got {constants!r}")
+    checked = checked_weight_masks(model, masks)
+    cg = trace_channels(remove_torch_prune(model) if has_torch_prune(model) else model, example_inputs)
+    producers = {p for names in cg.producers.values() for p in names if p in cg.modules}
+    keep_root = np.zeros(len(cg.roots), dtype=bool)
+    covered = np.zeros(len(cg.roots), dtype=bool)
+    for name in producers:
+        rows = checked.get(name)
+        for lay in cg._module_outputs.get(name, [])[:1]:  # every call of a shared layer has the same atoms
+            kept = np.ones(lay.size, dtype=bool) if rows is None else rows.reshape(rows.shape[0], -1).any(1).numpy()
+            if len(kept) != lay.size:
+                raise PlanError(f"the weight of layer {name!r} has {len(kept)} rows but the layer has {lay.size} "
+                                "output channels, so its mask does not say which channels are pruned; leave it out")
+            r = cg.roots[lay.atoms]
+            np.logical_or.at(keep_root, r, kept)
+            covered[r] = True
+    keep_root |= ~covered  # channels no producer creates (untracked concat pieces) stay
+    channels, kept_pinned = {}, {}
+    for gname, cls in cg.group_classes.items():
+        spec = cg.groups[gname]
+        lost = [i for i in spec.pinned if not keep_root[cls[i]]]
+        if lost:
+            kept_pinned[gname] = sorted(lost)
+            keep_root[cls[lost]] = True
+        if not keep_root[cls].all():
+            channels[gname] = GroupKeep(spec.size, tuple(np.nonzero(keep_root[cls])[0].tolist()), spec.members)
+    meta = {"inputs": cg.input_spec, "method": "weight_masks", "masked_layers": sorted(checked)}
+    if kept_pinned:
+        meta["kept_pinned"] = kept_pinned
+    plan = Plan(channels=channels, meta=meta)
+    keep = cg.check_plan(plan)
+    if constants != "ignore":
+        _check_removed_constants(cg, keep, constants)
+    return plan
+
+
+def _zero_input_output(m: nn.Module) -> torch.Tensor | None:
+    """What layer ``m`` outputs per channel when its input is zero (its bias, a BatchNorm's shift); None for
+    layers whose zero output is zero or unknown."""
+    bias = getattr(m, "bias", None)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        shift = bias.detach() if bias is not None else torch.zeros(m.num_features)
+        if m.running_mean is not None:  # eval mode; without running statistics a zero channel stays at the bias
+            scale = m.weight.detach() if m.weight is not None else 1.0
+            shift = shift - m.running_mean * scale / torch.sqrt(m.running_var + m.eps)
+        return shift
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(bias, torch.Tensor):
+        return bias.detach()
+    return None
+
+
+def _check_removed_constants(cg: ChannelGraph, keep_root: np.ndarray, mode: str) -> None:
+    """Warn or raise (``mode``) when a removed channel is not zero in the masked model: a layer of its group
+    gives it a constant (a conv/linear bias, a BatchNorm shift) or normalises over it (LayerNorm, GroupNorm).
+    A plan drops such channels with their constants (docs/design.md#semantics)."""
+    found = []
+    for name, lays in cg._module_outputs.items():
+        m, lay = cg.modules.get(name), lays[0]
+        gone = ~keep_root[cg.roots[lay.atoms]]
+        if m is None or not gone.any():
+            continue
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            found.append(f"{name!r} ({type(m).__name__}) normalises over removed channels")
+            continue
+        const = _zero_input_output(m)
+        if const is not None and const.numel() == lay.size:
+            idx = np.nonzero(gone & (const.cpu().numpy() != 0))[0]
+            if len(idx):
+                found.append(f"{name!r} ({type(m).__name__}) gives removed channels {idx[:8].tolist()} a nonzero "
+                             "constant (bias or BatchNorm shift)")
+    if not found:
+        return
+    message = ("the masks remove channels that are not zero in the masked model: " + "; ".join(found[:6]) +
+               ". The plan drops them with their constants, so the compiled model equals sparsekern.masked(model, "
+               "plan), not the masked model. Prune those biases / BatchNorm weights and biases too (so the "
+               "channels are exactly zero), or pass constants='ignore' to accept the difference")
+    if mode == "error":
+        raise PlanError(message)
+    warnings.warn(message, stacklevel=4)
+
+
 # ----------------------------------------------------------------------------- layout propagation
 class _LayoutInterpreter(torch.fx.Interpreter):
     """Runs the graph on real inputs and computes each node's :class:`Layout` beside its value."""
@@ -508,6 +745,8 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         super().__init__(cg.gm)
         self.cg = cg
         self.first_input: dict[str, Any] = {}
+        self.shuffle_shapes: dict[str, tuple[int, ...]] = {}
+        self.attr_readers: dict[int, int] | None = None  # id(tensor) -> how often the graph reads it
 
     def run_node(self, n: torch.fx.Node) -> Any:
         value = super().run_node(n)
@@ -701,10 +940,30 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             v = self.val(arg)
             if lay is None and isinstance(v, torch.Tensor) and v.dim() > 0:
                 axis = result.cdim - (out_dim - v.dim())
-                if axis >= 0 and v.shape[axis] != 1:
+                if axis >= 0 and v.shape[axis] == result.size and self._private_attr(arg):
+                    self.cg.sliced_attrs[arg.name] = AttrSlice(str(arg.target), axis, result)  # a layer scale
+                elif axis >= 0 and v.shape[axis] != 1:
                     self.cg.opaque[n.name] = "combines tracked channels with an untracked per-channel tensor"
                     self.cg.pin(result, f"it is combined with an untracked tensor at {n.name!r}")
         return result
+
+    def _private_attr(self, arg: Any) -> bool:
+        """Whether ``arg`` is a ``get_attr`` node that alone reads its tensor, and is read by one op only: the
+        tensor is no parameter or buffer of a layer the graph calls and no other ``get_attr`` reads it."""
+        if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr" or len(arg.users) != 1:
+            return False
+        if self.attr_readers is None:
+            readers: dict[int, int] = {}
+            for node in self.cg.gm.graph.nodes:
+                if node.op == "get_attr":
+                    t = _attr(self.cg.gm, str(node.target))
+                    readers[id(t)] = readers.get(id(t), 0) + 1
+                elif node.op == "call_module":
+                    for t in [*self.cg.modules[node.target].parameters(), *self.cg.modules[node.target].buffers()]:
+                        readers[id(t)] = readers.get(id(t), 0) + 2
+            self.attr_readers = readers
+        t = _attr(self.cg.gm, str(arg.target))
+        return isinstance(t, torch.Tensor) and self.attr_readers.get(id(t)) == 1
 
     def cat(self, n: torch.fx.Node, value: Any) -> Any:
         tensors = n.args[0]
@@ -794,6 +1053,8 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         return Layout(new_cdim, lay.atoms)
 
     def reshape(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
+        if n.name in self.cg.shuffles:
+            return self._shuffle_end(n, value)
         if x is None:
             return None
         in_shape = tuple(self.val(n.args[0]).shape)
@@ -807,7 +1068,46 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                 if p == len(out_shape) - 1 and s == int(np.prod(in_shape[x.cdim :])):
                     return Layout(p, np.repeat(x.atoms, int(np.prod(in_shape[x.cdim + 1 :]))))
             cum *= s
+        if self._shuffle_start(n, x, in_shape, out_shape):
+            return None  # the chain's inner nodes carry no layout; its last node gets the permuted channels
         return self.opaque(n, f"reshape {in_shape} -> {out_shape} mixes the channel axis")
+
+    def _shuffle_start(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> bool:
+        """Whether ``n`` starts a channel shuffle (see :class:`ChannelShuffle`): it splits the channel axis
+        ``c`` into ``(g, C / g)``, its only user swaps axes ``c`` and ``c + 1``, and the only user of that
+        (after an optional ``contiguous``/``clone``) is a view/reshape/flatten. Records the shuffle under the
+        last node, which checks that it merges the two axes back (:meth:`_shuffle_end`)."""
+        c, ndim = x.cdim, len(out_shape)
+        if not (ndim == len(in_shape) + 1 and out_shape[:c] == in_shape[:c] and out_shape[c + 2:] == in_shape[c + 1:]
+                and out_shape[c] * out_shape[c + 1] == in_shape[c]):
+            return False
+        chain = [n]
+        swap = _only_user(n)
+        if swap is None or not _swaps_axes(swap, c, ndim):
+            return False
+        chain.append(swap)
+        end = _only_user(swap)
+        if end is not None and end.target in ("contiguous", "clone"):
+            chain.append(end)
+            end = _only_user(end)
+        if end is None or end.target not in ("view", "reshape", "flatten", torch.reshape, torch.flatten):
+            return False
+        g, per = out_shape[c], out_shape[c + 1]
+        source = np.arange(in_shape[c]).reshape(g, per).T.reshape(-1)
+        self.cg.shuffles[end.name] = ChannelShuffle(tuple(m.name for m in chain + [end]), c, source, x)
+        self.shuffle_shapes[end.name] = in_shape
+        return True
+
+    def _shuffle_end(self, n: torch.fx.Node, value: Any) -> Any:
+        """The last node of a channel shuffle: the input's channels, permuted, when it restores the input's
+        shape; otherwise the shuffle is not one (the input's channels are pinned)."""
+        shuffle = self.cg.shuffles[n.name]
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == self.shuffle_shapes[n.name]:
+            return Layout(shuffle.dim, shuffle.input.atoms[shuffle.source])
+        del self.cg.shuffles[n.name]
+        self.cg.opaque[shuffle.nodes[0]] = "splits the channel axis and does not merge it back as a shuffle"
+        self.cg.pin(shuffle.input, f"it reaches {shuffle.nodes[0]!r} (a view that splits the channel axis)")
+        return None
 
     def permute(self, n: torch.fx.Node, value: Any) -> Any:
         x = self.lay(n.args[0])
@@ -836,6 +1136,38 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             return self.opaque(n, "reduces over the channel axis")
         cdim = x.cdim if keepdim else x.cdim - sum(1 for d in dims if d < x.cdim)
         return Layout(cdim, x.atoms)
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` target names (``"stage1.0.layer_scale"``), or None."""
+    owner, _, field = target.rpartition(".")
+    try:
+        return getattr(root.get_submodule(owner) if owner else root, field, None)
+    except AttributeError:
+        return None
+
+
+def _only_user(n: torch.fx.Node) -> torch.fx.Node | None:
+    """The single function or method call that uses ``n``, once and as its first argument, or None."""
+    users = list(n.users)
+    if len(users) != 1 or users[0].op not in ("call_function", "call_method") or not users[0].args:
+        return None
+    if users[0].args[0] is not n or sum(1 for a in users[0].all_input_nodes if a is n) != 1:
+        return None
+    return users[0]
+
+
+def _swaps_axes(n: torch.fx.Node, c: int, ndim: int) -> bool:
+    """Whether ``n`` is a transpose/permute (positional arguments) that swaps axes ``c`` and ``c + 1`` only."""
+    args = n.args[1:]
+    if n.target in (torch.transpose, "transpose") and len(args) == 2 and all(isinstance(a, int) for a in args):
+        return {a % ndim for a in args} == {c, c + 1}
+    if n.target in (torch.permute, "permute"):
+        perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        swapped = list(range(ndim))
+        swapped[c], swapped[c + 1] = c + 1, c
+        return all(isinstance(a, int) for a in perm) and [a % ndim for a in perm] == swapped
+    return False
 
 
 def _same_after(in_shape: Sequence[int], c: int, out_shape: Sequence[int], p: int) -> bool:

@@ -166,6 +166,10 @@ class DynamicLayer(_JsonView):
         gate: the gate's architecture as JSON (e.g. SANP's ``{"kind": "spm", "hidden": 16, ...}``), checked
             against the model's gate when that gate describes itself (a ``spec()`` method); its weights live
             in the model, not in the plan. None: not recorded.
+        never_on, always_on: calibration classes of a gated layer's output channels
+            (:func:`sparsekern.dynamic.calibrate`): the sorted indices that were off, respectively on, for every
+            calibration sample; the other channels switch. None: not calibrated (both are None or both are
+            set, disjoint, for gated layers only). They are in the JSON form only when set.
     """
 
     granularity: int | None
@@ -176,12 +180,15 @@ class DynamicLayer(_JsonView):
     kernel_size: tuple[int, ...] | None = None
     stride: tuple[int, ...] | None = None
     gate: Mapping[str, Any] | None = None
+    never_on: tuple[int, ...] | None = None
+    always_on: tuple[int, ...] | None = None
 
-    KEYS = ("granularity", "in_from", "relu", "in_channels", "out_channels", "kernel_size", "stride", "gate")
+    KEYS = ("granularity", "in_from", "relu", "in_channels", "out_channels", "kernel_size", "stride", "gate",
+            "never_on", "always_on")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kernel_size", _ints(self.kernel_size))
-        object.__setattr__(self, "stride", _ints(self.stride))
+        for key in ("kernel_size", "stride", "never_on", "always_on"):
+            object.__setattr__(self, key, _ints(getattr(self, key)))
         if isinstance(self.gate, Mapping):
             object.__setattr__(self, "gate", json.loads(json.dumps(dict(self.gate))))  # a private JSON copy
 
@@ -212,14 +219,39 @@ class DynamicLayer(_JsonView):
                 raise PlanError(f"{what}: {key} must be a list of positive ints or null, got {v!r}")
         if self.gate is not None and not isinstance(self.gate, Mapping):
             raise PlanError(f"{what}: gate must be a JSON object (the gate's architecture) or null, got {self.gate!r}")
+        self._check_classes(what)
+
+    def _check_classes(self, what: str) -> None:
+        """The calibration classes: both or neither, gated layers only, sorted unique ints >= 0 (and below
+        ``out_channels`` when known), disjoint."""
+        never, always = self.never_on, self.always_on
+        if never is None and always is None:
+            return
+        if never is None or always is None:
+            raise PlanError(f"{what}: never_on and always_on are recorded together (by sparsekern.dynamic.calibrate); "
+                            f"got only {'never_on' if always is None else 'always_on'}")
+        if not self.gated:
+            raise PlanError(f"{what}: a consumer (no gate) has no output classes; drop never_on / always_on")
+        for key, v in (("never_on", never), ("always_on", always)):
+            ok = isinstance(v, tuple) and all(_is_int(i) and i >= 0 for i in v) and list(v) == sorted(set(v))
+            if not ok:
+                raise PlanError(f"{what}: {key} must be sorted unique channel indices >= 0, got {v!r}")
+            if v and self.out_channels is not None and v[-1] >= self.out_channels:
+                raise PlanError(f"{what}: {key} names channel {v[-1]}, the layer has {self.out_channels} outputs")
+        both = sorted(set(never) & set(always))
+        if both:
+            raise PlanError(f"{what}: channels {both[:8]} are both never_on and always_on; recalibrate the plan")
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: every key of :attr:`KEYS`, null where not recorded."""
+        """The JSON form: every key of :attr:`KEYS`, null where not recorded, except the calibration classes,
+        present only when recorded (plans written before calibration existed read back unchanged)."""
         return {"granularity": self.granularity, "in_from": self.in_from, "relu": self.relu,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": None if self.kernel_size is None else list(self.kernel_size),
                 "stride": None if self.stride is None else list(self.stride),
-                "gate": None if self.gate is None else json.loads(json.dumps(dict(self.gate)))}
+                "gate": None if self.gate is None else json.loads(json.dumps(dict(self.gate))),
+                **({} if self.never_on is None else {"never_on": list(self.never_on)}),
+                **({} if self.always_on is None else {"always_on": list(self.always_on)})}
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "DynamicLayer":
@@ -325,8 +357,9 @@ class GroupSpec:
 class Plan:
     """What to skip. See the module docstring for the parts.
 
-    Build one from masks with :meth:`from_channel_masks`, or from explicit keep-sets with
-    :meth:`from_keep_sets`; serialize with :meth:`to_json` / :meth:`from_json` or ``sk.save``.
+    Build one from masks with :meth:`from_channel_masks`, from ``torch.nn.utils.prune`` masks with
+    :meth:`from_torch_prune` (or weight-shaped masks, :meth:`from_weight_masks`), or from explicit keep-sets
+    with :meth:`from_keep_sets`; serialize with :meth:`to_json` / :meth:`from_json` or ``sk.save``.
     """
 
     channels: dict[str, GroupKeep] = field(default_factory=dict)
@@ -367,6 +400,69 @@ class Plan:
         plan = graph.plan_from_masks(masks, conflict=conflict)
         if meta:
             plan.meta.update(meta)
+        return plan
+
+    @classmethod
+    def from_torch_prune(
+        cls, model: Any, example_inputs: Any, *, constants: str = "warn", meta: Mapping[str, Any] | None = None
+    ) -> "Plan":
+        """Build a plan from the ``weight_mask`` buffers that ``torch.nn.utils.prune`` left on ``model``.
+
+        Structured masks along output channels (``prune.ln_structured(layer, "weight", amount, n, dim=0)``) and
+        unstructured ones alike: an output channel whose weight row (``weight[c]``) is entirely masked is
+        removed, every other channel is kept. The rules, shared with :meth:`from_weight_masks`:
+
+        * only the layers that create a group's channels (its producers: convs and linears) decide; masks on
+          other layers (norms, depthwise convs) remove nothing, they stay baked into the weights;
+        * a group with several producers (a residual stream) keeps the **union** of what they keep: a
+          channel goes only when every producer's row is masked (a producer without a mask keeps all), since
+          the sum is zero only then;
+        * pinned channels (model outputs, channels that reach an op that cannot be sliced) are kept whatever
+          the masks say (listed in ``meta["kept_pinned"]``); a grouped conv or GroupNorm whose groups would keep
+          different counts is refused with a :class:`PlanError` naming the layer;
+        * a removed channel must be zero in the pruned model for the compiled model to equal it: a bias or
+          BatchNorm shift that gives it a constant, or a LayerNorm/GroupNorm over it, makes the two differ
+          (the plan drops constants, docs/design.md#semantics). ``constants="warn"`` (default) warns naming
+          those layers, ``"error"`` raises :class:`PlanError`, ``"ignore"`` says nothing. Prune the BatchNorm
+          (weight and bias) with the conv to make such channels exactly zero.
+
+        ``model`` is not modified. ``sparsekern.compile(model, plan, example_inputs)`` compiles the pruned
+        model as it is (reparametrisation included: compile works on
+        :func:`sparsekern.graph.remove_torch_prune`'s copy, with the masks baked into the weights).
+
+        Args:
+            model: an ``nn.Module`` pruned with ``torch.nn.utils.prune`` (any layers, any methods).
+            example_inputs: a tensor or tuple of tensors to trace the model with.
+            constants: ``"warn"``, ``"error"`` or ``"ignore"`` (see above).
+            meta: free-form JSON-serializable information recorded in the plan.
+        """
+        from sparsekern.graph import plan_from_torch_prune
+
+        plan = plan_from_torch_prune(model, example_inputs, constants=constants)
+        plan.meta.update(meta or {})
+        return plan
+
+    @classmethod
+    def from_weight_masks(
+        cls, model: Any, masks: Mapping[str, Any], example_inputs: Any, *, constants: str = "warn",
+        meta: Mapping[str, Any] | None = None,
+    ) -> "Plan":
+        """Build a plan from weight-shaped masks: ``{layer name: mask}``, each mask of the shape of that
+        layer's ``weight`` (bool or 0/1; 1 = kept). Output channels whose row ``mask[c]`` is all zero are
+        removed, by the rules of :meth:`from_torch_prune`.
+
+        The plan removes whole channels only; the other zeros of an unstructured mask are not applied to
+        ``model``. Compile ``sparsekern.graph.apply_weight_masks(model, masks)`` (a masked copy) to get the
+        model the masks describe, smaller.
+
+        Raises:
+            PlanError: naming the layer and the fix, for a name that is not a layer of ``model``, a mask whose
+                shape is not the layer's weight shape, or values other than 0/1.
+        """
+        from sparsekern.graph import plan_from_weight_masks
+
+        plan = plan_from_weight_masks(model, masks, example_inputs, constants=constants)
+        plan.meta.update(meta or {})
         return plan
 
     @classmethod

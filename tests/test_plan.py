@@ -279,3 +279,20 @@ def test_stored_plans_load_and_keep_their_format() -> None:
         pytest.skip("no stored plan with a dynamic part in bench/results")
     for data in found:
         assert Plan.from_dict(data).to_dict() == data
+
+
+def test_plan_from_torch_prune_round_trips_and_leaves_the_model_pruned(resnet) -> None:
+    """A plan read from torch.nn.utils.prune masks is an ordinary plan: JSON round trip, validated members."""
+    import copy
+
+    from torch.nn.utils import prune
+
+    original, x = resnet
+    model = copy.deepcopy(original)
+    prune.ln_structured(model.get_submodule("layer1.0.conv1"), "weight", amount=0.25, n=1, dim=0)
+    prune.ln_structured(model.fc, "weight", amount=0.5, n=1, dim=0)  # logits: kept, recorded
+    plan = Plan.from_torch_prune(model, x, meta={"note": "ln_structured"})
+    assert list(plan.channels) == ["layer1.0.conv1"] and plan.channels["layer1.0.conv1"].n_keep == 12
+    assert plan.meta["note"] == "ln_structured" and len(plan.meta["kept_pinned"]["fc"]) == 5
+    assert Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
+    assert prune.is_pruned(model) and not prune.is_pruned(original)

@@ -49,7 +49,8 @@ def test_depthwise_multiplier_1_on_untracked_input_is_pinned() -> None:
 
 
 class ShuffleAndPad(nn.Module):
-    """ShuffleNet-style: a channel shuffle and an F.pad in front of depthwise convs (untracked inputs)."""
+    """ShuffleNet-style: a channel shuffle in front of a depthwise conv (tied to the stem through the
+    shuffle's permutation) and an F.pad in front of another (untracked input)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,7 +73,8 @@ class ShuffleAndPad(nn.Module):
 def test_depthwise_after_shuffle_and_pad_compiles_exactly(seed: int) -> None:
     model, x = randomize_bn(ShuffleAndPad().eval(), seed), torch.randn(2, 3, 6, 6)
     plan = random_plan(model, x, seed, low=0.3, high=0.8)
-    assert "dw2" in plan.channels and "dw1" not in plan.channels  # dw1 (multiplier 1) is pinned
+    assert "dw2" in plan.channels and "dw1" not in plan.channels  # dw1 belongs to the stem's group
+    assert "dw1" in sk.graph.trace_channels(model, x).groups["stem"].members
     fast = _compiles_exactly(model, plan, x)
     assert fast.dw2.groups == 8 and fast.dw2.out_channels == plan.channels["dw2"].n_keep
 
@@ -267,3 +269,184 @@ def test_compile_hands_its_inputs_to_the_passes(passes: tuple[str, ...]) -> None
     assert fast.sk_compile["passes"] == list(passes) and fast.sk_plan is plan
     with torch.no_grad():
         assert_close_to_scale(fast(x), sk.compile(model, plan, x)(x))
+
+
+# ----------------------------------------------------------------------------- ShuffleNetV2-style blocks
+def channel_shuffle(x: torch.Tensor, groups: int, how: str) -> torch.Tensor:
+    """``view(b, g, c / g, h, w)``, swap the two channel axes, merge them back (as torchvision writes it, with
+    constant sizes, with ``flatten`` or with ``permute``)."""
+    b, c, h, w = x.size()
+    y = x.view(b, groups, c // groups, h, w)
+    if how == "permute":
+        return y.permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
+    y = torch.transpose(y, 1, 2).contiguous()
+    if how == "flatten":
+        return y.flatten(1, 2)
+    return y.view(b, -1, h, w) if how == "view" else y.reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: stride 1 splits the channels and transforms one half; stride 2 transforms the
+    whole input in two branches (each with a depthwise conv); the halves are concatenated and shuffled."""
+
+    def __init__(self, inp: int, out: int, stride: int, how: str) -> None:
+        super().__init__()
+        self.stride, self.how, half = stride, how, out // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                                         nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2, self.how)
+
+
+class ShuffleNetLike(nn.Module):
+    def __init__(self, how: str = "view", head_groups: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2, how), ShuffleUnit(16, 16, 1, how), ShuffleUnit(16, 16, 1, how))
+        self.stage3 = nn.Sequential(ShuffleUnit(16, 32, 2, how), ShuffleUnit(32, 32, 1, how))
+        self.grouped = nn.Conv2d(32, 16, 1, groups=head_groups)  # 2: reads the shuffled channels in two groups
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stage3(self.stage2(self.stem(x)))
+        return self.fc(F.relu(self.grouped(y)).mean([2, 3]))
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "flatten", "permute"])
+def test_channel_shuffle_is_a_permutation_not_a_pin(how: str) -> None:
+    from sparsekern.graph import trace_channels
+
+    cg = trace_channels(ShuffleNetLike(how).eval(), torch.randn(2, 3, 16, 16))
+    assert len(cg.shuffles) == 5 and not any("splits the channel axis" in r for r in cg.opaque.values())
+    pinned = [g for g, spec in cg.groups.items() if spec.pinned]
+    assert pinned == ["fc"]  # before: every branch output was pinned by the shuffle's view
+    assert "stage2.0.branch2.5" in cg.groups  # a branch's last conv: its own group, free
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "flatten", "permute"])
+@pytest.mark.parametrize("seed", range(3))
+def test_shufflenet_blocks_compile_exactly(how: str, seed: int) -> None:
+    model, x = randomize_bn(ShuffleNetLike(how).eval(), seed), torch.randn(2, 3, 16, 16)
+    plan = random_plan(model, x, seed, low=0.3, high=0.8)
+    fast = _compiles_exactly(model, plan, x)
+    assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in model.parameters())
+    assert any(n.target in ("index_select", torch.index_select) for n in fast.graph.nodes)
+    with torch.no_grad():  # another batch size: the gather does not depend on it
+        xb = torch.randn(3, 3, 16, 16)
+        assert_close_to_scale(fast(xb), sk.masked(model, fast.sk_plan, x)(xb))
+
+
+def test_grouped_conv_after_a_shuffle_keeps_equal_counts() -> None:
+    model, x = randomize_bn(ShuffleNetLike(head_groups=2).eval()), torch.randn(2, 3, 16, 16)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[0, 1, 2]] = False
+    # stage3.1's branch channels j land on the odd positions 2j + 1: 0, 1, 2 all in the first input group
+    with pytest.raises(PlanError, match=r"grouped conv input of 'grouped' \(groups=2\).*got \[13, 16\]"):
+        sk.Plan.from_channel_masks(model, {"stage3.1.branch2.5": keep}, x)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[0, 8]] = False  # one in each group
+    fast = _compiles_exactly(model, sk.Plan.from_channel_masks(model, {"stage3.1.branch2.5": keep}, x), x)
+    assert fast.grouped.in_channels == 30 and fast.grouped.groups == 2
+
+
+class SplitNotShuffle(nn.Module):
+    """A view that splits the channel axis, then a transpose, then a reshape that does not merge it back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.p(x).view(x.size(0), 2, 4, 4, 4).transpose(1, 2).contiguous()
+        return self.fc(y.reshape(x.size(0), -1))
+
+
+def test_split_that_is_not_a_shuffle_is_pinned() -> None:
+    model, x = SplitNotShuffle().eval(), torch.randn(2, 3, 4, 4)
+    with pytest.raises(PlanError, match=r"group 'p'.*cannot be pruned because it reaches 'view'"):
+        sk.Plan.from_channel_masks(model, {"p": [1, 0, 1, 1, 1, 1, 1, 1]}, x)
+
+
+# ----------------------------------------------------------------------------- ConvNeXt-style blocks
+class Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, 4x Linear MLP with GELU, a layer scale, a residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute(0, 2, 3, 1),
+                                   nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                   nn.Linear(4 * dim, dim), Permute(0, 3, 1, 2))
+        self.layer_scale = nn.Parameter(torch.linspace(0.2, 1.0, dim).reshape(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer_scale * self.block(x)
+        y += x
+        return y
+
+
+class ConvNeXtLike(nn.Module):
+    def __init__(self, shared_scale: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, 2)
+        self.stage1 = nn.Sequential(ConvNeXtBlock(8), ConvNeXtBlock(8))
+        if shared_scale:  # one parameter read by two blocks: slicing it once would not fit both reads
+            self.stage1[1].layer_scale = self.stage1[0].layer_scale
+        self.down = nn.Conv2d(8, 16, 2, 2)
+        self.stage2 = ConvNeXtBlock(16)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(self.norm(y.mean([2, 3])))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_convnext_blocks_compile_exactly(seed: int) -> None:
+    model, x = randomize_bn(ConvNeXtLike().eval(), seed), torch.randn(2, 3, 16, 16)
+    plan = random_plan(model, x, seed, low=0.3, high=0.8)
+    assert {"stem", "down", "stage1.0.block.3"} <= set(plan.channels)  # the residual streams are free
+    fast = _compiles_exactly(model, plan, x)
+    k = plan.channels["stem"].n_keep
+    assert fast.get_submodule("stage1.0").layer_scale.shape == (k, 1, 1)
+    assert fast.get_submodule("stage1.0.block.0").groups == k
+    assert fast.norm.normalized_shape == (plan.channels["down"].n_keep,)
+
+
+def test_layer_scale_is_sliced_not_pinned() -> None:
+    from sparsekern.graph import trace_channels
+
+    cg = trace_channels(ConvNeXtLike().eval(), torch.randn(1, 3, 16, 16))
+    assert not cg.groups["stem"].pinned and not cg.groups["down"].pinned  # before: pinned at the multiply
+    assert sorted(a.target for a in cg.sliced_attrs.values()) == [
+        "stage1.0.layer_scale", "stage1.1.layer_scale", "stage2.layer_scale"]
+
+
+def test_shared_layer_scale_stays_whole() -> None:
+    model, x = ConvNeXtLike(shared_scale=True).eval(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(PlanError, match=r"group 'stem'.*combined with an untracked tensor"):
+        sk.Plan.from_channel_masks(model, {"stem": [1, 0, 1, 1, 1, 1, 1, 1]}, x)
+    plan = random_plan(model, x, 0)
+    assert "stem" not in plan.channels and "down" in plan.channels
+    _compiles_exactly(model, plan, x)

@@ -97,3 +97,38 @@ def test_consumers_map_input_positions_to_group_channels() -> None:
     assert side["grouped"].tolist() == list(range(16)) + [-1] * 16
     fc = cg.consumers("grouped")["fc"]
     assert fc.shape == (256,) and fc[:16].tolist() == [0] * 16 and fc[-1] == 15
+
+
+class Shuffle(nn.Module):
+    """conv -> channel shuffle (3 groups of 2) -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.p(x)
+        return self.c(y.view(y.size(0), 3, 2, 4, 4).transpose(1, 2).reshape(y.size(0), 6, 4, 4))
+
+
+def test_channel_shuffle_permutes_the_channels() -> None:
+    cg = trace_channels(Shuffle().eval(), torch.randn(2, 3, 4, 4))
+    (shuffle,) = cg.shuffles.values()
+    assert shuffle.source.tolist() == [0, 2, 4, 1, 3, 5] and shuffle.dim == 1
+    assert not cg.groups["p"].pinned  # before: "reshape ... mixes the channel axis"
+    assert cg.consumers("p")["c"].tolist() == [0, 2, 4, 1, 3, 5]
+
+
+def test_torch_prune_is_removed_on_a_copy() -> None:
+    from torch.nn.utils import prune
+
+    from sparsekern.graph import has_torch_prune, remove_torch_prune, torch_prune_masks
+
+    model = Shuffle().eval()
+    prune.ln_structured(model.p, "weight", amount=0.5, n=1, dim=0)
+    masks = torch_prune_masks(model)
+    assert list(masks) == ["p"] and masks["p"].shape == (6, 3, 1, 1)
+    baked = remove_torch_prune(model)
+    assert has_torch_prune(model) and not has_torch_prune(baked)
+    assert torch.equal(baked.p.weight, model.p.weight) and "p.weight_orig" in model.state_dict()
