@@ -24,6 +24,18 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
                         const std::optional<at::Tensor>& bias, at::Tensor& y);
 
+// sparsekern.ops.sru_recurrence: u (B, T, 3d) = [W x | W_f x | W_r x], x and h (B, T, d), v_f, v_r, b_f, b_r (d,);
+// all contiguous float32. h_t = r_t c_t + (1 - r_t) x_t with c_0 = 0 (Lei et al. 2018, eqs. 3-7).
+void sru_recurrence_cpu(const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f, const at::Tensor& v_r,
+                        const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor& h);
+
+// Its gradients given grad_h (B, T, d): grad_u (B, T, 3d), grad_x (B, T, d), and grad_params (4, B, d) holding per
+// batch row the gradients of v_f, v_r, b_f, b_r (the op sums them over B). c is recomputed, not saved.
+void sru_recurrence_backward_cpu(const at::Tensor& grad_h, const at::Tensor& u, const at::Tensor& x,
+                                 const at::Tensor& v_f, const at::Tensor& v_r, const at::Tensor& b_f,
+                                 const at::Tensor& b_r, at::Tensor& grad_u, at::Tensor& grad_x,
+                                 at::Tensor& grad_params);
+
 }  // namespace cpu
 
 #ifdef SPARSEKERN_WITH_CUDA

@@ -7,8 +7,8 @@ depend only on bytes 0..t. Every weight matrix of the sequence layers is an ``nn
 the output layer ``head`` are kept dense (the paper's choice). A model may name, in ``sk_flop_input_masked``,
 layers that FLOP gates by input features instead of factorizing: the SRU's first projection, as the official
 enwik8 script. Both forwards are ``torch.fx``-traceable:
-the SRU's elementwise recurrence runs inside :class:`SRURecurrence`, which is marked ``sk_leaf`` and stays
-one opaque node.
+the SRU's elementwise recurrence runs inside :class:`SRURecurrence` (by default the fused op
+:func:`sparsekern.ops.sru_recurrence`), which is marked ``sk_leaf`` and stays one opaque node.
 
 * :class:`TransformerLM` (Vaswani et al. 2017, pre-LayerNorm as in GPT-2, Radford et al. 2019): token and
   learned position embeddings, ``layers`` blocks ``x + attn(LN(x))``, ``x + mlp(LN(x))`` with causal
@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sparsekern.ops.sru_recurrence import sru_recurrence, sru_recurrence_reference
 
 __all__ = ["SRULM", "SRULayer", "SRURecurrence", "TransformerBlock", "TransformerLM", "sru_lm", "transformer_lm"]
 
@@ -150,16 +152,22 @@ class SRURecurrence(nn.Module):
     """The elementwise SRU recurrence (Lei et al. 2018, eqs. 3-7) given the projected inputs.
 
     ``forward(u, x)``: ``u`` (B, T, 3d) holds ``[W x_t, W_f x_t, W_r x_t]`` along the last axis, ``x`` (B, T, d)
-    the layer input (for the highway connection); returns h (B, T, d). The loop over time runs only the
-    two-op forget-gate recurrence; the reset gate and the highway mix are computed for all steps at once.
-    Marked ``sk_leaf``: tracers keep it as one opaque node (it loops over the input's length).
+    the layer input (for the highway connection); returns h (B, T, d).
+
+    With ``fused=True`` (the default) it runs the op :func:`sparsekern.ops.sru_recurrence`, forward and
+    backward: its C++ kernels for CPU float32, its plain-torch reference elsewhere (one opaque op either way, so
+    ``torch.compile`` sees no loop). With ``fused=False`` it runs the plain-torch loop
+    :func:`sparsekern.ops.sru_recurrence.sru_recurrence_reference` directly (about five small ops per time step,
+    differentiated by autograd). Both compute the same function; they agree to float32 rounding. Marked
+    ``sk_leaf``: tracers keep it as one opaque node (it loops over the input's length).
     """
 
     sk_leaf = True
 
-    def __init__(self, d: int, highway_bias: float = -3.0) -> None:
+    def __init__(self, d: int, highway_bias: float = -3.0, fused: bool = True) -> None:
         super().__init__()
         self.d = d
+        self.fused = fused
         bound = 1.0 / math.sqrt(d)
         self.v_f = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
         self.v_r = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
@@ -170,30 +178,21 @@ class SRURecurrence(nn.Module):
         if u.shape[-1] != 3 * self.d or x.shape[-1] != self.d or u.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"SRURecurrence(d={self.d}): expected u (B, T, {3 * self.d}) and x (B, T, {self.d}), "
                              f"got {tuple(u.shape)} and {tuple(x.shape)}")
-        xt, fp, rp = u.chunk(3, dim=-1)
-        fp = fp + self.b_f
-        c = u.new_zeros(u.shape[0], self.d)
-        cs = []
-        for t in range(u.shape[1]):
-            f = torch.sigmoid(fp[:, t] + self.v_f * c)
-            c = xt[:, t] + f * (c - xt[:, t])  # f * c + (1 - f) * W x_t
-            cs.append(c)
-        c_all = torch.stack(cs, dim=1)
-        c_prev = torch.cat([c_all.new_zeros(c_all.shape[0], 1, self.d), c_all[:, :-1]], dim=1)
-        r = torch.sigmoid(rp + self.v_r * c_prev + self.b_r)
-        return x + r * (c_all - x)  # r * c + (1 - r) * x
+        args = (u, x, self.v_f, self.v_r, self.b_f, self.b_r)
+        return sru_recurrence(*args) if self.fused else sru_recurrence_reference(*args)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}"
+        return f"d={self.d}, fused={self.fused}"
 
 
 class SRULayer(nn.Module):
-    """One SRU layer: ``proj`` (d -> 3d, no bias; the paper's W, W_f, W_r stacked) and :class:`SRURecurrence`."""
+    """One SRU layer: ``proj`` (d -> 3d, no bias; the paper's W, W_f, W_r stacked) and :class:`SRURecurrence`
+    (``fused``: its fused op, see there)."""
 
-    def __init__(self, d: int, highway_bias: float = -3.0) -> None:
+    def __init__(self, d: int, highway_bias: float = -3.0, fused: bool = True) -> None:
         super().__init__()
         self.proj = nn.Linear(d, 3 * d, bias=False)
-        self.rnn = SRURecurrence(d, highway_bias)
+        self.rnn = SRURecurrence(d, highway_bias, fused)
         bound = math.sqrt(3.0 / d)  # uniform with variance 1/d, as the SRU reference code
         nn.init.uniform_(self.proj.weight, -bound, bound)
 
@@ -214,16 +213,17 @@ class SRULM(nn.Module):
         layers: number of SRU layers.
         dropout: dropout between layers.
         highway_bias: initial highway-gate bias ``b_r``.
+        fused: run the recurrence through the fused op (:class:`SRURecurrence`).
     """
 
     #: Layers that FLOP gates by input features instead of factorizing (the official enwik8 SRU recipe).
     sk_flop_input_masked: tuple[str, ...] = ("layers.0.proj",)
 
     def __init__(self, vocab_size: int = VOCAB_SIZE, d_model: int = 256, layers: int = 4, dropout: float = 0.0,
-                 highway_bias: float = -3.0) -> None:
+                 highway_bias: float = -3.0, fused: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList(SRULayer(d_model, highway_bias) for _ in range(layers))
+        self.layers = nn.ModuleList(SRULayer(d_model, highway_bias, fused) for _ in range(layers))
         self.drop = nn.Dropout(dropout)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
@@ -244,6 +244,6 @@ def transformer_lm(*, vocab_size: int = VOCAB_SIZE, d_model: int = 256, layers: 
 
 
 def sru_lm(*, vocab_size: int = VOCAB_SIZE, d_model: int = 256, layers: int = 4, dropout: float = 0.0,
-           highway_bias: float = -3.0) -> SRULM:
+           highway_bias: float = -3.0, fused: bool = True) -> SRULM:
     """:class:`SRULM` (registered in the zoo as ``"sru_lm"``)."""
-    return SRULM(vocab_size, d_model, layers, dropout, highway_bias)
+    return SRULM(vocab_size, d_model, layers, dropout, highway_bias, fused)

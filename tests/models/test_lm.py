@@ -1,5 +1,6 @@
-"""Byte-level LMs: shapes, causality, the SRU recurrence against the paper's equations, fx-traceability
-(sk.compile with an empty plan) and the zoo record."""
+"""Byte-level LMs: shapes, causality, the SRU recurrence against the paper's equations (fused op and plain loop,
+forward, backward and training), the attention against explicit softmax attention, fx-traceability (sk.compile
+with an empty plan) and the zoo record."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ import torch
 import sparsekern as sk
 from sparsekern.methods import flop
 from sparsekern.models import build, list_models
-from sparsekern.models.lm import SRURecurrence
+from sparsekern.models.lm import CausalSelfAttention, SRURecurrence
 from sparsekern.plan import Plan
+from tests.conftest import assert_close_to_scale
 
 SMALL = {"transformer_lm": {"d_model": 32, "layers": 2, "heads": 4, "context": 24},
          "sru_lm": {"d_model": 32, "layers": 2}}
@@ -105,3 +107,69 @@ def test_sru_names_its_first_projection_for_flops_input_mask() -> None:
     assert model.sk_flop_input_masked == ("layers.0.proj",)
     assert isinstance(model.get_submodule("layers.0.proj"), torch.nn.Linear)
     assert not getattr(build("transformer_lm", **SMALL["transformer_lm"]), "sk_flop_input_masked", ())
+
+
+def test_sru_fused_recurrence_equals_the_plain_loop() -> None:
+    """``fused=True`` runs the fused op (CPU float32) and ``fused=False`` the plain loop; outputs and gradients agree
+    to float32 rounding."""
+    torch.manual_seed(0)
+    cell = SRURecurrence(37, highway_bias=-1.0)
+    u, x = torch.randn(3, 11, 111, requires_grad=True), torch.randn(3, 11, 37, requires_grad=True)
+    gh = torch.randn(3, 11, 37)
+    out = {}
+    for fused in (True, False):
+        cell.fused = fused
+        h = cell(u, x)
+        assert (type(h.grad_fn).__name__ == "_SRURecurrenceBackward") == fused  # which path ran
+        grads = torch.autograd.grad(h, [u, x, *cell.parameters()], gh)
+        out[fused] = [h.detach(), *grads]
+    for got, want in zip(out[True], out[False]):
+        assert_close_to_scale(got, want, tol=1e-5)
+    assert "fused=False" in repr(cell)
+
+
+def _train_losses(fused: bool, steps: int = 4) -> list[float]:
+    torch.manual_seed(0)
+    model = build("sru_lm", **SMALL["sru_lm"], fused=fused)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x = _bytes(4, 17, seed=step)
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_sru_trains_to_the_same_loss_with_and_without_the_fused_recurrence() -> None:
+    fused, plain = _train_losses(True), _train_losses(False)
+    assert plain[-1] < plain[0] - 0.05, "the model must learn something in a few steps for the check to mean much"
+    assert fused == pytest.approx(plain, rel=1e-4, abs=1e-5)
+
+
+def test_transformer_attention_is_causal_softmax_attention() -> None:
+    """The attention (scaled_dot_product_attention, causal) equals the explicit masked softmax of Vaswani et al."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, heads=4).eval()
+    x = torch.randn(2, 9, 32)
+    b, t, d = x.shape
+    q, k, v = attn.qkv(x).reshape(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    want = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+    with torch.no_grad():
+        assert_close_to_scale(attn(x), want.detach(), tol=1e-5)
+
+
+def test_fused_sru_compiles_without_graph_breaks() -> None:
+    """The fused recurrence is one opaque op: torch.compile traces the whole SRU in one graph (no loop)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build("sru_lm", **SMALL["sru_lm"]).eval()
+    x = _bytes(2, 12)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close_to_scale(compiled(x), model(x), tol=1e-6)
