@@ -57,6 +57,12 @@ are gated, their granularity, their SPM architecture and which gated layer feeds
 turns it into channel-skipping layers; ``sk.save`` / ``sk.load`` work for zoo models (the SANP form is
 rebuilt by :func:`build_sanp` from the recorded architecture; other models need ``arch=`` for ``sk.save``).
 
+**End to end** (:func:`run`; ``sparsekern prune --method sanp`` calls it through :meth:`SANP.run_images`): the
+dense zoo model trained, its SANP form trained at the budget, the plan calibrated on the training images
+(:func:`sparsekern.dynamic.calibrate`: channels never on, always on, switching) and compiled to hybrid
+static/dynamic layers, checked against ``sk.masked`` on the test set and timed against the dense model; the
+compiled model saves with ``sk.save`` and ``sk.load`` rebuilds it through :func:`build_sanp`.
+
 Measured on the embedded digits (12x12, tiny VGG 16-32-64-64, 10 epochs, seed 0; tests/methods/test_sanp.py):
 dense 98.3%, SANP 97.8% at an average cost of 50.2% of the dense FLOPs (48% to 59% per image).
 """
@@ -65,11 +71,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from sparsekern.compiler import compile as sk_compile
 from sparsekern.cost import eval_flops
 from sparsekern.dynamic import MaskedConv2d, conv_sample_flops, expand_groups, gate_flops, mask_source
 from sparsekern.methods.registry import Method, PruneContext, Pruned, register_method
@@ -88,6 +95,7 @@ __all__ = [
     "SANPConv2d",
     "SANPFeatures",
     "SANPHook",
+    "SANPRun",
     "SaliencyPruningModule",
     "binarize",
     "build_sanp",
@@ -95,6 +103,7 @@ __all__ = [
     "cost_reference",
     "gated_layers",
     "prune",
+    "run",
     "to_plan",
     "to_sanp",
     "train_sanp",
@@ -650,3 +659,129 @@ class SANP(Method):
         train_sanp(net, ctx.train_data, config, budget=budget)
         net.eval()
         return Pruned(to_plan(net, ctx.example_inputs), net)
+
+    def run_images(self, model_name: str, data: Any, **kwargs: Any) -> "SANPRun":
+        """SANP on a zoo image model, end to end (the module's :func:`run`; what ``sparsekern prune`` runs for
+        a ``"dynamic"`` method)."""
+        return run(model_name, data, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the end-to-end run
+@dataclass
+class SANPRun:
+    """Outcome of :func:`run`: the trained SANP-form model, its calibrated plan, the compiled model (what
+    ``sparsekern prune`` saves as model.sk) and the report (JSON values; report.json)."""
+
+    model: nn.Module
+    plan: Plan
+    compiled: nn.Module
+    report: dict[str, Any]
+
+
+def run(model_name: str, data: Any, *, budget: float = 0.5, epochs: float = 10, search_epochs: float | None = None,
+        lr: float = 0.1, batch_size: int = 64, granularity: int = 1, calibrate: bool = True, seed: int = 0,
+        progress: bool = False, checkpoints: Any = None, bench_repeats: int = 30, threads: int = 2,
+        log: Callable[[str], None] = print) -> SANPRun:
+    """SANP (Chen et al., "Self-Adaptive Network Pruning", ICONIP 2019) end to end on a zoo image model.
+
+    Stages (each checkpointed in ``checkpoints``, a :class:`sparsekern.checkpoint.Checkpoints`, and skipped
+    when resuming; every stage starts from ``torch.manual_seed(seed)``):
+
+    1. ``full``: train the dense model ``epochs`` epochs (lr ``lr``, batch ``batch_size``);
+    2. ``sanp``: its SANP form (:func:`to_sanp`, ``granularity``) trained jointly with the SPMs for
+       ``search_epochs`` (default ``epochs / 2``) against the cost ``budget`` (:func:`train_sanp`).
+
+    Then: :func:`to_plan`, the plan calibrated on the training images
+    (:func:`sparsekern.dynamic.calibrate`, unless ``calibrate=False``: hybrid static/dynamic layers), compiled
+    (``sk.compile``) and checked against ``sk.masked`` on the whole test set; accuracies, the per-sample cost
+    over the test set, and the CPU speedup of the compiled model against the dense one (``sk.bench.compare``,
+    both through ``fold_bn`` + ``onednn``, ``threads`` threads, ``bench_repeats`` interleaved runs).
+    """
+    from sparsekern.checkpoint import Checkpoints
+    from sparsekern.data import loader
+    from sparsekern.models import build
+
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is the fraction of the dense model's FLOPs to keep, in (0, 1]; got {budget}")
+    search_epochs = epochs / 2 if search_epochs is None else search_epochs
+    store = checkpoints if checkpoints is not None else Checkpoints(None)
+    store.check()
+    test = loader(data.test, 512, shuffle=False)
+    x = data.test.tensors[0][:batch_size] if hasattr(data.test, "tensors") else next(iter(test))[0][:batch_size]
+
+    def config(n_epochs: float) -> TrainConfig:
+        return TrainConfig(epochs=n_epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+
+    torch.manual_seed(seed)
+    full = build(model_name, num_classes=data.num_classes, in_channels=data.in_channels)
+    full_acc = _stage(store, "full", full, seed, log, lambda: train(full, data.train, config(epochs)), test)
+    net = to_sanp(full, granularity=granularity)
+    log(f"[sanp] gates trained jointly for {search_epochs} epochs at a {budget:.0%} cost budget")
+    sanp_acc = _stage(store, "sanp", net, seed, log,
+                      lambda: train_sanp(net, data.train, config(search_epochs), budget=budget), test)
+    plan = to_plan(net, x, budget=budget)
+    if calibrate:
+        from sparsekern.dynamic import calibrate as calibrate_plan
+
+        plan = calibrate_plan(plan, net, data.train)
+    compiled = sk_compile(net, plan, x).eval()
+    report = _run_report(model_name, data, full, net, plan, compiled, test, x, threads, bench_repeats)
+    report.update(budget=float(budget), epochs=float(epochs), search_epochs=float(search_epochs),
+                  granularity=int(granularity), full_accuracy=full_acc, sanp_accuracy=sanp_acc)
+    log(f"[sanp] {model_name}: accuracy {full_acc:.2%} dense, {report['compiled_accuracy']:.2%} compiled; cost "
+        f"{report['cost_ratio']['mean']:.1%} of the dense FLOPs; measured speedup {report['measured_speedup']:.2f}x "
+        f"for {report['theoretical_speedup']:.2f}x (efficiency {report['efficiency']:.2f})")
+    return SANPRun(net, plan, compiled, report)
+
+
+def _stage(store: Any, name: str, model: nn.Module, seed: int, log: Callable[[str], None], fit: Callable[[], Any],
+           test: Any) -> float:
+    """Checkpointed training stage ``name`` of :func:`run`: load ``model`` from the checkpoint when resuming,
+    else ``fit()`` it and save; returns its test accuracy (``model`` is left in eval mode)."""
+    from sparsekern.train import evaluate
+
+    done = store.load(name)
+    torch.manual_seed(seed)
+    if done is not None:
+        log(f"[sanp] {name}: resumed from {store.path(name)}")
+        done.load_into(model, name).eval()
+        if done.info.get("sk_sanp") is not None:
+            model.sk_sanp = done.info["sk_sanp"]  # what train_sanp records (to_plan copies it into the meta)
+        return float(done.info["accuracy"])
+    model.train()
+    fit()
+    model.eval()
+    accuracy = float(evaluate(model, test)["accuracy"])
+    store.save(name, {"accuracy": accuracy, "sk_sanp": getattr(model, "sk_sanp", None)}, {name: model})
+    return accuracy
+
+
+def _run_report(model_name: str, data: Any, full: nn.Module, net: nn.Module, plan: Plan, compiled: nn.Module,
+                test: Any, x: torch.Tensor, threads: int, repeats: int) -> dict[str, Any]:
+    """The measured part of :func:`run`'s report (module docstring of :func:`run`)."""
+    import sparsekern as sk
+    from sparsekern.compiler import masked
+    from sparsekern.train import evaluate
+
+    reference = masked(net, plan, x).eval()
+    error = 0.0
+    with torch.no_grad():
+        for xb, _ in test:
+            want = reference(xb)
+            error = max(error, float((compiled(xb) - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    x_test = torch.cat([xb for xb, _ in test])
+    full_flops = cost_reference(net, x_test[:2]).full
+    ratio = cost_ratio(net, x_test, full=full_flops)
+    bench = sk.bench.compare(full.eval(), compiled, x, passes=("fold_bn", "onednn"), threads=threads, repeats=repeats,
+                             per_layer=False)
+    layers = plan.dynamic_layers()
+    classes = {n: {"never_on": len(s.never_on), "always_on": len(s.always_on),
+                   "switching": (s.out_channels or 0) - len(s.never_on) - len(s.always_on)}
+               for n, s in layers.items() if s.never_on is not None}
+    return {"method": "sanp", "model": model_name, "data": data.name,
+            "compiled_accuracy": float(evaluate(compiled, test)["accuracy"]),
+            "cost_ratio": {"mean": float(ratio.mean()), "min": float(ratio.min()), "max": float(ratio.max())},
+            "flops_full": float(full_flops), "flops_mean": float(ratio.mean() * full_flops),
+            "compiled_vs_masked_max_error": error, "calibration": plan.meta.get("calibration"), "classes": classes,
+            "bench_batch": int(x.shape[0]), "theoretical_speedup": bench.theoretical_speedup,
+            "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency, "plan": plan.to_dict()}

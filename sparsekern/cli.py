@@ -10,6 +10,9 @@ Rules:
 * ``prune`` checkpoints every completed stage into ``--out``/checkpoints; after an interruption (Ctrl-C
   exits with code 130 and says what was saved) the same command with ``--resume`` skips the completed
   stages. Resuming with other arguments is refused, naming the arguments that differ.
+* ``prune`` runs a method by its registered kind: ``"static"`` through the Rethinking protocol
+  (:func:`sparsekern.methods.rethinking.run`), ``"dynamic"`` through the method's ``run_images`` (SANP: train,
+  gate, calibrate, compile), ``"lowrank"`` through its ``run_lm`` (FLOP); each writes report.json and model.sk.
 * ``prune --recipe NAME`` runs a paper's recipe (:mod:`sparsekern.recipes`, docs/recipes.md): the recipe fills
   every flag not given on the command line (explicit flags win) and the settings it cannot honour are printed
   before the run and recorded in its report; ``--scale F`` runs it shrunk on the embedded data.
@@ -174,6 +177,8 @@ LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "la
 IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
               "search_epochs": None, "repeats": 30, "finetune_lr": None, "momentum": None, "nesterov": None,
               "milestones": None, "gamma": None, "slimming_penalty": None}
+#: image flags that only the static methods read (the dynamic ones have no pruned-then-trained arm)
+STATIC_ONLY = ("protocol", "finetune_epochs", "finetune_lr")
 #: training flags of image runs that go to ``rethinking.run`` itself; the others of ``DEFAULTABLE``
 #: (:func:`sparsekern.training.config.train_defaults`) reach every trainer the pipeline builds
 RUN_SETTINGS = ("lr", "finetune_lr", "batch_size", "slimming_penalty")
@@ -235,6 +240,17 @@ def _check_prune(args: argparse.Namespace) -> RecipeRun | None:
     if args.milestones is not None and list(args.milestones) != sorted(args.milestones):
         raise UsageError(f"--milestones {' '.join(map(str, args.milestones))}: give the lr drops in increasing order")
     lm = _is_lm(args.method)
+    if _kind(args.method) == "dynamic":
+        from sparsekern.methods.registry import get_method
+
+        if not callable(getattr(get_method(args.method), "run_images", None)):
+            raise UsageError(f"--method {args.method}: this dynamic method has no image pipeline (a run_images "
+                             "method, as SANP's) for sparsekern prune to run; use its Python API")
+        static_only = [k for k in STATIC_ONLY if getattr(args, k) is not None]
+        if static_only:
+            flags = ", ".join("--" + k.replace("_", "-") for k in static_only)
+            raise UsageError(f"{flags} applies to the static methods (pruned, then fine-tuned); --method "
+                             f"{args.method} trains its gates jointly with the network: drop it")
     foreign = LM_ONLY if not lm else IMAGE_ONLY
     given = [k for k in foreign if getattr(args, k) is not None]
     if args.search_epochs is not None and not lm and args.method not in search_methods():
@@ -264,11 +280,16 @@ def _check_prune(args: argparse.Namespace) -> RecipeRun | None:
     return run
 
 
-def _is_lm(method: str) -> bool:
-    """Whether ``method`` is registered as ``"lowrank"`` (run on a byte-level LM) rather than ``"static"``."""
+def _kind(method: str) -> str:
+    """The registered kind of ``method``: ``"static"``, ``"dynamic"`` or ``"lowrank"``."""
     from sparsekern.methods.registry import get_method
 
-    return get_method(method).kind == "lowrank"
+    return get_method(method).kind
+
+
+def _is_lm(method: str) -> bool:
+    """Whether ``method`` is registered as ``"lowrank"`` (run on a byte-level LM) rather than on images."""
+    return _kind(method) == "lowrank"
 
 
 def _lm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,8 +323,9 @@ def _prune(args: argparse.Namespace) -> int:
         store.clear()
     if recipe_run is not None:
         print(_recipe_header(recipe_run, args))
+    run = {"lowrank": _prune_lm, "dynamic": _prune_dynamic}.get(_kind(args.method), _prune_images)
     try:
-        report_line = _prune_lm(args, out, store) if _is_lm(args.method) else _prune_images(args, out, store)
+        report_line = run(args, out, store)
     except KeyboardInterrupt:
         raise _interrupted(store.folder, store.completed(),
                            "run the same command with --resume to continue from there")
@@ -360,6 +382,30 @@ def _prune_lm(args: argparse.Namespace, out: Path, store: Any) -> str:
     return (f"{args.model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
             f"{run.report['params_dense']} -> {run.report['params_compiled']}, test bits per byte "
             f"{run.report['test_bpb']:.3f}")
+
+
+def _prune_dynamic(args: argparse.Namespace, out: Path, store: Any) -> str:
+    """A ``"dynamic"`` method's image pipeline (the registered method's ``run_images``; SANP's): train, gate,
+    calibrate, compile; writes model.sk (the compiled per-sample model) and report.json."""
+    import json
+
+    import sparsekern as sk
+    from sparsekern.data import load
+    from sparsekern.methods.registry import get_method
+    from sparsekern.training.config import train_defaults
+
+    data = _load_data(load, args.data, image_size=args.image_size)
+    with train_defaults(**_train_defaults(args)):
+        run = get_method(args.method).run_images(
+            args.model, data, budget=args.budget, epochs=args.epochs, search_epochs=args.search_epochs,
+            lr=_given(args.lr, 0.1), batch_size=_given(args.batch_size, 64), seed=args.seed,
+            progress=not args.no_progress, checkpoints=store, bench_repeats=args.repeats)
+    sk.save(run.compiled, out / "model.sk")
+    (out / "report.json").write_text(json.dumps(run.report, indent=1))
+    r = run.report
+    return (f"{args.method}: {r['cost_ratio']['mean']:.1%} of the dense {args.model}'s FLOPs per image on average "
+            f"(budget {args.budget:g}), accuracy {r['compiled_accuracy']:.2%} (dense {r['full_accuracy']:.2%}), "
+            f"measured speedup {r['measured_speedup']:.2f}x (efficiency {r['efficiency']:.2f})")
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -436,8 +482,10 @@ def _method_help() -> str:
     robust = "/".join(m.name for m in static if m.robustness)
     return (f"a registered method (sparsekern.methods.registry). Image methods train the fine-tune arm unless "
             f"they have their own ({own}); {robust} also reports clean and PGD accuracy against adversarial "
-            f"training. Byte-level LM methods ({'/'.join(prune_methods('lowrank'))}) prune to a parameter "
-            "sparsity (--target, --steps)")
+            f"training. Per-sample (dynamic) methods ({'/'.join(prune_methods('dynamic'))}) train their gates with "
+            "the network for --search-epochs, calibrate and compile them (model.sk runs the per-sample path). "
+            f"Byte-level LM methods ({'/'.join(prune_methods('lowrank'))}) prune to a parameter sparsity (--target, "
+            "--steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,9 @@ __all__ = ["UsageError", "number", "check_data_spec", "check_image_model", "chec
 #: zoo models that take (B, T) bytes rather than images
 LM_MODELS = ("transformer_lm", "sru_lm")
 #: kinds of registered method that ``sparsekern prune`` runs: ``"static"`` through the Rethinking protocol on
-#: images, ``"lowrank"`` through the method's byte-level LM pipeline (its ``run_lm``)
-PRUNE_KINDS = ("static", "lowrank")
+#: images, ``"dynamic"`` through the method's image pipeline (its ``run_images``), ``"lowrank"`` through the
+#: method's byte-level LM pipeline (its ``run_lm``)
+PRUNE_KINDS = ("static", "dynamic", "lowrank")
 
 
 class UsageError(Exception):
@@ -76,10 +77,10 @@ def prune_methods(kind: str | None = None) -> list[str]:
 
 
 def search_methods() -> list[str]:
-    """The image methods that read ``--search-epochs`` (static methods with ``searches = True``)."""
+    """The image methods that read ``--search-epochs`` (static and dynamic methods with ``searches = True``)."""
     from sparsekern.methods.registry import get_method
 
-    return [m for m in prune_methods("static") if get_method(m).searches]
+    return [m for m in prune_methods() if get_method(m).kind != "lowrank" and get_method(m).searches]
 
 
 def image_models() -> list[str]:

@@ -18,7 +18,8 @@ import sparsekern.bench.kernel_lowrank_linear as kernel_lowrank
 import sparsekern.bench.models as bench_models
 import sparsekern.demo as demo_module
 from sparsekern.cli import main
-from sparsekern.methods import flop, rethinking
+from sparsekern.dynamic import GatedConv2d, HybridGatedConv2d
+from sparsekern.methods import flop, rethinking, sanp
 from sparsekern.train import TrainConfig
 from tests.conftest import training_backend
 
@@ -65,7 +66,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
             raise AssertionError(f"{name} started")
         return work
 
-    for owner, name in ((rethinking, "run"), (flop, "run_lm"), (demo_module, "run_demo"),
+    for owner, name in ((rethinking, "run"), (flop, "run_lm"), (sanp, "run"), (demo_module, "run_demo"),
                         (bench_models, "run_suite"), (kernel_conv, "run"), (kernel_lowrank, "run")):
         monkeypatch.setattr(owner, name, recorder(f"{owner.__name__}.{name}"))
     monkeypatch.chdir(tmp_path)  # the default --out folders land here, if anything gets that far
@@ -81,6 +82,7 @@ def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 PRUNE = ["prune", "--method", "l1_norm"]
 FLOP = ["prune", "--method", "flop"]
+SANP = ["prune", "--method", "sanp"]
 KERNELS = ["bench", "kernels", "--op", "lowrank_linear"]
 
 
@@ -111,6 +113,10 @@ KERNELS = ["bench", "kernels", "--op", "lowrank_linear"]
     (FLOP + ["--repeats", "3"], "--repeats"),
     (FLOP + ["--d-model", "6"], "--d-model 6"),  # not divisible by the 4 heads
     (FLOP + ["--data", "enwik8:does/not/exist"], "does/not/exist"),
+    (SANP + ["--protocol", "rethinking"], "--protocol"),  # SANP has no pruned-then-trained arms
+    (SANP + ["--finetune-epochs", "2"], "--finetune-epochs"),
+    (SANP + ["--target", "0.3"], "--target"),
+    (SANP + ["--budget", "0"], "--budget"),
     (["demo", "--ratio", "1"], "--ratio"),
     (["demo", "--threads", "0"], "--threads"),
     (["demo", "--epochs", "-1"], "--epochs"),
@@ -192,6 +198,29 @@ def test_prune_creates_a_new_out_folder(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert [a["name"] for a in report["arms"]] == ["fine-tune"]
     assert sk.load(out / "model.sk")(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_prune_sanp_writes_a_model_that_loads_into_the_compiled_per_sample_path(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SANP through the CLI on the embedded digits (tiny epochs): report.json, and a model.sk that sk.load
+    rebuilds (the SANP factory) into calibrated gated layers giving the saved model's outputs."""
+    saved: list[torch.nn.Module] = []
+    real_save = sk.save
+    monkeypatch.setattr(sk, "save", lambda obj, path, **kw: saved.append(obj) or real_save(obj, path, **kw))
+    out = tmp_path / "sanp"
+    argv = SANP + TINY + ["--search-epochs", "0.05", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "sanp" and report["budget"] == 0.5 and report["compiled_vs_masked_max_error"] < 1e-4
+    assert report["calibration"]["samples"] > 1000 and len(report["classes"]) == 9  # resnet20: 9 gated conv1
+    assert set(report["plan"]["dynamic"]["layer1.0.conv1"]) >= {"never_on", "always_on"}
+    loaded = sk.load(out / "model.sk")
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, GatedConv2d)}
+    assert len(layers) == 18 and any(isinstance(m, HybridGatedConv2d) for m in layers.values())
+    assert loaded.sk_plan.to_dict() == saved[0].sk_plan.to_dict()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), saved[0].eval()(x))
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_training(
@@ -298,6 +327,23 @@ def test_an_interrupted_prune_resumes_after_its_last_completed_stage(
     _same_report(resumed, whole, timed=("measured_speedup", "efficiency"))
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(sk.load(out / "model.sk")(x), sk.load(tmp_path / "whole" / "model.sk")(x))
+
+
+def test_an_interrupted_sanp_run_resumes_after_the_dense_model(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = SANP + TINY + ["--search-epochs", "0.05"]
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        _Interrupt(m, sanp, "train_sanp", at=1)  # right after the dense model's stage
+        assert main(argv + ["--out", str(out)]) == 130
+    assert "(full)" in capsys.readouterr().err and not (out / "model.sk").exists()
+    with monkeypatch.context() as m:
+        dense = _Interrupt(m, sanp, "train")
+        gates = _Interrupt(m, sanp, "train_sanp")
+        assert main(argv + ["--out", str(out), "--resume"]) == 0
+    assert gates.calls == 1 and dense.calls == 1  # the one training is train_sanp's: the dense model was resumed
+    report = json.loads((out / "report.json").read_text())
+    assert report["compiled_vs_masked_max_error"] < 1e-4 and report["plan"]["meta"]["weight"] == 8.0
 
 
 def test_an_interrupted_flop_run_resumes_without_training_again(

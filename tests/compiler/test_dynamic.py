@@ -309,3 +309,180 @@ def test_layers_check_their_arguments() -> None:
         MaskedConv2d(nn.Conv2d(4, 4, 3), gate=Gate(4, 4, 0))
     with pytest.raises(ValueError, match="BatchNorm of 5 channels"):
         MaskedConv2d(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(5))
+
+
+# ----------------------------------------------------------------------------- calibration: hybrid compile
+class ForcedGate(nn.Module):
+    """``logit_c = w_c * t + b_c`` with ``t`` the mean of input channel 0: the classes are chosen by hand."""
+
+    def __init__(self, w: list[float], b: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.tensor(w))
+        self.register_buffer("b", torch.tensor(b))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0].mean((1, 2))[:, None] * self.w + self.b
+
+
+class Forced(nn.Module):
+    """``a``: channels 0-2 on for t > 0 (always on for t in the calibration range), 3-4 on for t < 0 (never),
+    5-7 on for t > 1 (switching); ``b``: a constant gate (always 0, 1, 3, 5; never 2, 4) reading a's mask;
+    ``c``: a consumer reading b's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gate_a = ForcedGate([10.0] * 3 + [-10.0] * 2 + [10.0] * 3, [0.0] * 5 + [-10.0] * 3)
+        gate_b = ForcedGate([0.0] * 6, [1.0, 1.0, -1.0, 1.0, -1.0, 1.0])
+        self.a = MaskedConv2d(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), relu=True, gate=gate_a,
+                              granularity=1)
+        self.b = MaskedConv2d(nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), relu=True, gate=gate_b,
+                              granularity=1)
+        self.c = unit(6, 4, g=None, k=1, relu=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        b = self.b(a[0], a[1])
+        return self.head(self.c(b[0], b[1]).mean((2, 3)))
+
+
+FORCED_PLAN = {"a": {"granularity": 1, "in_from": None}, "b": {"granularity": 1, "in_from": "a"},
+               "c": {"granularity": None, "in_from": "b"}}
+
+
+def images_with_t(ts: list[float], seed: int = 0) -> torch.Tensor:
+    """Random images whose channel 0 is the constant t (so ForcedGate sees exactly t)."""
+    x = torch.randn(len(ts), 3, 7, 7, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] = torch.tensor(ts)[:, None, None]
+    return x
+
+
+def forced() -> tuple[nn.Module, Plan]:
+    torch.manual_seed(0)
+    return randomize_bn(Forced()).eval(), Plan(dynamic=copy.deepcopy(FORCED_PLAN))
+
+
+@pytest.fixture
+def fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the hybrid layers that ran the full per-sample path (the guard's fallback), by extra_repr."""
+    seen: list[str] = []
+    real = dyn.HybridGatedConv2d.per_sample
+
+    def spy(self, x, in_mask, m):
+        seen.append(self)
+        return real(self, x, in_mask, m)
+
+    monkeypatch.setattr(dyn.HybridGatedConv2d, "per_sample", spy)
+    return seen
+
+
+def test_calibration_classifies_channels_and_compiles_physically_smaller_layers() -> None:
+    model, plan = forced()
+    calib = images_with_t([0.5, 1.5, 0.8, 1.2, 0.3])
+    cal = dyn.calibrate(plan, model, calib)
+    a, b, c = (cal.dynamic[n] for n in "abc")
+    assert (a.never_on, a.always_on) == ((3, 4), (0, 1, 2))  # 5, 6, 7 switch
+    assert (b.never_on, b.always_on) == ((2, 4), (0, 1, 3, 5))
+    assert c.never_on is None and c.always_on is None and cal.meta["calibration"] == {"samples": 5}
+    assert plan.dynamic == FORCED_PLAN  # the given plan is unchanged
+    # the classes are part of the plan's JSON, and a DataLoader of (x, y) calibrates alike
+    assert Plan.from_json(cal.to_json()).dynamic == cal.dynamic
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(5)), batch_size=2)
+    assert dyn.calibrate(plan, model, loader).dynamic == cal.dynamic
+    fast = sk.compile(model, cal, calib).eval()
+    assert all(isinstance(fast.get_submodule(n), dyn.HybridGatedConv2d) for n in "abc")
+    assert fast.a.dense_weight.shape == (3, 3, 3, 3) and fast.a.switch_index.tolist() == [5, 6, 7]
+    assert fast.b.dense_weight.shape == (4, 6, 3, 3) and fast.b.switch_index.numel() == 0  # a's 3, 4 unread
+    assert fast.c.dense_weight.shape == (4, 4, 1, 1)  # b's never-on 2 and 4 are not read
+    # the state dict is the plain compiled model's: the parts are derived from the full folded weights
+    assert fast.state_dict().keys() == sk.compile(model, plan, calib).state_dict().keys()
+
+
+@pytest.mark.parametrize("ts, falls_back", [
+    ([0.5, 1.5, 0.8, 1.2, 0.3], []),  # the calibration batch: every layer on its static path
+    ([1.4], []),  # batch 1
+    ([0.7, -1.0, 1.3], ["a", "b"]),  # t < 0 turns on a's never-on channels (and so b's never-on inputs)
+    ([0.0], ["a"]),  # t = 0: every channel of a is off (its always-on ones too); b then reads only zeros
+    ([0.0, 0.0, 2.0], ["a"]),
+])
+def test_hybrid_equals_masked_on_any_input_guard_included(ts: list[float], falls_back: list[str],
+                                                          fallbacks: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, plan = forced()
+    cal = dyn.calibrate(plan, model, images_with_t([0.5, 1.5, 0.8, 1.2, 0.3]))
+    fast, ref = cpu_or_reference(sk.compile(model, cal, images_with_t(ts)).eval()), sk.masked(model, cal).eval()
+    x = images_with_t(ts, seed=1)
+    out_masks: list[torch.Tensor | None] = []
+    real = dyn.channel_skip_conv2d
+    monkeypatch.setattr(dyn, "channel_skip_conv2d", lambda *a, **k: out_masks.append(a[4]) or real(*a, **k))
+    with torch.no_grad():
+        a_mask = model.a(x)[1]
+        out, want = fast(x), ref(x)
+    assert_close_to_scale(out, want)
+    assert sorted(n for n in "abc" if fast.get_submodule(n) in fallbacks) == falls_back
+    if not falls_back:  # the op ran once, for a's switching channels only; b and c ran dense
+        assert len(out_masks) == 1 and not out_masks[0][:, :5].any()
+    if ts == [0.0]:
+        assert not a_mask.any()  # an all-off sample
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_hybrid_chain_with_random_gates_equals_masked(g: int, fallbacks: list) -> None:
+    model, x, plan = chain(g)
+    cal = dyn.calibrate(plan, model, x[:2])  # few samples: many fixed channels, most new inputs break them
+    fast, ref = cpu_or_reference(sk.compile(model, cal, x).eval()), sk.masked(model, cal, x).eval()
+    assert any(isinstance(m, dyn.HybridGatedConv2d) for m in fast.modules())
+    with torch.no_grad():
+        for batch in (x[:2], x[:1], torch.randn(16, 3, 9, 9, generator=torch.Generator().manual_seed(g))):
+            fallbacks.clear()
+            assert_close_to_scale(fast(batch), ref(batch))
+            assert not fallbacks or len(batch) == 16, "calibration inputs run every layer on its static path"
+        assert bool(fallbacks) == (g == 1)  # G=1: new inputs break a's classes; G=4: b never turns 4-7 on
+        with FlopCounterMode(display=False) as counter:  # counting sees the op on the per-sample path
+            fast(x)
+    assert counter.get_total_flops() == sk.flops(cpu_or_reference(sk.compile(model, plan, x).eval()), x).total
+
+
+def test_hybrid_dense_parts_on_onednn_and_the_consumer_crossover(monkeypatch: pytest.MonkeyPatch,
+                                                                 fallbacks: list) -> None:
+    """With oneDNN on, the dense parts run prepacked; a gated layer runs the static path where the injected
+    table says it is faster, and a consumer picks dense-over-live-inputs or the kernel by the injected crossover
+    (no clock): dense iff active fraction > crossover * |live in| / C_in."""
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    model, plan = forced()
+    cal = dyn.calibrate(plan, model, images_with_t([0.5, 1.5, 0.8]))
+    fast, ref = sk.compile(model, cal).eval(), sk.masked(model, cal).eval()
+    x = images_with_t([0.6, 1.1, 0.9, 1.7], seed=2)
+    with torch.no_grad():
+        b_mask = model.b(*model.a(x))[1]
+    active = float(b_mask.float().mean())  # c's active input fraction: 4 of 6 channels
+    for layer, shape in ((fast.a, (4, 3, 7, 7)), (fast.b, (4, 8, 7, 7))):  # as if measured: static path faster
+        dyn._DENSE_CACHE.setdefault(layer, {})["static"] = {shape: True}
+    for crossover, dense in ((0.5 * active * 6 / 4, True), (2.0 * active * 6 / 4, False)):
+        dyn._DENSE_CACHE.setdefault(fast.c, {})["crossover"] = {(4, 6, 7, 7): crossover}
+        fallbacks.clear()
+        with torch.no_grad():
+            assert_close_to_scale(fast(x), ref(x))
+        assert (fast.c in fallbacks) != dense and fast.a not in fallbacks and fast.b not in fallbacks
+    dyn._DENSE_CACHE[fast.a]["static"] = {(4, 3, 7, 7): False}  # measured slower: the per-sample path runs
+    dyn._DENSE_CACHE[fast.a]["crossover"] = {(4, 3, 7, 7): 0.0}  # ... on the kernel (no timing in the test)
+    fallbacks.clear()
+    with torch.no_grad():
+        assert_close_to_scale(fast(x), ref(x))
+    assert fast.a in fallbacks and fast.b not in fallbacks
+
+
+def test_calibration_errors_name_the_layer() -> None:
+    model, plan = forced()
+    with pytest.raises(ValueError, match="holds no sample"):
+        dyn.calibrate(plan, model, torch.zeros(0, 3, 7, 7))
+    wrong = Plan(dynamic={**copy.deepcopy(FORCED_PLAN), "head": {"granularity": 1, "in_from": None}})
+    with pytest.raises(PlanError, match="'head' is not a gated layer"):
+        dyn.calibrate(wrong, model, images_with_t([1.0]))
+    bad = Plan(dynamic={**copy.deepcopy(FORCED_PLAN), "a": {"granularity": 1, "in_from": None, "never_on": [9],
+                                                            "always_on": [0]}})
+    with pytest.raises(PlanError, match="'a': the plan's never_on names channel 9, the model's layer has 8"):
+        sk.compile(model, bad, images_with_t([1.0]))
+    with pytest.raises(PlanError, match="both never_on and always_on"):
+        Plan(dynamic={"a": {"granularity": 1, "in_from": None, "never_on": [1], "always_on": [1]}}).dynamic_layers()
+    with pytest.raises(PlanError, match="a consumer"):
+        Plan(dynamic={"a": {"granularity": None, "in_from": "b", "never_on": [], "always_on": []}}).to_dict()

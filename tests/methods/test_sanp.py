@@ -288,6 +288,24 @@ def test_trained_sanp_compiles_to_its_masked_reference(trained: dict, monkeypatc
         float(sanp.cost_ratio(model, x).mean()), abs=1e-6)
 
 
+def test_calibrated_sanp_compiles_to_hybrid_layers_equal_to_masked(trained: dict) -> None:
+    """Calibrated on the training images, the trained SANP model compiles to hybrid layers (always-on channels
+    dense, switching ones per sample) that equal the masked reference on the whole test set."""
+    model, x = trained["sanp"], trained["x"]
+    plan = dyn.calibrate(sanp.to_plan(model, x[:64]), model, digits("train", image_size=SIZE))
+    classes = {n: (len(s.never_on), len(s.always_on), s.out_channels) for n, s in plan.dynamic.items()}
+    print(f"\ncalibrated classes (never, always, channels): {classes}")
+    assert all(never + always <= c for never, always, c in classes.values())
+    assert sum(always for _, always, _ in classes.values()) > 0
+    fast = _cpu_or_reference(sk.compile(model, plan, x[:64]).eval())
+    assert any(isinstance(m, dyn.HybridGatedConv2d) for m in fast.modules())
+    ref = sk.masked(model, plan, x[:64]).eval()
+    with torch.no_grad():
+        for batch in x.split(97):
+            assert_close_to_scale(fast(batch), ref(batch))
+    assert sk.flops(fast, x[:64]).per_sample == sk.flops(model, x[:64]).per_sample
+
+
 # ----------------------------------------------------------------------------- granularity, plans, save/load
 @pytest.mark.parametrize("g", sanp.GRANULARITIES)
 def test_granularity_groups_channels_and_compiles(g: int) -> None:
@@ -327,6 +345,23 @@ def test_plan_json_round_trip_and_save_load(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
     assert copy.deepcopy(loaded) is not loaded
+
+
+def test_calibrated_plan_saves_and_loads_bit_for_bit(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _random_gates(sanp.to_sanp(randomize_bn(build("resnet20")), granularity=4), spread=0.3).eval()
+    x = torch.randn(6, 3, 8, 8)
+    plan = dyn.calibrate(sanp.to_plan(model, x), model, x[:3])
+    fast = _cpu_or_reference(sk.compile(model, plan, x).eval())
+    assert any(isinstance(m, dyn.HybridGatedConv2d) for m in fast.modules())
+    loaded = _cpu_or_reference(sk.load(sk.save(fast, tmp_path / "sanp.sk")))
+    assert loaded.sk_plan.to_dict() == plan.to_dict()
+    kinds = [(n, type(m)) for n, m in fast.named_modules() if isinstance(m, GatedConv2d)]
+    assert [(n, type(m)) for n, m in loaded.named_modules() if isinstance(m, GatedConv2d)] == kinds
+    with torch.no_grad():
+        for batch in (x, x[:3], x[4:5]):  # new inputs (the guard) and calibration inputs (the static path)
+            assert torch.equal(loaded(batch), fast(batch))
+            assert_close_to_scale(loaded(batch), sk.masked(model, plan, x).eval()(batch))
 
 
 def test_cost_ratio_counts_quadratic_savings_by_hand() -> None:
