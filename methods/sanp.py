@@ -20,11 +20,9 @@ channel group is kept iff its logit is > 0.
   of ``sigmoid((logit + n) / T)``, with the temperature T annealed from ``temperature[0]`` to
   ``temperature[1]`` (exponentially over the run, default 1 -> 0.1) by :class:`SANPHook`.
 
-``"ste"`` is the default because of what the tiny VGG on digits showed (10 epochs, 50% budget): the noise of
-``"gumbel"`` makes the training masks differ from the deterministic inference masks, so the budget is met on
-noisy masks and missed at inference (0.34 to 1.0 against 0.5 over seven runs), and accuracy was lower
-(78-97%, and one collapse); with ``"ste"`` and the settings below the inference cost was within 2% of the
-budget and the accuracy within 1 point of the dense model in each of six seeds.
+``"ste"`` is the default: the noise of ``"gumbel"`` makes the training masks differ from the deterministic
+inference masks, so a budget met during training can be missed at inference (docs/methods.md records the
+runs that decided it).
 
 **Cost** (:func:`sparsekern.dynamic.conv_sample_flops`). A gated layer l costs sample n
 ``2 k^2 H_l W_l |active inputs of n| |active outputs of n|`` FLOPs (multiply-add = 2), plus its SPM's

@@ -17,8 +17,8 @@ def command_line() -> str:
     import sys
 
     argv = list(sys.argv)
-    if argv and argv[0].endswith("sparsekern"):
-        argv[0] = "sparsekern"
+    if argv and (argv[0].endswith("sparsekern") or argv[0].replace("\\", "/").endswith("sparsekern/cli.py")):
+        argv[0] = "sparsekern"  # the console script, or python -m sparsekern.cli
     return " ".join(argv)
 
 
