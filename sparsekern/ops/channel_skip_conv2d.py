@@ -36,7 +36,7 @@ import torch
 
 from sparsekern.ops import _ext, reference, thresholds
 from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
-from sparsekern.ops.shapes import conv2d_memory_format, conv2d_output_size, pair
+from sparsekern.ops.shapes import conv2d_geometry, conv2d_memory_format, pair
 
 __all__ = ["channel_skip_conv2d", "select_backend", "problem", "ConvProblem", "DISPATCH"]
 
@@ -97,17 +97,10 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             relu: bool = False) -> ConvProblem:
     """Validate the arguments of :func:`channel_skip_conv2d` (errors name the argument, its shape and the
     expected one) and return them with their output shape."""
-    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
-        pair(dilation, "dilation", _OP)
     _check_tensors(x, weight, bias, in_mask, out_mask)
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{_OP}: bad stride {stride} / padding {padding} / dilation {dilation}")
-    h_out, w_out = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"{_OP}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with "
-                         f"padding {padding} and dilation {dilation}")
-    return ConvProblem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, bool(relu),
-                       (x.shape[0], weight.shape[0], h_out, w_out), conv2d_memory_format(x))
+    stride, padding, dilation, out_shape = conv2d_geometry(x, weight, stride, padding, dilation, _OP)
+    return ConvProblem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, bool(relu), out_shape,
+                       conv2d_memory_format(x))
 
 
 # ----------------------------------------------------------------------------- backends

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sparsekern.ops import _ext
 from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
-from sparsekern.ops.shapes import conv2d_memory_format, conv2d_output_size, pair
+from sparsekern.ops.shapes import conv2d_geometry, conv2d_memory_format, pair
 
 __all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "PreparedFusedConv2d", "DISPATCH"]
 
@@ -82,16 +82,8 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             residual: torch.Tensor | None = None, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
             dilation: int | Sequence[int] = 1, relu: bool = False) -> FusedConvProblem:
     """Validate the arguments of :func:`fused_conv2d` and return them with their output shape."""
-    stride, padding, dilation = pair(stride, "stride", _OP), pair(padding, "padding", _OP), \
-        pair(dilation, "dilation", _OP)
     _check(x, weight, bias)
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{_OP}: bad stride {stride} / padding {padding} / dilation {dilation}")
-    h_out, w_out = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"{_OP}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with "
-                         f"padding {padding} and dilation {dilation}")
-    out_shape = (x.shape[0], weight.shape[0], h_out, w_out)
+    stride, padding, dilation, out_shape = conv2d_geometry(x, weight, stride, padding, dilation, _OP)
     if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype
                                  or residual.device != x.device):
         raise ValueError(f"{_OP}: residual must match the output, {out_shape} {x.dtype} on {x.device}, got "

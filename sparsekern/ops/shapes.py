@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pair", "conv2d_output_size", "conv2d_memory_format", "tokens"]
+__all__ = ["pair", "conv2d_output_size", "conv2d_geometry", "conv2d_memory_format", "tokens"]
 
 
 def pair(value: int | Sequence[int], name: str, op: str) -> list[int]:
@@ -23,6 +23,21 @@ def conv2d_output_size(h: int, w: int, kernel: Sequence[int], stride: Sequence[i
     the input is smaller than the dilated kernel)."""
     return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
                  for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+
+
+def conv2d_geometry(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int], padding: int | Sequence[int],
+                    dilation: int | Sequence[int], op: str) -> tuple[list[int], list[int], list[int], tuple[int, ...]]:
+    """A 2-D convolution's stride, padding and dilation as pairs, checked, and its output shape
+    (B, C_out, H_out, W_out) for x (B, C_in, H, W) and weight (C_out, C_in, kh, kw); ``ValueError`` naming ``op``
+    for a bad geometry or an input smaller than the dilated kernel."""
+    stride, padding, dilation = pair(stride, "stride", op), pair(padding, "padding", op), pair(dilation, "dilation", op)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: bad stride {stride} / padding {padding} / dilation {dilation}")
+    h_out, w_out = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"{op}: input {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with "
+                         f"padding {padding} and dilation {dilation}")
+    return stride, padding, dilation, (x.shape[0], weight.shape[0], h_out, w_out)
 
 
 def conv2d_memory_format(x: torch.Tensor) -> torch.memory_format:

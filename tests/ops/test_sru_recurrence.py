@@ -77,7 +77,7 @@ def test_cpu_task_groups_threads_and_saturated_gates() -> None:
     (|z| ~ 100) stay finite and exact to the scale, forward and backward."""
     args = _inputs(5, 20, 200, seed=3)
     args[0] = args[0] * 60.0
-    gh = torch.randn(5, 20, 200)
+    gh = torch.randn(5, 20, 200, generator=torch.Generator().manual_seed(4))
     with threads(1):
         one = [sru_recurrence(*args, backend="cpu"), *_grads(lambda *a: sru_recurrence(*a, backend="cpu"), args, gh)]
     with threads(2):
@@ -87,8 +87,8 @@ def test_cpu_task_groups_threads_and_saturated_gates() -> None:
     assert torch.isfinite(one[0]).all()
     assert_close_to_scale(one[0], _paper(*args).float(), tol=1e-5)  # torch's own float32 loop: 8e-6 here
     want = _grads(sru_recurrence_reference, [a.double() for a in args], gh.double())
-    for g, w in zip(one[1:], want):
-        assert_close_to_scale(g, w.float(), tol=1e-5)
+    for g, w in zip(one[1:], want):  # float32 gradients, the parameters' summed over 5 x 20 steps
+        assert_close_to_scale(g, w.float(), tol=5e-5)
 
 
 def test_nan_propagates_like_the_reference() -> None:
@@ -111,7 +111,7 @@ def test_non_contiguous_inputs(backend) -> None:
     assert not u_nc.is_contiguous() and not x_nc.is_contiguous() and not params_nc[0].is_contiguous()
     want = _paper(u, x, *params).float()
     assert_close_to_scale(sru_recurrence(u_nc, x_nc, *params_nc, backend=backend), want, tol=2e-6)
-    gh = torch.randn(b, t, d).transpose(0, 1).contiguous().transpose(0, 1)
+    gh = torch.randn(b, t, d, generator=torch.Generator().manual_seed(8)).transpose(0, 1).contiguous().transpose(0, 1)
     got = _grads(lambda *a: sru_recurrence(*a, backend=backend), [u_nc, x_nc, *params_nc], gh)
     ref = _grads(sru_recurrence_reference, [u.double(), x.double(), *(p.double() for p in params)], gh.double())
     for g, w in zip(got, ref):
@@ -130,7 +130,7 @@ def test_backward_op_backends_match_reference_autograd(b, t, d) -> None:
     """Both backward backends against autograd through the float64 reference (float32 inputs, and float64 for the
     plain-torch backward); grad_params stacks v_f, v_r, b_f, b_r."""
     args = _inputs(b, t, d, seed=12)
-    gh = torch.randn(b, t, d)
+    gh = torch.randn(b, t, d, generator=torch.Generator().manual_seed(13))
     want = _grads(sru_recurrence_reference, [a.double() for a in args], gh.double())
     want = [want[0], want[1], torch.stack(want[2:])]
     for got in (BACKWARD.run(BACKWARD.problem(gh, *args), "cpu"),
