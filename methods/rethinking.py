@@ -448,7 +448,8 @@ def run(
     checkpoints: Checkpoints | None = None,
     bench_repeats: int = 30,
 ) -> ProtocolReport:
-    """Run the protocol (module docstring) for one method; write ``out`` (JSON) if given.
+    """Run the protocol (module docstring) for one method; write ``out`` (JSON) if given. (Over 80 lines only by
+    its signature and this docstring: one keyword per protocol setting; the steps are helpers.)
 
     ``arms``: the arms to run (default :func:`default_arms` of the protocol); ``model_out`` saves the first arm's
     model (the pruned one when no arm runs) with :func:`sparsekern.save`. The full model is :func:`base_model`
