@@ -183,7 +183,8 @@ STATIC_ONLY = ("protocol", "finetune_epochs", "finetune_lr")
 #: (:func:`sparsekern.training.config.train_defaults`) reach every trainer the pipeline builds
 RUN_SETTINGS = ("lr", "finetune_lr", "batch_size", "slimming_penalty")
 #: arguments that do not change what a run computes (left out of the checkpoints' identity)
-NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats", "list_recipes")
+NOT_IDENTITY = ("out", "no_progress", "resume", "overwrite", "debug", "run", "command", "repeats", "list_recipes",
+                "recipe_options")
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ def _prune(args: argparse.Namespace) -> int:
         store.clear()
     if recipe_run is not None:
         print(_recipe_header(recipe_run, args))
+    args.recipe_options = recipe_run.recipe.run_options() if recipe_run is not None else {}  # implied by --recipe
     run = {"lowrank": _prune_lm, "dynamic": _prune_dynamic}.get(_kind(args.method), _prune_images)
     try:
         report_line = run(args, out, store)
@@ -355,7 +357,8 @@ def _prune_images(args: argparse.Namespace, out: Path, store: Any) -> str:
                                 finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs,
                                 arms=rethinking.default_arms(args.method, args.protocol), seed=args.seed,
                                 progress=not args.no_progress, out=out / "report.json", model_out=out / "model.sk",
-                                checkpoints=store, bench_repeats=args.repeats, **settings)
+                                checkpoints=store, bench_repeats=args.repeats, **settings,
+                                **getattr(args, "recipe_options", {}))
     return f"{args.method}: FLOPs {report.flops_pruned / report.flops_full:.1%} of the full {args.model}"
 
 

@@ -15,9 +15,9 @@ Rules:
 * A few settings are keywords of :func:`sparsekern.methods.rethinking.run` that ``sparsekern prune`` has no
   flag for yet (``Setting.flag`` false: ``finetune_schedule``, ``scratch_b_cap``, ``scratch_b_rounding``,
   ``method_options``). :meth:`Recipe.arguments` (the flags) leaves them out and :meth:`Recipe.run_options`
-  returns them; where such a value differs from ``rethinking.run``'s default, the loader adds a
-  ``not_supported`` entry saying the command line cannot honour it yet. ``method_options`` are checked against
-  the options the method declares (:func:`sparsekern.methods.rethinking.check_method_options`).
+  returns them; ``sparsekern prune --recipe`` passes them to ``rethinking.run``, so the recipe runs unchanged.
+  ``method_options`` are checked against the options the method declares
+  (:func:`sparsekern.methods.rethinking.check_method_options`).
 * ``shrunk`` replaces sizes (model, image size, width, ...) when the recipe runs scaled down (``scale < 1``,
   :meth:`Recipe.arguments`), where every epoch and step count is also multiplied by ``scale``; the shrunk run
   reads the embedded data (:data:`EMBEDDED`).
@@ -239,9 +239,9 @@ class Recipe:
 
 
     def run_options(self) -> dict[str, Any]:
-        """The settings ``sparsekern prune`` has no flag for yet, as :func:`sparsekern.methods.rethinking.run`
-        keywords (``finetune_schedule``, ``scratch_b_cap``, ``scratch_b_rounding``, ``method_options``); no
-        scale changes them."""
+        """The settings ``sparsekern prune`` has no flag for, as :func:`sparsekern.methods.rethinking.run`
+        keywords (``finetune_schedule``, ``scratch_b_cap``, ``scratch_b_rounding``, ``method_options``), which
+        ``sparsekern prune --recipe`` passes on; no scale changes them."""
         return {k: dict(v) if isinstance(v, dict) else v for k, v in self.settings.items() if not SETTINGS[k].flag}
 
 
@@ -352,22 +352,6 @@ def _unsupported(recipe: str, entries: Any) -> tuple[Unsupported, ...]:
     return tuple(out)
 
 
-def _without_flag(settings: Mapping[str, Any]) -> tuple[Unsupported, ...]:
-    """A ``not_supported`` entry for each setting without a ``sparsekern prune`` flag whose value differs from
-    :func:`sparsekern.methods.rethinking.run`'s default: the command line runs the default instead."""
-    from sparsekern.methods.rethinking import RUN_OPTION_DEFAULTS as defaults
-
-    out = []
-    for key, value in settings.items():
-        default = value if SETTINGS[key].flag else defaults[key]
-        if value != default and not (default is None and value == {}):  # no method_options is None
-            flag = "--" + key.replace("_", "-")
-            reason = (f"sparsekern prune has no {flag} flag yet, so it runs rethinking.run's default "
-                      f"{json.dumps(default)}; rethinking.run({key}={value!r}) honours it (Recipe.run_options())")
-            out.append(Unsupported(f"{key} on the command line", value, reason))
-    return tuple(out)
-
-
 def recipe_from_dict(doc: Any, name: str, source: str = "<dict>") -> Recipe:
     """Validate a parsed recipe ``doc`` (module docstring) named ``name``; :class:`RecipeError` otherwise."""
     _table(doc, name, "", _TOP_KEYS)
@@ -400,7 +384,7 @@ def recipe_from_dict(doc: Any, name: str, source: str = "<dict>") -> Recipe:
     return Recipe(name=name, summary=doc["summary"], paper=dict(doc["paper"]), code=dict(doc["code"]),
                   data=doc["data"], settings=dict(settings), shrunk=dict(doc["shrunk"]),
                   implementation_defaults=dict(doc.get("implementation_defaults", {})),
-                  not_supported=_unsupported(name, doc["not_supported"]) + _without_flag(settings),
+                  not_supported=_unsupported(name, doc["not_supported"]),
                   notes=tuple(notes), source=source)
 
 
