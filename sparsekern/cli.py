@@ -173,7 +173,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 #: (``"static"``) methods read; a flag given to a method that does not read it is refused rather than ignored.
 #: ``None``: the pipeline's own default (``rethinking.run``'s, :class:`TrainConfig`'s, the zoo model's).
 LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None, "seq_len": None,
-           "dropout": None, "grad_clip": None}
+           "dropout": None, "grad_clip": None, "lambda_optimizer": None}
 IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
               "search_epochs": None, "repeats": 30, "finetune_lr": None, "momentum": None, "nesterov": None,
               "milestones": None, "gamma": None, "slimming_penalty": None}
@@ -379,7 +379,9 @@ def _prune_lm(args: argparse.Namespace, out: Path, store: Any) -> str:
                          grad_clip=_given(args.grad_clip, 1.0), seed=args.seed, progress=not args.no_progress, **batch)
     run = get_method(args.method).run_lm(args.model, corpus, config, target=args.target, seed=args.seed,
                                          eval_bytes=args.eval_bytes, model_kwargs=_lm_kwargs(args), checkpoints=store,
-                                         seq_len=args.seq_len)
+                                         seq_len=args.seq_len,
+                                         **({} if args.lambda_optimizer is None
+                                            else {"lambda_optimizer": args.lambda_optimizer}))
     sk.save(run.compiled, out / "model.sk")
     (out / "report.json").write_text(json.dumps(run.report, indent=1))
     return (f"{args.model}: sparsity {run.report['sparsity']:.3f} (target {args.target}), params "
@@ -589,6 +591,9 @@ def _add_training_flags(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--seq-len", type=count, help="flop: training window in bytes (default: the model's)")
     prune.add_argument("--dropout", type=fraction, help="flop: the LM's dropout (default: the zoo's, 0)")
     prune.add_argument("--grad-clip", type=positive, help="flop: gradient norm clip (default 1)")
+    prune.add_argument("--lambda-optimizer", choices=("trainer", "adam"),
+                       help="flop: how the Lagrange multipliers are updated: 'trainer' (default: ascent in the "
+                            "trainer's optimizer, no momentum) or 'adam' (the official code's separate Adam)")
 
 
 def _add_recipe_flags(prune: argparse.ArgumentParser) -> None:

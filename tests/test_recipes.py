@@ -176,6 +176,7 @@ def test_the_flop_recipe_reaches_the_lm_pipeline(monkeypatch: pytest.MonkeyPatch
     _run_shrunk("flop-sru-enwik8", tmp_path)
     (model_name, _, config), kwargs = run_lm.calls[0]
     assert model_name == "sru_lm" and kwargs["seq_len"] == 32 and kwargs["target"] == 0.7
+    assert kwargs["lambda_optimizer"] == "adam"  # the official multipliers' optimiser, --lambda-optimizer
     assert kwargs["model_kwargs"] == {"d_model": 32, "layers": 2, "dropout": 0.1}
     assert (config.batch_size, config.grad_clip, config.lr, config.schedule) == (8, 0.3, 0.003, "constant")
     assert config.max_steps == round(100000 * float(SCALE)) and config.warmup_steps == round(5000 * float(SCALE))

@@ -164,6 +164,7 @@ SETTINGS: dict[str, Setting] = {
     "seq_len": Setting("lm", _number(1, integer=True), "size", "training window (the official unroll)"),
     "dropout": Setting("lm", _number(0.0, high=1.0)),
     "grad_clip": Setting("lm", _number(0.0, low_open=True)),
+    "lambda_optimizer": Setting("lm", _choice("trainer", "adam"), help="how FLOP's Lagrange multipliers are updated"),
     "eval_bytes": Setting("lm", _number(1, integer=True), "size"),
 }
 
