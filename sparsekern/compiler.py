@@ -29,8 +29,8 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.channel_rules import module_rule
-from sparsekern.graph import (AttrSlice, ChannelGraph, Layout, has_torch_prune, keep_attributes, remove_torch_prune,
-                              trace_channels)
+from sparsekern.graph import AttrSlice, ChannelGraph, Layout, keep_attributes, trace_channels
+from sparsekern.masks import has_torch_prune, remove_torch_prune
 from sparsekern.plan import GroupKeep, Plan, PlanError
 from sparsekern.slicing import slice_param
 from sparsekern.utils import as_tuple, input_spec
@@ -81,7 +81,7 @@ def _trace(model: nn.Module, plan: Plan, example_inputs: Any) -> tuple[ChannelGr
 
 def _without_torch_prune(model: nn.Module) -> nn.Module:
     """``model``, or for a model pruned with ``torch.nn.utils.prune`` a copy with its masks baked into its
-    weights (:func:`sparsekern.graph.remove_torch_prune`): the pruning hook would undo a sliced weight."""
+    weights (:func:`sparsekern.masks.remove_torch_prune`): the pruning hook would undo a sliced weight."""
     return remove_torch_prune(model) if has_torch_prune(model) else model
 
 

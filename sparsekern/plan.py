@@ -428,7 +428,7 @@ class Plan:
 
         ``model`` is not modified. ``sparsekern.compile(model, plan, example_inputs)`` compiles the pruned
         model as it is (reparametrisation included: compile works on
-        :func:`sparsekern.graph.remove_torch_prune`'s copy, with the masks baked into the weights).
+        :func:`sparsekern.masks.remove_torch_prune`'s copy, with the masks baked into the weights).
 
         Args:
             model: an ``nn.Module`` pruned with ``torch.nn.utils.prune`` (any layers, any methods).
@@ -436,7 +436,7 @@ class Plan:
             constants: ``"warn"``, ``"error"`` or ``"ignore"`` (see above).
             meta: free-form JSON-serializable information recorded in the plan.
         """
-        from sparsekern.graph import plan_from_torch_prune
+        from sparsekern.masks import plan_from_torch_prune
 
         plan = plan_from_torch_prune(model, example_inputs, constants=constants)
         plan.meta.update(meta or {})
@@ -452,14 +452,14 @@ class Plan:
         removed, by the rules of :meth:`from_torch_prune`.
 
         The plan removes whole channels only; the other zeros of an unstructured mask are not applied to
-        ``model``. Compile ``sparsekern.graph.apply_weight_masks(model, masks)`` (a masked copy) to get the
+        ``model``. Compile ``sparsekern.masks.apply_weight_masks(model, masks)`` (a masked copy) to get the
         model the masks describe, smaller.
 
         Raises:
             PlanError: naming the layer and the fix, for a name that is not a layer of ``model``, a mask whose
                 shape is not the layer's weight shape, or values other than 0/1.
         """
-        from sparsekern.graph import plan_from_weight_masks
+        from sparsekern.masks import plan_from_weight_masks
 
         plan = plan_from_weight_masks(model, masks, example_inputs, constants=constants)
         plan.meta.update(meta or {})

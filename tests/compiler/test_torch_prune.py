@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils import prune
 
 import sparsekern as sk
-from sparsekern.graph import apply_weight_masks, remove_torch_prune
+from sparsekern.masks import apply_weight_masks, remove_torch_prune
 from sparsekern.models import build
 from sparsekern.plan import PlanError
 from tests.conftest import assert_close_to_scale, randomize_bn

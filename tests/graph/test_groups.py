@@ -123,7 +123,7 @@ def test_channel_shuffle_permutes_the_channels() -> None:
 def test_torch_prune_is_removed_on_a_copy() -> None:
     from torch.nn.utils import prune
 
-    from sparsekern.graph import has_torch_prune, remove_torch_prune, torch_prune_masks
+    from sparsekern.masks import has_torch_prune, remove_torch_prune, torch_prune_masks
 
     model = Shuffle().eval()
     prune.ln_structured(model.p, "weight", amount=0.5, n=1, dim=0)
