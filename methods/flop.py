@@ -59,6 +59,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
@@ -120,7 +121,7 @@ def _log_alpha_init(drop_init: float) -> float:
     return math.log((1.0 - drop_init) / drop_init)
 
 
-class HardConcreteLayer(nn.Module):
+class HardConcreteLayer(nn.Module, metaclass=abc.ABCMeta):
     """Base of FLOP's gated layers: ``n_gates`` hard-concrete gates with a learned ``log_alpha`` (n_gates,).
 
     Subclasses set ``log_alpha``, ``beta``, ``drop_init`` and ``init_std`` and define :attr:`n_gates`,
@@ -138,17 +139,17 @@ class HardConcreteLayer(nn.Module):
     out_features: int
 
     @property
+    @abc.abstractmethod
     def n_gates(self) -> int:
         """Number of gates."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def expected_size(self) -> Tensor:
         """Expected parameter count of the pruned layer (scalar tensor, differentiable in ``log_alpha``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def kept_params(self, n_kept: int) -> int:
         """Parameters of the compiled layer when ``n_kept`` gates are non-zero."""
-        raise NotImplementedError
 
     @property
     def n_dense_params(self) -> int:

@@ -16,8 +16,6 @@ treatment, so a kernel that also speeds up dense layers does not inflate a prune
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -84,17 +82,13 @@ class ConvTuner:
         return min(candidates, key=lambda name: known[name])
 
     def _time(self, candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-        """Median seconds of each candidate, the candidates run in turn after ``warmup`` rounds."""
-        names = list(candidates)
-        samples: dict[str, list[float]] = {name: [] for name in names}
+        """Median seconds of each candidate, timed interleaved after ``warmup`` rounds
+        (:func:`sparsekern.bench.timing.time_interleaved`)."""
+        from sparsekern.bench.timing import time_interleaved
+
         with torch.inference_mode():
-            for r in range(self.warmup + self.repeats):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    start = time.perf_counter()
-                    candidates[name]()
-                    if r >= self.warmup:
-                        samples[name].append(time.perf_counter() - start)
-        return {name: statistics.median(xs) for name, xs in samples.items()}
+            timings = time_interleaved(dict(candidates), warmup=self.warmup, repeats=self.repeats)
+        return {name: t.median_ms / 1e3 for name, t in timings.items()}
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         """The table as JSON: ``{call.key(): {backend: seconds}}``."""

@@ -35,8 +35,8 @@ from typing import Optional, Sequence
 import torch
 
 from sparsekern.ops import _ext, reference, thresholds
-from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
-from sparsekern.ops.shapes import conv2d_geometry, conv2d_memory_format, pair
+from sparsekern.ops.backend import FLOATS, Backend, Dispatch
+from sparsekern.ops.shapes import Conv2dProblem, conv2d_geometry, conv2d_memory_format, pair
 
 __all__ = ["channel_skip_conv2d", "select_backend", "problem", "ConvProblem", "DISPATCH"]
 
@@ -45,25 +45,11 @@ _INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
-class ConvProblem(OnInput):
+class ConvProblem(Conv2dProblem):
     """Validated arguments of one call (shapes in the op's docstring) and the output they produce."""
 
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    in_mask: torch.Tensor | None
-    out_mask: torch.Tensor | None
-    stride: list[int]
-    padding: list[int]
-    dilation: list[int]
-    relu: bool
-    out_shape: tuple[int, int, int, int]
-    memory_format: torch.memory_format
-
-    def new_output(self, memory_format: torch.memory_format | None = None) -> torch.Tensor:
-        """An uninitialised output (in the op's memory format unless another is asked for)."""
-        return torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device,
-                           memory_format=memory_format or self.memory_format)
+    in_mask: torch.Tensor | None = None
+    out_mask: torch.Tensor | None = None
 
 
 def _check_tensors(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None,
@@ -99,8 +85,8 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     expected one) and return them with their output shape."""
     _check_tensors(x, weight, bias, in_mask, out_mask)
     stride, padding, dilation, out_shape = conv2d_geometry(x, weight, stride, padding, dilation, _OP)
-    return ConvProblem(x, weight, bias, in_mask, out_mask, stride, padding, dilation, bool(relu), out_shape,
-                       conv2d_memory_format(x))
+    return ConvProblem(x, weight, bias, stride, padding, dilation, bool(relu), out_shape, conv2d_memory_format(x),
+                       in_mask=in_mask, out_mask=out_mask)
 
 
 # ----------------------------------------------------------------------------- backends

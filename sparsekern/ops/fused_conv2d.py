@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern.ops import _ext
-from sparsekern.ops.backend import FLOATS, Backend, Dispatch, OnInput
-from sparsekern.ops.shapes import conv2d_geometry, conv2d_memory_format, pair
+from sparsekern.ops.backend import FLOATS, Backend, Dispatch
+from sparsekern.ops.shapes import Conv2dProblem, conv2d_geometry, conv2d_memory_format, like_strides, pair
 
 __all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "PreparedFusedConv2d", "DISPATCH"]
 
@@ -37,29 +37,10 @@ _OP = "fused_conv2d"
 
 
 @dataclass(frozen=True)
-class FusedConvProblem(OnInput):
+class FusedConvProblem(Conv2dProblem):
     """Validated arguments of one call and the output they produce."""
 
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    residual: torch.Tensor | None
-    stride: list[int]
-    padding: list[int]
-    dilation: list[int]
-    relu: bool
-    out_shape: tuple[int, int, int, int]
-    memory_format: torch.memory_format
-
-    def new_output(self) -> torch.Tensor:
-        """An uninitialised output in the op's memory format (the input's)."""
-        return torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device, memory_format=self.memory_format)
-
-    def residual_like(self, y: torch.Tensor) -> torch.Tensor | None:
-        """The residual with ``y``'s strides (a copy only when they differ)."""
-        if self.residual is None or self.residual.stride() == y.stride():
-            return self.residual
-        return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(self.residual)
+    residual: torch.Tensor | None = None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -88,13 +69,13 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
                                  or residual.device != x.device):
         raise ValueError(f"{_OP}: residual must match the output, {out_shape} {x.dtype} on {x.device}, got "
                          f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
-    return FusedConvProblem(x, weight, bias, residual, stride, padding, dilation, bool(relu), out_shape,
-                            conv2d_memory_format(x))
+    return FusedConvProblem(x, weight, bias, stride, padding, dilation, bool(relu), out_shape,
+                            conv2d_memory_format(x), residual=residual)
 
 
 def _run_cpu(pr: FusedConvProblem) -> torch.Tensor:
     y = pr.new_output()
-    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, pr.residual_like(y),
+    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
                                            pr.stride, pr.padding, pr.dilation, pr.relu, y)
     return y
 
@@ -212,10 +193,8 @@ class PreparedFusedConv2d(torch.nn.Module):
             return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
                                 self.relu)
         y = torch.empty(self.out_shape, memory_format=self.memory_format)
-        if residual is not None and residual.stride() != y.stride():
-            residual = torch.empty_like(y).copy_(residual)
-        _ext.kernel("channel_skip_conv2d_cpu")(x, self.weight, self.bias, None, None, residual, self.stride,
-                                               self.padding, self.dilation, self.relu, y)
+        _ext.kernel("channel_skip_conv2d_cpu")(x, self.weight, self.bias, None, None, like_strides(residual, y),
+                                               self.stride, self.padding, self.dilation, self.relu, y)
         return y
 
     def extra_repr(self) -> str:

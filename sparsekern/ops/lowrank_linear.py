@@ -192,9 +192,14 @@ def _choice(pr: LowRankProblem) -> tuple[str | None, Sequence[str]]:
     return None, limits.lowrank_fused_order
 
 
-def _run(pr: LowRankProblem, backend: str | None) -> torch.Tensor:
+def _select(pr: LowRankProblem, backend: str | None) -> Backend:
+    """The backend that runs ``pr``: ``backend`` if named, else the heuristic's choice (:func:`_choice`)."""
     forced, order = _choice(pr) if backend is None else (backend, ())
-    y = DISPATCH.run(pr, forced, order)
+    return DISPATCH.select(pr, forced, order)
+
+
+def _run(pr: LowRankProblem, backend: str | None) -> torch.Tensor:
+    y = _select(pr, backend).run(pr)
     return y if y.is_contiguous() else y.contiguous()
 
 
@@ -202,9 +207,7 @@ def select_backend(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, bias: torc
                    backend: str | None = None) -> str:
     """Name of the backend :func:`lowrank_linear` runs for these inputs (``backend`` forces one; an error says
     why it cannot run them)."""
-    pr = problem(x, q, p, bias)
-    forced, order = _choice(pr) if backend is None else (backend, ())
-    return DISPATCH.select(pr, forced, order).name
+    return _select(problem(x, q, p, bias), backend).name
 
 
 # ----------------------------------------------------------------------------- the op

@@ -2,11 +2,15 @@
 (meta) implementations and the outputs they allocate for every backend (the kernels never recompute them)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-__all__ = ["pair", "conv2d_output_size", "conv2d_geometry", "conv2d_memory_format", "tokens"]
+from sparsekern.ops.backend import OnInput
+
+__all__ = ["pair", "conv2d_output_size", "conv2d_geometry", "conv2d_memory_format", "tokens", "Conv2dProblem",
+           "like_strides"]
 
 
 def pair(value: int | Sequence[int], name: str, op: str) -> list[int]:
@@ -55,3 +59,33 @@ def tokens(shape: Sequence[int]) -> int:
     for s in shape[:-1]:
         t *= int(s)
     return t
+
+
+@dataclass(frozen=True)
+class Conv2dProblem(OnInput):
+    """The validated arguments a 2-D convolution op shares (x (B, C_in, H, W), weight (C_out, C_in, kh, kw),
+    bias (C_out,) or None, geometry pairs, a fused ReLU) and the output they produce; each op's problem adds
+    its own arguments."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    relu: bool
+    out_shape: tuple[int, int, int, int]
+    memory_format: torch.memory_format
+
+    def new_output(self, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+        """An uninitialised output (in the op's memory format, the input's, unless another is asked for)."""
+        return torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device,
+                           memory_format=memory_format or self.memory_format)
+
+
+def like_strides(t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (``y``'s shape) with ``y``'s strides, for a kernel that reads it at ``y``'s offsets: ``t`` itself when
+    the strides already match, else a copy."""
+    if t is None or t.stride() == y.stride():
+        return t
+    return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device=y.device).copy_(t)
