@@ -10,7 +10,13 @@ torch's own ``flop_registry``), so that ``flops(model, x).total`` equals
 * convolution: ``2 * N * C_out * prod(out_spatial) * (C_in / groups) * prod(kernel)``;
   transposed convolution: ``2 * N * C_in * prod(in_spatial) * (C_out / groups) * prod(kernel)``.
 * ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` (hence ``linear`` and ``matmul``): ``2 * m * n * k``
-  (times the batch for ``bmm``); attention kernels as torch counts them.
+  (times the batch for ``bmm``).
+* fused attention (``scaled_dot_product_attention``'s forward kernels, CPU and GPU): ``2 (E + E_v)`` per
+  (query, key) pair the kernel computes, per batch and head, where E and E_v are the query/key and value
+  head dims; with ``is_causal`` only the pairs the mask keeps (query i sees keys 0..i) count, the work a
+  causal kernel does. torch counts every pair on GPU and has no formula for the CPU kernel, so
+  ``flops(...).total`` differs from ``FlopCounterMode`` for causal or CPU attention; every other op is
+  counted as torch counts it.
 
 Attribution ("layers"): each counted op is charged to the innermost module whose ``forward`` is
 running, keyed by its qualified name (``""`` is the root). Every ``nn.Conv{1,2,3}d``,
@@ -348,7 +354,7 @@ class _Counter:
     # -- op counting (called by the dispatch mode)
     def count(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         packet = func._overloadpacket
-        formula = self.registry.get(packet)
+        formula = _attention_formula(func) if packet in _ATTENTION_OPS else self.registry.get(packet)
         if formula is None:
             ns = getattr(func, "namespace", "aten")
             if ns not in ("aten", "prim", "prims"):
@@ -565,6 +571,42 @@ def _register_sparsekern_ops() -> None:
 
 
 _register_sparsekern_ops()
+
+
+# --------------------------------------------------------------------------- attention
+#: The forward kernels of ``torch.nn.functional.scaled_dot_product_attention``.
+_ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(torch.ops.aten, name))
+
+
+def attention_flops(q_shape: Shape, k_shape: Shape, v_shape: Shape, causal: bool) -> int:
+    """FLOPs of ``softmax(q k^T) v`` for q (..., Tq, E), k (..., Tk, E), v (..., Tk, E_v): ``2 (E + E_v)`` per
+    (query, key) pair, per leading index (batch x heads); with ``causal`` (top-left aligned, torch's
+    ``is_causal``) only the pairs i >= j count."""
+    *lead, t_q, e = q_shape
+    t_k, e_v = k_shape[-2], v_shape[-1]
+    if causal:
+        full = min(t_q, t_k)  # rows 0..full-1 see i + 1 keys, the rest all t_k
+        pairs = full * (full + 1) // 2 + (t_q - full) * t_k
+    else:
+        pairs = t_q * t_k
+    n = 1
+    for d in lead:
+        n *= int(d)
+    return 2 * n * pairs * (int(e) + int(e_v))
+
+
+def _attention_formula(func: Any) -> Callable[..., int]:
+    names = [a.name for a in func._schema.arguments]
+
+    def formula(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        bound = {**dict(zip(names, args)), **kwargs}
+        return attention_flops(bound["query"].shape, bound["key"].shape, bound["value"].shape,
+                               bool(bound.get("is_causal", False)))
+
+    return formula
 
 
 # --------------------------------------------------------------------------- helpers

@@ -180,6 +180,31 @@ def test_linear_on_3d_input_and_matmul_attribution() -> None:
     assert r.layers[""].kind == "bmm+mm"  # Attention has children: kind names the ops
 
 
+class FusedAttention(nn.Module):
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t_q,t_k", [(7, 7), (5, 9), (9, 4), (1, 6)])
+def test_fused_attention_counts_the_pairs_it_computes(causal: bool, t_q: int, t_k: int) -> None:
+    b, h, e, e_v = 2, 3, 8, 8  # equal head dims: torch runs its fused kernel (its math fallback is counted as
+    # the matmuls it runs, every pair)
+    q, k, v = torch.randn(b, h, t_q, e), torch.randn(b, h, t_k, e), torch.randn(b, h, t_k, e_v)
+    mask = torch.ones(t_q, t_k, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()  # torch's is_causal: query i sees keys 0..i
+    pairs = int(mask.sum())
+    expected = 2 * b * h * pairs * (e + e_v)  # q k^T over the pairs, then the weights times v
+    assert flops(FusedAttention(causal).eval(), (q, k, v)).total == expected
+    if not causal:  # explicit matmuls count the same
+        assert torch_total(FusedAttention(False), q, k, v) in (0, expected)
+
+
 def test_module_called_twice_counts_both_calls() -> None:
     model = TwiceNet().eval()
     x = torch.randn(3, 8)
