@@ -19,6 +19,13 @@ Passes (names for :func:`apply`):
   shape. Activations stay NHWC (``view`` becomes ``reshape``); the result's ``sk_backends`` maps each conv to
   its backend. Needs ``example_inputs``; run ``"fold_bn"`` first. Other batch sizes still run correctly
   (oneDNN may then reorder).
+* ``"onednn_linear"``: the CPU inference path of linear layers (:mod:`sparsekern.onednn_linear`): ``nn.Linear``
+  and the low-rank and feature-selecting layers of compiled FLOP models become oneDNN matmuls with weights
+  prepacked once, fusing the GELU, ReLU or residual add that follows (or torch's / sparsekern's kernel where
+  measured faster); dropout is removed. Needs ``example_inputs``.
+* ``"attention"``: ``scaled_dot_product_attention`` calls without mask or dropout run by
+  :func:`sparsekern.ops.attention` (causal tiles above the diagonal skipped) where measured faster than torch's
+  kernel (:mod:`sparsekern.attention_pass`). Needs ``example_inputs``.
 * ``"freeze"``: TorchScript-script the model, freeze it and run ``torch.jit.optimize_for_inference``:
   constants folded, conv weights prepacked once into oneDNN's blocked layout, conv+add+relu fused. On CPU
   this removes the per-call weight reorder and primitive set-up that dominate small batches. It must be
@@ -35,24 +42,13 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from sparsekern.channel_rules import node_has_tag
-from sparsekern.graph import keep_attributes, symbolic_trace
-from sparsekern.tuning import ConvCall, ConvTuner, current_tuner, use_tuner
+from sparsekern.attention_pass import attention
+from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, single_user
+from sparsekern.onednn_linear import onednn_linear
+from sparsekern.tuning import ConvCall, Tuner, current_tuner, use_tuner
 
-__all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "freeze", "PASSES", "DEVICE_PASSES"]
-
-
-def _as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
-    """``model`` as a GraphModule the pass may modify: a copy unless ``inplace`` (a traced plain module
-    shares its submodules with ``model``)."""
-    if not inplace:
-        model = copy.deepcopy(model)
-    if isinstance(model, torch.fx.GraphModule):
-        return model
-    gm = symbolic_trace(model)
-    gm.train(model.training)
-    keep_attributes(gm, **{a: getattr(model, a) for a in ("sk_plan", "sk_arch", "sk_compile") if hasattr(model, a)})
-    return gm
+__all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "onednn_linear", "attention",
+           "freeze", "PASSES", "DEVICE_PASSES"]
 
 
 @torch.no_grad()
@@ -76,7 +72,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModule:
     called more than once (shared weights) is left unfolded. Returns a GraphModule (``model`` itself,
     modified, only with ``inplace=True`` when it already is one).
     """
-    gm = _as_graph_module(model, inplace)
+    gm = as_graph_module(model, inplace)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -113,7 +109,7 @@ def channels_last(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphM
 
     The input conversion is a graph op, so it is part of the model (the caller keeps passing NCHW).
     """
-    gm = _as_graph_module(model, inplace)
+    gm = as_graph_module(model, inplace)
     gm.to(memory_format=torch.channels_last)
     _channels_last_inputs(gm)
     gm.graph.lint()
@@ -143,19 +139,6 @@ def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("_to_channels_last")
 
 
-def _is(node: torch.fx.Node, tag: str, modules: dict[str, nn.Module]) -> bool:
-    """``node`` calls an op whose channel rule carries ``tag`` (``"add"``: a plain two-operand add, no alpha)."""
-    if not node_has_tag(node, modules, tag):
-        return False
-    if node.op == "call_module":
-        return True
-    return not node.kwargs.get("alpha") and (len(node.args) < 3 or tag != "add")
-
-
-def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _fusable_chain(
     conv: torch.fx.Node, modules: dict[str, nn.Module]
 ) -> tuple[list[torch.fx.Node], str | None, torch.fx.Node | None]:
@@ -164,8 +147,8 @@ def _fusable_chain(
     Returns (chain of nodes starting at ``conv``, ``"relu"`` or None, the add's other operand or None).
     """
     chain, unary, other = [conv], None, None
-    user = _single_user(conv)
-    if user is not None and _is(user, "add", modules) and len(user.args) == 2:
+    user = single_user(conv)
+    if user is not None and calls_tagged(user, "add", modules) and len(user.args) == 2:
         a, b = user.args
         candidate = b if a is conv else a
         cm = candidate.meta.get("tensor_meta") if isinstance(candidate, torch.fx.Node) else None
@@ -173,8 +156,8 @@ def _fusable_chain(
         if candidate is not conv and cm is not None and om is not None and cm.shape == om.shape and cm.dtype == om.dtype:
             chain.append(user)
             other = candidate
-            user = _single_user(user)
-    if user is not None and user is not chain[-1] and _is(user, "relu", modules):
+            user = single_user(user)
+    if user is not None and user is not chain[-1] and calls_tagged(user, "relu", modules):
         chain.append(user)
         unary = "relu"
     return chain, unary, other
@@ -189,12 +172,12 @@ def onednn_weight(weight: torch.Tensor, padding: Sequence[int], stride: Sequence
 
 
 def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
-           tuner: ConvTuner | None = None) -> torch.fx.GraphModule:
+           tuner: Tuner | None = None) -> torch.fx.GraphModule:
     """Prepacked, fused oneDNN convolutions, or the direct convolution where it measured faster (see the module
     docstring); the result is for inference and records each conv's backend in ``sk_backends``."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = _as_graph_module(model, inplace).eval()
+    gm = as_graph_module(model, inplace).eval()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
@@ -215,12 +198,12 @@ def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    keep_attributes(gm, sk_backends=backends)
+    merge_backends(gm, backends)
     return gm
 
 
 def _fuse_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, conv: nn.Conv2d, in_shape: tuple[int, ...],
-               modules: dict[str, nn.Module], count: int, tuner: ConvTuner) -> str:
+               modules: dict[str, nn.Module], count: int, tuner: Tuner) -> str:
     """Replace ``conv`` [-> add] [-> relu] by one call of the backend ``tuner`` picks; return its name."""
     chain, unary, other = _fusable_chain(node, modules)
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation))
@@ -266,7 +249,7 @@ def _prepared_direct(conv: nn.Conv2d, in_shape: tuple[int, ...], relu: bool) -> 
 
 
 def _choose_backend(conv: nn.Conv2d, in_shape: tuple[int, ...], packed: torch.Tensor, bias: torch.Tensor | None,
-                    direct: nn.Module, residual: bool, relu: bool, tuner: ConvTuner) -> str:
+                    direct: nn.Module, residual: bool, relu: bool, tuner: Tuner) -> str:
     """``"onednn"`` or ``"direct"`` for this conv on NHWC inputs of ``in_shape``: the tuner times both calls as
     the graph would make them, on random data of the layer's shapes (or answers from its table)."""
     x = torch.randn(in_shape).contiguous(memory_format=torch.channels_last)
@@ -298,9 +281,11 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
     "fold_bn": fold_bn,
     "channels_last": channels_last,
     "onednn": onednn,
+    "onednn_linear": onednn_linear,
+    "attention": attention,
     "freeze": freeze,
 }
-_NEEDS_INPUTS = {"onednn"}
+_NEEDS_INPUTS = {"onednn", "onednn_linear", "attention"}
 
 
 def register_pass(name: str, fn: Callable[..., nn.Module], *, needs_inputs: bool = False,
@@ -344,18 +329,21 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
 
 
 #: The inference path :func:`optimize` takes per device type.
-DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn"), "cuda": ("fold_bn", "channels_last")}
+DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn", "onednn_linear", "attention"), "cuda": ("fold_bn", "channels_last")}
 
 
 def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu",
-             tuner: ConvTuner | None = None) -> nn.Module:
+             tuner: Tuner | None = None) -> nn.Module:
     """The best inference path sparsekern has for ``device``, for any model, dense or compiled (give the dense
     baseline the same call): a copy of ``model`` after :data:`DEVICE_PASSES` ``[device]``.
 
-    On CPU that is BatchNorm folding and the ``onednn`` pass: every conv with its ReLU or residual add fused,
-    run by oneDNN (weights prepacked for ``example_inputs``' shapes) or by the direct convolution, whichever
-    ``tuner`` (default :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's
-    ``sk_backends`` names each conv's choice. ``model`` is not modified.
+    On CPU that is BatchNorm folding, the ``onednn`` pass (every conv with its ReLU or residual add fused, run by
+    oneDNN with weights prepacked for ``example_inputs``' shapes or by the direct convolution) and the
+    ``onednn_linear`` pass (every linear or low-rank layer with its GELU, ReLU or residual add fused, run by
+    oneDNN's prepacked matmuls or by torch's or sparsekern's kernel) and the ``attention`` pass (attention by
+    torch's kernel or sparsekern's), each kernel the one ``tuner`` (default
+    :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's ``sk_backends`` names
+    each layer's choice. ``model`` is not modified.
     """
     if device not in DEVICE_PASSES:
         raise ValueError(f"optimize: no inference path for device {device!r}; known: {sorted(DEVICE_PASSES)}")

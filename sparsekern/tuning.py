@@ -1,30 +1,31 @@
-"""Per-layer kernel choice by measurement: for each convolution of a model and its actual input shape, which of
-oneDNN's prepacked call and sparsekern's direct convolution (:func:`sparsekern.ops.fused_conv2d`) runs it.
+"""Per-layer kernel choice by measurement: for each layer of a model and its actual input shape, which kernel
+runs it.
 
-Neither wins everywhere on a CPU: oneDNN's kernels vectorise over channels and run wide layers near peak, while
-the direct convolution vectorises over output pixels and keeps the SIMD lanes of narrow layers busy. Which is
-faster depends on the channel counts, the map size, the batch, the epilogue, the layout and the threads, so the
-choice is made by timing both on the layer's own shapes, once per :class:`ConvCall` (like
-``torch.backends.cudnn.benchmark``), and remembered.
+Neither kernel wins everywhere on a CPU. For a convolution (:class:`ConvCall`), oneDNN's kernels vectorise over
+channels and run wide layers near peak, while sparsekern's direct convolution
+(:func:`sparsekern.ops.fused_conv2d`) vectorises over output pixels and keeps the SIMD lanes of narrow layers
+busy. For a linear or low-rank layer (:class:`LinearCall`), oneDNN's prepacked matmuls against torch's BLAS call
+or sparsekern's fused low-rank kernel (:func:`sparsekern.ops.lowrank_linear`). For an attention
+(:class:`AttentionCall`), torch's ``scaled_dot_product_attention`` against :func:`sparsekern.ops.attention`.
+Which is faster depends on the
+shapes, the epilogue, the layout, the threads and the CPU's vendor, so the choice is made by timing the
+candidates on the layer's own shapes, once per call (like ``torch.backends.cudnn.benchmark``), and remembered.
 
-A :class:`ConvTuner` holds the timings: a call found in its ``table`` is decided from the table (so a choice is
+A :class:`Tuner` holds the timings: a call found in its ``table`` is decided from the table (so a choice is
 deterministic given the table, and a table can be saved and reused), a new call is timed when ``measure`` is on
-and otherwise gets ``fallback``. The ``onednn`` inference pass (:mod:`sparsekern.passes`) asks
-:func:`current_tuner`; :func:`use_tuner` replaces it for a block of code. Dense and pruned models get the same
-treatment, so a kernel that also speeds up dense layers does not inflate a pruned model's efficiency.
+and otherwise gets ``fallback``. The ``onednn``, ``onednn_linear`` and ``attention`` inference passes
+(:mod:`sparsekern.passes`) ask :func:`current_tuner`; :func:`use_tuner` replaces it for a block of code. Dense
+and pruned models get the same treatment, so a kernel that also speeds up dense layers does not inflate a pruned model's efficiency.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 
-__all__ = ["ConvCall", "ConvTuner", "BACKENDS", "current_tuner", "use_tuner"]
-
-#: The choices for a convolution: oneDNN's prepacked call, or the direct convolution.
-BACKENDS = ("onednn", "direct")
+__all__ = ["AttentionCall", "Call", "ConvCall", "LinearCall", "Tuner", "current_tuner", "use_tuner"]
 
 
 @dataclass(frozen=True)
@@ -45,30 +46,69 @@ class ConvCall:
 
     def key(self) -> str:
         """A string form for JSON tables."""
-        return "|".join(f"{k}={v}" for k, v in asdict(self).items())
+        return "conv|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
-class ConvTuner:
-    """Decides, per :class:`ConvCall`, which backend of :data:`BACKENDS` runs it (module docstring).
+@dataclass(frozen=True)
+class LinearCall:
+    """What decides which kernel runs a linear or low-rank layer fastest: the input shape (..., in), the weight
+    shapes ((out, in) for a dense layer; (r, in) and (out, r) for a low-rank one), the bias, the fused epilogue
+    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"add"``) and torch's intra-op thread count."""
+
+    input_shape: tuple[int, ...]
+    weight_shapes: tuple[tuple[int, ...], ...]
+    bias: bool
+    epilogue: str
+    threads: int
+
+    def key(self) -> str:
+        """A string form for JSON tables."""
+        return "linear|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What decides which kernel runs an attention fastest: the q (B, H, T_q, E), k (B, H, T_k, E) and
+    v (B, H, T_k, E_v) shapes, the causal mask and torch's intra-op thread count."""
+
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    causal: bool
+    threads: int
+
+    def key(self) -> str:
+        """A string form for JSON tables."""
+        return "attention|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+#: A call a :class:`Tuner` decides.
+Call = Union[ConvCall, LinearCall, AttentionCall]
+
+
+class Tuner:
+    """Decides, per call (:class:`ConvCall`, :class:`LinearCall`), which of the candidate kernels runs it
+    (module docstring).
 
     Args:
         table: known timings, ``{call: {backend: seconds}}``; new measurements are added to it.
         measure: time a call the table does not have (else answer ``fallback``).
-        fallback: the answer for an unknown call when not measuring.
+        fallback: the answer for an unknown call when not measuring (``"onednn"``, the candidate every pass
+            offers; the first candidate where it is not one).
         warmup, repeats: untimed and timed interleaved runs of each candidate; the median decides.
     """
 
-    def __init__(self, table: Mapping[ConvCall, Mapping[str, float]] | None = None, *, measure: bool = True,
+    def __init__(self, table: Mapping[Call, Mapping[str, float]] | None = None, *, measure: bool = True,
                  fallback: str = "onednn", warmup: int = 3, repeats: int = 15) -> None:
-        if fallback not in BACKENDS:
-            raise ValueError(f"ConvTuner: fallback must be one of {BACKENDS}, got {fallback!r}")
-        self.table: dict[ConvCall, dict[str, float]] = {k: dict(v) for k, v in (table or {}).items()}
+        if not isinstance(fallback, str) or not fallback:
+            raise ValueError(f"Tuner: fallback must name a backend, got {fallback!r}")
+        self.table: dict[Call, dict[str, float]] = {k: dict(v) for k, v in (table or {}).items()}
         self.measure = measure
         self.fallback = fallback
         self.warmup = warmup
         self.repeats = repeats
 
-    def choose(self, call: ConvCall, candidates: Mapping[str, Callable[[], Any]]) -> str:
+    def choose(self, call: Call, candidates: Mapping[str, Callable[[], Any]]) -> str:
         """The backend for ``call`` among ``candidates`` (name -> a function running it once on the call's
         shapes; with one candidate, that one). Ties go to the first candidate."""
         if len(candidates) == 1:
@@ -95,16 +135,16 @@ class ConvTuner:
         return {call.key(): dict(times) for call, times in self.table.items()}
 
 
-_CURRENT: list[ConvTuner] = [ConvTuner()]
+_CURRENT: list[Tuner] = [Tuner()]
 
 
-def current_tuner() -> ConvTuner:
+def current_tuner() -> Tuner:
     """The tuner the inference passes use (a measuring one, shared by the process, unless replaced)."""
     return _CURRENT[-1]
 
 
 @contextlib.contextmanager
-def use_tuner(tuner: ConvTuner) -> Iterator[ConvTuner]:
+def use_tuner(tuner: Tuner) -> Iterator[Tuner]:
     """Make ``tuner`` the :func:`current_tuner` inside the block."""
     _CURRENT.append(tuner)
     try:

@@ -37,9 +37,9 @@ torch.backends.mkldnn.enabled = False
 def _no_kernel_timing():
     """No clock in tests: the ``onednn`` pass's per-layer kernel choice (:mod:`sparsekern.tuning`) answers
     oneDNN for any layer it has no timing for, instead of timing it; tests of the choice inject tables."""
-    from sparsekern.tuning import ConvTuner, use_tuner
+    from sparsekern.tuning import Tuner, use_tuner
 
-    with use_tuner(ConvTuner(measure=False)):
+    with use_tuner(Tuner(measure=False)):
         yield
 
 

@@ -1,0 +1,45 @@
+"""fx helpers the inference passes share: the graph module a pass rewrites and the patterns it fuses."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from sparsekern.channel_rules import node_has_tag
+from sparsekern.graph import keep_attributes, symbolic_trace
+
+__all__ = ["as_graph_module", "single_user", "calls_tagged", "merge_backends"]
+
+
+def as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
+    """``model`` as a GraphModule the pass may modify: a copy unless ``inplace`` (a traced plain module
+    shares its submodules with ``model``)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    gm = symbolic_trace(model)
+    gm.train(model.training)
+    keep_attributes(gm, **{a: getattr(model, a) for a in ("sk_plan", "sk_arch", "sk_compile") if hasattr(model, a)})
+    return gm
+
+
+def single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The one node that uses ``node``, or None when it has none or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def calls_tagged(node: torch.fx.Node, tag: str, modules: dict[str, nn.Module]) -> bool:
+    """``node`` calls an op whose channel rule carries ``tag`` (``"add"``: a plain two-operand add, no alpha)."""
+    if not node_has_tag(node, modules, tag):
+        return False
+    if node.op == "call_module":
+        return True
+    return not node.kwargs.get("alpha") and (len(node.args) < 3 or tag != "add")
+
+
+def merge_backends(gm: torch.fx.GraphModule, backends: dict[str, str]) -> None:
+    """Record ``backends`` (layer name -> kernel) in ``gm.sk_backends``, next to what earlier passes recorded."""
+    keep_attributes(gm, sk_backends={**getattr(gm, "sk_backends", {}), **backends})
