@@ -58,6 +58,13 @@ auto sru_backward_binding() {
   };
 }
 
+auto attention_binding() {
+  return [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale, at::Tensor o) {
+    pybind11::gil_scoped_release no_gil;
+    sparsekern::cpu::attention_cpu(q, k, v, causal, scale, o);
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -66,6 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_linear_cpu", lowrank_binding(&sparsekern::cpu::lowrank_linear_cpu));
   m.def("sru_recurrence_cpu", sru_binding());
   m.def("sru_recurrence_backward_cpu", sru_backward_binding());
+  m.def("attention_cpu", attention_binding());
 #ifdef SPARSEKERN_WITH_CUDA
   m.def("channel_skip_conv2d_cuda", conv_binding(&sparsekern::cuda::channel_skip_conv2d_cuda));
   m.def("lowrank_linear_cuda", lowrank_binding(&sparsekern::cuda::lowrank_linear_cuda));

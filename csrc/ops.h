@@ -36,6 +36,12 @@ void sru_recurrence_backward_cpu(const at::Tensor& grad_h, const at::Tensor& u, 
                                  const at::Tensor& b_r, at::Tensor& grad_u, at::Tensor& grad_x,
                                  at::Tensor& grad_params);
 
+// sparsekern.ops.attention: o = softmax(scale q k^T, causal: query i sees keys 0..i) v with q (B, H, T_q, E),
+// k (B, H, T_k, E), v (B, H, T_k, E_v) and o (B, H, T_q, E_v), float32, any strides with unit stride along the last
+// dimension.
+void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+                   at::Tensor& o);
+
 }  // namespace cpu
 
 #ifdef SPARSEKERN_WITH_CUDA

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -45,6 +47,29 @@ inline Vec vload_mask(const float* p, uint32_t lanes) { return {_mm512_maskz_loa
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vrelu(Vec a) { return {_mm512_max_ps(_mm512_setzero_ps(), a.v)}; }  // NaN stays NaN, as torch.relu
+inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline float hmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+inline float hsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
+// exp(a - m) for a <= m (softmax): exact 0 below exp's float range, a degree-6 polynomial on the reduced
+// argument otherwise (relative error ~2 ulp, the Cephes expf coefficients)
+inline Vec vexp_shifted(Vec a, Vec m) {
+  const __m512 x = _mm512_sub_ps(a.v, m.v);
+  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  return {_mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n))};
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SPARSEKERN_SIMD 256
 constexpr int kL = 8;
@@ -64,6 +89,36 @@ inline Vec vload_mask(const float* p, uint32_t lanes) { return {_mm256_maskload_
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec vrelu(Vec a) { return {_mm256_max_ps(_mm256_setzero_ps(), a.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline float hmax(Vec a) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+inline float hsum(Vec a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline Vec vexp_shifted(Vec a, Vec m) {  // as the AVX-512 version; 2^n built in the exponent bits
+  const __m256 x = _mm256_sub_ps(a.v, m.v);
+  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  return {_mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))};
+}
 #else
 #define SPARSEKERN_SIMD 0
 constexpr int kL = 4;
@@ -94,6 +149,20 @@ inline Vec vadd(Vec a, Vec b) {
 }
 inline Vec vrelu(Vec a) {
   for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] < 0.f ? 0.f : a.v[i];
+  return a;
+}
+inline Vec vmul(Vec a, Vec b) {
+  for (int i = 0; i < 4; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+inline Vec vmax(Vec a, Vec b) {
+  for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] < b.v[i] ? b.v[i] : a.v[i];
+  return a;
+}
+inline float hmax(Vec a) { return std::max(std::max(a.v[0], a.v[1]), std::max(a.v[2], a.v[3])); }
+inline float hsum(Vec a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
+inline Vec vexp_shifted(Vec a, Vec m) {
+  for (int i = 0; i < 4; ++i) a.v[i] = std::exp(a.v[i] - m.v[i]);
   return a;
 }
 #endif

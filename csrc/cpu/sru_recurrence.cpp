@@ -48,7 +48,7 @@ constexpr int kBlock = kVecs * kL;    // channels per task: 64 (AVX-512), 32 (AV
 constexpr uint32_t kAll = (1u << kL) - 1u;
 constexpr int64_t kGroup = 16;        // tasks a thread steps through time together (their loads overlap)
 
-inline Vec vmul(Vec a, Vec b) { return vfma(a, b, vzero()); }
+using sparsekern::cpu::vmul;
 inline Vec vsub(Vec a, Vec b) { return vfma(b, vset1(-1.f), a); }  // a - b
 
 // exp(x) to ~1 ulp for x in [-87.3, 88.3] (clamped outside; NaN stays NaN): x = n ln2 + r with |r| <= ln2 / 2,

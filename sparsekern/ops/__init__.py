@@ -8,18 +8,19 @@ shapes shared by validation, fakes and kernels.
 from __future__ import annotations
 
 from sparsekern.ops import reference
+from sparsekern.ops.attention import attention
 from sparsekern.ops.backend import Backend, Dispatch, NoBackendError
 from sparsekern.ops.channel_skip_conv2d import channel_skip_conv2d
 from sparsekern.ops.fused_conv2d import fused_conv2d
 from sparsekern.ops.lowrank_linear import lowrank_linear
 from sparsekern.ops.sru_recurrence import sru_recurrence
 
-__all__ = ["channel_skip_conv2d", "fused_conv2d", "lowrank_linear", "sru_recurrence", "reference", "Backend", "Dispatch",
+__all__ = ["attention", "channel_skip_conv2d", "fused_conv2d", "lowrank_linear", "sru_recurrence", "reference", "Backend", "Dispatch",
            "NoBackendError", "dispatch_of"]
 
 
 def dispatch_of(op: str) -> Dispatch:
-    """The :class:`Dispatch` of ``op`` (``"channel_skip_conv2d"``, ``"fused_conv2d"``, ``"lowrank_linear"`` or
+    """The :class:`Dispatch` of ``op`` (``"attention"``, ``"channel_skip_conv2d"``, ``"fused_conv2d"``, ``"lowrank_linear"`` or
     ``"sru_recurrence"``)."""
     import importlib
 
