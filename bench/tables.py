@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from sparsekern.bench.models import summary_table
+from sparsekern.bench.models import lm_table, summary_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -82,6 +82,12 @@ def models_table(results: Path = RESULTS) -> Table:
     """Dense vs compiled zoo models (``cpu.json``, ``results``), one row per case."""
     doc = _load("cpu.json", results)
     return Table("models", "cpu.json", _source("cpu.json", doc["command"], "`results`") + "\n\n" + summary_table(doc))
+
+
+def lm_models_table(results: Path = RESULTS) -> Table:
+    """Dense vs FLOP-compiled language models at real sizes (``cpu.json``, ``lm``), one row per case."""
+    doc = _load("cpu.json", results)["lm"]
+    return Table("lm_models", "cpu.json", _source("cpu.json", doc["command"], "`lm`") + "\n\n" + lm_table(doc))
 
 
 # -- cpu.json: channel_skip_conv2d -----------------------------------------------------------------------------
@@ -300,7 +306,7 @@ def flop_table(results: Path = RESULTS) -> Table:
 # -- all -------------------------------------------------------------------------------------------------------
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
-    models_table, channel_skip_table, lowrank_table, sanp_table, static_methods_tables, flop_table)
+    models_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table, static_methods_tables, flop_table)
 
 
 def tables(results: Path = RESULTS) -> list[Table]:

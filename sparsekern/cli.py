@@ -100,6 +100,8 @@ CASE_FLAGS = {"ratio": [0.3, 0.5], "batch": [1, 8], "size": 224, "scope": "all",
 
 def _bench_models(args: argparse.Namespace) -> int:
     given = [k for k in CASE_FLAGS if getattr(args, k) is not None]
+    if args.model and args.set:
+        raise UsageError("--set runs a built-in set of cases; drop it to define cases with --model")
     if given and not args.model:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UsageError(f"{flags} defines the cases of --model NAME; pass --model, or drop it to run the "
@@ -120,16 +122,17 @@ def _bench_models(args: argparse.Namespace) -> int:
     if args.plot:
         check_file_out(args.plot, "--plot")
 
-    from sparsekern.bench.models import STANDARD_CASES, Case, run_suite, summary_table
+    from sparsekern.bench.models import LM_CASES, STANDARD_CASES, Case, lm_table, run_suite, summary_table
 
     if args.model:
         cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None, passes=p)
                  for p in paths for b in args.batch for r in args.ratio]
     else:
-        cases = list(STANDARD_CASES)
+        cases = list(LM_CASES if args.set == "lm" else STANDARD_CASES)
     doc = run_suite(cases, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                    per_layer=args.per_layer, out=args.out, progress=not args.no_progress)
-    print(summary_table(doc))
+                    per_layer=args.per_layer, out=args.out, part="lm" if args.set == "lm" else None,
+                    progress=not args.no_progress)
+    print(lm_table(doc) if args.set == "lm" else summary_table(doc))
     if args.out:
         print(f"wrote {args.out}")
     if args.plot:
@@ -624,6 +627,10 @@ def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argp
     models = bench_sub.add_parser("models", parents=[common],
                                   help="uniform L1-norm pruning of zoo models (default: the standard set)")
     models.add_argument("--model", help="zoo model name; default: the standard ResNet-50/ResNet-56 set")
+    models.add_argument("--set", choices=("standard", "lm"),
+                        help="a built-in set of cases: 'standard' (the default: ResNet-50/56/20, L1-norm pruned) or "
+                             "'lm' (a d_model 768 Transformer and a d_model 1024 SRU, 512 tokens, FLOP low-rank "
+                             "pruned to kept ranks 0.5/0.3/0.15; written under the key 'lm' of --out)")
     models.add_argument("--ratio", type=number(float, low=0, high=1, low_open=True, high_open=True), nargs="+",
                         help="fractions of channels pruned, each in (0, 1) (default 0.3 0.5)")
     models.add_argument("--batch", type=count, nargs="+", help="batch sizes (default 1 8)")

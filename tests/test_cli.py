@@ -125,6 +125,8 @@ KERNELS = ["bench", "kernels", "--op", "lowrank_linear"]
     (["bench", "models", "--batch", "0"], "--batch"),
     (["bench", "models", "--model", "resnet20", "--passes", "fold_bn,nope"], "nope"),
     (["bench", "models", "--batch", "4"], "--model"),  # a case flag the standard set would ignore
+    (["bench", "models", "--set", "lm", "--model", "resnet20"], "--set"),
+    (["bench", "models", "--set", "lm", "--ratio", "0.5"], "--model"),
     (KERNELS + ["--threads", "0"], "--threads"),
     (KERNELS + ["--repeats", "0"], "--repeats"),
     (KERNELS + ["--budget-s", "0"], "--budget-s"),

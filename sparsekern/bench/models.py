@@ -15,9 +15,13 @@ dynamic and low-rank compilers on untrained models (speed does not depend on tra
 * ``method="sanp"``: the SANP form (:mod:`sparsekern.methods.sanp`) of a zoo CNN with random gates (zero-bias,
   random saliency weights: each channel kept for about half the samples), compiled to channel-skipping layers,
   against the plain dense model.
-* ``method="flop"``: a zoo LM factorized (:mod:`sparsekern.methods.flop`) with a fraction ``ratio`` of every
-  layer's rank components gated off, compiled to low-rank layers, against the dense LM; ``size`` is the
-  context (tokens per sequence), inputs are random bytes.
+* ``method="flop"``: a zoo LM factorized (:mod:`sparsekern.methods.flop`, rank ``in * out / (in + out)``, the
+  dense parameter count) with a fraction ``ratio`` of every gated layer's components (rank components, or input
+  features of the SRU's first layer) gated off at random, compiled to low-rank layers, against the dense LM;
+  ``size`` is the context (tokens per sequence), inputs are random bytes, ``model_kwargs`` the LM's size
+  (default d_model 128, 2 layers). :data:`LM_CASES` are the real-size set: a GPT-2-small-like Transformer
+  (d_model 768, 12 heads, 512 tokens, 4 layers) and an SRU of d_model 1024 (4 layers), at kept ranks 0.5,
+  0.3 and 0.15, through ``sk.optimize``'s CPU path.
 
 ``device``/``dtype`` move both models and the input after compiling (GPU cases: e.g. ``"cuda"``, ``"float16"``,
 passes ``("fold_bn", "channels_last")``); ``cuda_graphs`` replays each model from a CUDA graph
@@ -37,6 +41,7 @@ import torch
 from sparsekern.bench.report import BenchReport, compare
 from sparsekern.bench.results import command_line, write_part
 from sparsekern.bench.timing import CudaGraphed, environment
+from sparsekern.passes import DEVICE_PASSES
 
 DEFAULT_PASSES = ("fold_bn", "onednn")
 CPU_PATHS = (("fold_bn", "freeze"), ("fold_bn", "onednn"))
@@ -57,10 +62,12 @@ class Case:
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = False
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
-        label = f"{self.model} {self.method} {self.scope} {self.ratio:.0%} b{self.batch} [{'+'.join(self.passes)}]"
+        model = self.model + (f"({','.join(f'{k}={v}' for k, v in self.model_kwargs)})" if self.model_kwargs else "")
+        label = f"{model} {self.method} {self.scope} {self.ratio:.0%} b{self.batch} [{'+'.join(self.passes)}]"
         if (self.device, self.dtype, self.cuda_graphs) != ("cpu", "float32", False):
             label += f" {self.device} {self.dtype}{' graphs' if self.cuda_graphs else ''} round {self.round_to}"
         return label
@@ -76,6 +83,15 @@ STANDARD_CASES = tuple(
     + [Case(m, r, b, 32, round_to=None) for m, b in (("resnet56", 1), ("resnet20", 64), ("resnet20", 1))
        for r in (0.3, 0.5)]
 )
+
+#: The real-size language models (``sparsekern bench models --set lm``): kept ranks 0.5, 0.3, 0.15 of the
+#: parameter-preserving rank, one 512-token sequence, through ``sk.optimize``'s CPU path.
+LM_SIZES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "transformer_lm": (("d_model", 768), ("layers", 4), ("heads", 12), ("context", 512)),
+    "sru_lm": (("d_model", 1024), ("layers", 4)),
+}
+LM_CASES = tuple(Case(m, r, 1, 512, round_to=None, passes=DEVICE_PASSES["cpu"], method="flop", model_kwargs=kw)
+                 for m, kw in LM_SIZES.items() for r in (0.5, 0.7, 0.85))
 
 
 def run_case(
@@ -137,14 +153,14 @@ def _build_flop(case: Case) -> tuple[torch.nn.Module, torch.nn.Module, torch.Ten
     from sparsekern.methods import flop
     from sparsekern.models import build
 
-    kwargs = {"d_model": 128, "layers": 2, **({"heads": 4, "context": case.size} if case.model == "transformer_lm"
-                                              else {})}
+    kwargs = dict(case.model_kwargs) or {"d_model": 128, "layers": 2,
+                                         **({"heads": 4, "context": case.size} if case.model == "transformer_lm" else {})}
     dense = build(case.model, **kwargs).eval()
     model = flop.factorize(copy.deepcopy(dense), init="random").eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for layer in flop.factorized_layers(model).values():
-            off = torch.randperm(layer.rank, generator=g)[: round(layer.rank * case.ratio)]
+        for layer in flop.gated_layers(model).values():
+            off = torch.randperm(layer.n_gates, generator=g)[: round(layer.n_gates * case.ratio)]
             layer.log_alpha.fill_(10.0)
             layer.log_alpha[off] = -10.0
     x = torch.randint(0, 256, (case.batch, case.size), generator=g)
@@ -162,9 +178,11 @@ def run_suite(
     repeats: int = 50,
     per_layer: bool = False,
     out: str | Path | None = None,
+    part: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``cases``; return (and write to ``out``) ``{"command", "environment", "results"}``.
+    """Run ``cases``; return (and write to ``out``, under its key ``part`` if given) ``{"command", "environment",
+    "results"}``.
 
     Each result is a :meth:`BenchReport.to_dict` plus the case's parameters. The table of each case is
     printed as it finishes.
@@ -176,14 +194,15 @@ def run_suite(
     for case in tqdm(cases, desc="benchmark", disable=not progress, file=sys.stderr):
         report = run_case(case, threads=threads, warmup=warmup, repeats=repeats, per_layer=per_layer)
         print(report.table(), flush=True)
-        results.append({"case": {**case.__dict__, "passes": list(case.passes)}, **report.to_dict()})
+        results.append({"case": {**case.__dict__, "passes": list(case.passes),
+                                 "model_kwargs": dict(case.model_kwargs)}, **report.to_dict()})
     doc = {
         "command": command_line(),
         "environment": {**environment(cases[0].device if cases else "cpu"), "python": platform.python_version()},
         "results": results,
     }
     if out is not None:
-        write_part(out, doc)
+        write_part(out, doc, *([part] if part else []))
     return doc
 
 
@@ -201,5 +220,24 @@ def summary_table(doc: dict[str, Any]) -> str:
             f"{r['dense']['median_ms']:.1f} | "
             f"{r['fast']['median_ms']:.1f} | {r['theoretical_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
             f"{r['efficiency']:.2f} | {spread:.1%} |"
+        )
+    return "\n".join(rows)
+
+
+def lm_table(doc: dict[str, Any]) -> str:
+    """Markdown table (one row per case) of a language-model suite document (:data:`LM_CASES`), as in the README."""
+    rows = [
+        "| model | size | kept rank | tokens | dense ms | compiled ms | theoretical | measured | efficiency | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        c = r["case"]
+        kw = c.get("model_kwargs") or {}
+        size = ", ".join(f"{k} {v}" for k, v in kw.items() if k != "context")
+        spread = max(r["dense"]["spread"], r["fast"]["spread"])
+        rows.append(
+            f"| {c['model']} | {size} | {1 - c['ratio']:.2f} | {c['batch'] * c['size']} | "
+            f"{r['dense']['median_ms']:.1f} | {r['fast']['median_ms']:.1f} | {r['theoretical_speedup']:.2f}x | "
+            f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {spread:.1%} |"
         )
     return "\n".join(rows)

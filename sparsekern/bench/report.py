@@ -62,7 +62,8 @@ class BenchReport:
     Attributes:
         label: free text naming the run (model, plan, ...).
         device: ``"cpu"`` / ``"cuda"``; ``device_name``: CPU model or GPU name.
-        dtype: dtype of the (first floating) input; ``batch``: its dim 0.
+        dtype: dtype of the (first floating) input, or of the dense model's parameters when no input is floating
+            (token ids); ``batch``: the input's dim 0.
         threads: torch intra-op threads used while timing.
         warmup, repeats: untimed and timed interleaved rounds.
         dense_flops, fast_flops: total FLOPs of one forward of each model.
@@ -197,6 +198,8 @@ def compare(
         ValueError: an input is all zeros, or there is no tensor input.
     """
     args, device, dtype, batch = _prepare_inputs(example_inputs, device)
+    if not any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):  # e.g. token ids
+        dtype = next((str(p.dtype).replace("torch.", "") for p in dense.parameters() if p.is_floating_point()), dtype)
     with set_threads(threads), eval_mode(dense), eval_mode(fast):
         n_threads = torch.get_num_threads()
         dense_cost = flops(dense, args)
