@@ -143,8 +143,8 @@ def channel_skip_table(results: Path = RESULTS) -> Table:
 # -- cpu.json: lowrank_linear ----------------------------------------------------------------------------------
 
 def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
-    """Per token range and rank: efficiency of the dispatched lowrank_linear, its spread, and whether the row is
-    within noise (median spread >= NOISE)."""
+    """Per token range and rank: efficiency of the dispatched lowrank_linear (against FLOPs and against the
+    roofline), its spread, and whether the row is within noise (median spread >= NOISE)."""
     part = _load("cpu.json", results)["kernels"][LOWRANK]
     all_tokens = sorted({r["tokens"] for r in part["rows"]})
     large = [t for t in all_tokens if t >= min_tokens]
@@ -155,9 +155,9 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
         groups[(label, r["r"])].append(r)
     labels = [label_large] + [str(t) for t in reversed(all_tokens) if t < min_tokens]
     rows = [
-        "| tokens | r | rows | dispatched to | efficiency, median (min-max) | fused vs two GEMMs, median "
-        "| spread: median (max) | within noise |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tokens | r | rows | dispatched to | efficiency, median (min-max) | vs roofline, median "
+        "| fused vs two GEMMs, median | spread: median (max) | within noise |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label in labels:
         for rank in sorted(r for lab, r in groups if lab == label):
@@ -166,10 +166,11 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
             backends = "/".join(sorted({r["backend"] for r in g}))
             spreads = [_row_spread(r, "dispatch") for r in g]
             fused = statistics.median(r["fused_vs_two_gemm"] for r in g)
+            roof = statistics.median(r["roofline_efficiency"]["dispatch"] for r in g)
             noisy = "yes" if statistics.median(spreads) >= NOISE else "no"
             rows.append(
                 f"| {label} | {rank} | {len(g)} | {backends} | {statistics.median(eff):.2f} ({min(eff):.2f}-"
-                f"{max(eff):.2f}) | {fused:.2f}x | {_spread_cell(spreads)} | {noisy} |")
+                f"{max(eff):.2f}) | {roof:.2f} | {fused:.2f}x | {_spread_cell(spreads)} | {noisy} |")
     text = _source("cpu.json", part["command"], f"`kernels[\"{LOWRANK}\"]`") + "\n\n" + "\n".join(rows)
     return Table("lowrank_linear", "cpu.json", text)
 

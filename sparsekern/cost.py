@@ -86,6 +86,10 @@ __all__ = [
     "SampleFlops",
     "flops",
     "theoretical_speedup",
+    "attention_flops",
+    "roofline_seconds",
+    "linear_bytes",
+    "lowrank_bytes",
     "LAYER_TYPES",
     "is_layer",
 ]
@@ -278,6 +282,24 @@ def theoretical_speedup(dense: FlopReport, pruned: FlopReport) -> float:
     if pruned.skipped_total <= 0:
         raise ValueError("pruned model counts 0 FLOPs; theoretical speedup is undefined")
     return dense.total / pruned.skipped_total
+
+
+def roofline_seconds(flops: float, nbytes: float, peak_flops: float, bandwidth: float) -> float:
+    """The roofline time (Williams, Waterman and Patterson, CACM 2009) of work that does ``flops`` FLOPs and moves
+    ``nbytes`` bytes to or from memory on a machine with ``peak_flops`` FLOP/s and ``bandwidth`` bytes/s: the
+    larger of the compute time and the memory time (s)."""
+    return max(flops / peak_flops, nbytes / bandwidth)
+
+
+def linear_bytes(tokens: int, n_in: int, n_out: int, element_size: int = 4) -> int:
+    """Bytes a dense linear layer must move at least: x (tokens, in) read, W (out, in) and bias read, y written."""
+    return element_size * (tokens * (n_in + n_out) + n_in * n_out + n_out)
+
+
+def lowrank_bytes(tokens: int, n_in: int, n_out: int, rank: int, element_size: int = 4) -> int:
+    """Bytes a low-rank layer ``x Q^T P^T + bias`` must move at least when its rank-r intermediate stays on chip:
+    x read, Q (r, in), P (out, r) and bias read, y written."""
+    return element_size * (tokens * (n_in + n_out) + rank * (n_in + n_out) + n_out)
 
 
 # --------------------------------------------------------------------------- counting

@@ -357,3 +357,19 @@ def test_per_sample_flops_of_dynamic_layers() -> None:
     assert r.per_sample == [2 * 9 * 25 * 2 * 3, 0]  # 2 k^2 H W |in| |out| per sample
     assert r.total == r.skipped_total == 2 * 9 * 25 * 6 and not r.uncounted_ops
     assert torch_total(Skip(), x, m_in, m_out) == r.total  # FlopCounterMode uses the same formula
+
+
+def test_roofline_is_the_slower_of_compute_and_memory() -> None:
+    from sparsekern.cost import linear_bytes, lowrank_bytes, roofline_seconds
+
+    assert roofline_seconds(100.0, 10.0, peak_flops=10.0, bandwidth=100.0) == 10.0  # compute-bound
+    assert roofline_seconds(100.0, 1000.0, peak_flops=10.0, bandwidth=100.0) == 10.0
+    assert roofline_seconds(1.0, 1000.0, peak_flops=10.0, bandwidth=100.0) == 10.0  # memory-bound
+    t, n_in, n_out, r = 8, 64, 32, 4
+    assert linear_bytes(t, n_in, n_out) == 4 * (t * n_in + n_in * n_out + n_out + t * n_out)
+    assert lowrank_bytes(t, n_in, n_out, r, element_size=2) == 2 * (t * n_in + r * n_in + n_out * r + n_out + t * n_out)
+    # one token: the weights dominate, so the roofline speedup is the ratio of the weights moved
+    peak, bw = 1e12, 1e9
+    dense = roofline_seconds(2 * n_in * n_out, linear_bytes(1, n_in, n_out), peak, bw)
+    low = roofline_seconds(2 * r * (n_in + n_out), lowrank_bytes(1, n_in, n_out, r), peak, bw)
+    assert dense / low == pytest.approx(linear_bytes(1, n_in, n_out) / lowrank_bytes(1, n_in, n_out, r))

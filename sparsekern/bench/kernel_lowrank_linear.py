@@ -10,7 +10,12 @@ same random data (never zeros):
   native one, when the extension built) on GPU; ``fused_vs_two_gemm`` = two-GEMM time / best fused time.
 
 Theoretical speedup = ``in out / (r (in + out))`` (FLOPs of dense over FLOPs of the factors); measured speedup
-= dense time / candidate time; efficiency = measured / theoretical (docs/design.md#measuring). CPU candidates are
+= dense time / candidate time; efficiency = measured / theoretical (docs/design.md#measuring). At small ranks
+FLOPs are the wrong yardstick: reading x and writing y cost the same as for the dense layer, so each row also has
+a *roofline* speedup, the ratio of the two layers' roofline times (:func:`sparsekern.cost.roofline_seconds`,
+bytes from :func:`~sparsekern.cost.linear_bytes` and :func:`~sparsekern.cost.lowrank_bytes`), on roofs measured
+in the same run (``roofs``: the best dense FLOP rate of the grid, and the bandwidth of a large copy), and
+``roofline_efficiency`` = measured / roofline speedup. CPU candidates are
 timed interleaved with :func:`~sparsekern.bench.timing.time_interleaved` (median, spread = IQR / median) at
 ``threads`` intra-op threads; GPU candidates with ``triton.testing.do_bench`` (median of back-to-back runs
 between CUDA events, L2 flushed between runs; spread = IQR / median), round-robin over the candidates.
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern.bench.timing import environment, set_threads, time_interleaved
+from sparsekern.cost import linear_bytes, lowrank_bytes, roofline_seconds
 from sparsekern.ops import lowrank_linear, reference
 from sparsekern.ops.lowrank_linear import select_backend, two_gemm
 
@@ -165,9 +171,10 @@ def run(
             ``cases`` still counts all of them).
 
     Returns:
-        ``{"op", "environment", "rows", "cases"}`` (``cases``: rows planned); each row has tokens, in, out, r,
-        theoretical_speedup, the backend the dispatch picked, and per candidate its median ms, speedup and
-        efficiency vs dense, spread and max error relative to the output scale.
+        ``{"op", "environment", "rows", "cases", "roofs"}`` (``cases``: rows planned; ``roofs``: ``peak_flops``
+        and ``bandwidth``, module docstring); each row has tokens, in, out, r, theoretical_speedup,
+        roofline_speedup, the backend the dispatch picked, and per candidate its median ms, speedup, efficiency
+        and roofline_efficiency vs dense, spread and max error relative to the output scale.
     """
     device = torch.device(device).type
     if device == "cuda" and not torch.cuda.is_available():
@@ -186,7 +193,29 @@ def run(
             rows.append(row)
             if progress:
                 print(f"[{i + 1}/{len(cases)}] {_line(row)}", file=sys.stderr, flush=True)
-    return {"op": "lowrank_linear", "environment": env, "rows": rows, "cases": len(cases)}
+        roofs = _roofs(rows, device, dtype) if rows else None
+    if roofs is not None:
+        for row in rows:
+            _add_roofline(row, roofs, torch.tensor([], dtype=dtype).element_size())
+    return {"op": "lowrank_linear", "environment": env, "rows": rows, "cases": len(cases), "roofs": roofs}
+
+
+def _roofs(rows: list[dict[str, Any]], device: str, dtype: torch.dtype) -> dict[str, float]:
+    """The machine's roofs as this run sees them: the best dense FLOP rate of the grid (FLOP/s) and the bandwidth
+    of copying 256 MiB (bytes/s, read + write)."""
+    peak = max(2 * r["tokens"] * r["in"] * r["out"] / (r["ms"]["dense"] / 1e3) for r in rows)
+    src = torch.randn(64 * 2**20, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    timed = time_interleaved({"copy": lambda: dst.copy_(src)}, warmup=2, repeats=10, device=device)["copy"]
+    return {"peak_flops": peak, "bandwidth": 2 * src.numel() * src.element_size() / (timed.median_ms / 1e3)}
+
+
+def _add_roofline(row: dict[str, Any], roofs: dict[str, float], size: int) -> None:
+    t, n_in, n_out, r = row["tokens"], row["in"], row["out"], row["r"]
+    dense = roofline_seconds(2 * t * n_in * n_out, linear_bytes(t, n_in, n_out, size), **roofs)
+    low = roofline_seconds(2 * t * r * (n_in + n_out), lowrank_bytes(t, n_in, n_out, r, size), **roofs)
+    row["roofline_speedup"] = dense / low
+    row["roofline_efficiency"] = {k: v / row["roofline_speedup"] for k, v in row["speedup"].items()}
 
 
 def _line(row: dict[str, Any]) -> str:

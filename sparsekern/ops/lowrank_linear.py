@@ -67,8 +67,8 @@ MAX_FUSED_RANK = 256
 GPU_MIN_FUSED_TOKENS = thresholds.ESTIMATES.lowrank_min_fused_tokens
 #: Fewer tokens than this run MKL's two GEMMs on CPU (the fused kernel's weight packing is not amortised).
 CPU_MIN_FUSED_TOKENS = 64
-#: Larger ranks run MKL's two GEMMs on CPU (wide enough for MKL to run near peak).
-CPU_MAX_FUSED_RANK = 128
+#: Larger ranks run MKL's two GEMMs on CPU (where the fused kernel stopped winning: at r = 1024 and 256 tokens).
+CPU_MAX_FUSED_RANK = 512
 
 
 @dataclass(frozen=True)
