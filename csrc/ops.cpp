@@ -41,20 +41,22 @@ auto lowrank_binding(Kernel kernel) {
   };
 }
 
-auto sru_binding() {
-  return [](const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f, const at::Tensor& v_r,
-            const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor h) {
+template <typename Kernel>
+auto sru_binding(Kernel kernel) {
+  return [kernel](const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f, const at::Tensor& v_r,
+                  const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor h) {
     pybind11::gil_scoped_release no_gil;
-    sparsekern::cpu::sru_recurrence_cpu(u, x, v_f, v_r, b_f, b_r, h);
+    kernel(u, x, v_f, v_r, b_f, b_r, h);
   };
 }
 
-auto sru_backward_binding() {
-  return [](const at::Tensor& grad_h, const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f,
-            const at::Tensor& v_r, const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor grad_u, at::Tensor grad_x,
-            at::Tensor grad_params) {
+template <typename Kernel>
+auto sru_backward_binding(Kernel kernel) {
+  return [kernel](const at::Tensor& grad_h, const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f,
+                  const at::Tensor& v_r, const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor grad_u,
+                  at::Tensor grad_x, at::Tensor grad_params) {
     pybind11::gil_scoped_release no_gil;
-    sparsekern::cpu::sru_recurrence_backward_cpu(grad_h, u, x, v_f, v_r, b_f, b_r, grad_u, grad_x, grad_params);
+    kernel(grad_h, u, x, v_f, v_r, b_f, b_r, grad_u, grad_x, grad_params);
   };
 }
 
@@ -71,11 +73,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern's native kernels; call them through sparsekern.ops";
   m.def("channel_skip_conv2d_cpu", direct_conv_binding());
   m.def("lowrank_linear_cpu", lowrank_binding(&sparsekern::cpu::lowrank_linear_cpu));
-  m.def("sru_recurrence_cpu", sru_binding());
-  m.def("sru_recurrence_backward_cpu", sru_backward_binding());
+  m.def("sru_recurrence_cpu", sru_binding(&sparsekern::cpu::sru_recurrence_cpu));
+  m.def("sru_recurrence_backward_cpu", sru_backward_binding(&sparsekern::cpu::sru_recurrence_backward_cpu));
   m.def("attention_cpu", attention_binding());
 #ifdef SPARSEKERN_WITH_CUDA
   m.def("channel_skip_conv2d_cuda", conv_binding(&sparsekern::cuda::channel_skip_conv2d_cuda));
   m.def("lowrank_linear_cuda", lowrank_binding(&sparsekern::cuda::lowrank_linear_cuda));
+  m.def("sru_recurrence_cuda", sru_binding(&sparsekern::cuda::sru_recurrence_cuda));
+  m.def("sru_recurrence_backward_cuda", sru_backward_binding(&sparsekern::cuda::sru_recurrence_backward_cuda));
 #endif
 }

@@ -57,6 +57,14 @@ void channel_skip_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, con
 void lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
                          const std::optional<at::Tensor>& bias, at::Tensor& y);
 
+// As sru_recurrence_cpu and sru_recurrence_backward_cpu, float32/float16/bfloat16 (grad_params float32).
+void sru_recurrence_cuda(const at::Tensor& u, const at::Tensor& x, const at::Tensor& v_f, const at::Tensor& v_r,
+                         const at::Tensor& b_f, const at::Tensor& b_r, at::Tensor& h);
+void sru_recurrence_backward_cuda(const at::Tensor& grad_h, const at::Tensor& u, const at::Tensor& x,
+                                  const at::Tensor& v_f, const at::Tensor& v_r, const at::Tensor& b_f,
+                                  const at::Tensor& b_r, at::Tensor& grad_u, at::Tensor& grad_x,
+                                  at::Tensor& grad_params);
+
 }  // namespace cuda
 #endif
 

@@ -107,7 +107,8 @@ def _epilogue(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, 
     if calls_tagged(user, "add", modules) and len(user.args) == 2 and not user.kwargs:
         a, b = user.args
         other = b if a is node else a
-        om, um = (other.meta.get("tensor_meta") if isinstance(other, torch.fx.Node) else None), user.meta.get("tensor_meta")
+        om = other.meta.get("tensor_meta") if isinstance(other, torch.fx.Node) else None
+        um = user.meta.get("tensor_meta")
         if other is not node and om is not None and um is not None and om.shape == um.shape and om.dtype == um.dtype:
             return "add", other, user
     return "none", None, node

@@ -329,7 +329,8 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
 
 
 #: The inference path :func:`optimize` takes per device type.
-DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn", "onednn_linear", "attention"), "cuda": ("fold_bn", "channels_last")}
+DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn", "onednn_linear", "attention"),
+                                             "cuda": ("fold_bn", "channels_last")}
 
 
 def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu",

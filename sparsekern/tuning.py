@@ -15,7 +15,8 @@ A :class:`Tuner` holds the timings: a call found in its ``table`` is decided fro
 deterministic given the table, and a table can be saved and reused), a new call is timed when ``measure`` is on
 and otherwise gets ``fallback``. The ``onednn``, ``onednn_linear`` and ``attention`` inference passes
 (:mod:`sparsekern.passes`) ask :func:`current_tuner`; :func:`use_tuner` replaces it for a block of code. Dense
-and pruned models get the same treatment, so a kernel that also speeds up dense layers does not inflate a pruned model's efficiency.
+and pruned models get the same treatment, so a kernel that also speeds up dense layers does not inflate a pruned
+model's efficiency.
 """
 from __future__ import annotations
 

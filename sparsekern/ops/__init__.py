@@ -15,13 +15,13 @@ from sparsekern.ops.fused_conv2d import fused_conv2d
 from sparsekern.ops.lowrank_linear import lowrank_linear
 from sparsekern.ops.sru_recurrence import sru_recurrence
 
-__all__ = ["attention", "channel_skip_conv2d", "fused_conv2d", "lowrank_linear", "sru_recurrence", "reference", "Backend", "Dispatch",
-           "NoBackendError", "dispatch_of"]
+__all__ = ["attention", "channel_skip_conv2d", "fused_conv2d", "lowrank_linear", "sru_recurrence", "reference",
+           "Backend", "Dispatch", "NoBackendError", "dispatch_of"]
 
 
 def dispatch_of(op: str) -> Dispatch:
-    """The :class:`Dispatch` of ``op`` (``"attention"``, ``"channel_skip_conv2d"``, ``"fused_conv2d"``, ``"lowrank_linear"`` or
-    ``"sru_recurrence"``)."""
+    """The :class:`Dispatch` of ``op`` (``"attention"``, ``"channel_skip_conv2d"``, ``"fused_conv2d"``,
+    ``"lowrank_linear"`` or ``"sru_recurrence"``)."""
     import importlib
 
     return importlib.import_module(f"sparsekern.ops.{op}").DISPATCH

@@ -17,13 +17,17 @@ about five small ops per time step. The cost model counts the op as 0 FLOPs, as 
 
 One torch op, ``torch.ops.sparsekern.sru_recurrence`` (with a fake implementation, so ``torch.compile`` and
 ``torch.export`` see it). Its body validates the arguments once (:func:`problem`), allocates the output and runs
-one backend of :data:`DISPATCH`, the first that can run the inputs (``DISPATCH.reasons(...)`` lists every reason
-each refuses them):
+one backend of :data:`DISPATCH`, the first that can run the inputs in the order below (on CPU: ``cpu``, then
+``reference``; ``DISPATCH.reasons(...)`` lists every reason each refuses them):
 
 ==========  ==========================================================================================
+cuda        ``csrc/cuda/sru_recurrence.cuh``: one thread per (batch row, channel) through time, as the
+            paper's kernel (CUDA float32/float16/bfloat16 tensors, computed in float32)
 cpu         ``csrc/cpu/sru_recurrence.cpp``: tasks of one batch row x 64 channels (AVX-512; 32 with AVX2, 16
             without) over torch's intra-op threads, stepped through t in groups of 16 tasks so that their loads
             overlap; the backward recomputes c (CPU float32 tensors)
+triton      :mod:`sparsekern.kernels.triton.sru_recurrence`: a program per (batch row, 128 channels) through
+            time (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1`` when forced)
 reference   :func:`sru_recurrence_reference`, the plain-torch loop (any device; float16/bfloat16 computed in
             float32, float64 in float64)
 ==========  ==========================================================================================
@@ -31,8 +35,9 @@ reference   :func:`sru_recurrence_reference`, the plain-torch loop (any device; 
 Gradients: :func:`sru_recurrence` is differentiable in all six inputs (an autograd function around the op, used
 only when a gradient is needed; once: the backward is not differentiable). Its backward is a second torch op,
 ``torch.ops.sparsekern.sru_recurrence_backward(grad_h, u, x, v_f, v_r, b_f, b_r) -> (grad_u, grad_x,
-grad_params)`` (grad_params (4, d): v_f, v_r, b_f, b_r), with the backends of :data:`BACKWARD`: ``cpu``, the C++
-kernel (CPU float32; it recomputes c in a forward sweep rather than storing it), else ``reference``
+grad_params)`` (grad_params (4, d): v_f, v_r, b_f, b_r), with the backends of :data:`BACKWARD`: ``cuda``,
+``cpu`` and ``triton``, the kernels above (each recomputes c in a forward sweep rather than storing it), else
+``reference``
 (:func:`sru_recurrence_backward_reference`: the same formulas in plain torch, checked against autograd through
 :func:`sru_recurrence_reference`; written out because autograd does not record inside an op under dispatch modes).
 """
@@ -138,15 +143,30 @@ def _contiguous(pr: SRUProblem) -> list[torch.Tensor]:
     return [t.contiguous() for t in (pr.u, pr.x, *pr.params)]
 
 
-def _run_cpu(pr: SRUProblem) -> torch.Tensor:
+def _native_runner(name: str):
+    def run(pr: SRUProblem) -> torch.Tensor:
+        h = pr.new_output()
+        _ext.kernel(name)(*_contiguous(pr), h)
+        return h
+
+    return run
+
+
+def _run_triton(pr: SRUProblem) -> torch.Tensor:
+    from sparsekern.kernels.triton.sru_recurrence import sru_recurrence as launch
+
     h = pr.new_output()
-    _ext.kernel("sru_recurrence_cpu")(*_contiguous(pr), h)
+    launch(*_contiguous(pr), h)
     return h
 
 
 DISPATCH = Dispatch(_OP, problem)
-DISPATCH.register(Backend("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,),
+DISPATCH.register(Backend("cuda", _native_runner("sru_recurrence_cuda"), devices=("cuda",), dtypes=FLOATS,
+                          available=_ext.requirement("sru_recurrence_cuda")))
+DISPATCH.register(Backend("cpu", _native_runner("sru_recurrence_cpu"), devices=("cpu",), dtypes=(torch.float32,),
                           available=_ext.requirement("sru_recurrence_cpu")))
+DISPATCH.register(Backend("triton", _run_triton, devices=("cuda",), dtypes=FLOATS, interpreted=True,
+                          available=_ext.triton_requirement))
 DISPATCH.register(Backend("reference", lambda pr: sru_recurrence_reference(pr.u, pr.x, *pr.params).contiguous(),
                           dtypes=DTYPES))
 
@@ -177,12 +197,23 @@ def backward_problem(grad_h: torch.Tensor, u: torch.Tensor, x: torch.Tensor, v_f
     return SRUBackwardProblem(grad_h, pr)
 
 
-def _run_cpu_backward(pr: SRUBackwardProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, x, *params = _contiguous(pr.forward)
-    gu, gx = torch.empty_like(u), torch.empty_like(x)
-    partial = x.new_empty(4, x.shape[0], x.shape[2])  # per batch row; summed here, deterministic
-    _ext.kernel("sru_recurrence_backward_cpu")(pr.grad_h.contiguous(), u, x, *params, gu, gx, partial)
-    return gu, gx, partial.sum(1)
+def _backward_runner(launch_of: Any):
+    """A backward backend around ``launch(grad_h, u, x, v_f, v_r, b_f, b_r, grad_u, grad_x, partial)``, which
+    writes each batch row's parameter gradients into ``partial`` (4, B, d); summed here, deterministic."""
+    def run(pr: SRUBackwardProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u, x, *params = _contiguous(pr.forward)
+        gu, gx = torch.empty_like(u), torch.empty_like(x)
+        partial = x.new_empty(4, x.shape[0], x.shape[2], dtype=torch.float32)
+        launch_of()(pr.grad_h.contiguous(), u, x, *params, gu, gx, partial)
+        return gu, gx, partial.sum(1).to(x.dtype)
+
+    return run
+
+
+def _triton_backward():
+    from sparsekern.kernels.triton.sru_recurrence import sru_recurrence_backward
+
+    return sru_recurrence_backward
 
 
 def sru_recurrence_backward_reference(grad_h: torch.Tensor, u: torch.Tensor, x: torch.Tensor, v_f: torch.Tensor,
@@ -231,8 +262,13 @@ def _run_reference_backward(pr: SRUBackwardProblem) -> tuple[torch.Tensor, torch
 
 #: Backends of the backward op, which returns grad_u, grad_x and grad_params (4, d) for v_f, v_r, b_f, b_r.
 BACKWARD = Dispatch(f"{_OP}_backward", backward_problem)
-BACKWARD.register(Backend("cpu", _run_cpu_backward, devices=("cpu",), dtypes=(torch.float32,),  # type: ignore
+BACKWARD.register(Backend("cuda", _backward_runner(lambda: _ext.kernel("sru_recurrence_backward_cuda")),  # type: ignore
+                          devices=("cuda",), dtypes=FLOATS, available=_ext.requirement("sru_recurrence_backward_cuda")))
+BACKWARD.register(Backend("cpu", _backward_runner(lambda: _ext.kernel("sru_recurrence_backward_cpu")),  # type: ignore
+                          devices=("cpu",), dtypes=(torch.float32,),
                           available=_ext.requirement("sru_recurrence_backward_cpu")))
+BACKWARD.register(Backend("triton", _backward_runner(_triton_backward),  # type: ignore
+                          devices=("cuda",), dtypes=FLOATS, interpreted=True, available=_ext.triton_requirement))
 BACKWARD.register(Backend("reference", _run_reference_backward, dtypes=DTYPES))  # type: ignore
 
 
@@ -240,7 +276,14 @@ def select_backend(u: torch.Tensor, x: torch.Tensor, v_f: torch.Tensor, v_r: tor
                    b_r: torch.Tensor, *, backend: str | None = None) -> str:
     """Name of the backend :func:`sru_recurrence` runs for these inputs (``backend`` forces one; an error says why
     it cannot run them)."""
-    return DISPATCH.select(problem(u, x, v_f, v_r, b_f, b_r), backend).name
+    pr = problem(u, x, v_f, v_r, b_f, b_r)
+    return DISPATCH.select(pr, backend, _order(pr)).name
+
+
+def _order(pr: SRUProblem | SRUBackwardProblem) -> tuple[str, ...]:
+    """The preferred backends: registration order on GPU; on CPU the C++ kernel, then the reference (Triton's
+    interpreter runs a CPU tensor only when forced)."""
+    return () if pr.device.type == "cuda" else ("cpu", "reference")
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -252,7 +295,8 @@ _LIB.define(f"{_OP}_backward(Tensor grad_h, Tensor u, Tensor x, Tensor v_f, Tens
 
 def _impl(u: torch.Tensor, x: torch.Tensor, v_f: torch.Tensor, v_r: torch.Tensor, b_f: torch.Tensor,
           b_r: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-    return DISPATCH.run(problem(u, x, v_f, v_r, b_f, b_r), backend)
+    pr = problem(u, x, v_f, v_r, b_f, b_r)
+    return DISPATCH.run(pr, backend, _order(pr))
 
 
 def _fake(u, x, v_f, v_r, b_f, b_r, backend=None) -> torch.Tensor:
@@ -261,7 +305,8 @@ def _fake(u, x, v_f, v_r, b_f, b_r, backend=None) -> torch.Tensor:
 
 def _backward_impl(grad_h: torch.Tensor, u: torch.Tensor, x: torch.Tensor, v_f: torch.Tensor, v_r: torch.Tensor,
                    b_f: torch.Tensor, b_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return BACKWARD.run(backward_problem(grad_h, u, x, v_f, v_r, b_f, b_r))  # type: ignore[return-value]
+    pr = backward_problem(grad_h, u, x, v_f, v_r, b_f, b_r)
+    return BACKWARD.run(pr, None, _order(pr))  # type: ignore[return-value]
 
 
 def _backward_fake(grad_h, u, x, v_f, v_r, b_f, b_r) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ def test_reference_follows_the_paper() -> None:
     torch.testing.assert_close(sru_recurrence_reference(*args), _paper(*args), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])  # triton: Triton's interpreter here
 @pytest.mark.parametrize("b,t,d", CASES)
 def test_backend_matches_the_paper(backend, b, t, d) -> None:
     args = _inputs(b, t, d, seed=d)
@@ -127,13 +127,14 @@ def test_float64_gradcheck_through_the_reference() -> None:
 
 @pytest.mark.parametrize("b,t,d", [(2, 5, 4), (1, 1, 3), (3, 0, 2)])
 def test_backward_op_backends_match_reference_autograd(b, t, d) -> None:
-    """Both backward backends against autograd through the float64 reference (float32 inputs, and float64 for the
+    """Every backward backend against autograd through the float64 reference (float32 inputs, and float64 for the
     plain-torch backward); grad_params stacks v_f, v_r, b_f, b_r."""
     args = _inputs(b, t, d, seed=12)
     gh = torch.randn(b, t, d, generator=torch.Generator().manual_seed(13))
     want = _grads(sru_recurrence_reference, [a.double() for a in args], gh.double())
     want = [want[0], want[1], torch.stack(want[2:])]
     for got in (BACKWARD.run(BACKWARD.problem(gh, *args), "cpu"),
+                BACKWARD.run(BACKWARD.problem(gh, *args), "triton"),
                 BACKWARD.run(BACKWARD.problem(gh, *args), "reference"),
                 sru_recurrence_backward_reference(gh.double(), *(a.double() for a in args))):
         for g, w in zip(got, want):
@@ -155,18 +156,19 @@ def test_half_precision_runs_the_reference_in_float32() -> None:
 def test_empty_length_and_batch() -> None:
     for b, t in ((2, 0), (0, 3)):
         args = _inputs(b, t, 6)
-        for backend in ("cpu", "reference"):
+        for backend in ("cpu", "triton", "reference"):
             assert sru_recurrence(*args, backend=backend).shape == (b, t, 6)
 
 
 def test_dispatch() -> None:
     assert dispatch_of("sru_recurrence") is DISPATCH
-    assert DISPATCH.names == ["cpu", "reference"] and BACKWARD.names == ["cpu", "reference"]
+    assert DISPATCH.names == ["cuda", "cpu", "triton", "reference"] == BACKWARD.names
     args = _inputs(1, 2, 4)
     assert select_backend(*args) == "cpu"
     half = [a.half() for a in args]
-    assert select_backend(*half) == "reference"
+    assert select_backend(*half) == "reference"  # triton only when forced on CPU tensors
     assert DISPATCH.reasons(*half)["cpu"] == ["takes float32, got float16"]
+    assert_close_to_scale(sru_recurrence(*half, backend="triton").float(), sru_recurrence_reference(*args), tol=2e-3)
     with pytest.raises(NoBackendError, match="takes float32, got float16"):
         sru_recurrence(*half, backend="cpu")
 
@@ -256,3 +258,21 @@ def test_dtype_and_device_errors() -> None:
         sru_recurrence(u, x.long(), v_f, v_r, b_f, b_r)
     with pytest.raises(ValueError, match="b_f is on meta but x is on cpu"):
         sru_recurrence(u, x, v_f, v_r, b_f.to("meta"), b_r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_forward_and_backward(backend: str, dtype: torch.dtype) -> None:
+    if backend == "cuda" and DISPATCH["cuda"].reasons(DISPATCH.problem(*(a.cuda() for a in _inputs(1, 1, 4)))):
+        pytest.skip("the CUDA extension is unavailable")
+    args = [a.to("cuda", dtype) for a in _inputs(3, 17, 200)]
+    gh = torch.randn(3, 17, 200, device="cuda", dtype=dtype)
+    tol = 2e-6 if dtype == torch.float32 else 2e-2
+    assert_close_to_scale(sru_recurrence(*args, backend=backend).float(),
+                          sru_recurrence_reference(*(a.double() for a in args)).float(), tol=tol)
+    want = sru_recurrence_backward_reference(gh.double(), *(a.double() for a in args))
+    for g, w in zip(BACKWARD.run(BACKWARD.problem(gh, *args), backend), want):
+        assert g.dtype == dtype
+        assert_close_to_scale(g.double(), w, tol=1e-5 if dtype == torch.float32 else 3e-2)
