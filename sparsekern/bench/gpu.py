@@ -5,7 +5,7 @@ it is cut short. It runs the steps of :func:`plan` in order:
 
 1. ``environment``: torch, CUDA runtime, cuDNN, driver, Triton, nvcc and device versions, compute capability.
 2. ``build``: the C++/CUDA extension (every ``csrc/cuda/*.cu`` and ``*.cuh``; ninja, cached) and which native
-   kernels registered; ``warm_kernels``: every GPU backend of both ops once in fp16 (Triton compiles and
+   kernels registered; ``warm_kernels``: every GPU backend of the ops once in fp16 (Triton compiles and
    autotunes), checked against the reference.
 3. ``gpu_tests``: ``pytest -m gpu`` on the test files that hold GPU-marked tests, in a subprocess; its output
    is kept.
@@ -196,10 +196,11 @@ def _build(ctx: Context) -> dict[str, Any]:
 
 
 def _warm_kernels(ctx: Context) -> dict[str, Any]:
-    """Run every GPU backend of both ops once on small fp16 inputs (compile, autotune) and check it."""
+    """Run every GPU backend of the ops once on small fp16 inputs (compile, autotune) and check it."""
     import torch
 
-    from sparsekern.ops import channel_skip_conv2d, lowrank_linear, reference
+    from sparsekern.ops import channel_skip_conv2d, lowrank_linear, reference, sru_recurrence
+    from sparsekern.ops.sru_recurrence import sru_recurrence_reference
 
     g = torch.Generator().manual_seed(0)
     backends = ("triton",) if ctx.dry else ("triton", "cuda")
@@ -215,12 +216,15 @@ def _warm_kernels(ctx: Context) -> dict[str, Any]:
     q = (torch.randn(16, 48, generator=g) / 7).to(**to)
     p = (torch.randn(40, 16, generator=g) / 4).to(**to)
     lb = torch.randn(40, generator=g).to(**to)
+    sru_args = [torch.randn(*shape, generator=g).to(**to) for shape in ((2, 9, 60), (2, 9, 20), *[(20,)] * 4)]
     for backend in backends:
         for op, got, want in (
             ("channel_skip_conv2d", lambda: channel_skip_conv2d(*conv_args, backend=backend),
              lambda: reference.channel_skip_conv2d(*conv_args)),
             ("lowrank_linear", lambda: lowrank_linear(t, q, p, lb, backend=backend),
              lambda: reference.lowrank_linear(t, q, p, lb)),
+            ("sru_recurrence", lambda: sru_recurrence(*sru_args, backend=backend),
+             lambda: sru_recurrence_reference(*sru_args)),
         ):
             key = f"{op}/{backend}/float16"
             start = time.perf_counter()
@@ -333,7 +337,7 @@ def _dry_case(case):  # noqa: ANN001, ANN202
 
     model = case.model if case.method == "flop" else "resnet20"
     return replace(case, model=model, batch=min(case.batch, 2), size=16, device="cpu", dtype="float32",
-                   cuda_graphs=False)
+                   cuda_graphs=False, model_kwargs=())
 
 
 def _model(case_args: dict[str, Any]) -> Callable[[Context], Any]:
@@ -373,6 +377,12 @@ def _plot(ctx: Context) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- the plan
+
+def _lm_sizes() -> dict[str, tuple[tuple[str, Any], ...]]:
+    from sparsekern.bench.models import LM_SIZES
+
+    return LM_SIZES
+
 
 def plan() -> list[Step]:
     """Every step, most informative first (module docstring)."""
@@ -417,6 +427,9 @@ def plan() -> list[Step]:
                          passes=()))),
         Step("flop_sru", "FLOP SRU LM, 50% of ranks off, 8 x 64 tokens, fp16", 20,
              _model(dict(model="sru_lm", method="flop", ratio=0.5, batch=8, size=64, round_to=None, passes=()))),
+        *[Step(f"flop_{m}_real_size", f"FLOP {m} {dict(kw)}, kept rank 0.3, 512 tokens, fp16", 25,
+               _model(dict(model=m, method="flop", ratio=0.7, batch=1, size=512, round_to=None, passes=(),
+                           model_kwargs=kw))) for m, kw in _lm_sizes().items()],
         Step("channel_skip_fp16_resnet18_vgg", "channel_skip_conv2d fp16, ResNet-18 and VGG-16 shapes, keep 0.5", 30,
              _channel_skip("float16", ("resnet18", "vgg16_bn"), (8, 64), (0.5,)), limit_s=GRID_LIMIT_S),
         Step("channel_skip_fp16_keeps", "channel_skip_conv2d fp16, ResNet-50 shapes, keep 0.25/0.75, batch 1/8/64",
