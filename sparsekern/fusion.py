@@ -10,7 +10,7 @@ import torch.nn as nn
 from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import keep_attributes, symbolic_trace
 
-__all__ = ["as_graph_module", "single_user", "calls_tagged", "merge_backends"]
+__all__ = ["as_graph_module", "single_user", "calls_tagged", "merge_backends", "share_prepacked_on_copy"]
 
 
 def as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
@@ -43,3 +43,20 @@ def calls_tagged(node: torch.fx.Node, tag: str, modules: dict[str, nn.Module]) -
 def merge_backends(gm: torch.fx.GraphModule, backends: dict[str, str]) -> None:
     """Record ``backends`` (layer name -> kernel) in ``gm.sk_backends``, next to what earlier passes recorded."""
     keep_attributes(gm, sk_backends={**getattr(gm, "sk_backends", {}), **backends})
+
+
+def share_prepacked_on_copy(gm: torch.fx.GraphModule) -> None:
+    """Let ``copy.deepcopy(gm)`` work when ``gm`` holds oneDNN-prepacked (opaque) weights, which torch cannot copy:
+    a copy shares them with ``gm`` (they are read-only inference constants) and copies everything else."""
+    cls = type(gm)
+    if cls.__qualname__.endswith("GraphModuleImpl"):  # fx gives every GraphModule its own class: only gm changes
+        cls.__deepcopy__ = _deepcopy_sharing_prepacked
+
+
+def _deepcopy_sharing_prepacked(self: torch.fx.GraphModule, memo: dict[int, object]) -> torch.fx.GraphModule:
+    for t in self.buffers():
+        if t.is_mkldnn:
+            memo.setdefault(id(t), t)
+    res = torch.fx.GraphModule.__deepcopy__(self, memo)
+    share_prepacked_on_copy(res)
+    return res

@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, single_user
+from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, share_prepacked_on_copy, single_user
 from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear
 from sparsekern.tuning import LinearCall, Tuner, current_tuner
 
@@ -76,6 +76,7 @@ def onednn_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = Fals
     gm.graph.lint()
     gm.recompile()
     merge_backends(gm, backends)
+    share_prepacked_on_copy(gm)
     return gm
 
 

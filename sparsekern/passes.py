@@ -43,7 +43,7 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.attention_pass import attention
-from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, single_user
+from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, share_prepacked_on_copy, single_user
 from sparsekern.onednn_linear import onednn_linear
 from sparsekern.tuning import ConvCall, Tuner, current_tuner, use_tuner
 
@@ -199,6 +199,7 @@ def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
     gm.graph.lint()
     gm.recompile()
     merge_backends(gm, backends)
+    share_prepacked_on_copy(gm)
     return gm
 
 

@@ -99,3 +99,19 @@ def test_choice_follows_the_table() -> None:
     assert any(n.op == "call_module" and n.target == "a" for n in gm.graph.nodes)  # torch's call stays
     with torch.no_grad():
         assert_close_to_scale(gm(x), model(x))
+
+
+def test_optimized_models_deep_copy_and_take_more_passes() -> None:
+    """Prepacked oneDNN weights are opaque tensors torch cannot copy; an optimized model's copies share them."""
+    torch.manual_seed(0)
+    cnn, image = build("resnet20").eval(), torch.randn(2, 3, 16, 16)
+    lm, tokens = build("transformer_lm", **LMS["transformer_lm"]).eval(), torch.randint(0, 256, (2, 16))
+    with sk.tuning.use_tuner(Tuner(measure=False)):
+        for model, x in ((cnn, image), (lm, tokens)):
+            optimized = sk.optimize(model, x)
+            assert any(b.is_mkldnn for b in optimized.buffers())
+            twice = copy.deepcopy(copy.deepcopy(optimized))
+            again = sk.passes.apply(optimized, ["onednn_linear"], x)  # passes copy their input first
+            with torch.no_grad():
+                for m in (twice, again):
+                    assert_close_to_scale(m(x), model(x))
