@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.fusion import as_graph_module, merge_backends
+from sparsekern.fusion import as_graph_module, finish_rewrite
 from sparsekern.tuning import AttentionCall, Tuner, current_tuner
 
 __all__ = ["attention"]
@@ -61,10 +61,7 @@ def attention(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    merge_backends(gm, backends)
-    return gm
+    return finish_rewrite(gm, backends)
 
 
 def _qualifying_shapes(bound: dict[str, Any]) -> tuple[tuple[int, ...], ...] | None:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from sparsekern.channel_rules import node_has_tag
 from sparsekern.graph import keep_attributes, symbolic_trace
 
-__all__ = ["as_graph_module", "single_user", "calls_tagged", "merge_backends", "share_prepacked_on_copy"]
+__all__ = ["as_graph_module", "single_user", "calls_tagged", "finish_rewrite", "share_prepacked_on_copy"]
 
 
 def as_graph_module(model: nn.Module, inplace: bool) -> torch.fx.GraphModule:
@@ -40,9 +40,17 @@ def calls_tagged(node: torch.fx.Node, tag: str, modules: dict[str, nn.Module]) -
     return not node.kwargs.get("alpha") and (len(node.args) < 3 or tag != "add")
 
 
-def merge_backends(gm: torch.fx.GraphModule, backends: dict[str, str]) -> None:
-    """Record ``backends`` (layer name -> kernel) in ``gm.sk_backends``, next to what earlier passes recorded."""
+def finish_rewrite(gm: torch.fx.GraphModule, backends: dict[str, str]) -> torch.fx.GraphModule:
+    """Close a kernel-choosing pass: drop dead nodes and submodules, check and recompile the graph, record
+    ``backends`` (layer name -> kernel) in ``gm.sk_backends`` next to what earlier passes recorded, and let copies
+    share prepacked weights (:func:`share_prepacked_on_copy`). Returns ``gm``."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
     keep_attributes(gm, sk_backends={**getattr(gm, "sk_backends", {}), **backends})
+    share_prepacked_on_copy(gm)
+    return gm
 
 
 def share_prepacked_on_copy(gm: torch.fx.GraphModule) -> None:

@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, share_prepacked_on_copy, single_user
+from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear
 from sparsekern.tuning import LinearCall, Tuner, current_tuner
 
@@ -71,13 +71,7 @@ def onednn_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = Fals
                 backend = rewrite(_Site(gm, node, layer, tuple(meta.shape), modules, len(backends), tuner))
                 if backend is not None:
                     backends[node.target] = backend
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    merge_backends(gm, backends)
-    share_prepacked_on_copy(gm)
-    return gm
+    return finish_rewrite(gm, backends)
 
 
 def _drop_identities(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> None:

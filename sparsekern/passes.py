@@ -43,7 +43,7 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.attention_pass import attention
-from sparsekern.fusion import as_graph_module, calls_tagged, merge_backends, share_prepacked_on_copy, single_user
+from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.onednn_linear import onednn_linear
 from sparsekern.tuning import ConvCall, Tuner, current_tuner, use_tuner
 
@@ -194,13 +194,7 @@ def onednn(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
             continue
         backends[node.target] = _fuse_conv(gm, node, conv, tuple(meta.shape), modules, len(backends), tuner)
     _channels_last_inputs(gm)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    merge_backends(gm, backends)
-    share_prepacked_on_copy(gm)
-    return gm
+    return finish_rewrite(gm, backends)
 
 
 def _fuse_conv(gm: torch.fx.GraphModule, node: torch.fx.Node, conv: nn.Conv2d, in_shape: tuple[int, ...],

@@ -22,15 +22,24 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Union
 
 import torch
 
 __all__ = ["AttentionCall", "Call", "ConvCall", "LinearCall", "Tuner", "current_tuner", "use_tuner"]
 
 
+class _Keyed:
+    """``key()``: a call's string form for JSON tables, ``kind|field=value|...``."""
+
+    kind: ClassVar[str]
+
+    def key(self) -> str:
+        return self.kind + "|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class ConvCall:
+class ConvCall(_Keyed):
     """What decides which kernel runs a convolution fastest. Shapes as in ``F.conv2d``; ``threads`` is
     torch's intra-op thread count when the call runs."""
 
@@ -45,13 +54,11 @@ class ConvCall:
     channels_last: bool
     threads: int
 
-    def key(self) -> str:
-        """A string form for JSON tables."""
-        return "conv|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
+    kind: ClassVar[str] = "conv"
 
 
 @dataclass(frozen=True)
-class LinearCall:
+class LinearCall(_Keyed):
     """What decides which kernel runs a linear or low-rank layer fastest: the input shape (..., in), the weight
     shapes ((out, in) for a dense layer; (r, in) and (out, r) for a low-rank one), the bias, the fused epilogue
     (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"add"``) and torch's intra-op thread count."""
@@ -62,13 +69,11 @@ class LinearCall:
     epilogue: str
     threads: int
 
-    def key(self) -> str:
-        """A string form for JSON tables."""
-        return "linear|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
+    kind: ClassVar[str] = "linear"
 
 
 @dataclass(frozen=True)
-class AttentionCall:
+class AttentionCall(_Keyed):
     """What decides which kernel runs an attention fastest: the q (B, H, T_q, E), k (B, H, T_k, E) and
     v (B, H, T_k, E_v) shapes, the causal mask and torch's intra-op thread count."""
 
@@ -78,9 +83,7 @@ class AttentionCall:
     causal: bool
     threads: int
 
-    def key(self) -> str:
-        """A string form for JSON tables."""
-        return "attention|" + "|".join(f"{k}={v}" for k, v in asdict(self).items())
+    kind: ClassVar[str] = "attention"
 
 
 #: A call a :class:`Tuner` decides.

@@ -26,7 +26,6 @@ using sparsekern::cpu::kL;
 using sparsekern::cpu::parallel;
 using sparsekern::cpu::Vec;
 using sparsekern::cpu::vexp_shifted;
-using sparsekern::cpu::vfma;
 using sparsekern::cpu::vload;
 using sparsekern::cpu::vmax;
 using sparsekern::cpu::vmul;
@@ -34,31 +33,15 @@ using sparsekern::cpu::vset1;
 using sparsekern::cpu::vstore;
 using sparsekern::cpu::vzero;
 
-#if SPARSEKERN_SIMD == 512
-constexpr int kRows = 12;
-#elif SPARSEKERN_SIMD == 256
-constexpr int kRows = 6;
-#else
-constexpr int kRows = 4;
-#endif
-constexpr int kPanel = 2 * kL;  // keys per tile, and columns of O per register tile
+using sparsekern::cpu::Tile;
 
-using Tile = Vec[kRows][2];
+constexpr int kRows = sparsekern::cpu::kTileRows;
+constexpr int kPanel = sparsekern::cpu::kTileCols;  // keys per tile, and columns of O per register tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// acc[i][:] += sum_{k < K} a[i * lda + k] * b[k * ldb + :]
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
                                                  const float* __restrict b, int64_t ldb, Tile& acc) {
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = vload(b + k * ldb);
-    const Vec b1 = vload(b + k * ldb + kL);
-#pragma GCC unroll 12
-    for (int i = 0; i < kRows; ++i) {
-      const Vec ai = vset1(a[i * lda + k]);
-      acc[i][0] = vfma(ai, b0, acc[i][0]);
-      acc[i][1] = vfma(ai, b1, acc[i][1]);
-    }
-  }
+  sparsekern::cpu::micro_tile(K, a, lda, b, ldb, acc);
 }
 
 struct Head {

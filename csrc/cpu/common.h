@@ -167,6 +167,33 @@ inline Vec vexp_shifted(Vec a, Vec m) {
 }
 #endif
 
+// The register-tile micro-kernel of the GEMM-like kernels (lowrank_linear, attention): kTileRows rows x two
+// vectors of accumulators fill most of the register file.
+#if SPARSEKERN_SIMD == 512
+constexpr int kTileRows = 12;
+#elif SPARSEKERN_SIMD == 256
+constexpr int kTileRows = 6;
+#else
+constexpr int kTileRows = 4;
+#endif
+constexpr int kTileCols = 2 * kL;
+using Tile = Vec[kTileRows][2];
+
+// acc[i][:] += sum_{k < K} a[i * lda + k] * b[k * ldb + :], for i < kTileRows and kTileCols columns.
+__attribute__((always_inline)) inline void micro_tile(int64_t K, const float* __restrict a, int64_t lda,
+                                                      const float* __restrict b, int64_t ldb, Tile& acc) {
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = vload(b + k * ldb);
+    const Vec b1 = vload(b + k * ldb + kL);
+#pragma GCC unroll 12
+    for (int i = 0; i < kTileRows; ++i) {
+      const Vec ai = vset1(a[i * lda + k]);
+      acc[i][0] = vfma(ai, b0, acc[i][0]);
+      acc[i][1] = vfma(ai, b1, acc[i][1]);
+    }
+  }
+}
+
 template <typename F>
 void parallel(int64_t n, const F& f, const char* op) {
   if (n <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {

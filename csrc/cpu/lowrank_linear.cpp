@@ -39,35 +39,18 @@ using sparsekern::cpu::vset1;
 using sparsekern::cpu::vstore;
 using sparsekern::cpu::vzero;
 
-// micro-kernel rows: kRows x 2 vector accumulators fill most of the register file
-#if SPARSEKERN_SIMD == 512
-constexpr int kRows = 12;
-#elif SPARSEKERN_SIMD == 256
-constexpr int kRows = 6;
-#else
-constexpr int kRows = 4;
-#endif
-constexpr int kLanes = kL;
+using sparsekern::cpu::Tile;
 
-constexpr int kPanel = 2 * kLanes;        // columns of one packed panel (two vectors)
+constexpr int kRows = sparsekern::cpu::kTileRows;
+constexpr int kLanes = kL;
+constexpr int kPanel = sparsekern::cpu::kTileCols;  // columns of one packed panel (two vectors)
 constexpr int kBlockRows = 8 * kRows;     // tokens a thread runs through one pass over the packed weights
 constexpr int64_t kKc = 256;              // slice of `in` whose packed Q panel stays in L1/L2
-
-using Tile = Vec[kRows][2];
 
 // acc[i][:] += sum_{k < K} a[i * lda + k] * b[k * kPanel + :]
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
                                                  const float* __restrict b, Tile& acc) {
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = vload(b + k * kPanel);
-    const Vec b1 = vload(b + k * kPanel + kLanes);
-#pragma GCC unroll 12
-    for (int i = 0; i < kRows; ++i) {
-      const Vec ai = vset1(a[i * lda + k]);
-      acc[i][0] = vfma(ai, b0, acc[i][0]);
-      acc[i][1] = vfma(ai, b1, acc[i][1]);
-    }
-  }
+  sparsekern::cpu::micro_tile(K, a, lda, b, kPanel, acc);
 }
 
 // dst[panel][k][w] = src[(panel * kPanel + w) * s_row + k * s_col], zero for rows >= rows; panels in [p0, p1).

@@ -27,14 +27,20 @@ BLOCK = 128
 
 
 @triton.jit
+def _params(vf_ptr, vr_ptr, bf_ptr, br_ptr, cols, live):
+    """v_f, v_r, b_f, b_r at ``cols`` in float32."""
+    return (tl.load(vf_ptr + cols, mask=live, other=0.0).to(tl.float32),
+            tl.load(vr_ptr + cols, mask=live, other=0.0).to(tl.float32),
+            tl.load(bf_ptr + cols, mask=live, other=0.0).to(tl.float32),
+            tl.load(br_ptr + cols, mask=live, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _forward(u_ptr, x_ptr, vf_ptr, vr_ptr, bf_ptr, br_ptr, h_ptr, T, d, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < d
-    vf = tl.load(vf_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    vr = tl.load(vr_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    bf = tl.load(bf_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    br = tl.load(br_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    vf, vr, bf, br = _params(vf_ptr, vr_ptr, bf_ptr, br_ptr, cols, live)
     c = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(0, T):
         u = u_ptr + (row * T + t) * 3 * d + cols
@@ -54,10 +60,7 @@ def _backward(gh_ptr, u_ptr, x_ptr, vf_ptr, vr_ptr, bf_ptr, br_ptr, c_ptr, gu_pt
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < d
-    vf = tl.load(vf_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    vr = tl.load(vr_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    bf = tl.load(bf_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    br = tl.load(br_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    vf, vr, bf, br = _params(vf_ptr, vr_ptr, bf_ptr, br_ptr, cols, live)
     c = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(0, T):  # recompute c_1 .. c_T
         u = u_ptr + (row * T + t) * 3 * d + cols
