@@ -20,6 +20,14 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
 
+// sparsekern.ops.fused_conv2d on channels-last tensors: y = act(conv(x, weight) + bias (+ residual)) with the
+// weight packed once by conv2d_nhwc_pack_cpu; x float32 with unit channel stride, y (and a residual, with y's
+// strides) channels-last contiguous.
+at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight);
+void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
+
 // y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
                         const std::optional<at::Tensor>& bias, at::Tensor& y);

@@ -168,29 +168,6 @@ KernelFn kernel_for(int mr, int v) {
 }
 
 // ------------------------------------------------------------------------------------------------ scratch
-// Grow-only, 64-byte aligned buffers, one set per thread (torch's pool threads live as long as the process).
-template <typename T>
-class Buffer {
- public:
-  T* get(size_t n) {
-    n = std::max<size_t>(n, 1);
-    if (n > cap_) {
-      const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-      ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-      TORCH_CHECK(ptr_ != nullptr, "channel_skip_conv2d (CPU): out of memory for a ", bytes, "-byte scratch buffer");
-      cap_ = n;
-    }
-    return ptr_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr_;
-  size_t cap_ = 0;
-};
-
 struct Scratch {
   Buffer<float> planes;     // padded polyphase planes of a sample's active input channels
   Buffer<const float*> bk;  // per k: where its B rows start in the planes

@@ -18,7 +18,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
 #include <torch/csrc/stable/c/shim.h>
@@ -193,6 +195,30 @@ __attribute__((always_inline)) inline void micro_tile(int64_t K, const float* __
     }
   }
 }
+
+// A grow-only, 64-byte aligned scratch buffer; kernels keep one set per thread (thread_local: torch's pool
+// threads live as long as the process).
+template <typename T>
+class Buffer {
+ public:
+  T* get(size_t n) {
+    n = std::max<size_t>(n, 1);
+    if (n > cap_) {
+      const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+      ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(ptr_ != nullptr, "sparsekern (CPU): out of memory for a ", bytes, "-byte scratch buffer");
+      cap_ = n;
+    }
+    return ptr_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr_;
+  size_t cap_ = 0;
+};
 
 template <typename F>
 void parallel(int64_t n, const F& f, const char* op) {

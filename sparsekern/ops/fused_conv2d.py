@@ -8,10 +8,14 @@ One torch op, ``torch.ops.sparsekern.fused_conv2d`` (with a fake implementation)
 (:func:`problem`) and run by the first backend of :data:`DISPATCH` that can take it:
 
 ========  ============================================================================================
-cpu       ``csrc/cpu/channel_skip_conv2d.cpp``, the direct convolution of :func:`channel_skip_conv2d`
-          without masks: vectors along output pixels, register blocks of output channels, bias, residual
-          and ReLU applied in registers (CPU float32). Narrow layers (a few to a few dozen channels), where
-          kernels that vectorise over channels leave SIMD lanes idle, are where it pays.
+cpu       CPU float32 direct convolutions with bias, residual and ReLU applied in registers. Channels-last
+          inputs: ``csrc/cpu/conv2d_nhwc.cpp``, a GEMM over output pixels taken across rows and samples
+          (so 4x4 and 8x8 maps fill a register tile), vectors along output channels, layers of at most 8
+          output channels packing several input channels into one vector; the weights are packed once per
+          call, or once per layer by :class:`PreparedFusedConv2d`. NCHW inputs:
+          ``csrc/cpu/channel_skip_conv2d.cpp``, the kernel of :func:`channel_skip_conv2d` without masks,
+          vectors along output pixels. Narrow layers (a few to a few dozen channels) and small maps are
+          where they pay.
 aten      ``F.conv2d`` (oneDNN on CPU, cuDNN on GPU), then the add and the ReLU (any device and dtype)
 ========  ============================================================================================
 
@@ -75,9 +79,21 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def _run_cpu(pr: FusedConvProblem) -> torch.Tensor:
     y = pr.new_output()
-    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
-                                           pr.stride, pr.padding, pr.dilation, pr.relu, y)
+    if pr.memory_format == torch.channels_last:
+        _run_nhwc(pr.x, _ext.kernel("conv2d_nhwc_pack_cpu")(pr.weight), pr.weight.shape[2:], pr.bias, pr.residual,
+                  pr.stride, pr.padding, pr.dilation, pr.relu, y)
+    else:
+        _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
+                                               pr.stride, pr.padding, pr.dilation, pr.relu, y)
     return y
+
+
+def _run_nhwc(x: torch.Tensor, packed: torch.Tensor, kernel_size: Sequence[int], bias: torch.Tensor | None,
+              residual: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+              dilation: Sequence[int], relu: bool, y: torch.Tensor) -> None:
+    """The channels-last kernel into ``y`` (channels-last), the weight packed by ``conv2d_nhwc_pack_cpu``."""
+    _ext.kernel("conv2d_nhwc_cpu")(x, packed, None if bias is None else bias.contiguous(), like_strides(residual, y),
+                                   list(kernel_size), list(stride), list(padding), list(dilation), relu, y)
 
 
 def _run_aten(pr: FusedConvProblem) -> torch.Tensor:
@@ -91,7 +107,7 @@ def _run_aten(pr: FusedConvProblem) -> torch.Tensor:
 
 DISPATCH = Dispatch(_OP, problem)
 DISPATCH.register(Backend("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,),
-                          available=_ext.requirement("channel_skip_conv2d_cpu")))
+                          available=_ext.requirement("conv2d_nhwc_cpu")))
 DISPATCH.register(Backend("aten", _run_aten))
 
 
@@ -184,12 +200,24 @@ class PreparedFusedConv2d(torch.nn.Module):
         self.stride, self.padding, self.dilation, self.relu = pr.stride, pr.padding, pr.dilation, pr.relu
         self.input_shape, self.out_shape, self.memory_format = tuple(example.shape), pr.out_shape, pr.memory_format
         self.direct = not DISPATCH["cpu"].reasons(pr)
+        nhwc = self.direct and self.memory_format == torch.channels_last
+        self.register_buffer("packed", _ext.kernel("conv2d_nhwc_pack_cpu")(self.weight) if nhwc else None,
+                             persistent=False)
+        self._nhwc_kernel = _ext.kernel("conv2d_nhwc_cpu") if nhwc else None
+        self._kernel_size = list(self.weight.shape[2:])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not (self.direct and x.shape == self.input_shape and x.dtype == torch.float32 and x.is_cpu
-                and conv2d_memory_format(x) == self.memory_format
                 and (residual is None or (residual.shape == self.out_shape and residual.dtype == torch.float32
                                           and residual.is_cpu))):
+            return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
+                                self.relu)
+        if self.packed is not None and x.is_contiguous(memory_format=torch.channels_last):
+            y = torch.empty(self.out_shape, memory_format=torch.channels_last)
+            self._nhwc_kernel(x, self.packed, self.bias, like_strides(residual, y), self._kernel_size, self.stride,
+                              self.padding, self.dilation, self.relu, y)
+            return y
+        if conv2d_memory_format(x) != self.memory_format:
             return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
                                 self.relu)
         y = torch.empty(self.out_shape, memory_format=self.memory_format)

@@ -32,6 +32,8 @@ SHAPES = [
     (1, 1, 1, 5, 5, 3, 1, 1), (1, 8, 8, 16, 16, 3, 1, 1), (2, 3, 17, 9, 7, 3, 2, 1), (4, 16, 11, 8, 8, 3, 1, 1),
     (3, 22, 45, 7, 10, 3, 2, 1), (2, 64, 64, 4, 4, 3, 1, 1), (2, 7, 33, 6, 6, 1, 1, 0), (2, 13, 5, 9, 9, 1, 2, 0),
     (1, 5, 9, 3, 3, 3, 1, 0), (2, 40, 24, 13, 11, 3, 1, 2),
+    # channels-last kernel: channel groups of 4 and 2, tiles across samples in several chunks, four-vector tiles
+    (7, 12, 4, 4, 4, 3, 1, 1), (1, 6, 3, 7, 7, 3, 1, 1), (5, 16, 32, 4, 4, 3, 1, 1), (2, 8, 70, 5, 6, 5, 2, 2),
 ]
 
 
@@ -57,15 +59,26 @@ def test_matches_float64_ground_truth(shape, layout) -> None:
                               tol=1e-5)
 
 
+@pytest.mark.parametrize("c_out", [5, 24])
+def test_dilation_channels_last(c_out) -> None:
+    g = torch.Generator().manual_seed(c_out)
+    x = torch.randn(3, 8, 11, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(c_out, 8, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    y = fused_conv2d(x, w, b, None, (1, 2), (2, 1), (2, 3), relu=True, backend="cpu")
+    expected = F.conv2d(x.double(), w.double(), b.double(), (1, 2), (2, 1), (2, 3)).relu()
+    assert_close_to_scale(y, expected, tol=1e-5)
+
+
 def test_residual_in_another_layout_and_threads() -> None:
-    x = torch.randn(3, 12, 10, 10).contiguous(memory_format=torch.channels_last)
-    w, res = torch.randn(20, 12, 3, 3), torch.randn(3, 20, 10, 10)  # NCHW residual for an NHWC output
-    outs = []
-    for n in (1, 2):
-        with threads(n):
-            outs.append(fused_conv2d(x, w, None, res, 1, 1, relu=True, backend="cpu"))
-    assert torch.equal(outs[0], outs[1])
-    assert_close_to_scale(outs[0], truth(x, w, None, res, 1, 1, True), tol=1e-5)
+    for batch, c_out in ((3, 20), (1, 8)):  # batch 1: each thread copies the sample it reads
+        x = torch.randn(batch, 12, 10, 10).contiguous(memory_format=torch.channels_last)
+        w, res = torch.randn(c_out, 12, 3, 3), torch.randn(batch, c_out, 10, 10)  # NCHW residual, NHWC output
+        outs = []
+        for n in (1, 2, 3):
+            with threads(n):
+                outs.append(fused_conv2d(x, w, None, res, 1, 1, relu=True, backend="cpu"))
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        assert_close_to_scale(outs[0], truth(x, w, None, res, 1, 1, True), tol=1e-5)
 
 
 def test_dispatch_opcheck_and_export() -> None:

@@ -1,0 +1,399 @@
+// CPU kernel of sparsekern.ops.fused_conv2d for channels-last (NHWC) float32 tensors:
+//
+//   y[m, o] = act(bias[o] + sum_k A[m, k] W[k, o] (+ residual[m, o]))
+//
+// with m = (b, oh, ow) the output pixel, k = (kh, kw, c) the tap and input channel, A[m, k] the input value that
+// tap reads (zero in the padding) and W[k, o] = weight[o, c, kh, kw]. It is a GEMM whose rows are output pixels
+// taken across rows and samples, so small maps (4x4, 8x8) fill a register tile as well as large ones do.
+// Kernels that tile along one output row (oneDNN's direct convolutions) hold as many pixels as the row is wide,
+// and on narrow layers that leaves too few independent accumulators to keep the FMA units busy.
+//
+// Vectors run along output channels: a tile is MR pixels x NV vectors of output channels, MR * NV accumulators
+// (AVX-512: 24 x 1, 12 x 2, 8 x 3, 6 x 4; AVX2: 12 x 1, 6 x 2, 4 x 3, 3 x 4). For each k, NV weight vectors
+// are loaded once and each pixel's input value is broadcast into them.
+//
+// A is never formed. In NHWC, the input a pixel's tap reads is a contiguous run of C_in values at a fixed
+// offset from the pixel's first tap, once the input has a zero border: padded convolutions copy the input once
+// into a zero-bordered buffer (one pass over it, against C_out FMAs per value), unpadded ones read it in place.
+// A tile then needs one pointer per pixel (an indirection buffer, Dukhan, "The indirect convolution algorithm",
+// 2019, with one entry per pixel instead of per (pixel, tap)). The micro-kernel walks the taps, and for each tap
+// the input channels CU at a time: CU x NV weight vectors in registers, then per pixel CU broadcasts. The
+// weights are packed once per layer (conv2d_nhwc_pack_cpu): W as (K, Np), the output channels padded with zero
+// columns to whole vectors.
+//
+// Epilogue in registers: bias, the residual (same NHWC layout as y) and ReLU, then masked stores of the last
+// partial vector. Tiles are split in contiguous ranges over torch's intra-op threads, so batch 1 uses them too.
+// The register blocking is the BLIS scheme (Goto & van de Geijn, "Anatomy of high-performance matrix
+// multiplication", ACM TOMS 2008).
+#include "cpu/common.h"
+#include "ops.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+constexpr int kMaxNV = 4;  // vectors of output channels per tile
+
+// Tile rows (pixels) for a tile of nv vectors and input channels per step: about 24 accumulators and 4 weight
+// vectors with AVX-512 (32 registers), 12 and 2 with AVX2 (16).
+#if SPARSEKERN_SIMD == 512
+constexpr int kAccumulators = 24, kWeightRegs = 4;
+#else
+constexpr int kAccumulators = 12, kWeightRegs = 2;
+#endif
+constexpr int rows_for(int nv) { return kAccumulators / nv; }
+constexpr int channels_for(int nv) { return kWeightRegs / nv > 0 ? kWeightRegs / nv : 1; }
+
+// Channel groups, for layers of at most kL / 2 output channels, where one vector per pixel would leave half its
+// lanes idle: lane o * G + g accumulates output o over the input channels c = g (mod G). One broadcast loads G
+// consecutive input channels of a pixel (contiguous in NHWC) into every group of G lanes, and the epilogue sums
+// each group. Needs C_in % G == 0.
+int channel_groups(int64_t c_out, int64_t c_in) {
+  for (const int G : {4, 2})
+    if (c_out * G <= kL && c_in % G == 0) return G;
+  return 1;
+}
+
+// [p[0], ..., p[G - 1]] repeated over the vector
+template <int G>
+inline Vec broadcast_group(const float* p) {
+#if SPARSEKERN_SIMD == 512
+  if constexpr (G == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof(d));
+    return {_mm512_castpd_ps(_mm512_set1_pd(d))};
+  } else {
+    return {_mm512_broadcast_f32x4(_mm_loadu_ps(p))};
+  }
+#elif SPARSEKERN_SIMD == 256
+  if constexpr (G == 2) {
+    double d;
+    std::memcpy(&d, p, sizeof(d));
+    return {_mm256_castpd_ps(_mm256_set1_pd(d))};
+  } else {
+    return {_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p))};
+  }
+#else
+  Vec a;
+  for (int l = 0; l < kL; ++l) a.v[l] = p[l % G];
+  return a;
+#endif
+}
+
+// lane o = sum of lanes o * G .. o * G + G - 1, for o < kL / G (the other lanes: unspecified)
+template <int G>
+inline Vec group_sum(Vec a) {
+#if SPARSEKERN_SIMD == 512
+  __m512 s = _mm512_add_ps(a.v, _mm512_permute_ps(a.v, 0xB1));
+  if constexpr (G == 4) s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
+  const __m512i idx = G == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0)
+                             : _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return {_mm512_permutexvar_ps(idx, s)};
+#elif SPARSEKERN_SIMD == 256
+  __m256 s = _mm256_add_ps(a.v, _mm256_permute_ps(a.v, 0xB1));
+  if constexpr (G == 4) s = _mm256_add_ps(s, _mm256_permute_ps(s, 0x4E));
+  const __m256i idx = G == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0) : _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+  return {_mm256_permutevar8x32_ps(s, idx)};
+#else
+  Vec r = vzero();
+  for (int o = 0; o < kL / G; ++o)
+    for (int j = 0; j < G; ++j) r.v[o] += a.v[o * G + j];
+  return r;
+#endif
+}
+
+struct Geometry {
+  int64_t B, H, W, C_in, Ho, Wo, C_out, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t xsb, xsh, xsw;  // x's strides in floats (its channel stride is 1)
+  int64_t Np;             // C_out padded to whole vectors (kL with channel groups)
+  int G;                  // input channels per channel group (1: none)
+  bool relu;
+  int64_t tap[64];        // offset of tap (a, c) from a pixel's first tap, for kh * kw <= 64 taps; more: tap_list
+  const int64_t* tap_list;
+};
+
+// Strides in floats of what the tiles read: x, or a chunk of it with a zero border.
+struct Source {
+  const float* p;
+  int64_t sb, sh, sw;
+};
+
+// base[i]: where pixel m0 + i (counted from the source's first sample) reads its first tap (pixel m0's, for
+// i >= rows).
+void pixel_bases(const Geometry& g, const Source& src, int64_t m0, int rows, int MR, const float** base) {
+  int64_t b = m0 / (g.Ho * g.Wo), r = m0 % (g.Ho * g.Wo), oh = r / g.Wo, ow = r % g.Wo;
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) {
+      base[i] = base[0];
+      continue;
+    }
+    base[i] = src.p + b * src.sb + oh * g.sh * src.sh + ow * g.sw * src.sw;
+    if (++ow == g.Wo) {
+      ow = 0;
+      if (++oh == g.Ho) oh = 0, ++b;
+    }
+  }
+}
+
+// Samples b0 .. b1 - 1 of x with a zero border of (ph, pw), NHWC-contiguous: (b1 - b0, H + 2 ph, W + 2 pw, C_in).
+void zero_bordered(const Geometry& g, const float* x, int64_t b0, int64_t b1, float* dst) {
+  const int64_t hp = g.H + 2 * g.ph, row = (g.W + 2 * g.pw) * g.C_in;
+  for (int64_t r = 0; r < (b1 - b0) * hp; ++r) {
+    const int64_t b = b0 + r / hp, ih = r % hp - g.ph;
+    float* out = dst + r * row;
+    if (ih < 0 || ih >= g.H) {
+      std::memset(out, 0, row * sizeof(float));
+      continue;
+    }
+    std::memset(out, 0, g.pw * g.C_in * sizeof(float));
+    std::memset(out + (g.pw + g.W) * g.C_in, 0, g.pw * g.C_in * sizeof(float));
+    const float* in = x + b * g.xsb + ih * g.xsh;
+    if (g.xsw == g.C_in) {
+      std::memcpy(out + g.pw * g.C_in, in, g.W * g.C_in * sizeof(float));
+    } else {
+      for (int64_t iw = 0; iw < g.W; ++iw) std::memcpy(out + (g.pw + iw) * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
+    }
+  }
+}
+
+int64_t tap_offset(const Geometry& g, int64_t t) { return t < 64 ? g.tap[t] : g.tap_list[t]; }
+
+// acc[i][:] += sum_{u < CU} base[i][off + u] * wt[u * ldw + v * kL + :]: CU consecutive input channels
+template <int MR, int NV, int CU>
+__attribute__((always_inline)) inline void step(const float* const* base, int64_t off, const float* wt, int64_t ldw,
+                                                Vec (&acc)[MR][NV]) {
+  Vec wv[CU][NV];
+#pragma GCC unroll 4
+  for (int u = 0; u < CU; ++u)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[u][v] = vload(wt + u * ldw + v * kL);
+#pragma GCC unroll 24
+  for (int i = 0; i < MR; ++i) {
+    const float* pi = base[i] + off;
+#pragma GCC unroll 4
+    for (int u = 0; u < CU; ++u) {
+      const Vec a = vset1(pi[u]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, wv[u][v], acc[i][v]);
+    }
+  }
+}
+
+// y[m, n : n + live] = act(r (+ bias[n :]) (+ residual[m, n :])) for the live lanes of r
+inline void finish(const Geometry& g, Vec r, const float* bias, const float* residual, float* y, int64_t m, int64_t n) {
+  const int64_t at = m * g.C_out + n, live = std::min<int64_t>(kL, g.C_out - n);
+  const uint32_t lanes = live == kL ? ~0u : (1u << live) - 1u;
+  if (bias != nullptr) r = vadd(r, live == kL ? vload(bias + n) : vload_mask(bias + n, lanes));
+  if (residual != nullptr) r = vadd(r, live == kL ? vload(residual + at) : vload_mask(residual + at, lanes));
+  if (g.relu) r = vrelu(r);
+  if (live == kL) {
+    vstore(y + at, r);
+  } else {
+    vstore_mask(y + at, r, lanes);
+  }
+}
+
+// One MR x NV tile: output pixels m0 .. m0 + rows - 1, channels n0 .. n0 + NV * kL - 1.
+template <int MR, int NV>
+void tile(const Geometry& g, const float* const* base, const float* __restrict w, const float* bias,
+          const float* residual, float* y, int64_t m0, int rows, int64_t n0) {
+  constexpr int CU = channels_for(NV);
+  Vec acc[MR][NV];
+#pragma GCC unroll 24
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
+  const int64_t ldw = g.Np, taps = g.kh * g.kw, c_main = g.C_in / CU * CU;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t off = tap_offset(g, t);
+    const float* wt = w + t * g.C_in * ldw + n0;
+    for (int64_t c = 0; c < c_main; c += CU) step<MR, NV, CU>(base, off + c, wt + c * ldw, ldw, acc);
+    for (int64_t c = c_main; c < g.C_in; ++c) step<MR, NV, 1>(base, off + c, wt + c * ldw, ldw, acc);
+  }
+  auto row = [&](int i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV && n0 + v * kL < g.C_out; ++v) finish(g, acc[i][v], bias, residual, y, m0 + i, n0 + v * kL);
+  };
+  if (rows == MR) {
+#pragma GCC unroll 24
+    for (int i = 0; i < MR; ++i) row(i);
+  } else {
+    for (int i = 0; i < rows; ++i) row(i);
+  }
+}
+
+// One MR-pixel tile of a channel-grouped layer (one vector of kL / G output channels, see channel_groups).
+template <int MR, int G>
+void tile_grouped(const Geometry& g, const float* const* base, const float* __restrict w, const float* bias,
+                  const float* residual, float* y, int64_t m0, int rows) {
+  constexpr int CU = kWeightRegs;
+  Vec acc[MR];
+#pragma GCC unroll 24
+  for (int i = 0; i < MR; ++i) acc[i] = vzero();
+  const int64_t taps = g.kh * g.kw, blocks = g.C_in / G, b_main = blocks / CU * CU;
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t off = tap_offset(g, t);
+    const float* wt = w + t * blocks * kL;
+    auto step_grouped = [&](int64_t cb, auto cu) {
+      constexpr int U = decltype(cu)::value;
+      Vec wv[U];
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) wv[u] = vload(wt + (cb + u) * kL);
+#pragma GCC unroll 24
+      for (int i = 0; i < MR; ++i) {
+        const float* pi = base[i] + off + cb * G;
+#pragma GCC unroll 4
+        for (int u = 0; u < U; ++u) acc[i] = vfma(broadcast_group<G>(pi + u * G), wv[u], acc[i]);
+      }
+    };
+    for (int64_t cb = 0; cb < b_main; cb += CU) step_grouped(cb, std::integral_constant<int, CU>{});
+    for (int64_t cb = b_main; cb < blocks; ++cb) step_grouped(cb, std::integral_constant<int, 1>{});
+  }
+  if (rows == MR) {
+#pragma GCC unroll 24
+    for (int i = 0; i < MR; ++i) finish(g, group_sum<G>(acc[i]), bias, residual, y, m0 + i, 0);
+  } else {
+    for (int i = 0; i < rows; ++i) finish(g, group_sum<G>(acc[i]), bias, residual, y, m0 + i, 0);
+  }
+}
+
+template <int MR>
+void run_tile(int nv, const Geometry& g, const float* const* base, const float* w, const float* bias,
+              const float* residual, float* y, int64_t m0, int rows, int64_t n0) {
+  switch (nv) {
+    case 1: return tile<MR, 1>(g, base, w, bias, residual, y, m0, rows, n0);
+    case 2: if constexpr (MR * 2 <= kAccumulators) return tile<MR, 2>(g, base, w, bias, residual, y, m0, rows, n0);
+            break;
+    case 3: if constexpr (MR * 3 <= kAccumulators) return tile<MR, 3>(g, base, w, bias, residual, y, m0, rows, n0);
+            break;
+    case 4: if constexpr (MR * 4 <= kAccumulators) return tile<MR, 4>(g, base, w, bias, residual, y, m0, rows, n0);
+            break;
+  }
+  TORCH_CHECK(false, "fused_conv2d (CPU, NHWC): internal: no ", MR, "-row tile of ", nv, " vectors");
+}
+
+// Tiles of MR pixels over threads. A padded convolution works in chunks of samples: each chunk is copied with a
+// zero border into the thread's buffer (kept in cache for the tiles that read it), and a chunk's tiles are split
+// in parts where there are fewer chunks than threads (batch 1), each part copying the chunk it reads.
+template <int MR>
+void run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual, float* y) {
+  const int64_t hw = g.Ho * g.Wo;
+  const bool padded = g.ph > 0 || g.pw > 0;
+  const int64_t per_chunk = padded ? std::clamp<int64_t>((4 * MR + hw - 1) / hw, 1, g.B) : g.B;
+  const int64_t chunks = (g.B + per_chunk - 1) / per_chunk;
+  const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + chunks - 1) / chunks);
+  const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
+  parallel(chunks * parts, [&](int64_t u0, int64_t u1) {
+    thread_local Buffer<float> border;
+    const float* base[MR];
+    int64_t copied = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t chunk = u / parts, part = u % parts;
+      const int64_t b0 = chunk * per_chunk, b1 = std::min(g.B, b0 + per_chunk);
+      Source src{x + b0 * g.xsb, g.xsb, g.xsh, g.xsw};
+      if (padded) {
+        float* buf = border.get(static_cast<size_t>(per_chunk * hp * wp * g.C_in));
+        if (copied != chunk) zero_bordered(g, x, b0, b1, buf);
+        copied = chunk;
+        src = Source{buf, hp * wp * g.C_in, wp * g.C_in, g.C_in};
+      }
+      const int64_t pixels = (b1 - b0) * hw, tiles = (pixels + MR - 1) / MR;
+      for (int64_t t = tiles * part / parts; t < tiles * (part + 1) / parts; ++t) {
+        const int64_t m0 = t * MR;
+        const int rows = static_cast<int>(std::min<int64_t>(MR, pixels - m0));
+        pixel_bases(g, src, m0, rows, MR, base);
+        float* yc = y + b0 * hw * g.C_out;
+        const float* rc = residual == nullptr ? nullptr : residual + b0 * hw * g.C_out;
+        if (g.G == 2) {
+          tile_grouped<MR, 2>(g, base, w, bias, rc, yc, m0, rows);
+        } else if (g.G == 4) {
+          tile_grouped<MR, 4>(g, base, w, bias, rc, yc, m0, rows);
+        } else {
+          for (int64_t n0 = 0; n0 < g.Np; n0 += kMaxNV * kL) {
+            const int nv = static_cast<int>(std::min<int64_t>(kMaxNV, (g.Np - n0) / kL));
+            run_tile<MR>(nv, g, base, w, bias, rc, yc, m0, rows, n0);
+          }
+        }
+      }
+    }
+  }, "fused_conv2d");
+}
+
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kFloat,
+              "fused_conv2d (CPU, NHWC): internal: a float32 (C_out, C_in, kh, kw) weight expected");
+  const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const int G = channel_groups(c_out, c_in);
+  const at::Tensor w = weight.permute({2, 3, 1, 0}).reshape({taps, c_in / G, G, c_out});  // [t][cb][g][o]
+  if (G > 1) {  // rows (t, cb), lane o * G + g
+    at::Tensor packed = at::zeros({taps * (c_in / G), kL / G, G}, weight.options());
+    packed.narrow(1, 0, c_out).copy_(w.reshape({taps * (c_in / G), G, c_out}).transpose(1, 2));
+    return packed.reshape({taps * (c_in / G), kL});
+  }
+  at::Tensor packed = at::zeros({taps * c_in, round_up(std::max<int64_t>(c_out, 1), kL)}, weight.options());
+  packed.narrow(1, 0, c_out).copy_(w.reshape({taps * c_in, c_out}));
+  return packed;
+}
+
+void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
+                  packed.scalar_type() == at::kFloat && packed.is_contiguous() && x.stride(1) == 1 &&
+                  y.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "fused_conv2d (CPU, NHWC): internal: float32 x with unit channel stride, a packed weight and a "
+              "channels-last y expected; call sparsekern.ops.fused_conv2d, which validates its inputs");
+  Geometry g{};
+  g.B = x.size(0), g.C_in = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.C_out = y.size(1), g.Ho = y.size(2), g.Wo = y.size(3);
+  g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1];
+  g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.xsb = x.stride(0), g.xsh = x.stride(2), g.xsw = x.stride(3);
+  g.Np = packed.size(1), g.G = channel_groups(g.C_out, g.C_in), g.relu = relu;
+  TORCH_CHECK(packed.size(0) == g.kh * g.kw * g.C_in / g.G &&
+                  g.Np == (g.G > 1 ? kL : round_up(std::max<int64_t>(g.C_out, 1), kL)),
+              "fused_conv2d (CPU, NHWC): internal: the packed weight is ", packed.size(0), " x ", g.Np, ", not the packing of a ",
+              g.C_out, " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
+  if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == g.C_out && bias->scalar_type() == at::kFloat,
+                "fused_conv2d (CPU, NHWC): internal: a contiguous float32 (C_out,) bias expected");
+    bp = bias->data_ptr<float>();
+  }
+  const float* res = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->strides() == y.strides(),
+                "fused_conv2d (CPU, NHWC): internal: the residual must have y's shape and strides");
+    res = residual->data_ptr<float>();
+  }
+  const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
+  const int64_t src_sw = g.ph > 0 || g.pw > 0 ? g.C_in : g.xsw;
+  std::vector<int64_t> taps(static_cast<size_t>(g.kh * g.kw));
+  for (int64_t a = 0; a < g.kh; ++a)
+    for (int64_t c = 0; c < g.kw; ++c) taps[a * g.kw + c] = a * g.dh * src_sh + c * g.dw * src_sw;
+  std::copy_n(taps.begin(), std::min<size_t>(taps.size(), 64), g.tap);
+  g.tap_list = taps.data();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (std::min<int64_t>(g.Np / kL, kMaxNV)) {
+    case 1: return run<rows_for(1)>(g, x.data_ptr<float>(), wp, bp, res, yp);
+    case 2: return run<rows_for(2)>(g, x.data_ptr<float>(), wp, bp, res, yp);
+    case 3: return run<rows_for(3)>(g, x.data_ptr<float>(), wp, bp, res, yp);
+    default: return run<rows_for(4)>(g, x.data_ptr<float>(), wp, bp, res, yp);
+  }
+}
+
+}  // namespace cpu
+}  // namespace sparsekern
