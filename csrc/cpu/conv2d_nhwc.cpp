@@ -16,10 +16,10 @@
 // offset from the pixel's first tap, once the input has a zero border: padded convolutions copy the input once
 // into a zero-bordered buffer (one pass over it, against C_out FMAs per value), unpadded ones read it in place.
 // A tile then needs one pointer per pixel (an indirection buffer, Dukhan, "The indirect convolution algorithm",
-// 2019, with one entry per pixel instead of per (pixel, tap)). The micro-kernel walks the taps, and for each tap
-// the input channels CU at a time: CU x NV weight vectors in registers, then per pixel CU broadcasts. The
-// weights are packed once per layer (conv2d_nhwc_pack_cpu): W as (K, Np), the output channels padded with zero
-// columns to whole vectors.
+// 2019, with one entry per pixel instead of per (pixel, tap)). The micro-kernel walks a pixel's K values in
+// contiguous segments (a kernel row's taps when they are adjacent), CU at a time: CU x NV weight vectors in
+// registers, then per pixel CU broadcasts. The weights are packed once per layer (conv2d_nhwc_pack_cpu): W as
+// (K, Np), the output channels padded with zero columns to whole vectors.
 //
 // Epilogue in registers: bias, the residual (same NHWC layout as y) and ReLU, then masked stores of the last
 // partial vector. Tiles are split in contiguous ranges over torch's intra-op threads, so batch 1 uses them too.
@@ -115,8 +115,11 @@ struct Geometry {
   int64_t Np;             // C_out padded to whole vectors (kL with channel groups)
   int G;                  // input channels per channel group (1: none)
   bool relu;
-  int64_t tap[64];        // offset of tap (a, c) from a pixel's first tap, for kh * kw <= 64 taps; more: tap_list
-  const int64_t* tap_list;
+  // The K values of a pixel, in segments of seg_len values contiguous in the source: a kernel row's taps
+  // (kw * C_in values) when they are adjacent (dilation 1 along W), else one tap (C_in). seg_off: where each of
+  // the nseg segments starts, from the pixel's first tap (the first 64 here, all in seg_list).
+  int64_t nseg, seg_len, seg_off[64];
+  const int64_t* seg_list;
 };
 
 // Strides in floats of what the tiles read: x, or a chunk of it with a zero border.
@@ -163,7 +166,7 @@ void zero_bordered(const Geometry& g, const float* x, int64_t b0, int64_t b1, fl
   }
 }
 
-int64_t tap_offset(const Geometry& g, int64_t t) { return t < 64 ? g.tap[t] : g.tap_list[t]; }
+int64_t segment_offset(const Geometry& g, int64_t s) { return s < 64 ? g.seg_off[s] : g.seg_list[s]; }
 
 // acc[i][:] += sum_{u < CU} base[i][off + u] * wt[u * ldw + v * kL + :]: CU consecutive input channels
 template <int MR, int NV, int CU>
@@ -210,12 +213,12 @@ void tile(const Geometry& g, const float* const* base, const float* __restrict w
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
-  const int64_t ldw = g.Np, taps = g.kh * g.kw, c_main = g.C_in / CU * CU;
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t off = tap_offset(g, t);
-    const float* wt = w + t * g.C_in * ldw + n0;
+  const int64_t ldw = g.Np, c_main = g.seg_len / CU * CU;
+  for (int64_t s = 0; s < g.nseg; ++s) {
+    const int64_t off = segment_offset(g, s);
+    const float* wt = w + s * g.seg_len * ldw + n0;
     for (int64_t c = 0; c < c_main; c += CU) step<MR, NV, CU>(base, off + c, wt + c * ldw, ldw, acc);
-    for (int64_t c = c_main; c < g.C_in; ++c) step<MR, NV, 1>(base, off + c, wt + c * ldw, ldw, acc);
+    for (int64_t c = c_main; c < g.seg_len; ++c) step<MR, NV, 1>(base, off + c, wt + c * ldw, ldw, acc);
   }
   auto row = [&](int i) {
 #pragma GCC unroll 4
@@ -237,10 +240,10 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
   Vec acc[MR];
 #pragma GCC unroll 24
   for (int i = 0; i < MR; ++i) acc[i] = vzero();
-  const int64_t taps = g.kh * g.kw, blocks = g.C_in / G, b_main = blocks / CU * CU;
-  for (int64_t t = 0; t < taps; ++t) {
-    const int64_t off = tap_offset(g, t);
-    const float* wt = w + t * blocks * kL;
+  const int64_t blocks = g.seg_len / G, b_main = blocks / CU * CU;
+  for (int64_t s = 0; s < g.nseg; ++s) {
+    const int64_t off = segment_offset(g, s);
+    const float* wt = w + s * blocks * kL;
     auto step_grouped = [&](int64_t cb, auto cu) {
       constexpr int U = decltype(cu)::value;
       Vec wv[U];
@@ -286,7 +289,7 @@ template <int MR>
 void run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual, float* y) {
   const int64_t hw = g.Ho * g.Wo;
   const bool padded = g.ph > 0 || g.pw > 0;
-  const int64_t per_chunk = padded ? std::clamp<int64_t>((4 * MR + hw - 1) / hw, 1, g.B) : g.B;
+  const int64_t per_chunk = padded ? std::clamp<int64_t>((8 * MR + hw - 1) / hw, 1, g.B) : g.B;
   const int64_t chunks = (g.B + per_chunk - 1) / per_chunk;
   const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + chunks - 1) / chunks);
   const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
@@ -380,11 +383,13 @@ void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::o
   }
   const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
   const int64_t src_sw = g.ph > 0 || g.pw > 0 ? g.C_in : g.xsw;
-  std::vector<int64_t> taps(static_cast<size_t>(g.kh * g.kw));
-  for (int64_t a = 0; a < g.kh; ++a)
-    for (int64_t c = 0; c < g.kw; ++c) taps[a * g.kw + c] = a * g.dh * src_sh + c * g.dw * src_sw;
-  std::copy_n(taps.begin(), std::min<size_t>(taps.size(), 64), g.tap);
-  g.tap_list = taps.data();
+  const bool row_runs = g.dw * src_sw == g.C_in;
+  g.nseg = row_runs ? g.kh : g.kh * g.kw, g.seg_len = row_runs ? g.kw * g.C_in : g.C_in;
+  std::vector<int64_t> segments(static_cast<size_t>(g.nseg));
+  for (int64_t s = 0; s < g.nseg; ++s)
+    segments[s] = row_runs ? s * g.dh * src_sh : (s / g.kw) * g.dh * src_sh + (s % g.kw) * g.dw * src_sw;
+  std::copy_n(segments.begin(), std::min<size_t>(segments.size(), 64), g.seg_off);
+  g.seg_list = segments.data();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (std::min<int64_t>(g.Np / kL, kMaxNV)) {
