@@ -58,6 +58,11 @@ count = number(int, low=1)
 nonnegative_int = number(int, low=0)
 
 
+def round_to_arg(text: str) -> int | str:
+    """``--round-to``: ``auto`` or a channel multiple (0: no rounding)."""
+    return "auto" if text == "auto" else nonnegative_int(text)
+
+
 class Interrupted(Exception):
     """Ctrl-C during a command; the message says what was saved and how to continue."""
 
@@ -636,7 +641,9 @@ def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argp
     models.add_argument("--batch", type=count, nargs="+", help="batch sizes (default 1 8)")
     models.add_argument("--size", type=count, help="input height and width, checked against the model (default 224)")
     models.add_argument("--scope", choices=("all", "internal"), help="channel groups pruned (default all)")
-    models.add_argument("--round-to", type=nonnegative_int, help="channel multiple (0: no rounding; default 16)")
+    models.add_argument("--round-to", type=round_to_arg,
+                        help="channel multiple (0: no rounding; default 16), or 'auto': the count this CPU's "
+                             "convolution kernels compute anyway (whole SIMD vectors, or a half or quarter of one)")
     models.add_argument("--passes", nargs="+",
                         help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze)")
     models.add_argument("--threads", type=count, default=2)

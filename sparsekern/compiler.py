@@ -214,7 +214,7 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
     plan: Plan,
     example_inputs: Any = None,
     *,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     passes: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
     """Compile ``plan`` into an accelerated model.
@@ -232,8 +232,10 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
         example_inputs: a tensor or tuple of tensors to trace with; defaults to random inputs of the shapes
             recorded in the plan.
         round_to: hardware-aware rounding: round every pruned group's kept count up to a multiple of this
-            (e.g. 8 or 16), adding back the most important pruned channels (plan scores, else the L1 norm of
-            the group's producer weights). The rounded plan is stored on the result as ``sk_plan``.
+            (e.g. 8 or 16), or with ``"auto"`` to the count this CPU's convolution kernels compute anyway
+            (:func:`kernel_rounding`), adding back the most important pruned channels (plan scores, else the
+            L1 norm of the group's producer weights). The rounded plan is stored on the result as ``sk_plan``;
+            its ``meta["round_added"]`` says how many channels each group got back.
         passes: inference passes from :mod:`sparsekern.passes` applied after slicing (e.g.
             ``("fold_bn", "onednn")``), with these example inputs for the passes that specialise to input
             shapes; give the dense baseline the same passes (``sparsekern.passes.apply``) for fair comparisons.
@@ -395,8 +397,27 @@ def group_importance(cg: ChannelGraph, group: str) -> np.ndarray:
     return score
 
 
-def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
-    """Round each pruned group's kept count up to a multiple of ``multiple`` (capped at the group size).
+def vector_lanes() -> int:
+    """float32 lanes of this CPU's SIMD vectors, as torch's kernels use them (AVX-512: 16, AVX2: 8, else 4)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return 16 if capability.startswith("AVX512") else 8 if capability.startswith("AVX2") else 4
+
+
+def kernel_rounding(kept: int, lanes: int | None = None) -> int:
+    """The output-channel count the CPU convolutions compute for ``kept`` output channels: whole vectors of
+    ``lanes`` (default :func:`vector_lanes`) above half a vector, else half or a quarter of a vector (the
+    channel groups of ``sparsekern.ops.fused_conv2d``'s channels-last kernel; oneDNN's blocked kernels pad to
+    whole vectors). Rounding a group's kept count up to it costs its producers nothing; its consumers read the
+    added channels (FLOPs that ``sparsekern.flops`` counts)."""
+    lanes = lanes or vector_lanes()
+    if kept > lanes // 2:
+        return math.ceil(kept / lanes) * lanes
+    return lanes // 4 if kept <= lanes // 4 else lanes // 2
+
+
+def round_plan(cg: ChannelGraph, plan: Plan, multiple: int | str) -> Plan:
+    """Round each pruned group's kept count up (capped at the group size): to a multiple of ``multiple``, or,
+    with ``"auto"``, to :func:`kernel_rounding` of it.
 
     Channels are added back in order of importance: the plan's ``scores`` when it has them, else
     :func:`group_importance`. Groups that the plan leaves whole are untouched. Rounding never breaks a
@@ -404,8 +425,13 @@ def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
     largest count get their most important channels back too, and rounding repeats until both hold (kept
     counts only grow, so it ends, at worst with the whole group kept).
     """
-    if multiple < 1:
-        raise ValueError(f"round_to must be a positive channel multiple, got {multiple}")
+    if multiple == "auto":
+        lanes = vector_lanes()
+        rounded_count = lambda n: kernel_rounding(n, lanes)  # noqa: E731
+    elif isinstance(multiple, int) and not isinstance(multiple, bool) and multiple >= 1:
+        rounded_count = lambda n: math.ceil(n / multiple) * multiple  # noqa: E731
+    else:
+        raise ValueError(f"round_to must be a positive channel multiple or 'auto', got {multiple!r}")
     cg.check_plan(plan)
     keep = {name: set(g.keep) for name, g in plan.channels.items()}
     scores: dict[str, np.ndarray] = {}
@@ -429,7 +455,7 @@ def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
         changed = False
         for name, k in keep.items():
             size = plan.channels[name].size
-            target = min(size, math.ceil(len(k) / multiple) * multiple)
+            target = min(size, rounded_count(len(k)))
             if target > len(k):
                 s = score(name)
                 k.update(sorted((c for c in range(size) if c not in k), key=lambda c: (-s[c], c))[: target - len(k)])
@@ -450,4 +476,6 @@ def round_plan(cg: ChannelGraph, plan: Plan, multiple: int) -> Plan:
     }
     rounded = plan.with_channels(channels)
     rounded.meta["round_to"] = multiple
+    rounded.meta["round_added"] = {name: g.n_keep - plan.channels[name].n_keep for name, g in channels.items()
+                                   if g.n_keep != plan.channels[name].n_keep}
     return rounded

@@ -56,7 +56,7 @@ class Case:
     batch: int
     size: int
     scope: str = "all"
-    round_to: int | None = 16
+    round_to: int | str | None = 16
     passes: tuple[str, ...] = DEFAULT_PASSES
     method: str = "l1"
     device: str = "cpu"

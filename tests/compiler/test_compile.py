@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 import sparsekern as sk
+from sparsekern import compiler
+from sparsekern.compiler import kernel_rounding
 from sparsekern.models import build
 from tests.conftest import ChunkViewNet, ConcatSplitNet, assert_close_to_scale, random_plan, randomize_bn
 
@@ -90,6 +92,28 @@ def test_rounding_adds_the_most_important_channels() -> None:
     assert added == sorted(int(i) for i in torch.argsort(l1[5:], descending=True)[:3] + 5)
     with torch.no_grad():
         assert_close_to_scale(fast(x), sk.masked(model, fast.sk_plan, x)(x))
+
+
+@pytest.mark.parametrize("lanes, expected", [(16, {1: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 32, 40: 48}),
+                                              (8, {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 9: 16}), (4, {1: 1, 2: 2, 3: 4})])
+def test_kernel_rounding_is_whole_vectors_or_channel_groups(lanes, expected) -> None:
+    assert {k: kernel_rounding(k, lanes) for k in expected} == expected
+
+
+def test_auto_rounding_records_what_it_added(monkeypatch) -> None:
+    monkeypatch.setattr(compiler, "vector_lanes", lambda: 16)
+    model = build("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    masks = {"layer1.0.conv1": torch.arange(16) < 5, "layer3.0.conv1": torch.arange(64) < 40}
+    fast = sk.compile(model, sk.Plan.from_channel_masks(model, masks, x), x, round_to="auto")
+    kept = {name: fast.sk_plan.channels[name].n_keep for name in masks}
+    assert kept == {"layer1.0.conv1": 8, "layer3.0.conv1": 48}
+    assert fast.sk_plan.meta["round_to"] == "auto" and fast.sk_plan.meta["round_added"] == {
+        "layer1.0.conv1": 3, "layer3.0.conv1": 8}
+    with torch.no_grad():
+        assert_close_to_scale(fast(x), sk.masked(model, fast.sk_plan, x)(x))
+    with pytest.raises(ValueError, match="round_to must be"):
+        sk.compile(model, sk.Plan.from_channel_masks(model, masks, x), x, round_to="fast")
 
 
 def test_compile_leaves_the_model_untouched_and_independent() -> None:
