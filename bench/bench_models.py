@@ -27,7 +27,7 @@ def models(request):
     model = build(name).eval()
     x = torch.randn(batch, 3, size, size)
     fast = sk.compile(model, l1_norm.prune(model, x, ratio=0.5, scope="all"), x, round_to=round_to)
-    run = {k: sk.passes.apply(copy.deepcopy(m), DEFAULT_PASSES) for k, m in (("dense", model), ("fast", fast))}
+    run = {k: sk.passes.apply(copy.deepcopy(m), DEFAULT_PASSES, x) for k, m in (("dense", model), ("fast", fast))}
     return run, x
 
 

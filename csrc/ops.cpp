@@ -1,7 +1,10 @@
 // The Python module of sparsekern's native kernels (loaded by sparsekern/ops/_ext.py). Each function is one
 // backend of a public op in sparsekern/ops/; the op validates the inputs, allocates the output and calls it.
+// One kernel is also the CPU implementation of a private torch operator whose schema sparsekern/ops defines
+// (sparsekern::_conv2d_nhwc_prepacked), for graphs that run without Python.
 // CUDA kernels are included when the extension is built with its CUDA sources (SPARSEKERN_WITH_CUDA).
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <vector>
 
@@ -94,3 +97,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sru_recurrence_backward_cuda", sru_backward_binding(&sparsekern::cuda::sru_recurrence_backward_cuda));
 #endif
 }
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("_conv2d_nhwc_prepacked", &sparsekern::cpu::conv2d_nhwc_prepacked); }

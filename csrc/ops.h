@@ -24,6 +24,12 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 // weight packed once by conv2d_nhwc_pack_cpu; x float32 with unit channel stride, y (and a residual, with y's
 // strides) channels-last contiguous.
 at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight);
+// The same as a torch operator, sparsekern::_conv2d_nhwc_prepacked (schema in sparsekern/ops/fused_conv2d.py),
+// returning a new channels-last y, so graphs that call it run without Python (TorchScript).
+at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t out_channels, bool relu);
 void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                      const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);

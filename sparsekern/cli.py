@@ -100,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 #: flag -> default of the flags that define the cases of ``bench models --model``
 CASE_FLAGS = {"ratio": [0.3, 0.5], "batch": [1, 8], "size": 224, "scope": "all", "round_to": 16,
-              "passes": ["fold_bn,onednn"]}
+              "passes": ["fold_bn,onednn,onednn_linear,attention,script"]}
 
 
 def _bench_models(args: argparse.Namespace) -> int:

@@ -154,12 +154,14 @@ def _save_and_reload(fast: torch.nn.Module, plan: Any, x: torch.Tensor, out: Pat
 def _benchmark(model: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, *, threads: int,
                repeats: int) -> Any:
     """Step 6: dense vs compiled, per layer too, both through ``sk.optimize``'s CPU path (BatchNorm folded, each
-    conv and linear layer on oneDNN or sparsekern's kernel, whichever measured faster); prints the table."""
+    conv and linear layer on oneDNN or sparsekern's kernel, whichever measured faster, the graph run by
+    TorchScript); prints the table."""
     from sparsekern.passes import DEVICE_PASSES
 
-    passes = DEVICE_PASSES["cpu"]
-    print(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, both through sk.optimize "
-          f"({' + '.join(passes)}, the kernel of each layer chosen by measurement: 'backend d/f')")
+    passes = DEVICE_PASSES["cpu"] + ("script",)
+    print(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, both through "
+          f"sk.optimize(script=True) ({' + '.join(passes)}, the kernel of each layer chosen by measurement: "
+          "'backend d/f')")
     report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo",
                      passes=passes)
     print(report.table())

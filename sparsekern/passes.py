@@ -30,6 +30,11 @@ Passes (names for :func:`apply`):
   constants folded, conv weights prepacked once into oneDNN's blocked layout, conv+add+relu fused. On CPU
   this removes the per-call weight reorder and primitive set-up that dominate small batches. It must be
   the last pass; the result is a ``torch.jit.ScriptModule`` for inference only.
+* ``"script"``: the graph after the other passes, traced for the example inputs and frozen, so that a forward
+  is one call into TorchScript's interpreter instead of one Python call per layer
+  (:mod:`sparsekern.script_pass`). It must be the last pass; the result is a ``torch.jit.ScriptModule`` (with
+  the ``sk_backends`` of the passes before it). Dynamic (per-sample gated) layers are refused. Needs
+  ``example_inputs``.
 """
 from __future__ import annotations
 
@@ -45,10 +50,11 @@ import torch.nn as nn
 from sparsekern.attention_pass import attention
 from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.onednn_linear import onednn_linear
+from sparsekern.script_pass import script
 from sparsekern.tuning import ConvCall, Tuner, current_tuner, use_tuner
 
 __all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "onednn_linear", "attention",
-           "freeze", "PASSES", "DEVICE_PASSES"]
+           "freeze", "script", "PASSES", "DEVICE_PASSES"]
 
 
 @torch.no_grad()
@@ -279,8 +285,9 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
     "onednn_linear": onednn_linear,
     "attention": attention,
     "freeze": freeze,
+    "script": script,
 }
-_NEEDS_INPUTS = {"onednn", "onednn_linear", "attention"}
+_NEEDS_INPUTS = {"onednn", "onednn_linear", "attention", "script"}
 
 
 def register_pass(name: str, fn: Callable[..., nn.Module], *, needs_inputs: bool = False,
@@ -307,8 +314,8 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
     (``"onednn"``). ``model`` is left untouched (the passes run on a copy) unless ``inplace=True``.
     """
     for i, name in enumerate(passes):
-        if name == "freeze" and i != len(passes) - 1:
-            raise ValueError(f"'freeze' must be the last inference pass, got {list(passes)}")
+        if name in ("freeze", "script") and i != len(passes) - 1:
+            raise ValueError(f"{name!r} must be the last inference pass, got {list(passes)}")
         if name not in PASSES:
             raise ValueError(f"unknown inference pass {name!r}; available: {sorted(PASSES)}")
         if name in _NEEDS_INPUTS and example_inputs is None:
@@ -328,8 +335,8 @@ DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn", "onedn
                                              "cuda": ("fold_bn", "channels_last")}
 
 
-def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu",
-             tuner: Tuner | None = None) -> nn.Module:
+def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu", tuner: Tuner | None = None,
+             script: bool = False) -> nn.Module:
     """The best inference path sparsekern has for ``device``, for any model, dense or compiled (give the dense
     baseline the same call): a copy of ``model`` after :data:`DEVICE_PASSES` ``[device]``.
 
@@ -339,11 +346,15 @@ def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu",
     oneDNN's prepacked matmuls or by torch's or sparsekern's kernel) and the ``attention`` pass (attention by
     torch's kernel or sparsekern's), each kernel the one ``tuner`` (default
     :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's ``sk_backends`` names
-    each layer's choice. ``model`` is not modified.
+    each layer's choice. With ``script`` (CPU), the result is then traced and frozen into a
+    ``torch.jit.ScriptModule`` that runs without per-layer Python calls (the ``script`` pass; not for dynamic
+    models). ``model`` is not modified.
     """
     if device not in DEVICE_PASSES:
         raise ValueError(f"optimize: no inference path for device {device!r}; known: {sorted(DEVICE_PASSES)}")
+    if script and device != "cpu":
+        raise ValueError(f"optimize: script=True is the CPU path's last step, not one for device {device!r}")
     with contextlib.ExitStack() as stack:
         if tuner is not None:
             stack.enter_context(use_tuner(tuner))
-        return apply(model, DEVICE_PASSES[device], example_inputs)
+        return apply(model, DEVICE_PASSES[device] + (("script",) if script else ()), example_inputs)

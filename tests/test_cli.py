@@ -49,7 +49,7 @@ def test_bench_models_writes_json_and_plot(tmp_path: Path) -> None:
     (result,) = doc["results"]
     assert result["case"]["model"] == "resnet20" and result["batch"] == 2
     assert result["theoretical_speedup"] > 3 and result["dense"]["n"] == 2
-    assert result["case"]["passes"] == ["fold_bn", "onednn"]
+    assert result["case"]["passes"] == ["fold_bn", "onednn", "onednn_linear", "attention", "script"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -400,5 +400,32 @@ void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::o
   }
 }
 
+at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t out_channels, bool relu) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "sparsekern::_conv2d_nhwc_prepacked: x must be a float32 (B, C_in, H, W) CPU tensor, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "sparsekern::_conv2d_nhwc_prepacked: kernel_size, stride, padding and dilation are pairs");
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    out[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out[d] > 0, "sparsekern::_conv2d_nhwc_prepacked: input ", x.sizes(), " is too small for a ",
+                kernel_size, " kernel with padding ", padding, " and dilation ", dilation);
+  }
+  at::Tensor y = at::empty({x.size(0), out_channels, out[0], out[1]}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+  std::optional<at::Tensor> res = residual;
+  if (res.has_value() && res->defined()) {
+    TORCH_CHECK(res->sizes() == y.sizes() && res->scalar_type() == at::kFloat,
+                "sparsekern::_conv2d_nhwc_prepacked: the residual must be float32 ", y.sizes(), ", got ", res->sizes());
+    if (res->strides() != y.strides()) res = res->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  conv2d_nhwc_cpu(xs, packed, bias, res, kernel_size, stride, padding, dilation, relu, y);
+  return y;
+}
+
 }  // namespace cpu
 }  // namespace sparsekern

@@ -43,8 +43,9 @@ from sparsekern.bench.results import command_line, write_part
 from sparsekern.bench.timing import CudaGraphed, environment
 from sparsekern.passes import DEVICE_PASSES
 
-DEFAULT_PASSES = ("fold_bn", "onednn")
-CPU_PATHS = (("fold_bn", "freeze"), ("fold_bn", "onednn"))
+#: The CPU path of ``sk.optimize(model, x, script=True)``, the default of the static cases.
+DEFAULT_PASSES = DEVICE_PASSES["cpu"] + ("script",)
+CPU_PATHS = (("fold_bn", "freeze"), DEFAULT_PASSES)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from sparsekern.ops import _ext
 from sparsekern.ops.backend import FLOATS, Backend, Dispatch
-from sparsekern.ops.shapes import Conv2dProblem, conv2d_geometry, conv2d_memory_format, like_strides, pair
+from sparsekern.ops.shapes import (Conv2dProblem, conv2d_geometry, conv2d_memory_format, conv2d_output_size, like_strides,
+                                   pair)
 
 __all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "PreparedFusedConv2d", "DISPATCH"]
 
@@ -137,6 +138,18 @@ def _fake(x, weight, bias, residual, stride, padding, dilation, relu, backend=No
 _LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
 
+# The channels-last kernel with prepacked weights as a torch operator (its CPU implementation is registered by the
+# C++ extension when it loads): what PreparedFusedConv2d calls, so that a traced graph runs it without Python.
+_LIB.define("_conv2d_nhwc_prepacked(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int[2] kernel_size, "
+            "int[2] stride, int[2] padding, int[2] dilation, int out_channels, bool relu) -> Tensor")
+
+
+@torch.library.register_fake("sparsekern::_conv2d_nhwc_prepacked", lib=_LIB)
+def _prepacked_fake(x, packed, bias, residual, kernel_size, stride, padding, dilation, out_channels, relu):
+    h, w = conv2d_output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    return torch.empty((x.shape[0], out_channels, h, w), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
 
 def _flop_count(x_shape, w_shape, *args, out_val=None, **kwargs) -> int:
     """FLOPs of the convolution, multiply-add = 2 (the epilogue counts 0, as torch counts a conv's bias)."""
@@ -203,7 +216,6 @@ class PreparedFusedConv2d(torch.nn.Module):
         nhwc = self.direct and self.memory_format == torch.channels_last
         self.register_buffer("packed", _ext.kernel("conv2d_nhwc_pack_cpu")(self.weight) if nhwc else None,
                              persistent=False)
-        self._nhwc_kernel = _ext.kernel("conv2d_nhwc_cpu") if nhwc else None
         self._kernel_size = list(self.weight.shape[2:])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,10 +225,9 @@ class PreparedFusedConv2d(torch.nn.Module):
             return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
                                 self.relu)
         if self.packed is not None and x.is_contiguous(memory_format=torch.channels_last):
-            y = torch.empty(self.out_shape, memory_format=torch.channels_last)
-            self._nhwc_kernel(x, self.packed, self.bias, like_strides(residual, y), self._kernel_size, self.stride,
-                              self.padding, self.dilation, self.relu, y)
-            return y
+            return torch.ops.sparsekern._conv2d_nhwc_prepacked(x, self.packed, self.bias, residual, self._kernel_size,
+                                                               self.stride, self.padding, self.dilation,
+                                                               self.out_shape[1], self.relu)
         if conv2d_memory_format(x) != self.memory_format:
             return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
                                 self.relu)
