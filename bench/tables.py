@@ -41,6 +41,7 @@ BEGIN = "<!-- bench/tables.py {name} -->"
 END = "<!-- /bench/tables.py -->"
 
 CHANNEL_SKIP = "channel_skip_conv2d/cpu/float32"
+NARROW_CONV = "fused_conv2d/cpu/float32"
 LOWRANK = "lowrank_linear/cpu/float32"
 MODEL_ORDER = ("resnet18", "vgg16_bn", "resnet56")  # the kernel benchmark's shape sets, in its own order
 ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
@@ -63,9 +64,10 @@ def _link(name: str) -> str:
     return f"[`bench/results/{name}`](bench/results/{name})"
 
 
-def _source(name: str, command: str, part: str = "") -> str:
+def _source(name: str, command: str, part: str = "", environment: dict[str, Any] | None = None) -> str:
     where = f" ({part})" if part else ""
-    return f"Source: {_link(name)}{where}, written by `{command}`."
+    machine = f" on {environment['cpu_model']}" if environment and environment.get("cpu_model") else ""
+    return f"Source: {_link(name)}{where}, written by `{command}`{machine}."
 
 
 def _numbered(commands: list[str]) -> str:
@@ -81,13 +83,34 @@ def _spread_cell(spreads: list[float]) -> str:
 def models_table(results: Path = RESULTS) -> Table:
     """Dense vs compiled zoo models (``cpu.json``, ``results``), one row per case."""
     doc = _load("cpu.json", results)
-    return Table("models", "cpu.json", _source("cpu.json", doc["command"], "`results`") + "\n\n" + summary_table(doc))
+    return Table("models", "cpu.json", _source("cpu.json", doc["command"], "`results`", doc.get("environment"))
+                 + "\n\n" + summary_table(doc))
 
 
 def lm_models_table(results: Path = RESULTS) -> Table:
     """Dense vs FLOP-compiled language models at real sizes (``cpu.json``, ``lm``), one row per case."""
     doc = _load("cpu.json", results)["lm"]
-    return Table("lm_models", "cpu.json", _source("cpu.json", doc["command"], "`lm`") + "\n\n" + lm_table(doc))
+    return Table("lm_models", "cpu.json", _source("cpu.json", doc["command"], "`lm`", doc.get("environment"))
+                 + "\n\n" + lm_table(doc))
+
+
+# -- cpu.json: narrow convolutions (fused_conv2d) --------------------------------------------------------------
+
+def narrow_conv_table(results: Path = RESULTS) -> Table:
+    """Per CIFAR ResNet stage, kept fraction and batch: GFLOP/s of oneDNN and of the direct convolution, and the
+    faster one's rate against the dense layer's (``kernel_fused_conv2d``)."""
+    part = _load("cpu.json", results)["kernels"][NARROW_CONV]
+    rows = ["| images | dense layer | kept | channels | batch | oneDNN GFLOP/s | direct GFLOP/s | faster | vs dense "
+            "| spread |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in part["rows"]:
+        g = r["gflops"]
+        images = "CIFAR 32x32" if r["network"] == "cifar" else "demo 16x16"
+        rows.append(f"| {images} | {r['dense_channels']} ch, {r['size']}x{r['size']} | {r['keep']:.0%} | "
+                    f"{r['channels']} | {r['batch']} | {g['onednn']:.0f} | {g['direct']:.0f} | {r['best']} | "
+                    f"{r['vs_dense']:.2f} | {max(r['spread'].values()):.0%} |")
+    text = _source("cpu.json", part["command"], f"`kernels[\"{NARROW_CONV}\"]`", part.get("environment")) + "\n\n" \
+        + "\n".join(rows)
+    return Table("narrow_conv", "cpu.json", text)
 
 
 # -- cpu.json: channel_skip_conv2d -----------------------------------------------------------------------------
@@ -136,7 +159,8 @@ def channel_skip_table(results: Path = RESULTS) -> Table:
         rows.append(
             f"| {model} | {batch} | {keep} | {masks} | {good}/{len(g)} | {median:.2f} | {measured:.2f}x / "
             f"{theoretical:.2f}x ({measured / theoretical:.2f}) | {naive / kernel:.2f}x | {_spread_cell(spreads)} |")
-    text = _source("cpu.json", part["command"], f"`kernels[\"{CHANNEL_SKIP}\"]`") + "\n\n" + "\n".join(rows)
+    text = _source("cpu.json", part["command"], f"`kernels[\"{CHANNEL_SKIP}\"]`", part.get("environment")) + "\n\n" \
+        + "\n".join(rows)
     return Table("channel_skip_conv2d", "cpu.json", text)
 
 
@@ -171,7 +195,8 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
             rows.append(
                 f"| {label} | {rank} | {len(g)} | {backends} | {statistics.median(eff):.2f} ({min(eff):.2f}-"
                 f"{max(eff):.2f}) | {roof:.2f} | {fused:.2f}x | {_spread_cell(spreads)} | {noisy} |")
-    text = _source("cpu.json", part["command"], f"`kernels[\"{LOWRANK}\"]`") + "\n\n" + "\n".join(rows)
+    text = _source("cpu.json", part["command"], f"`kernels[\"{LOWRANK}\"]`", part.get("environment")) + "\n\n" \
+        + "\n".join(rows)
     return Table("lowrank_linear", "cpu.json", text)
 
 
@@ -307,7 +332,8 @@ def flop_table(results: Path = RESULTS) -> Table:
 # -- all -------------------------------------------------------------------------------------------------------
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
-    models_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table, static_methods_tables, flop_table)
+    models_table, narrow_conv_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table,
+    static_methods_tables, flop_table)
 
 
 def tables(results: Path = RESULTS) -> list[Table]:

@@ -25,15 +25,6 @@ auto direct_conv_binding() {
   };
 }
 
-auto nhwc_conv_binding() {
-  return [](const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-            const std::optional<at::Tensor>& residual, const IntList& kernel_size, const IntList& stride,
-            const IntList& padding, const IntList& dilation, bool relu, at::Tensor y) {
-    pybind11::gil_scoped_release no_gil;
-    sparsekern::cpu::conv2d_nhwc_cpu(x, packed, bias, residual, kernel_size, stride, padding, dilation, relu, y);
-  };
-}
-
 template <typename Kernel>
 auto conv_binding(Kernel kernel) {
   return [kernel](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -84,7 +75,6 @@ auto attention_binding() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern's native kernels; call them through sparsekern.ops";
   m.def("channel_skip_conv2d_cpu", direct_conv_binding());
-  m.def("conv2d_nhwc_cpu", nhwc_conv_binding());
   m.def("conv2d_nhwc_pack_cpu", &sparsekern::cpu::conv2d_nhwc_pack_cpu);
   m.def("lowrank_linear_cpu", lowrank_binding(&sparsekern::cpu::lowrank_linear_cpu));
   m.def("sru_recurrence_cpu", sru_binding(&sparsekern::cpu::sru_recurrence_cpu));

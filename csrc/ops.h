@@ -20,19 +20,16 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
 
-// sparsekern.ops.fused_conv2d on channels-last tensors: y = act(conv(x, weight) + bias (+ residual)) with the
-// weight packed once by conv2d_nhwc_pack_cpu; x float32 with unit channel stride, y (and a residual, with y's
-// strides) channels-last contiguous.
+// sparsekern.ops.fused_conv2d on channels-last tensors: the weight packed once by conv2d_nhwc_pack_cpu, then
+// y = act(conv(x, weight) + bias (+ residual)) by conv2d_nhwc_prepacked, also the CPU kernel of the torch operator
+// sparsekern::_conv2d_nhwc_prepacked (schema in sparsekern/ops/fused_conv2d.py) so that graphs calling it run
+// without Python. x float32 (B, C_in, H, W) with any strides; y is returned channels-last; a residual is added
+// before the ReLU.
 at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight);
-// The same as a torch operator, sparsekern::_conv2d_nhwc_prepacked (schema in sparsekern/ops/fused_conv2d.py),
-// returning a new channels-last y, so graphs that call it run without Python (TorchScript).
 at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t out_channels, bool relu);
-void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
 
 // y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,

@@ -179,6 +179,5 @@ def _print_summary(result: dict[str, Any], report: Any, report_path: Path) -> No
         f"report: {report_path}"
     )
     if report.efficiency < 0.8:
-        print("note: this small model's pruned layers are 8-32 channels wide on 4x4 to 16x16 maps; the 8-channel "
-              "ones run at about two thirds of the dense layers' GFLOP/s, and each layer's fixed cost (a Python "
-              "call, thread start-up) weighs more on a 4x smaller layer (README, 'Performance').")
+        print("note: this small model's pruned layers are 8-32 channels wide on 4x4 to 16x16 maps, where the "
+              "kernels run at 0.6-0.8 of the dense layers' GFLOP/s (README, 'Performance', narrow convolutions).")

@@ -161,7 +161,8 @@ void zero_bordered(const Geometry& g, const float* x, int64_t b0, int64_t b1, fl
     if (g.xsw == g.C_in) {
       std::memcpy(out + g.pw * g.C_in, in, g.W * g.C_in * sizeof(float));
     } else {
-      for (int64_t iw = 0; iw < g.W; ++iw) std::memcpy(out + (g.pw + iw) * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
+      for (int64_t iw = 0; iw < g.W; ++iw)
+        std::memcpy(out + (g.pw + iw) * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
     }
   }
 }
@@ -349,9 +350,12 @@ at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
   return packed;
 }
 
-void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
+namespace {
+
+// The convolution into y (channels-last contiguous); x with unit channel stride, a residual channels-last.
+void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
   TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
                   packed.scalar_type() == at::kFloat && packed.is_contiguous() && x.stride(1) == 1 &&
                   y.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -364,10 +368,10 @@ void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::o
   g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
   g.xsb = x.stride(0), g.xsh = x.stride(2), g.xsw = x.stride(3);
   g.Np = packed.size(1), g.G = channel_groups(g.C_out, g.C_in), g.relu = relu;
-  TORCH_CHECK(packed.size(0) == g.kh * g.kw * g.C_in / g.G &&
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.C_in / g.G &&
                   g.Np == (g.G > 1 ? kL : round_up(std::max<int64_t>(g.C_out, 1), kL)),
-              "fused_conv2d (CPU, NHWC): internal: the packed weight is ", packed.size(0), " x ", g.Np, ", not the packing of a ",
-              g.C_out, " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
+              "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
+              " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
   if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -377,8 +381,8 @@ void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::o
   }
   const float* res = nullptr;
   if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->strides() == y.strides(),
-                "fused_conv2d (CPU, NHWC): internal: the residual must have y's shape and strides");
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fused_conv2d (CPU, NHWC): internal: the residual must be channels-last with y's shape");
     res = residual->data_ptr<float>();
   }
   const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
@@ -400,6 +404,8 @@ void conv2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& packed, const std::o
   }
 }
 
+}  // namespace
+
 at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -409,21 +415,37 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
               x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "sparsekern::_conv2d_nhwc_prepacked: kernel_size, stride, padding and dilation are pairs");
+  for (int d = 0; d < 2; ++d)
+    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
+                "sparsekern::_conv2d_nhwc_prepacked: kernel_size, stride and dilation must be >= 1 and padding >= 0, "
+                "got ", kernel_size, ", ", stride, ", ", dilation, ", ", padding);
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous(),
+              "sparsekern::_conv2d_nhwc_prepacked: packed must be the contiguous float32 tensor of "
+              "conv2d_nhwc_pack_cpu, got ", packed.scalar_type());
+  std::optional<at::Tensor> b = bias;
+  if (b.has_value() && b->defined()) {
+    TORCH_CHECK(b->dim() == 1 && b->numel() == out_channels && b->scalar_type() == at::kFloat,
+                "sparsekern::_conv2d_nhwc_prepacked: bias must be float32 (", out_channels, ",), got ", b->sizes(),
+                " ", b->scalar_type());
+    *b = b->contiguous();
+  }
   int64_t out[2];
   for (int d = 0; d < 2; ++d) {
     out[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
     TORCH_CHECK(out[d] > 0, "sparsekern::_conv2d_nhwc_prepacked: input ", x.sizes(), " is too small for a ",
                 kernel_size, " kernel with padding ", padding, " and dilation ", dilation);
   }
-  at::Tensor y = at::empty({x.size(0), out_channels, out[0], out[1]}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = at::empty({x.size(0), out_channels, out[0], out[1]},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   std::optional<at::Tensor> res = residual;
   if (res.has_value() && res->defined()) {
     TORCH_CHECK(res->sizes() == y.sizes() && res->scalar_type() == at::kFloat,
-                "sparsekern::_conv2d_nhwc_prepacked: the residual must be float32 ", y.sizes(), ", got ", res->sizes());
-    if (res->strides() != y.strides()) res = res->contiguous(at::MemoryFormat::ChannelsLast);
+                "sparsekern::_conv2d_nhwc_prepacked: the residual must be float32 ", y.sizes(), ", got ",
+                res->sizes());
+    if (!res->is_contiguous(at::MemoryFormat::ChannelsLast)) res = res->contiguous(at::MemoryFormat::ChannelsLast);
   }
-  conv2d_nhwc_cpu(xs, packed, bias, res, kernel_size, stride, padding, dilation, relu, y);
+  conv2d_nhwc(xs, packed, b, res, kernel_size, stride, padding, dilation, relu, y);
   return y;
 }
 

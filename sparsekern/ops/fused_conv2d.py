@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from sparsekern.ops import _ext
 from sparsekern.ops.backend import FLOATS, Backend, Dispatch
-from sparsekern.ops.shapes import (Conv2dProblem, conv2d_geometry, conv2d_memory_format, conv2d_output_size, like_strides,
-                                   pair)
+from sparsekern.ops.shapes import (Conv2dProblem, conv2d_geometry, conv2d_memory_format, conv2d_output_size,
+                                   like_strides, pair)
 
 __all__ = ["fused_conv2d", "select_backend", "problem", "FusedConvProblem", "PreparedFusedConv2d", "DISPATCH"]
 
@@ -79,22 +79,14 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def _run_cpu(pr: FusedConvProblem) -> torch.Tensor:
-    y = pr.new_output()
     if pr.memory_format == torch.channels_last:
-        _run_nhwc(pr.x, _ext.kernel("conv2d_nhwc_pack_cpu")(pr.weight), pr.weight.shape[2:], pr.bias, pr.residual,
-                  pr.stride, pr.padding, pr.dilation, pr.relu, y)
-    else:
-        _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
-                                               pr.stride, pr.padding, pr.dilation, pr.relu, y)
+        return torch.ops.sparsekern._conv2d_nhwc_prepacked(
+            pr.x, _ext.kernel("conv2d_nhwc_pack_cpu")(pr.weight), None if pr.bias is None else pr.bias.contiguous(),
+            pr.residual, list(pr.weight.shape[2:]), pr.stride, pr.padding, pr.dilation, pr.weight.shape[0], pr.relu)
+    y = pr.new_output()
+    _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
+                                           pr.stride, pr.padding, pr.dilation, pr.relu, y)
     return y
-
-
-def _run_nhwc(x: torch.Tensor, packed: torch.Tensor, kernel_size: Sequence[int], bias: torch.Tensor | None,
-              residual: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
-              dilation: Sequence[int], relu: bool, y: torch.Tensor) -> None:
-    """The channels-last kernel into ``y`` (channels-last), the weight packed by ``conv2d_nhwc_pack_cpu``."""
-    _ext.kernel("conv2d_nhwc_cpu")(x, packed, None if bias is None else bias.contiguous(), like_strides(residual, y),
-                                   list(kernel_size), list(stride), list(padding), list(dilation), relu, y)
 
 
 def _run_aten(pr: FusedConvProblem) -> torch.Tensor:
@@ -108,7 +100,7 @@ def _run_aten(pr: FusedConvProblem) -> torch.Tensor:
 
 DISPATCH = Dispatch(_OP, problem)
 DISPATCH.register(Backend("cpu", _run_cpu, devices=("cpu",), dtypes=(torch.float32,),
-                          available=_ext.requirement("conv2d_nhwc_cpu")))
+                          available=_ext.requirement("conv2d_nhwc_pack_cpu")))
 DISPATCH.register(Backend("aten", _run_aten))
 
 
@@ -139,7 +131,8 @@ _LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
 
 # The channels-last kernel with prepacked weights as a torch operator (its CPU implementation is registered by the
-# C++ extension when it loads): what PreparedFusedConv2d calls, so that a traced graph runs it without Python.
+# C++ extension when it loads): what the cpu backend and PreparedFusedConv2d call, so that a traced graph runs it
+# without Python.
 _LIB.define("_conv2d_nhwc_prepacked(Tensor x, Tensor packed, Tensor? bias, Tensor? residual, int[2] kernel_size, "
             "int[2] stride, int[2] padding, int[2] dilation, int out_channels, bool relu) -> Tensor")
 
