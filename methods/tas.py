@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -759,7 +760,8 @@ def search(
         the final one when that lies in the accepted band ``[budget - tolerance, budget]``; otherwise the
         logits of the last architecture step that ended in the band are restored (the FLOP loss only pulls
         the architecture back after it has left the band, so the very last step may sit just outside it).
-        When no step reached the band, the final architecture is kept.
+        When no step reached the band, the final architecture is kept and a warning says by how much it
+        misses the budget (a longer search moves it further).
     """
     if not 0.0 < budget <= 1.0:
         raise PlanError(f"FLOPs budget must be a fraction in (0, 1], got {budget}")
@@ -785,6 +787,10 @@ def search(
     net.eval()
     last = net.argmax_flops()
     chosen = band.feasible_step if band.restore_feasible() else result.steps - 1
+    if not band.in_band(net.argmax_flops()):
+        warnings.warn(f"TAS: no architecture step reached the FLOPs band [{budget - tolerance:.0%}, {budget:.0%}] "
+                      f"in {epochs} search epochs; the result has {net.argmax_flops() / full:.1%} of the FLOPs. "
+                      "Search longer (epochs) or raise the FLOP loss weight (flop_weight).", stacklevel=2)
     return SearchResult(network=net, budget=budget, tolerance=tolerance, flops_full=full, flops_target=target,
                         flops_found=net.argmax_flops(), flops_last=last, chosen_step=chosen, history=result.history)
 
