@@ -9,7 +9,7 @@ import sparsekern as sk
 from sparsekern.ops import _ext
 from sparsekern.ops.fused_conv2d import PreparedFusedConv2d, fused_conv2d
 from sparsekern.tuning import ConvCall, Tuner, use_tuner, current_tuner
-from tests.conftest import assert_close_to_scale
+from tests.conftest import assert_close_to_scale, random_plan, randomize_bn
 
 CALL = ConvCall((8, 16, 8, 8), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), True, False, True, True, 1)
 
@@ -84,17 +84,21 @@ def _call_of(model, name, x) -> ConvCall:
 @needs_ext
 @pytest.mark.parametrize("name", sk.models.list_models())
 def test_every_zoo_model_keeps_its_outputs_on_either_kernel(name: str) -> None:
+    """Dense and randomly pruned, on oneDNN or the direct convolution (the latter also traced by ``script``)."""
     if name in ("transformer_lm", "sru_lm"):
         pytest.skip("no convolution")
-    model = sk.models.build(name, num_classes=10).eval()
+    dense = randomize_bn(sk.models.build(name, num_classes=10).eval())
     size = 32 if "resnet" in name and name in ("resnet20", "resnet56", "resnet110") else 64
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(2, 3, size, size)
+    pruned = sk.compile(dense, random_plan(dense, x[:1], 0), x[:1]).eval()  # odd channel counts: every tile shape
     with torch.no_grad():
-        want = model(x)
-        for fallback in ("onednn", "direct"):
-            fast = sk.optimize(model, x, tuner=Tuner(measure=False, fallback=fallback))
-            assert fallback in set(fast.sk_backends.values())
-            assert_close_to_scale(fast(x), want)
+        for model in (dense, pruned):
+            want = model(x)
+            for fallback in ("onednn", "direct"):
+                with use_tuner(Tuner(measure=False, fallback=fallback)):
+                    fast = sk.optimize(model, x, script=fallback == "direct")
+                assert fallback in set(fast.sk_backends.values())
+                assert_close_to_scale(fast(x), want)
 
 
 @needs_ext
