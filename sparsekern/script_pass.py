@@ -15,9 +15,9 @@ specialised to the example inputs' shapes (other batch sizes run, through the sa
 
 TorchScript is deprecated upstream (``torch.jit`` warns) in favour of ``torch.compile`` and ``torch.export``;
 it is what runs a graph of these kernels without Python or a C++ compiler at run time today, as the ``freeze``
-pass does. Tracing records one path through the code, so the result is exact only where no module decides what to compute
-from the data. A graph traced by ``torch.fx`` satisfies that for its own nodes; leaf modules must too. The
-per-sample gated layers of dynamic plans (:mod:`sparsekern.dynamic`) do not, and are refused.
+pass does. Tracing records one path through the code, so the result is exact only where no module decides what
+to compute from the data. A graph traced by ``torch.fx`` satisfies that for its own nodes; leaf modules must
+too. The per-sample gated layers of dynamic plans (:mod:`sparsekern.dynamic`) do not, and are refused.
 """
 from __future__ import annotations
 

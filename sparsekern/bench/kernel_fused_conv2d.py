@@ -90,7 +90,8 @@ def table(doc: dict[str, Any]) -> str:
     env = doc["environment"]
     lines = [f"3x3 convolutions + bias + ReLU, channels-last float32 on {env['device_name']} ({env['threads']} "
              f"threads); GFLOP/s (spread = IQR / median)",
-             f"{'stage':>14} {'keep':>5} {'C':>4} {'batch':>5} {'onednn':>14} {'direct':>14} {'best':>7} {'vs dense':>9}"]
+             f"{'stage':>14} {'keep':>5} {'C':>4} {'batch':>5} {'onednn':>14} {'direct':>14} {'best':>7} "
+             f"{'vs dense':>9}"]
     for r in doc["rows"]:
         g, s = r["gflops"], r["spread"]
         lines.append(f"{r['network'] + ' ' + str(r['dense_channels']) + '@' + str(r['size']):>14} {r['keep']:>5.1f} "
