@@ -5,9 +5,11 @@
 // Work: one task per (batch, head), split over torch's threads. A task packs its k into panels of kPanel keys,
 // Kp[tile][e][w] = k[tile * kPanel + w][e] (zero for keys >= T_k), and its v into rows padded to whole panels,
 // Vp[j][c] (zero for c >= E_v), then runs its queries in blocks of kRows:
-//   for each key tile the block may see: S = scale * Q_blk K_tile^T (kRows x kPanel, register tile), masked;
-//   per row, m_new = max(m, max S), P = exp(S - m_new), l = l exp(m - m_new) + sum P, O = O exp(m - m_new);
-//   O += P V_tile (register tiles of kRows x kPanel columns of O, kept in the thread's buffer between tiles);
+//   for each step of kKeys keys (two panels) the block may see: S = scale * Q_blk K_step^T (kRows x kKeys, one
+//   register tile per panel), masked; per row, m_new = max(m, max S), P = exp(S - m_new),
+//   l = l exp(m - m_new) + sum P, O = O exp(m - m_new); O += P V_step (register tiles of kRows x kPanel columns
+//   of O, kept in the thread's buffer between steps). Two panels per step halve the per-row bookkeeping (the
+//   maxima, the sums, the rescaling of O) per FLOP.
 // and finally o = O / l. A causal query i sees keys 0..i (torch's is_causal, top-left aligned).
 #include "cpu/common.h"
 #include "ops.h"
@@ -25,6 +27,7 @@ using sparsekern::cpu::hsum;
 using sparsekern::cpu::kL;
 using sparsekern::cpu::parallel;
 using sparsekern::cpu::Vec;
+using sparsekern::cpu::vadd;
 using sparsekern::cpu::vexp_shifted;
 using sparsekern::cpu::vload;
 using sparsekern::cpu::vmax;
@@ -36,7 +39,8 @@ using sparsekern::cpu::vzero;
 using sparsekern::cpu::Tile;
 
 constexpr int kRows = sparsekern::cpu::kTileRows;
-constexpr int kPanel = sparsekern::cpu::kTileCols;  // keys per tile, and columns of O per register tile
+constexpr int kPanel = sparsekern::cpu::kTileCols;  // keys per packed panel, and columns of O per register tile
+constexpr int kKeys = 2 * kPanel;                    // keys per step of the running softmax
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
@@ -66,7 +70,7 @@ struct Scratch {
   std::vector<float> kp, vp, q, s, o;
   std::vector<float> m, l;
   explicit Scratch(const Shape& sh)
-      : kp(sh.tiles * sh.e * kPanel), vp(sh.tiles * kPanel * sh.e_v_pad), q(kRows * sh.e), s(kRows * kPanel),
+      : kp(sh.tiles * sh.e * kPanel), vp(sh.tiles * kPanel * sh.e_v_pad), q(kRows * sh.e), s(kRows * kKeys),
         o(kRows * sh.e_v_pad), m(kRows), l(kRows) {}
 };
 
@@ -90,37 +94,52 @@ void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t r
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   const int64_t keys = sh.causal ? std::min(sh.t_k, i0 + rows) : sh.t_k;
   const Vec scale = vset1(sh.scale);
-  for (int64_t j0 = 0; j0 < keys; j0 += kPanel) {
-    Tile acc;
+  for (int64_t j0 = 0; j0 < keys; j0 += kKeys) {
+    for (int part = 0; part < kKeys / kPanel; ++part) {  // the step's panels of keys (some may be past the last)
+      const int64_t tile = j0 / kPanel + part;
+      float* s = w.s.data() + part * kPanel;
+      if (tile >= sh.tiles || tile * kPanel >= keys) {
+        for (int i = 0; i < kRows; ++i) std::fill(s + i * kKeys, s + i * kKeys + kPanel, kNegInf);
+        continue;
+      }
+      Tile acc;
 #pragma GCC unroll 12
-    for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = vzero();
-    micro(sh.e, w.q.data(), sh.e, w.kp.data() + (j0 / kPanel) * sh.e * kPanel, kPanel, acc);
+      for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = vzero();
+      micro(sh.e, w.q.data(), sh.e, w.kp.data() + tile * sh.e * kPanel, kPanel, acc);
 #pragma GCC unroll 12
-    for (int i = 0; i < kRows; ++i) {
-      vstore(w.s.data() + i * kPanel, vmul(acc[i][0], scale));
-      vstore(w.s.data() + i * kPanel + kL, vmul(acc[i][1], scale));
+      for (int i = 0; i < kRows; ++i) {
+        vstore(s + i * kKeys, vmul(acc[i][0], scale));
+        vstore(s + i * kKeys + kL, vmul(acc[i][1], scale));
+      }
     }
-    const bool edge = j0 + kPanel > sh.t_k || (sh.causal && j0 + kPanel - 1 > i0);
+    const bool edge = j0 + kKeys > sh.t_k || (sh.causal && j0 + kKeys - 1 > i0);
     if (edge) {
       for (int64_t i = 0; i < kRows; ++i) {
-        const int64_t visible = std::min(sh.t_k, sh.causal ? i0 + i + 1 : sh.t_k) - j0;  // keys of this tile row i sees
-        for (int64_t c = std::max<int64_t>(visible, 0); c < kPanel; ++c) w.s[i * kPanel + c] = kNegInf;
+        const int64_t visible = std::min(sh.t_k, sh.causal ? i0 + i + 1 : sh.t_k) - j0;  // keys of this step row i sees
+        for (int64_t c = std::max<int64_t>(visible, 0); c < kKeys; ++c) w.s[i * kKeys + c] = kNegInf;
       }
     }
     for (int64_t i = 0; i < kRows; ++i) {
-      float* s = w.s.data() + i * kPanel;
-      const float row_max = hmax(vmax(vload(s), vload(s + kL)));
-      if (row_max == kNegInf) {  // no key of this tile is visible to row i: it adds nothing
-        std::fill(s, s + kPanel, 0.0f);
+      float* s = w.s.data() + i * kKeys;
+      Vec mx = vload(s);
+#pragma GCC unroll 8
+      for (int c = kL; c < kKeys; c += kL) mx = vmax(mx, vload(s + c));
+      const float row_max = hmax(mx);
+      if (row_max == kNegInf) {  // no key of this step is visible to row i: it adds nothing
+        std::fill(s, s + kKeys, 0.0f);
         continue;
       }
       const float m_new = std::max(w.m[i], row_max);
       const Vec mv = vset1(m_new);
-      const Vec p0 = vexp_shifted(vload(s), mv), p1 = vexp_shifted(vload(s + kL), mv);
-      vstore(s, p0);
-      vstore(s + kL, p1);
+      Vec sum = vzero();
+#pragma GCC unroll 8
+      for (int c = 0; c < kKeys; c += kL) {
+        const Vec p = vexp_shifted(vload(s + c), mv);
+        vstore(s + c, p);
+        sum = vadd(sum, p);
+      }
       const float alpha = w.m[i] == kNegInf ? 0.0f : std::exp(w.m[i] - m_new);
-      w.l[i] = w.l[i] * alpha + hsum(p0) + hsum(p1);
+      w.l[i] = w.l[i] * alpha + hsum(sum);
       w.m[i] = m_new;
       if (alpha != 1.0f) {
         const Vec av = vset1(alpha);
@@ -128,7 +147,7 @@ void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t r
         for (int64_t c = 0; c < sh.e_v_pad; c += kL) vstore(o + c, vmul(vload(o + c), av));
       }
     }
-    const int64_t valid = std::min<int64_t>(kPanel, keys - j0);
+    const int64_t valid = std::min<int64_t>(kKeys, keys - j0);
     const float* vt = w.vp.data() + j0 * sh.e_v_pad;
     for (int64_t c0 = 0; c0 < sh.e_v_pad; c0 += kPanel) {
       Tile out;
@@ -137,7 +156,7 @@ void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t r
         out[i][0] = vload(w.o.data() + i * sh.e_v_pad + c0);
         out[i][1] = vload(w.o.data() + i * sh.e_v_pad + c0 + kL);
       }
-      micro(valid, w.s.data(), kPanel, vt + c0, sh.e_v_pad, out);
+      micro(valid, w.s.data(), kKeys, vt + c0, sh.e_v_pad, out);
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) {
         vstore(w.o.data() + i * sh.e_v_pad + c0, out[i][0]);
