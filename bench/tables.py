@@ -94,6 +94,23 @@ def lm_models_table(results: Path = RESULTS) -> Table:
                  + "\n\n" + lm_table(doc))
 
 
+# -- cpu.json: ONNX -----------------------------------------------------------------------------------------------
+
+def onnx_table(results: Path = RESULTS) -> Table:
+    """Dense vs compiled models exported to ONNX and run in onnxruntime (``cpu.json``, ``onnx``)."""
+    doc = _load("cpu.json", results)["onnx"]
+    rows = ["| model | pruned | batch | dense ms | compiled ms | theoretical | measured | efficiency | spread |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        rows.append(f"| {r['model']} | {r['ratio']:.0%} (all) | {r['batch']} | {r['ms']['dense']:.2f} | "
+                    f"{r['ms']['fast']:.2f} | {r['theoretical_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
+                    f"{r['efficiency']:.2f} | {max(r['spread'].values()):.0%} |")
+    env = doc["environment"]
+    text = _source("cpu.json", doc["command"], "`onnx`", env) + f" onnxruntime {env['onnxruntime']}.\n\n" \
+        + "\n".join(rows)
+    return Table("onnx", "cpu.json", text)
+
+
 # -- cpu.json: narrow convolutions (fused_conv2d) --------------------------------------------------------------
 
 def narrow_conv_table(results: Path = RESULTS) -> Table:
@@ -332,7 +349,7 @@ def flop_table(results: Path = RESULTS) -> Table:
 # -- all -------------------------------------------------------------------------------------------------------
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
-    models_table, narrow_conv_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table,
+    models_table, narrow_conv_table, onnx_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table,
     static_methods_tables, flop_table)
 
 

@@ -28,6 +28,7 @@ _LAZY = {
     "load": ("sparsekern.serialize", "load"),
     "flops": ("sparsekern.cost", "flops"),
     "optimize": ("sparsekern.passes", "optimize"),
+    "export_onnx": ("sparsekern.onnx_export", "export_onnx"),
     "tuning": ("sparsekern.tuning", None),
     "bench": ("sparsekern.bench", None),
     "models": ("sparsekern.models", None),

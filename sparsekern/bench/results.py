@@ -17,8 +17,12 @@ def command_line() -> str:
     import sys
 
     argv = list(sys.argv)
-    if argv and (argv[0].endswith("sparsekern") or argv[0].replace("\\", "/").endswith("sparsekern/cli.py")):
+    first = argv[0].replace("\\", "/") if argv else ""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if first.endswith("sparsekern") or first.endswith("sparsekern/cli.py"):
         argv[0] = "sparsekern"  # the console script, or python -m sparsekern.cli
+    elif spec is not None and spec.name.startswith("sparsekern."):  # python -m sparsekern.<module>
+        argv[0:1] = ["python", "-m", spec.name]
     return " ".join(argv)
 
 
