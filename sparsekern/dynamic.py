@@ -74,6 +74,7 @@ __all__ = [
     "calibration_batches",
     "compile_dynamic",
     "conv_sample_flops",
+    "dynamic_layers",
     "expand_groups",
     "gate_flops",
     "mask_source",
@@ -583,6 +584,12 @@ class HybridGatedConv2d(GatedConv2d):
         classes = (f"always={self.always_index.numel()}, switching={self.switch_index.numel()}, "
                    f"never={self.n_never}" if self.gated else "dense")
         return f"{super().extra_repr()}, {classes}, in_never={self.n_in_never}"
+
+
+def dynamic_layers(model: nn.Module) -> list[str]:
+    """Names of the layers of ``model`` that choose their channels per sample (:class:`MaskedConv2d`,
+    :class:`GatedConv2d` and its subclasses): what a traced or exported graph cannot represent."""
+    return [name for name, m in model.named_modules() if isinstance(m, (GatedConv2d, MaskedConv2d))]
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:

@@ -40,11 +40,11 @@ class _TwoMatmuls(nn.Module):
 
 def _standard_ops(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose sparsekern layers compute with standard torch ops (module docstring)."""
-    from sparsekern.dynamic import GatedConv2d, MaskedConv2d
+    from sparsekern.dynamic import dynamic_layers
     from sparsekern.lowrank import LowRankLinear
     from sparsekern.models.lm import SRURecurrence
 
-    dynamic = [name for name, m in model.named_modules() if isinstance(m, (GatedConv2d, MaskedConv2d))]
+    dynamic = dynamic_layers(model)
     if dynamic:
         raise ValueError(f"export_onnx: {dynamic[0]} ({len(dynamic)} layers in all) computes per-sample channel "
                          "masks, which an exported graph cannot; export the static or low-rank models only")

@@ -92,9 +92,9 @@ _TRACEABLE = {
 def script(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> torch.jit.ScriptModule:
     """``model`` (an optimized graph) traced for ``example_inputs`` and frozen (see the module docstring); its
     ``sk_backends`` (the kernel choices of the earlier passes) are carried over. ``model`` is not modified."""
-    from sparsekern.dynamic import GatedConv2d, MaskedConv2d
+    from sparsekern.dynamic import dynamic_layers
 
-    dynamic = [name for name, m in model.named_modules() if isinstance(m, (GatedConv2d, MaskedConv2d))]
+    dynamic = dynamic_layers(model)
     if dynamic:
         raise ValueError(f"script: {dynamic[0]} ({len(dynamic)} layers in all) computes per-sample channel masks, "
                          "which tracing would fix to the example inputs' masks; run dynamic models without 'script'")

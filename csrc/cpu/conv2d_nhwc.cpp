@@ -352,15 +352,11 @@ at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
 
 namespace {
 
-// The convolution into y (channels-last contiguous); x with unit channel stride, a residual channels-last.
+// The convolution into y (channels-last contiguous), the arguments checked by conv2d_nhwc_prepacked: x float32
+// with unit channel stride, packed float32 contiguous, bias contiguous (C_out,), a residual channels-last.
 void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
-  TORCH_CHECK(x.dim() == 4 && y.dim() == 4 && x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
-                  packed.scalar_type() == at::kFloat && packed.is_contiguous() && x.stride(1) == 1 &&
-                  y.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "fused_conv2d (CPU, NHWC): internal: float32 x with unit channel stride, a packed weight and a "
-              "channels-last y expected; call sparsekern.ops.fused_conv2d, which validates its inputs");
   Geometry g{};
   g.B = x.size(0), g.C_in = x.size(1), g.H = x.size(2), g.W = x.size(3);
   g.C_out = y.size(1), g.Ho = y.size(2), g.Wo = y.size(3);
@@ -373,18 +369,8 @@ void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optio
               "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
               " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
   if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->is_contiguous() && bias->numel() == g.C_out && bias->scalar_type() == at::kFloat,
-                "fused_conv2d (CPU, NHWC): internal: a contiguous float32 (C_out,) bias expected");
-    bp = bias->data_ptr<float>();
-  }
-  const float* res = nullptr;
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous(at::MemoryFormat::ChannelsLast),
-                "fused_conv2d (CPU, NHWC): internal: the residual must be channels-last with y's shape");
-    res = residual->data_ptr<float>();
-  }
+  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const float* res = residual.has_value() && residual->defined() ? residual->data_ptr<float>() : nullptr;
   const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
   const int64_t src_sw = g.ph > 0 || g.pw > 0 ? g.C_in : g.xsw;
   const bool row_runs = g.dw * src_sw == g.C_in;

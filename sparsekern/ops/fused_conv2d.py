@@ -212,16 +212,14 @@ class PreparedFusedConv2d(torch.nn.Module):
         self._kernel_size = list(self.weight.shape[2:])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not (self.direct and x.shape == self.input_shape and x.dtype == torch.float32 and x.is_cpu
-                and (residual is None or (residual.shape == self.out_shape and residual.dtype == torch.float32
-                                          and residual.is_cpu))):
-            return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
-                                self.relu)
-        if self.packed is not None and x.is_contiguous(memory_format=torch.channels_last):
+        prepared = (self.direct and x.shape == self.input_shape and x.dtype == torch.float32 and x.is_cpu
+                    and (residual is None or (residual.shape == self.out_shape and residual.dtype == torch.float32
+                                              and residual.is_cpu)))
+        if prepared and self.packed is not None and x.is_contiguous(memory_format=torch.channels_last):
             return torch.ops.sparsekern._conv2d_nhwc_prepacked(x, self.packed, self.bias, residual, self._kernel_size,
                                                                self.stride, self.padding, self.dilation,
                                                                self.out_shape[1], self.relu)
-        if conv2d_memory_format(x) != self.memory_format:
+        if not prepared or conv2d_memory_format(x) != self.memory_format:
             return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
                                 self.relu)
         y = torch.empty(self.out_shape, memory_format=self.memory_format)
