@@ -188,10 +188,11 @@ class PreparedFusedConv2d(torch.nn.Module):
     """:func:`fused_conv2d` with fixed weights, validated once for one input shape and memory format.
 
     An inference graph calls the same convolution on the same shapes every time; this module checks the
-    weights and geometry when it is built, so a call on ``input_shape`` costs a shape comparison, the output
-    allocation and the kernel (a few microseconds where the op's validation and dispatch cost about ten).
-    Any other input (another shape, layout, dtype or device) goes through :func:`fused_conv2d`, with its full
-    checks and dispatch. ``forward(x, residual=None)`` computes ``relu(conv(x) + bias + residual)`` as the op.
+    weights and geometry when it is built and packs them for the channels-last kernel, so an NHWC call on
+    ``input_shape`` costs a shape comparison, the output allocation and the kernel (a few microseconds where
+    the op's validation and dispatch cost about ten). Any other input (another shape, an NCHW layout, which
+    is also what a 1-channel or 1x1 tensor reads as, another dtype or device) goes through
+    :func:`fused_conv2d`, with its full checks and dispatch. ``forward(x, residual=None)`` computes ``relu(conv(x) + bias + residual)`` as the op.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
@@ -206,7 +207,8 @@ class PreparedFusedConv2d(torch.nn.Module):
         self.stride, self.padding, self.dilation, self.relu = pr.stride, pr.padding, pr.dilation, pr.relu
         self.input_shape, self.out_shape, self.memory_format = tuple(example.shape), pr.out_shape, pr.memory_format
         self.direct = not DISPATCH["cpu"].reasons(pr)
-        nhwc = self.direct and self.memory_format == torch.channels_last
+        # a 1-channel or 1x1 input is NHWC- and NCHW-contiguous at once: the channels-last kernel takes it
+        nhwc = self.direct and example.is_contiguous(memory_format=torch.channels_last)
         self.register_buffer("packed", _ext.kernel("conv2d_nhwc_pack_cpu")(self.weight) if nhwc else None,
                              persistent=False)
         self._kernel_size = list(self.weight.shape[2:])
@@ -219,13 +221,9 @@ class PreparedFusedConv2d(torch.nn.Module):
             return torch.ops.sparsekern._conv2d_nhwc_prepacked(x, self.packed, self.bias, residual, self._kernel_size,
                                                                self.stride, self.padding, self.dilation,
                                                                self.out_shape[1], self.relu)
-        if not prepared or conv2d_memory_format(x) != self.memory_format:
-            return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation,
-                                self.relu)
-        y = torch.empty(self.out_shape, memory_format=self.memory_format)
-        _ext.kernel("channel_skip_conv2d_cpu")(x, self.weight, self.bias, None, None, like_strides(residual, y),
-                                               self.stride, self.padding, self.dilation, self.relu, y)
-        return y
+        # every other call through the op: a tracer (the script pass) records only torch ops, so no extension
+        # function may write the result here
+        return fused_conv2d(x, self.weight, self.bias, residual, self.stride, self.padding, self.dilation, self.relu)
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight.shape

@@ -39,6 +39,21 @@ def test_scripted_cnn_computes_what_the_graph_computes(kernel) -> None:
                 assert_close_to_scale(scripted(xb), net(xb))
 
 
+@needs_ext
+@pytest.mark.parametrize("kernel", ["onednn", "direct"])
+def test_scripted_single_channel_layers_compute_what_the_graph_computes(kernel) -> None:
+    """A 1-channel activation is NCHW and NHWC at once, so its consumer takes the op's general path: the trace
+    must record it (an extension function writing into a tensor made by the module would be invisible)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(1, 3, 9, 9)
+    with use_tuner(Tuner(measure=False, fallback=kernel)), torch.no_grad():
+        scripted = sk.optimize(model, x, script=True)
+        assert_close_to_scale(scripted(x), model(x))
+
+
 @pytest.mark.parametrize("fallback", ["onednn", "sparsekern"])
 def test_scripted_language_model_computes_what_the_graph_computes(fallback) -> None:
     torch.manual_seed(0)
