@@ -6,14 +6,17 @@
 For each model, on the embedded digits data: trains the dense model and its SANP form
 (:mod:`sparsekern.methods.sanp`, same seed and schedule, cost objective at ``--budget``), evaluates both,
 measures the average theoretical cost of the SANP model over the test set (per-sample FLOPs of the gated
-execution / dense FLOPs; mean, min, max, std), compiles it (``sk.compile``: channel-skipping gated layers),
-checks the compiled model against its dense masked reference, and times dense vs compiled with
-``sk.bench.compare`` on a batch of test images (both through the ``fold_bn`` and ``onednn`` passes, so the
-convolutions that stay dense run on the same prepacked oneDNN path on both sides; interleaved, median of
-``--repeats``); then the same for the hybrid compile (the plan calibrated on the training images,
-:func:`sparsekern.dynamic.calibrate`; ``--no-calibration`` skips it), with per layer the channel classes and
-the fraction of test batches that ran the static path. Prints a markdown table and writes one JSON. Timing
-belongs on a quiet machine; a quick check that everything runs is ``--epochs 1 --repeats 3``.
+execution / dense FLOPs; mean, min, max, std), and compiles it twice: per sample (``sk.compile`` of the plan:
+channel-skipping gated layers) and hybrid (the plan calibrated on the training images,
+:func:`sparsekern.dynamic.calibrate`, compiled to a static model guarded by the per-sample one,
+:mod:`sparsekern.hybrid`; ``--no-calibration`` skips it). Both are checked against the dense masked reference
+and timed against the dense model with ``sk.bench.compare`` for each of ``--batches`` test images (interleaved,
+median of ``--repeats``), every model through ``sk.optimize``'s CPU passes (the hybrid one and its dense
+baseline also through ``script``, which the per-sample model's Python control flow does not allow). The JSON
+has per gated layer the learned masks and the calibration classes, the fraction of test batches the guard
+sent to the per-sample model, and the static part's FLOPs against the per-sample cost. Prints a markdown table
+and writes one JSON. Timing belongs on a quiet machine; a quick check that everything runs is
+``--epochs 1 --repeats 3``.
 """
 from __future__ import annotations
 
@@ -27,10 +30,11 @@ import torch
 import sparsekern as sk
 from sparsekern.bench.timing import environment
 from sparsekern.data import load
-from sparsekern.dynamic import HybridGatedConv2d, calibrate
+from sparsekern.dynamic import calibrate
 from sparsekern.methods import sanp
 from sparsekern.models import build
 from sparsekern.ops.channel_skip_conv2d import select_backend
+from sparsekern.passes import DEVICE_PASSES
 from sparsekern.train import TrainConfig, evaluate, train
 
 #: name -> (zoo name, build kwargs); "vgg-tiny" is the 4-conv CIFAR-layout VGG the tests use.
@@ -80,20 +84,21 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     x_test = data.test.tensors[0]
     full = sanp.cost_reference(model, x_test[:2]).full
     ratio = sanp.cost_ratio(model, x_test, full=full)
-    x = x_test[: args.batch]
-    plan = sanp.to_plan(model, x)
-    fast = sk.compile(model, plan, x).eval()
-    ref = sk.masked(model, plan, x).eval()
+    plan = sanp.to_plan(model, x_test[: args.batches[0]])
+    fast = sk.compile(model, plan, x_test[: args.batches[0]]).eval()
+    ref = sk.masked(model, plan, x_test[: args.batches[0]]).eval()
     with torch.no_grad():
-        want = ref(x)
-        err = float((fast(x) - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        want = ref(x_test[: args.batches[0]])
+        err = float((fast(x_test[: args.batches[0]]) - want).abs().max() / want.abs().max().clamp_min(1e-12))
     weight = fast.get_submodule(next(iter(plan.dynamic))).weight  # the first gated layer (inside a block: not 3 inputs)
-    backend = select_backend(torch.randn(x.shape[0], weight.shape[1], *x.shape[2:]), weight, padding=1)
-    bench = sk.bench.compare(dense.eval(), fast, x, passes=("fold_bn", "onednn"), threads=args.threads, warmup=args.warmup,
-                             repeats=args.repeats, per_layer=False, label=f"sanp {key} budget {args.budget}")
-    masked_bench = sk.bench.compare(dense.eval(), ref, x, passes=("fold_bn", "onednn"), threads=args.threads,
-                                    warmup=args.warmup, repeats=args.repeats, per_layer=False)
-    calibrated = None if args.no_calibration else run_calibrated(model, plan, data, dense, x, args)
+    backend = select_backend(torch.randn(2, weight.shape[1], *x_test.shape[2:]), weight, padding=1)
+    calibrated = None if args.no_calibration else calibrate(plan, model, data.train)
+    timings = []
+    for batch in args.batches:
+        x = x_test[:batch]
+        timings.append(timing(dense, sk.compile(model, plan, x).eval(), x, "per-sample", PER_SAMPLE_PASSES, args))
+        if calibrated is not None:
+            timings.append(timing(dense, sk.compile(model, calibrated, x).eval(), x, "hybrid", HYBRID_PASSES, args))
     return {
         "model": key,
         "zoo": {"name": name, "kwargs": kwargs},
@@ -108,82 +113,67 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
         "layers": masks_per_layer(model, x_test),
         "compiled_vs_masked_max_error": err,
         "backend": backend,
-        "bench_batch": int(x.shape[0]),
-        "bench_cost_ratio": float(sanp.cost_ratio(model, x, full=full).mean()),
-        "theoretical_speedup": bench.theoretical_speedup,
-        "measured_speedup": bench.measured_speedup,
-        "efficiency": bench.efficiency,
-        "dense_ms": bench.dense.median_ms,
-        "compiled_ms": bench.fast.median_ms,
-        "masked_ms": masked_bench.fast.median_ms,
         "plan": plan.to_dict(),
-        "calibrated": calibrated,
+        "calibrated": None if calibrated is None else hybrid_report(model, calibrated, x_test, args.batches[0]),
+        "timings": timings,
     }
 
 
-def run_calibrated(model: torch.nn.Module, plan: sk.Plan, data, dense: torch.nn.Module, x: torch.Tensor,
-                   args: argparse.Namespace) -> dict:
-    """The hybrid compile (``sparsekern.dynamic.calibrate`` on the training images): its error against the
-    masked reference over the test set, speed against the dense model, and per layer the classes and the
-    fraction of test batches (of ``--batch`` images) that ran the static path rather than the guard's fallback."""
-    x_test = data.test.tensors[0]
-    cal = calibrate(plan, model, data.train)
-    fast = sk.compile(model, cal, x).eval()
-    ref = sk.masked(model, cal, x).eval()
-    err = 0.0
+#: inference paths: the per-sample model keeps Python control flow per layer (no ``script``); the hybrid model's
+#: fast part is static and runs traced and frozen (its guard and fallback stay in Python)
+PER_SAMPLE_PASSES = DEVICE_PASSES["cpu"]
+HYBRID_PASSES = DEVICE_PASSES["cpu"] + ("script",)
+
+
+def timing(dense: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, path: str, passes: tuple[str, ...],
+           args: argparse.Namespace) -> dict:
+    """Dense against ``fast`` on ``x``, both through ``passes`` (``sk.bench.compare``: interleaved medians)."""
+    bench = sk.bench.compare(dense.eval(), fast, x, passes=passes, threads=args.threads, warmup=args.warmup,
+                             repeats=args.repeats, per_layer=False, label=f"sanp {path} batch {len(x)}")
+    print(f"  {path:>10} batch {len(x):>3}: theory {bench.theoretical_speedup:.2f}x measured "
+          f"{bench.measured_speedup:.2f}x efficiency {bench.efficiency:.2f}", flush=True)
+    return {"path": path, "batch": len(x), "passes": list(passes), "theoretical_speedup": bench.theoretical_speedup,
+            "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency,
+            "dense_ms": bench.dense.median_ms, "compiled_ms": bench.fast.median_ms,
+            "spread": max(bench.dense.spread, bench.fast.spread)}
+
+
+def hybrid_report(model: torch.nn.Module, plan: sk.Plan, x_test: torch.Tensor, batch: int) -> dict:
+    """The hybrid compile (the plan calibrated on the training images): its error against the masked reference
+    over the test set, the fraction of test batches the guard sent to the per-sample model, the work of the
+    static part against the per-sample cost (its switching channels are computed for the whole batch), and per
+    gated layer the classes and whether its output is compact."""
+    fast = sk.compile(model, plan, x_test[:batch]).eval()
+    ref = sk.masked(model, plan, x_test[:batch]).eval()
+    err, batches = 0.0, x_test.split(batch)
     with torch.no_grad():
-        for xb in x_test.split(args.batch):
+        for xb in batches:
             want = ref(xb)
             err = max(err, float((fast(xb) - want).abs().max() / want.abs().max().clamp_min(1e-12)))
-    bench = sk.bench.compare(dense.eval(), fast, x, passes=("fold_bn", "onednn"), threads=args.threads,
-                             warmup=args.warmup, repeats=args.repeats, per_layer=False,
-                             label=f"sanp {args.budget} calibrated")
-    return {"samples": cal.meta["calibration"]["samples"], "compiled_vs_masked_max_error": err,
-            "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency,
-            "theoretical_speedup": bench.theoretical_speedup, "compiled_ms": bench.fast.median_ms,
-            "dense_ms": bench.dense.median_ms, "layers": static_paths(fast, cal, x_test, args.batch)}
-
-
-def static_paths(fast: torch.nn.Module, plan: sk.Plan, x_test: torch.Tensor, batch: int) -> dict[str, dict]:
-    """Per gated layer: calibration classes, the compiled layer type, and the fraction of test batches that took
-    the static path (hybrid layers; the others always run per sample)."""
-    fell: dict[str, int] = {}
-    layers = {n: m for n, m in fast.named_modules() if isinstance(m, HybridGatedConv2d)}
-    for name, m in layers.items():
-        def counting(x, in_mask, out_mask, real=m.per_sample, name=name):
-            fell[name] = fell.get(name, 0) + 1
-            return real(x, in_mask, out_mask)
-        m.per_sample = counting
-    batches = x_test.split(batch)
-    try:
-        with torch.no_grad():
-            for xb in batches:
-                fast(xb)
-    finally:
-        for m in layers.values():
-            del m.per_sample
-    out = {}
+    static_flops = sk.flops(fast.fast, x_test[:batch]).total
+    needed = sk.flops(fast, x_test[:batch]).total  # counted on the per-sample path
+    parts = dict(fast.fast.named_modules())
+    layers = {}
     for name, spec in plan.dynamic_layers().items():
-        m = fast.get_submodule(name)
-        out[name] = {"type": type(m).__name__, "never_on": None if spec.never_on is None else len(spec.never_on),
-                     "always_on": None if spec.always_on is None else len(spec.always_on),
-                     "static_fraction": (1 - fell.get(name, 0) / len(batches)) if name in layers else 0.0}
-    return out
+        layers[name] = {"never_on": None if spec.never_on is None else len(spec.never_on),
+                        "always_on": None if spec.always_on is None else len(spec.always_on),
+                        "computed_channels": getattr(parts[name], "out_channels", 0)}
+    return {"samples": plan.meta["calibration"]["samples"], "compiled_vs_masked_max_error": err,
+            "fallback_fraction": fast.fallbacks / len(batches), "static_over_per_sample_flops": static_flops / needed,
+            "layers": layers, "plan": plan.to_dict()}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | G | dense acc | SANP acc | cost (mean, min-max) | theory x | measured x | efficiency | "
-             "dense ms | compiled ms | dense-then-mask ms | calibrated: measured x | efficiency | ms |",
-             "|---" * 14 + "|"]
+    lines = ["| model | G | dense acc | SANP acc | cost (mean, min-max) | path | batch | theory x | measured x | "
+             "efficiency | dense ms | compiled ms | spread |", "|---" * 13 + "|"]
     for r in rows:
-        c, cal = r["cost_ratio"], r.get("calibrated") or {}
-        hybrid = (f"{cal['measured_speedup']:.2f}x | {cal['efficiency']:.2f} | {cal['compiled_ms']:.2f}" if cal
-                  else "- | - | -")
-        lines.append(
-            f"| {r['model']} | {r['granularity']} | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | "
-            f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) | {r['theoretical_speedup']:.2f}x | "
-            f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {r['dense_ms']:.2f} | {r['compiled_ms']:.2f} | "
-            f"{r['masked_ms']:.2f} | {hybrid} |")
+        c = r["cost_ratio"]
+        for t in r["timings"]:
+            lines.append(
+                f"| {r['model']} | {r['granularity']} | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | "
+                f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) | {t['path']} | {t['batch']} | "
+                f"{t['theoretical_speedup']:.2f}x | {t['measured_speedup']:.2f}x | {t['efficiency']:.2f} | "
+                f"{t['dense_ms']:.2f} | {t['compiled_ms']:.2f} | {t['spread']:.1%} |")
     return "\n".join(lines)
 
 
@@ -196,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64, help="test images per timed forward")
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="test images per timed forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=50)
@@ -208,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    rows = {r["model"]: r for r in previous.get("results", [])}  # models not rerun are kept
+    # models not rerun are kept (rows of an older layout, without per-batch timings, are not)
+    rows = {r["model"]: r for r in previous.get("results", []) if "timings" in r}
     for key in args.models:
         row = run_model(key, args)
         row["command"] = "python " + " ".join(sys.argv)

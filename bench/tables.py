@@ -220,26 +220,49 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
 # -- sanp_digits.json ------------------------------------------------------------------------------------------
 
 def sanp_table(results: Path = RESULTS) -> Table:
-    """SANP end to end: one row per model, each with the command that produced it."""
+    """SANP end to end: one row per model, compiled path and batch, each with the command that produced it."""
     doc = _load("sanp_digits.json", results)
     commands: list[str] = []
     rows = [
-        "| model | dense acc | SANP acc | cost: mean (min-max) | theoretical | measured | efficiency | dense ms "
-        "| compiled ms | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dense acc | SANP acc | cost: mean (min-max) | compiled | batch | theoretical | measured | "
+        "efficiency | dense ms | compiled ms | spread | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         if r["command"] not in commands:
             commands.append(r["command"])
         h, w = r["plan"]["meta"]["inputs"][0]["shape"][-2:]
         c = r["cost_ratio"]
-        rows.append(
-            f"| {r['model']} ({h}x{w}) | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | {c['mean']:.1%} "
-            f"({c['min']:.0%}-{c['max']:.0%}) | {r['theoretical_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
-            f"{r['efficiency']:.2f} | {r['dense_ms']:.1f} | {r['compiled_ms']:.1f} | "
-            f"{commands.index(r['command']) + 1} |")
-    text = (f"Source: {_link('sanp_digits.json')}; commands:\n\n{_numbered(commands)}\n\n" + "\n".join(rows))
+        for t in r["timings"]:
+            rows.append(
+                f"| {r['model']} ({h}x{w}) | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | "
+                f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) | {t['path']} | {t['batch']} | "
+                f"{t['theoretical_speedup']:.2f}x | {t['measured_speedup']:.2f}x | {t['efficiency']:.2f} | "
+                f"{t['dense_ms']:.2f} | {t['compiled_ms']:.2f} | {t['spread']:.1%} | "
+                f"{commands.index(r['command']) + 1} |")
+    machine = doc["env"].get("cpu_model")
+    text = (f"Source: {_link('sanp_digits.json')}{f', measured on {machine}' if machine else ''}; commands:\n\n"
+            f"{_numbered(commands)}\n\n" + "\n".join(rows))
     return Table("sanp", "sanp_digits.json", text)
+
+
+def sanp_models_table(results: Path = RESULTS) -> Table:
+    """SANP at ImageNet size with learned-structure gates (``cpu.json``, ``sanp_models``): per model and compiled
+    path, the speedup against the dense model."""
+    doc = _load("cpu.json", results)["sanp_models"]
+    rows = ["| model | batch | cost | classes (never / switching / always) | compiled | dense ms | compiled ms | "
+            "theoretical | measured | efficiency | spread |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        layers = r["layers"].values()
+        total = sum(v["channels"] for v in layers)
+        never, always = sum(v["never_on"] for v in layers), sum(v["always_on"] for v in layers)
+        classes = f"{never / total:.0%} / {(total - never - always) / total:.0%} / {always / total:.0%}"
+        for t in r["timings"]:
+            rows.append(f"| {r['model']} ({r['size']}x{r['size']}) | {r['batch']} | {r['cost']:.1%} | {classes} | "
+                        f"{t['path']} | {t['dense_ms']:.1f} | {t['compiled_ms']:.1f} | {t['theoretical_speedup']:.2f}x | "
+                        f"{t['measured_speedup']:.2f}x | {t['efficiency']:.2f} | {t['spread']:.0%} |")
+    text = _source("cpu.json", doc["command"], "`sanp_models`", doc["environment"]) + "\n\n" + "\n".join(rows)
+    return Table("sanp_models", "cpu.json", text)
 
 
 # -- rethinking_digits.json ------------------------------------------------------------------------------------
@@ -350,7 +373,7 @@ def flop_table(results: Path = RESULTS) -> Table:
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
     models_table, narrow_conv_table, onnx_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table,
-    static_methods_tables, flop_table)
+    sanp_models_table, static_methods_tables, flop_table)
 
 
 def tables(results: Path = RESULTS) -> list[Table]:

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 namespace sparsekern {
 namespace cpu {
@@ -30,6 +31,14 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t out_channels, bool relu);
+
+// The CPU kernel of the torch operator sparsekern::_gate_guard (schema and reference in
+// sparsekern/ops/gate_guard.py): a pooled-MLP gate's channel mask, whether the batch leaves the calibration classes,
+// and the mask of the computed channels as a scale; returns (mask (B, C) bool, scale (B, K, 1, 1), outside () bool).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_guard_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& group_always, const at::Tensor& group_fixed, const at::Tensor& computed, int64_t granularity,
+    int64_t out_channels);
 
 // y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,

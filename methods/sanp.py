@@ -57,8 +57,9 @@ rebuilt by :func:`build_sanp` from the recorded architecture; other models need 
 
 **End to end** (:func:`run`; ``sparsekern prune --method sanp`` calls it through :meth:`SANP.run_images`): the
 dense zoo model trained, its SANP form trained at the budget, the plan calibrated on the training images
-(:func:`sparsekern.dynamic.calibrate`: channels never on, always on, switching) and compiled to hybrid
-static/dynamic layers, checked against ``sk.masked`` on the test set and timed against the dense model; the
+(:func:`sparsekern.dynamic.calibrate`: channels never on, always on, switching) and compiled to a static
+model over the channels that are not never on, guarded by the per-sample one (:mod:`sparsekern.hybrid`),
+checked against ``sk.masked`` on the test set and timed against the dense model; the
 compiled model saves with ``sk.save`` and ``sk.load`` rebuilds it through :func:`build_sanp`.
 
 Measured on the embedded digits (12x12, tiny VGG 16-32-64-64, 10 epochs, seed 0; tests/methods/test_sanp.py):
@@ -138,6 +139,22 @@ class SaliencyPruningModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+    def sk_slice_inputs(self, index: torch.Tensor) -> "SaliencyPruningModule":
+        """A copy reading only the input channels ``index`` (1-D int64): the logits this module gives when the
+        other channels are zero (the pooling is per channel, so their fc1 columns contribute nothing)."""
+        sliced = copy.deepcopy(self)
+        fc1 = nn.Linear(len(index), self.hidden, device=self.fc1.weight.device, dtype=self.fc1.weight.dtype)
+        with torch.no_grad():
+            fc1.weight.copy_(self.fc1.weight.index_select(1, index.to(self.fc1.weight.device)))
+            fc1.bias.copy_(self.fc1.bias)
+        sliced.fc1, sliced.in_channels = fc1, len(index)
+        return sliced
+
+    def sk_pooled_mlp(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w1, b1, w2, b2)``: this module computes ``w2 relu(w1 mean_hw(x) + b1) + b2`` (what
+        :class:`sparsekern.hybrid.GateGuard` runs as one operator call)."""
+        return self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
 
     def spec(self) -> dict[str, Any]:
         """The architecture as JSON (recorded in plans)."""
@@ -690,10 +707,11 @@ def run(model_name: str, data: Any, *, budget: float = 0.5, epochs: float = 10, 
        ``search_epochs`` (default ``epochs / 2``) against the cost ``budget`` (:func:`train_sanp`).
 
     Then: :func:`to_plan`, the plan calibrated on the training images
-    (:func:`sparsekern.dynamic.calibrate`, unless ``calibrate=False``: hybrid static/dynamic layers), compiled
+    (:func:`sparsekern.dynamic.calibrate`, unless ``calibrate=False``: the hybrid compile), compiled
     (``sk.compile``) and checked against ``sk.masked`` on the whole test set; accuracies, the per-sample cost
     over the test set, and the CPU speedup of the compiled model against the dense one (``sk.bench.compare``,
-    both through ``fold_bn`` + ``onednn``, ``threads`` threads, ``bench_repeats`` interleaved runs).
+    both through ``sk.optimize``'s CPU passes, plus ``script`` for a calibrated (hybrid) model, ``threads``
+    threads, ``bench_repeats`` interleaved runs).
     """
     from sparsekern.checkpoint import Checkpoints
     from sparsekern.data import loader
@@ -770,7 +788,13 @@ def _run_report(model_name: str, data: Any, full: nn.Module, net: nn.Module, pla
     x_test = torch.cat([xb for xb, _ in test])
     full_flops = cost_reference(net, x_test[:2]).full
     ratio = cost_ratio(net, x_test, full=full_flops)
-    bench = sk.bench.compare(full.eval(), compiled, x, passes=("fold_bn", "onednn"), threads=threads, repeats=repeats,
+    from sparsekern.hybrid import GuardedModel
+    from sparsekern.passes import DEVICE_PASSES
+
+    # the hybrid model's static part (and the dense baseline) traced by the script pass; the per-sample
+    # model's control flow stays in Python
+    passes = DEVICE_PASSES["cpu"] + (("script",) if isinstance(compiled, GuardedModel) else ())
+    bench = sk.bench.compare(full.eval(), compiled, x, passes=passes, threads=threads, repeats=repeats,
                              per_layer=False)
     layers = plan.dynamic_layers()
     classes = {n: {"never_on": len(s.never_on), "always_on": len(s.always_on),
@@ -782,4 +806,5 @@ def _run_report(model_name: str, data: Any, full: nn.Module, net: nn.Module, pla
             "flops_full": float(full_flops), "flops_mean": float(ratio.mean() * full_flops),
             "compiled_vs_masked_max_error": error, "calibration": plan.meta.get("calibration"), "classes": classes,
             "bench_batch": int(x.shape[0]), "theoretical_speedup": bench.theoretical_speedup,
-            "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency, "plan": plan.to_dict()}
+            "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency, "bench_passes": list(passes),
+            "plan": plan.to_dict()}

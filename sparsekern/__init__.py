@@ -40,6 +40,7 @@ _LAZY = {
     "ops": ("sparsekern.ops", None),
     "depth": ("sparsekern.depth", None),
     "dynamic": ("sparsekern.dynamic", None),
+    "hybrid": ("sparsekern.hybrid", None),
     "lowrank": ("sparsekern.lowrank", None),
     "text_data": ("sparsekern.text_data", None),
 }

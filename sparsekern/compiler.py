@@ -216,13 +216,15 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
     *,
     round_to: int | str | None = None,
     passes: Sequence[str] = (),
-) -> torch.fx.GraphModule:
+) -> nn.Module:
     """Compile ``plan`` into an accelerated model.
 
     The parts of a plan compile in this order: removed residual blocks are replaced by their shortcut
-    (:mod:`sparsekern.depth`); channel keep-sets slice the layers physically; per-sample gated layers become
-    channel-skipping layers (:mod:`sparsekern.dynamic`); rank keep-sets become low-rank layers
-    (:mod:`sparsekern.lowrank`); then the inference ``passes`` run.
+    (:mod:`sparsekern.depth`); channel keep-sets slice the layers physically; rank keep-sets become low-rank
+    layers (:mod:`sparsekern.lowrank`); per-sample gated layers become channel-skipping layers
+    (:mod:`sparsekern.dynamic`), or, when the plan is calibrated (:func:`sparsekern.dynamic.calibrate`), static
+    layers over the channels that are not never on guarded by the channel-skipping model
+    (:mod:`sparsekern.hybrid`); then the inference ``passes`` run.
 
     Args:
         model: the unpruned model (not modified). A model pruned with ``torch.nn.utils.prune`` compiles as it
@@ -242,7 +244,8 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
 
     Returns:
         A ``torch.fx.GraphModule`` with the original submodule names, smaller weights, the model's train/eval
-        mode, and attributes ``sk_plan`` (the plan compiled), ``sk_arch`` (the model's architecture
+        mode (for a calibrated dynamic plan, a :class:`sparsekern.hybrid.GuardedModel` whose parts are such
+        graphs), and attributes ``sk_plan`` (the plan compiled), ``sk_arch`` (the model's architecture
         reference, if any) and ``sk_compile`` (options, for :func:`sparsekern.save`).
     """
     model = _without_torch_prune(model)  # a model pruned with torch.nn.utils.prune compiles as it computes
@@ -269,14 +272,15 @@ def compile(  # noqa: A001 (public API name, docs/design.md#public-api)
             _slice_attr(gm, cg.sliced_attrs[node.name], cg, keep)
     gm.graph.lint()
     gm.recompile()
-    if plan.dynamic:
-        from sparsekern.dynamic import compile_dynamic
-
-        gm = compile_dynamic(gm, plan, inputs)
     if plan.lowrank:
         from sparsekern.lowrank import compile_lowrank
 
         gm = compile_lowrank(gm, plan, inputs)
+    if plan.dynamic:
+        from sparsekern.dynamic import compile_dynamic
+        from sparsekern.hybrid import compile_hybrid, is_calibrated
+
+        gm = (compile_hybrid if is_calibrated(plan) else compile_dynamic)(gm, plan, inputs)
     gm.train(model.training)
     if passes:
         from sparsekern.passes import apply

@@ -37,10 +37,9 @@ the graph as values, so consecutive gated layers pass them on: a layer with both
 **Hybrid static/dynamic compilation.** :func:`calibrate` (a plan step: ``plan = calibrate(plan, model, data)``)
 runs the model on calibration inputs and records, per gated layer, the output channels that were never on and
 those always on (``never_on`` / ``always_on`` of :class:`~sparsekern.plan.DynamicLayer`, saved with the plan);
-the others switch. :func:`compile_dynamic` then builds :class:`HybridGatedConv2d` layers: always-on outputs by
-one dense convolution over the inputs that are not never-on, switching outputs by the per-sample op, never-on
-outputs not at all; a guard (one bool reduction of the batch's masks) sends any batch that leaves the classes
-to the full per-sample path, so the compiled model equals :func:`masked_dynamic` on any input.
+the others switch. ``sk.compile`` turns a calibrated plan into a static model over the channels that are not
+never on, with a guard that hands any batch leaving the classes to this module's per-sample model
+(:mod:`sparsekern.hybrid`), so it equals :func:`masked_dynamic` on any input.
 
 Per-sample cost (:func:`sparsekern.cost.flops`): :class:`MaskedConv2d` reports what each sample would
 cost with the skipped channels skipped (:meth:`MaskedConv2d.sk_flops_per_sample`); a compiled model's
@@ -68,10 +67,10 @@ from sparsekern.utils import closest, input_spec
 __all__ = [
     "DynamicLayer",
     "GatedConv2d",
-    "HybridGatedConv2d",
     "MaskedConv2d",
     "calibrate",
     "calibration_batches",
+    "check_dynamic",
     "compile_dynamic",
     "conv_sample_flops",
     "dynamic_layers",
@@ -393,199 +392,6 @@ class GatedConv2d(nn.Module):
                 f"relu={self.relu}, granularity={self.granularity}, backend={self.backend}")
 
 
-def _index_mask(indices: Iterable[int], size: int, what: str) -> torch.Tensor:
-    """(size,) bool, True at ``indices``; ValueError naming ``what`` for an index out of range."""
-    idx = torch.as_tensor(list(indices), dtype=torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
-        raise ValueError(f"{what}: channel indices must lie in [0, {size}), got {idx.tolist()[:8]}")
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[idx] = True
-    return mask
-
-
-class HybridGatedConv2d(GatedConv2d):
-    """A compiled gated layer that knows its calibration classes (:func:`calibrate`): static where calibration
-    saw no change, per sample only where it did (SANP, Chen et al., ICONIP 2019, learns masks that are close to
-    static per layer: most channels always on or never on, a minority switching between images).
-
-    Output channels of a gated layer fall in three classes: **never on** (off for every calibration sample),
-    **always on** and **switching**. Input channels are **never on** when the producing gated layer's class
-    says so. For a batch whose masks agree with the classes (the guard below), the layer computes
-
-    * the always-on outputs with one dense convolution over the live (not never-on) inputs: weights
-      ``(|always|, |live in|, kh, kw)``, oneDNN with prepacked weights on CPU float32 (else ``F.conv2d``);
-    * the switching outputs with :func:`sparsekern.ops.channel_skip_conv2d`, the in mask skipping inactive
-      inputs per sample and the out mask restricted to the switching channels (the op writes exact zeros for
-      every other channel of the (B, C_out, H_out, W_out) output, and reads only the weights of active ones);
-    * the never-on outputs not at all (zeros).
-
-    On CPU with oneDNN, a gated layer times this static path against the per-sample one once per input shape
-    (on small maps the per-sample kernel, which already skips off outputs, can beat a dense part plus the
-    assembly) and runs the faster; the choice never changes the result.
-
-    A consumer (no gate) whose producer has never-on channels runs one dense convolution over the live inputs
-    when the batch's active input fraction is above ``crossover x |live in| / C_in`` (the crossover GatedConv2d
-    measures: dense time / kernel time at full density), else the per-sample kernel.
-
-    **Guard.** The fast path is exact only while every never-on output (and input) is off and every always-on
-    output is on: ``torch.equal(m & fixed, always)`` and ``(in_mask & in_never).any()`` are bool reductions per
-    batch (one host read each, as the layer already makes for its dense crossover). When the guard fails, under
-    a dispatch mode (FLOP counting, export), or without an in mask where one is expected, the batch runs
-    :meth:`GatedConv2d.per_sample`, the full per-sample path (whose weights this layer keeps). So the output
-    equals :class:`MaskedConv2d`'s on any input. Like GatedConv2d's dense fallback, the dense convolutions
-    assume that inputs are zero where the in mask is off (in a compiled graph the in mask is the producer's out
-    mask, and the producer wrote those channels as exact zeros).
-
-    The state dict is GatedConv2d's (the full folded weight); the class indices are non-persistent buffers
-    (they come from the plan), and the dense part's weight (:attr:`dense_weight`) is derived from the full
-    weight when first used and re-derived when it changes (e.g. ``load_state_dict``).
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, never_on: Iterable[int] = (),
-                 always_on: Iterable[int] = (), in_never: Iterable[int] = (), **kwargs: Any) -> None:
-        super().__init__(weight, bias, **kwargs)
-        c_out, c_in = self.out_channels, self.in_channels
-        never = _index_mask(never_on, c_out, "HybridGatedConv2d never_on")
-        always = _index_mask(always_on, c_out, "HybridGatedConv2d always_on")
-        if not self.gated and bool((never | always).any()):
-            raise ValueError("HybridGatedConv2d: a consumer (no gate) has no output classes; pass in_never only")
-        if bool((never & always).any()):
-            raise ValueError("HybridGatedConv2d: a channel cannot be both never_on and always_on")
-        if not self.gated:
-            always = torch.ones(c_out, dtype=torch.bool)  # a consumer's outputs are all computed densely
-        in_dead = _index_mask(in_never, c_in, "HybridGatedConv2d in_never")
-        self.register_buffer("out_always", always, persistent=False)
-        self.register_buffer("out_fixed", never | always, persistent=False)
-        self.register_buffer("in_never", in_dead, persistent=False)
-        self.register_buffer("always_index", always.nonzero().flatten(), persistent=False)
-        self.register_buffer("out_switch", ~(never | always), persistent=False)
-        self.register_buffer("switch_index", (~(never | always)).nonzero().flatten(), persistent=False)
-        self.register_buffer("live_in_index", (~in_dead).nonzero().flatten(), persistent=False)
-        self.n_never, self.n_in_never = int(never.sum()), int(in_dead.sum())
-
-    @classmethod
-    def from_gated(cls, layer: GatedConv2d, *, never_on: Iterable[int] = (), always_on: Iterable[int] = (),
-                   in_never: Iterable[int] = ()) -> "HybridGatedConv2d":
-        """``layer`` (a compiled :class:`GatedConv2d`) with calibration classes; shares nothing with it."""
-        return cls(layer.weight, layer.bias, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                   relu=layer.relu, gate=copy.deepcopy(layer.gate), granularity=layer.granularity,
-                   backend=layer.backend, never_on=never_on, always_on=always_on, in_never=in_never)
-
-    @property
-    def dense_weight(self) -> torch.Tensor:
-        """(|always on|, |live in|, kh, kw): the folded weight of the dense part (all outputs for a consumer)."""
-        return self._parts()["dense_weight"]
-
-    def matches_calibration(self, in_mask: torch.Tensor | None, m: torch.Tensor | None) -> bool:
-        """Whether this batch's masks agree with the classes (module docstring, Guard); False under a dispatch
-        mode and when an expected in mask is missing."""
-        if is_in_torch_dispatch_mode():
-            return False
-        if m is not None and not torch.equal(m & self.out_fixed, self.out_always.expand_as(m)):
-            return False
-        if self.n_in_never:
-            return in_mask is not None and not bool((in_mask & self.in_never).any())
-        return True
-
-    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None) -> Any:
-        if in_mask is not None and in_mask.dtype != torch.bool:
-            in_mask = in_mask > 0
-        m = self.out_mask(x) if self.gate is not None else None
-        if x.device.type == "cpu" and not x.is_contiguous():
-            x = x.contiguous()
-        choice = self._static_choice(x) if m is not None else True
-        if choice is False or not self.matches_calibration(in_mask, m) or (
-                m is None and not self._live_dense_is_faster(x, in_mask)):
-            return self.per_sample(x, in_mask, m)
-        if choice is None and not self._measure_static(x, in_mask, m):
-            return self.per_sample(x, in_mask, m)
-        y = self._static(x, in_mask, m)
-        return y if m is None else (y, m)
-
-    def _static_choice(self, x: torch.Tensor) -> bool | None:
-        """A gated layer: whether the static path beat the per-sample one for inputs shaped like ``x`` (None:
-        not measured yet). Measured on CPU with oneDNN only (elsewhere the static path runs); a table in
-        ``_DENSE_CACHE[layer]["static"]`` (shape -> bool) can be injected."""
-        if not (self.dense_fallback and self.backend is None and self._onednn_ok(x)):
-            return True
-        return self._cache("static").get(tuple(x.shape))
-
-    def _measure_static(self, x: torch.Tensor, in_mask: torch.Tensor | None, m: torch.Tensor) -> bool:
-        """Time the static and the per-sample path on this batch (best of 3 each, once per input shape; on small
-        maps the per-sample kernel can beat a dense part plus its assembly) and record the faster."""
-        with torch.no_grad():
-            static = _best_time(lambda: self._static(x, in_mask, m))
-            per_sample = _best_time(lambda: self.per_sample(x, in_mask, m))
-        self._cache("static")[tuple(x.shape)] = static < per_sample
-        return static < per_sample
-
-    def _live_dense_is_faster(self, x: torch.Tensor, in_mask: torch.Tensor | None) -> bool:
-        """A consumer: dense over the live inputs beats the kernel when the active input fraction exceeds
-        ``crossover * |live in| / C_in``."""
-        if in_mask is None or not (self.dense_fallback and self.backend is None and self._onednn_ok(x)):
-            return True  # no measured crossover to go by: the dense part runs (on F.conv2d off oneDNN)
-        active = float(in_mask.sum(dtype=torch.float64)) / in_mask.numel()
-        return active > self._crossover(x) * self.live_in_index.numel() / self.in_channels
-
-    def _static(self, x: torch.Tensor, in_mask: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor:
-        """The fast path for a batch that matches the classes: (B, C_out, H_out, W_out). The op computes the
-        switching outputs into the full output (zeros elsewhere); the dense part fills the always-on ones."""
-        dense = None
-        if self.always_index.numel():
-            xs = x.index_select(1, self.live_in_index) if self.n_in_never else x
-            dense = self._dense_part(xs, self._parts())
-            if dense.shape[1] == self.out_channels:
-                return dense
-        if self.switch_index.numel():
-            y = channel_skip_conv2d(x, self.weight, self.bias, in_mask, m & self.out_switch, self.stride,
-                                    self.padding, self.dilation, self.relu, backend=self.backend)
-        else:
-            b, _, h, w = x.shape
-            kh, kw = self.weight.shape[2:]
-            size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                    for n, p, d, k, s in zip((h, w), self.padding, self.dilation, (kh, kw), self.stride)]
-            y = x.new_zeros(b, self.out_channels, *size)
-        return y if dense is None else y.index_copy_(1, self.always_index, dense)
-
-    def _dense_part(self, xs: torch.Tensor, parts: dict) -> torch.Tensor:
-        w, b = parts["dense_weight"], parts["dense_bias"]
-        if not self._onednn_ok(xs):
-            y = F.conv2d(xs, w, b, self.stride, self.padding, self.dilation)
-            return F.relu(y) if self.relu else y
-        from sparsekern.passes import onednn_weight
-
-        packed, shape = parts["packed"], tuple(xs.shape)
-        if shape not in packed:
-            if len(packed) >= 8:
-                packed.clear()
-            packed[shape] = onednn_weight(w, self.padding, self.stride, self.dilation, 1, shape)
-        return torch.ops.mkldnn._convolution_pointwise.default(
-            xs, packed[shape], b, list(self.padding), list(self.stride), list(self.dilation), 1,
-            "relu" if self.relu else "none", [], "")
-
-    def _parts(self) -> dict:
-        """The part weights, derived from the full weight and cached until it changes."""
-        w, b = self.weight, self.bias
-        key = (w._version, w.data_ptr(), w.device, w.dtype, None if b is None else (b._version, b.data_ptr()))
-        cache = _DENSE_CACHE.setdefault(self, {})
-        parts = cache.get("parts")
-        if parts is None or parts["key"] != key:
-            with torch.no_grad():
-                rows = w.index_select(0, self.always_index)
-                parts = {
-                    "key": key, "packed": {},
-                    "dense_weight": rows.index_select(1, self.live_in_index).contiguous(),
-                    "dense_bias": None if b is None else b.detach().index_select(0, self.always_index).contiguous(),
-                }
-            cache["parts"] = parts
-        return parts
-
-    def extra_repr(self) -> str:
-        classes = (f"always={self.always_index.numel()}, switching={self.switch_index.numel()}, "
-                   f"never={self.n_never}" if self.gated else "dense")
-        return f"{super().extra_repr()}, {classes}, in_never={self.n_in_never}"
-
-
 def dynamic_layers(model: nn.Module) -> list[str]:
     """Names of the layers of ``model`` that choose their channels per sample (:class:`MaskedConv2d`,
     :class:`GatedConv2d` and its subclasses): what a traced or exported graph cannot represent."""
@@ -608,8 +414,9 @@ def parse_dynamic(plan: Plan) -> dict[str, DynamicLayer]:
     return plan.dynamic_layers()
 
 
-def _check(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.Node]:
-    """Check the plan's dynamic part against ``gm``; returns layer name -> its call_module node."""
+def check_dynamic(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.Node]:
+    """Check the plan's dynamic part against ``gm`` (see :func:`compile_dynamic` for what is checked); returns
+    layer name -> its call_module node."""
     layers = parse_dynamic(plan)
     modules = dict(gm.named_modules())
     calls: dict[str, list[torch.fx.Node]] = {}
@@ -699,35 +506,18 @@ def compile_dynamic(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = 
         PlanError: a named layer is missing or not gated, a gated layer is not named, or the plan's in-mask
             edges or granularities disagree with the model.
     """
-    nodes = _check(gm, plan)
-    layers = parse_dynamic(plan)
+    nodes = check_dynamic(gm, plan)
     for name in nodes:
-        gm.set_submodule(name, _compiled_layer(gm.get_submodule(name), name, layers))
+        gm.set_submodule(name, GatedConv2d.from_masked(gm.get_submodule(name)))
     gm.recompile()
     return gm
-
-
-def _compiled_layer(layer: MaskedConv2d, name: str, layers: Mapping[str, DynamicLayer]) -> GatedConv2d:
-    """``layer``'s compiled form: a :class:`HybridGatedConv2d` where the plan's calibration classes fix some
-    channels (a gated layer with always-on outputs; a consumer whose producer has never-on channels), else a
-    :class:`GatedConv2d`."""
-    fast = GatedConv2d.from_masked(layer)
-    spec = layers[name]
-    source = layers.get(spec.in_from) if spec.in_from is not None else None
-    in_never = source.never_on if source is not None and source.never_on else ()
-    if spec.gated and spec.always_on:
-        return HybridGatedConv2d.from_gated(fast, never_on=spec.never_on, always_on=spec.always_on,
-                                            in_never=in_never)
-    if not spec.gated and in_never:
-        return HybridGatedConv2d.from_gated(fast, in_never=in_never)
-    return fast
 
 
 def masked_dynamic(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
     """Swap every gated layer the plan names for a plain :class:`MaskedConv2d` (dense conv times the masks,
     the hard ``logit > 0`` decision in every mode): the reference that :func:`compile_dynamic` must equal
     in eval mode. Same arguments and errors as :func:`compile_dynamic`."""
-    nodes = _check(gm, plan)
+    nodes = check_dynamic(gm, plan)
     for name in nodes:
         m = gm.get_submodule(name)
         ref = MaskedConv2d(copy.deepcopy(m.conv), copy.deepcopy(m.bn), relu=m.relu, gate=copy.deepcopy(m.gate),
@@ -766,9 +556,9 @@ def calibrate(plan: Plan, model: nn.Module, data: Any, *, batch_size: int = 256,
     Runs a copy of ``model`` (the gated form the plan compiles against, e.g. SANP's: Chen et al.,
     "Self-Adaptive Network Pruning", ICONIP 2019) in eval mode on ``data`` and, per gated layer, takes the
     per-sample out masks (B, C_out): a channel is **never on** if it is off for every sample, **always on** if
-    on for every sample, **switching** otherwise. ``sk.compile`` turns the classes into
-    :class:`HybridGatedConv2d` layers (static dense parts, per-sample only where masks switch, a guard that
-    falls back to the full per-sample path), which equal ``sk.masked`` on any input.
+    on for every sample, **switching** otherwise. ``sk.compile`` turns a calibrated plan into a static model over
+    the channels that are not never on, guarded by the per-sample one (:func:`sparsekern.hybrid.compile_hybrid`),
+    which equals ``sk.masked`` on any input.
 
     Args:
         plan: a plan with a dynamic part naming the model's gated layers.

@@ -311,7 +311,9 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
     """Apply the named passes in order and return the result.
 
     ``example_inputs`` (a tensor or tuple) are needed by the passes that specialise to input shapes
-    (``"onednn"``). ``model`` is left untouched (the passes run on a copy) unless ``inplace=True``.
+    (``"onednn"``). ``model`` is left untouched (the passes run on a copy) unless ``inplace=True``. A model
+    with a method ``sk_apply_passes(run, passes)`` applies them to its parts itself, calling
+    ``run(part, names)`` for each part and returning the model (:class:`sparsekern.hybrid.GuardedModel`).
     """
     for i, name in enumerate(passes):
         if name in ("freeze", "script") and i != len(passes) - 1:
@@ -322,6 +324,9 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
             raise ValueError(f"inference pass {name!r} needs example_inputs (it prepacks for their shapes)")
     if passes and not inplace:
         model = copy.deepcopy(model)
+    parts = getattr(model, "sk_apply_passes", None)
+    if passes and callable(parts):  # a model of several parts applies the passes to each (sparsekern.hybrid)
+        return parts(lambda part, names: apply(part, names, example_inputs, inplace=True), tuple(passes))
     for name in passes:
         if name in _NEEDS_INPUTS:
             model = PASSES[name](model, example_inputs, inplace=True)
