@@ -22,7 +22,9 @@ the classes of each gated layer's outputs on calibration data: **never on**, **a
   that ``fast`` flags as outside the classes (the guard), and under dispatch modes (FLOP counting sees the
   per-sample work; export cannot express the guard).
 
-So the result equals :func:`sparsekern.dynamic.masked_dynamic` on any input. The cost of staying exact is one
+So the result equals :func:`sparsekern.dynamic.masked_dynamic` on any input. When inference passes are applied
+with example inputs (``sk.optimize``), the model times its guarded static part against the per-sample model
+once per input shape (:class:`~sparsekern.tuning.Tuner`, as for kernels) and runs the faster for every batch. The cost of staying exact is one
 gate evaluation per layer (the gate runs anyway) and one host read per batch; a batch outside the classes is
 computed twice. Switching channels cost what a dense convolution of them costs: the fast part does not skip
 them per sample, so a plan whose layers switch many channels that are rarely on is better served by the
@@ -34,6 +36,8 @@ are non-persistent buffers (they come from the plan).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import operator
 from typing import Any, Callable, Sequence
 
@@ -46,6 +50,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from sparsekern.dynamic import MaskedConv2d, check_dynamic, compile_dynamic
 from sparsekern.ops.gate_guard import gate_guard, guard_outputs
 from sparsekern.plan import DynamicLayer, Plan, PlanError
+from sparsekern.tuning import GuardedModelCall, Tuner, current_tuner
 
 __all__ = ["BiasOnly", "GateGuard", "GuardedModel", "NoChannels", "compile_hybrid", "is_calibrated"]
 
@@ -65,34 +70,64 @@ def is_calibrated(plan: Plan) -> bool:
 class GuardedModel(nn.Module):
     """``fast`` where the batch stays inside the calibration classes, ``exact`` otherwise (module docstring).
 
-    Attributes:
+    Args:
         fast: module returning ``(output, outside)``, ``outside`` a 0-d bool tensor.
         exact: module returning ``output``, exact on any input.
+        plan_digest: identifies the model in a :class:`~sparsekern.tuning.Tuner`'s table.
+
+    Attributes:
+        path: ``"static"`` (``fast``, guarded) or ``"per-sample"`` (``exact`` for every batch): which one runs,
+            chosen by measurement when inference passes are applied with example inputs (:meth:`choose_path`).
         fallbacks: number of forwards that ``fast`` flagged and ``exact`` computed (a plain counter).
     """
 
-    def __init__(self, fast: nn.Module, exact: nn.Module) -> None:
+    def __init__(self, fast: nn.Module, exact: nn.Module, plan_digest: str = "") -> None:
         super().__init__()
         self.fast = fast
         self.exact = exact
+        self.plan_digest = plan_digest
+        self.path = "static"
         self.fallbacks = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if is_in_torch_dispatch_mode():
+        if self.path == "per-sample" or is_in_torch_dispatch_mode():
             return self.exact(*args, **kwargs)
+        return self._guarded(*args, **kwargs)
+
+    def _guarded(self, *args: Any, **kwargs: Any) -> Any:
         out, outside = self.fast(*args, **kwargs)
         if bool(outside):
             self.fallbacks += 1
             return self.exact(*args, **kwargs)
         return out
 
-    def sk_apply_passes(self, run: Callable[[nn.Module, Sequence[str]], nn.Module],
-                        passes: Sequence[str]) -> "GuardedModel":
+    def choose_path(self, example_inputs: Any, tuner: Tuner | None = None) -> str:
+        """Set :attr:`path` to whichever of the guarded static part and the per-sample model ``tuner`` (default
+        :func:`~sparsekern.tuning.current_tuner`) finds faster on ``example_inputs`` (timed once per model, input
+        shapes and thread count, or read from the tuner's table); returns it."""
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        call = GuardedModelCall(self.plan_digest, tuple(tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)),
+                                torch.get_num_threads())
+        fallbacks = self.fallbacks
+        with torch.no_grad():
+            self.path = (tuner or current_tuner()).choose(
+                call, {"static": lambda: self._guarded(*inputs), "per-sample": lambda: self.exact(*inputs)})
+        self.fallbacks = fallbacks
+        return self.path
+
+    def sk_apply_passes(self, run: Callable[[nn.Module, Sequence[str]], nn.Module], passes: Sequence[str],
+                        example_inputs: Any = None) -> "GuardedModel":
         """Inference passes (:func:`sparsekern.passes.apply`): all of them on ``fast``; on ``exact`` those
-        that keep Python control flow (not ``freeze`` or ``script``, which would trace one path)."""
+        that keep Python control flow (not ``freeze`` or ``script``, which would trace one path). With example
+        inputs, the faster path is then chosen (:meth:`choose_path`)."""
         self.fast = run(self.fast, tuple(passes))
         self.exact = run(self.exact, tuple(p for p in passes if p not in ("freeze", "script")))
+        if example_inputs is not None:
+            self.choose_path(example_inputs)
         return self
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}"
 
 
 class GateGuard(nn.Module):
@@ -222,7 +257,8 @@ def compile_hybrid(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = N
         raise PlanError("compile_hybrid: the plan's gated layers have no calibration classes; run "
                         "sparsekern.dynamic.calibrate(plan, model, data) first")
     exact = compile_dynamic(copy.deepcopy(gm), plan)
-    return GuardedModel(_fast_graph(gm, plan), exact)
+    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return GuardedModel(_fast_graph(gm, plan), exact, digest)
 
 
 def _fast_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

@@ -312,7 +312,7 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
 
     ``example_inputs`` (a tensor or tuple) are needed by the passes that specialise to input shapes
     (``"onednn"``). ``model`` is left untouched (the passes run on a copy) unless ``inplace=True``. A model
-    with a method ``sk_apply_passes(run, passes)`` applies them to its parts itself, calling
+    with a method ``sk_apply_passes(run, passes, example_inputs)`` applies them to its parts itself, calling
     ``run(part, names)`` for each part and returning the model (:class:`sparsekern.hybrid.GuardedModel`).
     """
     for i, name in enumerate(passes):
@@ -326,7 +326,8 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
         model = copy.deepcopy(model)
     parts = getattr(model, "sk_apply_passes", None)
     if passes and callable(parts):  # a model of several parts applies the passes to each (sparsekern.hybrid)
-        return parts(lambda part, names: apply(part, names, example_inputs, inplace=True), tuple(passes))
+        return parts(lambda part, names: apply(part, names, example_inputs, inplace=True), tuple(passes),
+                     example_inputs)
     for name in passes:
         if name in _NEEDS_INPUTS:
             model = PASSES[name](model, example_inputs, inplace=True)

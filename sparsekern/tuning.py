@@ -6,7 +6,8 @@ channels and run wide layers near peak, while sparsekern's direct convolution
 (:func:`sparsekern.ops.fused_conv2d`) vectorises over output pixels and keeps the SIMD lanes of narrow layers
 busy. For a linear or low-rank layer (:class:`LinearCall`), oneDNN's prepacked matmuls against torch's BLAS call
 or sparsekern's fused low-rank kernel (:func:`sparsekern.ops.lowrank_linear`). For an attention
-(:class:`AttentionCall`), torch's ``scaled_dot_product_attention`` against :func:`sparsekern.ops.attention`.
+(:class:`AttentionCall`), torch's ``scaled_dot_product_attention`` against :func:`sparsekern.ops.attention`. For a
+calibrated dynamic model (:class:`GuardedModelCall`), its static part against its per-sample model.
 Which is faster depends on the
 shapes, the epilogue, the layout, the threads and the CPU's vendor, so the choice is made by timing the
 candidates on the layer's own shapes, once per call (like ``torch.backends.cudnn.benchmark``), and remembered.
@@ -26,7 +27,8 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Union
 
 import torch
 
-__all__ = ["AttentionCall", "Call", "ConvCall", "LinearCall", "Tuner", "current_tuner", "use_tuner"]
+__all__ = ["AttentionCall", "Call", "ConvCall", "GuardedModelCall", "LinearCall", "Tuner", "current_tuner",
+           "use_tuner"]
 
 
 class _Keyed:
@@ -86,12 +88,25 @@ class AttentionCall(_Keyed):
     kind: ClassVar[str] = "attention"
 
 
+@dataclass(frozen=True)
+class GuardedModelCall(_Keyed):
+    """What decides whether a calibrated dynamic model (:class:`sparsekern.hybrid.GuardedModel`) runs its static
+    part or its per-sample model: the model (a digest of its plan), its input shapes and torch's intra-op thread
+    count."""
+
+    plan_digest: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    threads: int
+
+    kind: ClassVar[str] = "guarded"
+
+
 #: A call a :class:`Tuner` decides.
-Call = Union[ConvCall, LinearCall, AttentionCall]
+Call = Union[ConvCall, LinearCall, AttentionCall, GuardedModelCall]
 
 
 class Tuner:
-    """Decides, per call (:class:`ConvCall`, :class:`LinearCall`), which of the candidate kernels runs it
+    """Decides, per call (:class:`ConvCall`, :class:`LinearCall`, ...), which of the candidate kernels runs it
     (module docstring).
 
     Args:

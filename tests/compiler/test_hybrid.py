@@ -18,6 +18,7 @@ from sparsekern.hybrid import BiasOnly, GateGuard, GuardedModel, NoChannels, is_
 from sparsekern.methods import sanp
 from sparsekern.models import build
 from sparsekern.plan import Plan, PlanError
+from sparsekern.tuning import GuardedModelCall, Tuner, use_tuner
 from tests.compiler.test_dynamic import chain, cpu_or_reference, unit
 from tests.conftest import assert_close_to_scale, randomize_bn
 
@@ -243,7 +244,8 @@ def test_inference_passes_apply_to_both_parts_and_keep_the_guard() -> None:
     cal = dyn.calibrate(plan, model, images_with_t(CALIBRATION_TS))
     compiled = cpu_or_reference(sk.compile(model, cal, images_with_t(CALIBRATION_TS)).eval())
     before = copy.deepcopy(compiled.state_dict())
-    opt = sk.optimize(compiled, images_with_t(CALIBRATION_TS), script=True)
+    with use_tuner(Tuner(measure=False)):  # no clock: oneDNN kernels and the static path
+        opt = sk.optimize(compiled, images_with_t(CALIBRATION_TS), script=True)
     assert isinstance(opt.fast, torch.jit.ScriptModule) and not isinstance(opt.exact, torch.jit.ScriptModule)
     ref = sk.masked(model, cal).eval()
     with torch.no_grad():
@@ -252,6 +254,35 @@ def test_inference_passes_apply_to_both_parts_and_keep_the_guard() -> None:
             assert_close_to_scale(opt(x), ref(x))
             assert opt.fallbacks == fell
     assert all(torch.equal(v, compiled.state_dict()[k]) for k, v in before.items())
+
+
+class Refuses(nn.Module):
+    def forward(self, *args: object) -> None:
+        raise AssertionError("this part must not run")
+
+
+@pytest.mark.parametrize("static_s, per_sample_s, path", [(1e-3, 2e-3, "static"), (2e-3, 1e-3, "per-sample"),
+                                                           (None, None, "static")])
+def test_the_faster_path_is_chosen_from_the_tuner_table(static_s, per_sample_s, path) -> None:
+    """The passes choose between the guarded static part and the per-sample model from the tuner's timings
+    (no clock here: an injected table, or no table and no measuring, which keeps the static part)."""
+    model, plan = forced()
+    x = images_with_t(CALIBRATION_TS)
+    cal = dyn.calibrate(plan, model, x)
+    compiled = cpu_or_reference(sk.compile(model, cal, x).eval())
+    call = GuardedModelCall(compiled.plan_digest, (tuple(x.shape),), torch.get_num_threads())
+    table = {} if static_s is None else {call: {"static": static_s, "per-sample": per_sample_s}}
+    with use_tuner(Tuner(table, measure=False)):
+        opt = sk.optimize(compiled, x)
+    assert opt.path == path and compiled.path == "static"  # the given model is not changed
+    if path == "per-sample":
+        opt.fast = Refuses()
+    else:
+        opt.exact = Refuses()
+    with torch.no_grad():
+        assert_close_to_scale(opt(x), sk.masked(model, cal).eval()(x))
+    other = sk.compile(model, dyn.calibrate(plan, model, x[:2]), x)  # another plan: another entry of the table
+    assert other.plan_digest != compiled.plan_digest
 
 
 def test_hybrid_errors_name_the_layer() -> None:
