@@ -22,24 +22,37 @@ namespace sparsekern {
 namespace cpu {
 namespace {
 
-// out[c] = sum over the pixels of one sample's channel c: NHWC (pixels x channels) or NCHW (channels x pixels)
+// out[c] = sum over the pixels of one sample's channel c: NHWC (pixels x channels) or NCHW (channels x pixels).
+// Up to kChains vectors are summed side by side: one accumulator would wait on each add's latency.
+constexpr int kChains = 4;
+
 void pool(const float* x, int64_t channels, int64_t pixels, bool nhwc, float* out) {
   if (nhwc) {
-    for (int64_t c = 0; c < channels; c += kL) {
-      const int64_t n = std::min<int64_t>(kL, channels - c);
-      const uint32_t lanes = n == kL ? ~0u : (1u << n) - 1u;
-      Vec acc = vzero();
-      for (int64_t p = 0; p < pixels; ++p) acc = vadd(acc, vload_mask(x + p * channels + c, lanes));
-      vstore_mask(out + c, acc, lanes);
+    for (int64_t c = 0; c < channels; c += kChains * kL) {
+      Vec acc[kChains];
+      uint32_t lanes[kChains];
+      for (int j = 0; j < kChains; ++j) {
+        const int64_t n = std::clamp<int64_t>(channels - c - j * kL, 0, kL);
+        lanes[j] = n == kL ? ~0u : (1u << n) - 1u;
+        acc[j] = vzero();
+      }
+      for (int64_t p = 0; p < pixels; ++p) {
+        const float* px = x + p * channels + c;
+        for (int j = 0; j < kChains; ++j) acc[j] = vadd(acc[j], vload_mask(px + j * kL, lanes[j]));
+      }
+      for (int j = 0; j < kChains; ++j) vstore_mask(out + c + j * kL, acc[j], lanes[j]);
     }
     return;
   }
   for (int64_t c = 0; c < channels; ++c) {
     const float* row = x + c * pixels;
-    Vec acc = vzero();
+    Vec acc[kChains] = {vzero(), vzero(), vzero(), vzero()};
     int64_t p = 0;
-    for (; p + kL <= pixels; p += kL) acc = vadd(acc, vload(row + p));
-    float sum = hsum(acc);
+    for (; p + kChains * kL <= pixels; p += kChains * kL) {
+      for (int j = 0; j < kChains; ++j) acc[j] = vadd(acc[j], vload(row + p + j * kL));
+    }
+    for (; p + kL <= pixels; p += kL) acc[0] = vadd(acc[0], vload(row + p));
+    float sum = hsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
     for (; p < pixels; ++p) sum += row[p];
     out[c] = sum;
   }

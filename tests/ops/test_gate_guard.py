@@ -10,10 +10,11 @@ from sparsekern.ops import _ext
 from sparsekern.ops.gate_guard import _reference, gate_guard
 
 
-def problem(batch: int, c_in: int, channels: int, granularity: int, seed: int, channels_last: bool = False):
+def problem(batch: int, c_in: int, channels: int, granularity: int, seed: int, channels_last: bool = False,
+            size: tuple[int, int] = (5, 6)):
     g = torch.Generator().manual_seed(seed)
     n, hidden = -(-channels // granularity), 8
-    x = torch.randn(batch, c_in, 5, 6, generator=g)
+    x = torch.randn(batch, c_in, *size, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w1, b1 = torch.randn(hidden, c_in, generator=g), torch.randn(hidden, generator=g)
@@ -30,16 +31,18 @@ def truth_on(x, w1, b1, w2, b2) -> torch.Tensor:
     return F.linear(F.relu(F.linear(pooled, w1.double(), b1.double())), w2.double(), b2.double()) > 0
 
 
-@pytest.mark.parametrize("batch, c_in, channels, granularity", [
-    (1, 3, 1, 1), (4, 16, 16, 1), (3, 12, 10, 4), (2, 5, 7, 3), (8, 32, 64, 8), (1, 16, 9, 16)])
+@pytest.mark.parametrize("batch, c_in, channels, granularity, size", [
+    (1, 3, 1, 1, (5, 6)), (4, 16, 16, 1, (5, 6)), (3, 12, 10, 4, (5, 6)), (2, 5, 7, 3, (5, 6)),
+    (8, 32, 64, 8, (5, 6)), (1, 16, 9, 16, (5, 6)),
+    (2, 70, 20, 1, (9, 9)), (1, 150, 33, 2, (11, 13))])  # several vector groups of channels and of pixels
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_scale", [True, False])
-def test_kernel_equals_the_reference(batch, c_in, channels, granularity, channels_last, with_scale) -> None:
+def test_kernel_equals_the_reference(batch, c_in, channels, granularity, size, channels_last, with_scale) -> None:
     if _ext.status() is not None:
         pytest.skip(f"the C++ extension is unavailable: {_ext.status()}")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsekern::_gate_guard", "CPU")
     for seed in range(3):
-        args = list(problem(batch, c_in, channels, granularity, seed, channels_last))
+        args = list(problem(batch, c_in, channels, granularity, seed, channels_last, size))
         if not with_scale:
             args[-1] = args[-1][:0]
         x, w1, b1, w2, b2, always, fixed, computed = args
