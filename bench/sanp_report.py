@@ -84,12 +84,12 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
     x_test = data.test.tensors[0]
     full = sanp.cost_reference(model, x_test[:2]).full
     ratio = sanp.cost_ratio(model, x_test, full=full)
-    plan = sanp.to_plan(model, x_test[: args.batches[0]])
-    fast = sk.compile(model, plan, x_test[: args.batches[0]]).eval()
-    ref = sk.masked(model, plan, x_test[: args.batches[0]]).eval()
+    first = x_test[: args.batches[0]]
+    plan = sanp.to_plan(model, first)
+    fast = sk.compile(model, plan, first).eval()
     with torch.no_grad():
-        want = ref(x_test[: args.batches[0]])
-        err = float((fast(x_test[: args.batches[0]]) - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        want = sk.masked(model, plan, first).eval()(first)
+        err = float((fast(first) - want).abs().max() / want.abs().max().clamp_min(1e-12))
     weight = fast.get_submodule(next(iter(plan.dynamic))).weight  # the first gated layer (inside a block: not 3 inputs)
     backend = select_backend(torch.randn(2, weight.shape[1], *x_test.shape[2:]), weight, padding=1)
     calibrated = None if args.no_calibration else calibrate(plan, model, data.train)

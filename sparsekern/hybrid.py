@@ -22,13 +22,12 @@ the classes of each gated layer's outputs on calibration data: **never on**, **a
   that ``fast`` flags as outside the classes (the guard), and under dispatch modes (FLOP counting sees the
   per-sample work; export cannot express the guard).
 
-So the result equals :func:`sparsekern.dynamic.masked_dynamic` on any input. When inference passes are applied
-with example inputs (``sk.optimize``), the model times its guarded static part against the per-sample model
-once per input shape (:class:`~sparsekern.tuning.Tuner`, as for kernels) and runs the faster for every batch. The cost of staying exact is one
+So the result equals :func:`sparsekern.dynamic.masked_dynamic` on any input. The cost of staying exact is one
 gate evaluation per layer (the gate runs anyway) and one host read per batch; a batch outside the classes is
 computed twice. Switching channels cost what a dense convolution of them costs: the fast part does not skip
-them per sample, so a plan whose layers switch many channels that are rarely on is better served by the
-per-sample compile (an uncalibrated plan).
+them per sample. So when inference passes are applied with example inputs (``sk.optimize``), the model times
+its guarded static part against the per-sample model once per input shape (:class:`~sparsekern.tuning.Tuner`,
+as for kernels) and runs the faster for every batch.
 
 The state dict holds both parts (``fast.*`` derived from ``exact.*`` at compile time); the class indices
 are non-persistent buffers (they come from the plan).

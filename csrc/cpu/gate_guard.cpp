@@ -6,9 +6,10 @@
 //   outside       = any over (b, g) of group_fixed[g] and (logits[b, g] > 0) != group_always[g]
 //   scale (B, K, 1, 1) = mask[:, computed] as x's dtype
 //
-// One task per sample (torch's intra-op threads, common.h's parallel): the pooled input (a sum over pixels in
-// Vec registers, along channels for NHWC and along pixels for NCHW), the two small matrix-vector products and the decisions in plain loops,
-// with no operator call inside: at batch 1 the whole gate costs about what one dispatch would.
+// One task per sample (torch's intra-op threads, common.h's parallel): the pooled input (sums over pixels in
+// Vec registers, along channels for NHWC and along pixels for NCHW), the two small matrix-vector products (Vec
+// dot products) and the decisions, with no operator call inside: at batch 1 the whole gate costs about what one
+// dispatch would.
 #include <ATen/ATen.h>
 
 #include <algorithm>

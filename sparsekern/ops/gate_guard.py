@@ -60,7 +60,9 @@ def gate_guard(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
                group_always: torch.Tensor, group_fixed: torch.Tensor, computed: torch.Tensor, granularity: int,
                out_channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The operator (module docstring); the C++ kernel on CPU float32 where the extension is built (loaded
-    here first, so that its kernel is registered)."""
+    here first, so that its kernel is registered). Other CPU dtypes take the plain-torch formulation."""
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        return _reference(x, w1, b1, w2, b2, group_always, group_fixed, computed, granularity, out_channels)
     _ext.load()
     return torch.ops.sparsekern._gate_guard(x, w1, b1, w2, b2, group_always, group_fixed, computed, granularity,
                                             out_channels)

@@ -66,6 +66,14 @@ def test_outside_is_exactly_a_fixed_group_deciding_against_its_class() -> None:
         assert bool(gate_guard(x, w1, b1, w2, b2, always, torch.tensor(fixed), computed, 1, 4)[2]) == outside
 
 
+def test_other_dtypes_take_the_plain_torch_formulation() -> None:
+    args = [a.double() if a.is_floating_point() else a for a in problem(3, 6, 10, 4, 1)]
+    mask, scale, outside = gate_guard(*args, 4, 10)
+    want = _reference(*args, 4, 10)
+    assert scale.dtype == torch.float64 and torch.equal(mask, want[0]) and torch.equal(scale, want[1])
+    assert bool(outside) == bool(want[2])
+
+
 def test_opcheck() -> None:
     args = problem(3, 6, 10, 4, 1)
     torch.library.opcheck(torch.ops.sparsekern._gate_guard.default, (*args, 4, 10),
