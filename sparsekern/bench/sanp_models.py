@@ -66,6 +66,7 @@ def learned_structure(model: torch.nn.Module, x: torch.Tensor, *, cost: float = 
     spread = {n: 0.5 + torch.rand((), generator=g).item() for n in units}
     directions = {n: torch.randn(u.gate.fc2.weight.shape, generator=g) for n, u in units.items()}
     full = sanp.cost_reference(model, x[:2]).full
+    switches: dict[str, torch.Tensor] = {}
 
     def apply(scale: float) -> float:
         for n, u in units.items():
@@ -82,11 +83,11 @@ def learned_structure(model: torch.nn.Module, x: torch.Tensor, *, cost: float = 
                 fc2.bias.copy_(roles)
                 fc2.weight[switch] = directions[n][switch]
                 fc2.bias[switch] = 0.0
-            u.sk_switch = switch
+            switches[n] = switch
         for _ in range(3):  # centre each switching logit on the median over x, so it is on for about half
             hidden = _gate_hidden(model, x)
             for n, u in units.items():
-                fc2, switch = u.gate.fc2, u.sk_switch
+                fc2, switch = u.gate.fc2, switches[n]
                 if len(switch):
                     with torch.no_grad():
                         logits = hidden[n] @ fc2.weight[switch].T
@@ -97,10 +98,7 @@ def learned_structure(model: torch.nn.Module, x: torch.Tensor, *, cost: float = 
     for _ in range(steps):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if apply(mid) < cost else (lo, mid)
-    reached = apply((lo + hi) / 2)
-    for u in units.values():
-        del u.sk_switch
-    return reached
+    return apply((lo + hi) / 2)
 
 
 def _case(name: str, batch: int, size: int, args: argparse.Namespace) -> dict[str, Any]:
