@@ -75,6 +75,7 @@ __all__ = [
     "conv_sample_flops",
     "dynamic_layers",
     "expand_groups",
+    "in_mask_arg",
     "gate_flops",
     "mask_source",
     "masked_dynamic",
@@ -471,6 +472,11 @@ def check_dynamic(gm: torch.fx.GraphModule, plan: Plan) -> dict[str, torch.fx.No
     return nodes
 
 
+def in_mask_arg(node: torch.fx.Node) -> Any:
+    """What the gated-layer call ``node`` passes as its in mask (its second argument, or ``in_mask=``), or None."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("in_mask")
+
+
 def mask_source(node: torch.fx.Node) -> str | None:
     """Name of the gated layer whose out mask the gated-layer call ``node`` receives as its in mask (its
     second argument, or ``in_mask=``); None when it receives none.
@@ -478,7 +484,7 @@ def mask_source(node: torch.fx.Node) -> str | None:
     Raises:
         PlanError: the in mask is anything but ``[1]`` of a gated layer's output.
     """
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("in_mask")
+    arg = in_mask_arg(node)
     if arg is None:
         return None
     ok = (isinstance(arg, torch.fx.Node) and arg.op == "call_function" and arg.target is operator.getitem

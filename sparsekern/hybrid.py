@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from sparsekern.dynamic import MaskedConv2d, check_dynamic, compile_dynamic
+from sparsekern.dynamic import MaskedConv2d, check_dynamic, compile_dynamic, in_mask_arg
 from sparsekern.ops.gate_guard import gate_guard, guard_outputs
 from sparsekern.plan import DynamicLayer, Plan, PlanError
 from sparsekern.tuning import GuardedModelCall, Tuner, current_tuner
@@ -265,13 +265,12 @@ def _fast_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     nodes = check_dynamic(gm, plan)
     layers = plan.dynamic_layers()
     order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in nodes]
+    modules = dict(gm.named_modules())
     reached, compact = set(), {}
     for name in order:
-        readers, only = _readers_reached(nodes[name], name, nodes, layers)
+        readers, exclusive = _readers_reached(nodes[name], name, nodes, layers, modules)
         reached |= readers
-        # an output that reaches nothing but all of its mask's readers need not hold never-on channels
-        compact[name] = layers[name].gated and only and readers == {
-            nodes[n] for n, spec in layers.items() if spec.in_from == name}
+        compact[name] = layers[name].gated and exclusive
     live: dict[str, torch.Tensor | None] = {}  # output channels computed, per layer (None: all)
     flags: list[torch.fx.Node] = []
     for name in order:
@@ -282,7 +281,8 @@ def _fast_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         live[name] = _computed_channels(never) if compact[name] else None
         with gm.graph.inserting_before(node):
             if spec.in_from is not None and node not in reached:  # its input is not the producer's masked output
-                node.args = (gm.graph.call_function(_masked_input, (node.args[0], _in_mask(node))), *node.args[1:])
+                node.args = (gm.graph.call_function(_masked_input, (node.args[0], in_mask_arg(node))),
+                             *node.args[1:])
             y, mask = _static_layer(gm, name, layer, node, live_in, live[name], never, always, flags)
         _replace_outputs(node, y, mask, name)
         gm.graph.erase_node(node)
@@ -296,10 +296,6 @@ def _fast_graph(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _in_mask(node: torch.fx.Node) -> torch.fx.Node:
-    return node.args[1] if len(node.args) > 1 else node.kwargs["in_mask"]
 
 
 def _masked_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -345,11 +341,10 @@ def _static_layer(gm: torch.fx.GraphModule, name: str, layer: MaskedConv2d, node
     w, b = w.index_select(0, computed), b.index_select(0, computed)
     if live_in is not None:
         w = w.index_select(1, live_in)
+    mask = scale = None
     if layer.gated:  # never-on outputs (kept for a whole kernel block, or a full-width output) are exact zeros
         dead = never[computed]
         w, b = w.masked_fill(dead[:, None, None, None], 0.0), b.masked_fill(dead, 0.0)
-    mask = scale = None
-    if layer.gated:
         scaled = not bool((always | never)[computed].all())
         guard = GateGuard(_input_sliced_gate(layer.gate, live_in, layer.in_channels), layer.granularity,
                           layer.out_channels, never, always, computed, scaled)
@@ -395,13 +390,12 @@ def _replace_outputs(node: torch.fx.Node, y: torch.fx.Node, mask: torch.fx.Node 
 
 
 def _readers_reached(node: torch.fx.Node, name: str, nodes: dict[str, torch.fx.Node],
-                     layers: dict[str, DynamicLayer]) -> tuple[set[torch.fx.Node], bool]:
+                     layers: dict[str, DynamicLayer], modules: dict[str, nn.Module]) -> tuple[set[torch.fx.Node], bool]:
     """For gated layer ``name``: the calls of the layers that read its mask and take its output ``[0]`` as their
-    input through channel-wise ops only (so their masked-off input channels are already zero), and whether its
-    output has no other use."""
+    input through channel-wise ops only (so their masked-off input channels are already zero), and whether that
+    is every use of its output and every reader of its mask (then its never-on channels need not exist)."""
     readers = {nodes[n] for n, spec in layers.items() if spec.in_from == name}
     frontier = [u for u in node.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
-    modules = dict(node.graph.owning_module.named_modules())
     reached, only = set(), True
     while frontier:
         value = frontier.pop()
@@ -412,7 +406,7 @@ def _readers_reached(node: torch.fx.Node, name: str, nodes: dict[str, torch.fx.N
                 frontier.append(user)
             else:
                 only = False
-    return reached, only
+    return reached, only and reached == readers
 
 
 def _channelwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

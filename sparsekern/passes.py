@@ -353,8 +353,8 @@ def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu", tune
     torch's kernel or sparsekern's), each kernel the one ``tuner`` (default
     :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's ``sk_backends`` names
     each layer's choice. With ``script`` (CPU), the result is then traced and frozen into a
-    ``torch.jit.ScriptModule`` that runs without per-layer Python calls (the ``script`` pass; not for dynamic
-    models). ``model`` is not modified.
+    ``torch.jit.ScriptModule`` that runs without per-layer Python calls (the ``script`` pass; per-sample
+    dynamic models are refused, a calibrated one traces its static part). ``model`` is not modified.
     """
     if device not in DEVICE_PASSES:
         raise ValueError(f"optimize: no inference path for device {device!r}; known: {sorted(DEVICE_PASSES)}")

@@ -17,7 +17,8 @@ TorchScript is deprecated upstream (``torch.jit`` warns) in favour of ``torch.co
 it is what runs a graph of these kernels without Python or a C++ compiler at run time today, as the ``freeze``
 pass does. Tracing records one path through the code, so the result is exact only where no module decides what
 to compute from the data. A graph traced by ``torch.fx`` satisfies that for its own nodes; leaf modules must
-too. The per-sample gated layers of dynamic plans (:mod:`sparsekern.dynamic`) do not, and are refused.
+too. The per-sample gated layers of dynamic plans (:mod:`sparsekern.dynamic`) do not, and are refused; a
+calibrated model (:class:`sparsekern.hybrid.GuardedModel`) gets this pass on its static part only.
 """
 from __future__ import annotations
 

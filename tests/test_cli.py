@@ -206,7 +206,8 @@ def test_prune_creates_a_new_out_folder(tmp_path: Path) -> None:
 def test_prune_sanp_writes_a_model_that_loads_into_the_compiled_per_sample_path(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """SANP through the CLI on the embedded digits (tiny epochs): report.json, and a model.sk that sk.load
-    rebuilds (the SANP factory) into the guarded static model (per-sample layers as its fallback) giving the saved model's outputs."""
+    rebuilds (the SANP factory) into the guarded static model (per-sample layers as its fallback) giving the
+    saved model's outputs."""
     saved: list[torch.nn.Module] = []
     real_save = sk.save
     monkeypatch.setattr(sk, "save", lambda obj, path, **kw: saved.append(obj) or real_save(obj, path, **kw))

@@ -192,7 +192,8 @@ class PreparedFusedConv2d(torch.nn.Module):
     ``input_shape`` costs a shape comparison, the output allocation and the kernel (a few microseconds where
     the op's validation and dispatch cost about ten). Any other input (another shape, an NCHW layout, which
     is also what a 1-channel or 1x1 tensor reads as, another dtype or device) goes through
-    :func:`fused_conv2d`, with its full checks and dispatch. ``forward(x, residual=None)`` computes ``relu(conv(x) + bias + residual)`` as the op.
+    :func:`fused_conv2d`, with its full checks and dispatch. ``forward(x, residual=None)`` computes
+    ``relu(conv(x) + bias + residual)`` as the op.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
