@@ -24,7 +24,10 @@ sparsity of the model is
 matrices, ``sum in * out`` over the gated layers: the authors' code divides by the factors' size
 ``sum (in + out) * r``, which is the same up to rounding for the default rank; the dense size keeps the
 meaning "fraction of the dense weights removed" for any rank (e.g. a full-rank SVD start, whose factors
-hold more parameters than the matrix: its ``s_hat`` starts below 0). ``log_alpha`` starts at
+hold more parameters than the matrix: its ``s_hat`` starts below 0). A layer made at a chosen rank as part of
+the architecture (the SRU's projection size ``n_proj`` of the official enwik8 script: :func:`factorize` with
+``counts_factors=True``) counts against its factors' size ``(in + out) r`` instead, as the official code does,
+so that the target means the fraction of the projected model removed. ``log_alpha`` starts at
 ``log((1 - p) / p)`` with ``p = 0.5`` for a model trained from scratch, ``p = 0.05`` when starting from
 a trained model (plus N(0, 0.01) noise, as the authors' code).
 
@@ -153,8 +156,14 @@ class HardConcreteLayer(nn.Module, metaclass=abc.ABCMeta):
 
     @property
     def n_dense_params(self) -> int:
-        """Parameters of the dense matrix the layer stands for, ``in * out`` (the sparsity denominator)."""
+        """Parameters of the dense matrix the layer stands for, ``in * out``."""
         return self.in_features * self.out_features
+
+    @property
+    def n_prunable_params(self) -> int:
+        """The layer's share of the sparsity denominator: :attr:`n_dense_params` unless a subclass says
+        otherwise (a projected :class:`FactorizedLinear` counts its factors)."""
+        return self.n_dense_params
 
     def reset_gates(self, drop_init: float | None = None) -> None:
         """``log_alpha = log((1 - p) / p) + N(0, init_std)`` with ``p = drop_init`` (default: the layer's)."""
@@ -205,12 +214,16 @@ class FactorizedLinear(HardConcreteLayer):
         drop_init: ``p`` of the gate initialisation ``log_alpha = log((1 - p) / p)``.
         beta: hard-concrete temperature.
         init_std: std of the noise added to the initial ``log_alpha``.
+        counts_factors: the rank is part of the architecture (a projection, as the SRU's ``n_proj``): the
+            sparsity counts against the factors' size ``(in + out) r`` (:attr:`n_prunable_params`), as the
+            official code, rather than the dense matrix's ``in * out``.
     """
 
     sk_leaf = True
 
     def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True, *,
-                 drop_init: float = 0.5, beta: float = 1.0, init_std: float = 0.01) -> None:
+                 drop_init: float = 0.5, beta: float = 1.0, init_std: float = 0.01,
+                 counts_factors: bool = False) -> None:
         super().__init__()
         rank = default_rank(in_features, out_features) if rank is None else int(rank)
         if min(in_features, out_features, rank) < 1:
@@ -219,6 +232,7 @@ class FactorizedLinear(HardConcreteLayer):
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.counts_factors = bool(counts_factors)
         self.beta = float(beta)
         self.drop_init, self.init_std = float(drop_init), float(init_std)
         self.P = nn.Parameter(torch.empty(out_features, rank))
@@ -251,7 +265,8 @@ class FactorizedLinear(HardConcreteLayer):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int | None = None, *, init: str = "svd",
-                    drop_init: float | None = None, beta: float = 1.0, init_std: float = 0.01) -> "FactorizedLinear":
+                    drop_init: float | None = None, beta: float = 1.0, init_std: float = 0.01,
+                    counts_factors: bool = False) -> "FactorizedLinear":
         """A factorized copy of ``linear`` (on its device and dtype).
 
         Args:
@@ -262,6 +277,7 @@ class FactorizedLinear(HardConcreteLayer):
                 components beyond ``min(in, out)`` are zero); ``"random"``: fresh factors with the scale of
                 ``W``'s entries (its std). The bias is copied in both cases.
             drop_init: gate initialisation ``p`` (default 0.05 for ``"svd"``, 0.5 for ``"random"``).
+            counts_factors: see the class.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
@@ -271,7 +287,7 @@ class FactorizedLinear(HardConcreteLayer):
             drop_init = 0.05 if init == "svd" else 0.5
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
-                    drop_init=drop_init, beta=beta, init_std=init_std)
+                    drop_init=drop_init, beta=beta, init_std=init_std, counts_factors=counts_factors)
         layer.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if init == "svd":
@@ -328,6 +344,11 @@ class FactorizedLinear(HardConcreteLayer):
         """Parameters of the two factors, ``(in + out) * r``."""
         return (self.in_features + self.out_features) * self.rank
 
+    @property
+    def n_prunable_params(self) -> int:
+        """:attr:`n_factor_params` with ``counts_factors``, else :attr:`n_dense_params`."""
+        return self.n_factor_params if self.counts_factors else self.n_dense_params
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -342,8 +363,9 @@ class FactorizedLinear(HardConcreteLayer):
         return (self.P * gates) @ self.Q
 
     def extra_repr(self) -> str:
+        counts = ", counts_factors=True" if self.counts_factors else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.bias is not None}, beta={self.beta}")
+                f"bias={self.bias is not None}, beta={self.beta}{counts}")
 
 
 class InputMaskedLinear(HardConcreteLayer):
@@ -448,6 +470,7 @@ def factorize(
     drop_init: float | None = None,
     beta: float = 1.0,
     gates: bool = True,
+    counts_factors: bool = False,
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers of ``model`` (in place) by :class:`FactorizedLinear` layers, and the
     layers named in ``input_masked`` by :class:`InputMaskedLinear` layers.
@@ -472,6 +495,9 @@ def factorize(
             :func:`gate_factorized` (the official Transformer-XL route): the layers become
             :class:`sparsekern.lowrank.LowRankLinear` (``P``, ``Q`` from ``init``) and input-masked layers
             stay ``nn.Linear``.
+        counts_factors: the ranks are part of the architecture (``rank`` = the SRU's ``n_proj``, as the
+            official enwik8 script): the sparsity counts against the factors' size (see
+            :class:`FactorizedLinear`).
 
     Returns:
         ``model``. If it came from :func:`sparsekern.models.build` its ``sk_arch`` becomes a factory record
@@ -493,14 +519,15 @@ def factorize(
             if gates:
                 model.set_submodule(n, InputMaskedLinear.from_linear(lin, drop_init=p, beta=beta))
             continue
-        layer = FactorizedLinear.from_linear(lin, _rank_for(rank, n, lin), init=init, drop_init=p, beta=beta)
+        layer = FactorizedLinear.from_linear(lin, _rank_for(rank, n, lin), init=init, drop_init=p, beta=beta,
+                                             counts_factors=counts_factors)
         if not gates:
             from sparsekern.lowrank import LowRankLinear
 
             layer = LowRankLinear.from_factors(layer.Q, layer.P, layer.bias)
         model.set_submodule(n, layer)
         ranks[n] = layer.rank
-    _record_arch(model, ranks, sorted(masked), beta, gates)
+    _record_arch(model, ranks, sorted(masked), beta, gates, counts_factors)
     return model
 
 
@@ -553,7 +580,7 @@ def _rank_for(rank: int | Mapping[str, int] | Callable[[int, int], int] | None, 
 
 
 def _record_arch(model: nn.Module, ranks: Mapping[str, int], input_masked: Sequence[str], beta: float,
-                 gates: bool) -> None:
+                 gates: bool, counts_factors: bool = False) -> None:
     """Point a zoo model's ``sk_arch`` at :func:`build_factorized` (merging with an existing record)."""
     arch = getattr(model, "sk_arch", None)
     if not isinstance(arch, Mapping):
@@ -569,6 +596,8 @@ def _record_arch(model: nn.Module, ranks: Mapping[str, int], input_masked: Seque
         kwargs["input_masked"] = masked
     if not gates:
         kwargs["gates"] = False
+    if counts_factors:
+        kwargs["counts_factors"] = True
     model.sk_arch = {"factory": _FACTORY, "kwargs": kwargs}
 
 
@@ -651,12 +680,12 @@ _FACTORY = "sparsekern.methods.flop:build_factorized"
 
 
 def build_factorized(arch: Mapping[str, Any], ranks: Mapping[str, int], beta: float = 1.0,
-                     input_masked: Sequence[str] = (), gates: bool = True) -> nn.Module:
+                     input_masked: Sequence[str] = (), gates: bool = True, counts_factors: bool = False) -> nn.Module:
     """Rebuild a factorized architecture (the ``sk_arch`` factory that :func:`factorize` records).
 
     ``arch`` is the dense model's architecture reference (see :func:`sparsekern.serialize.build_arch`),
     ``ranks`` the factorized layers and their ranks, ``input_masked`` the layers with an input-feature mask,
-    ``gates=False`` an ungated factorized model (:func:`factorize`). Weights are random (``sk.load``
+    ``gates=False`` an ungated factorized model, ``counts_factors`` projected layers (:func:`factorize`). Weights are random (``sk.load``
     overwrites them).
     """
     from sparsekern.serialize import build_arch
@@ -665,7 +694,7 @@ def build_factorized(arch: Mapping[str, Any], ranks: Mapping[str, int], beta: fl
     model.sk_arch = dict(arch)
     names = [*ranks, *input_masked]
     return factorize(model, names, rank=dict(ranks), init="random", beta=beta, input_masked=list(input_masked),
-                     gates=gates)
+                     gates=gates, counts_factors=counts_factors)
 
 
 # ----------------------------------------------------------------------------- sparsity
@@ -681,19 +710,21 @@ def _layers_of(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> list
 
 
 def expected_sparsity(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> Tensor:
-    """``s_hat = 1 - sum expected sizes / sum in * out`` over the gated layers (differentiable): a factorized
-    layer's expected size is ``(in + out) E[L0]``, an input-masked layer's ``out E[L0]``."""
+    """``s_hat = 1 - sum expected sizes / sum prunable sizes`` over the gated layers (differentiable): a
+    factorized layer's expected size is ``(in + out) E[L0]``, an input-masked layer's ``out E[L0]``; the
+    prunable size is ``in * out`` (``(in + out) r`` for a projected layer, ``counts_factors``)."""
     layers = _layers_of(model_or_layers)
-    total = sum(layer.n_dense_params for layer in layers)
+    total = sum(layer.n_prunable_params for layer in layers)
     return 1.0 - torch.stack([layer.expected_size() for layer in layers]).sum() / total
 
 
 def hard_sparsity(model_or_layers: nn.Module | Iterable[HardConcreteLayer]) -> float:
-    """Sparsity of the evaluation gates, ``1 - sum kept params / sum in * out`` (kept params: ``(in + out)
-    nnz(z)`` for a factorized layer, ``out nnz(z)`` for an input-masked one): the fraction of the dense
-    weights of the gated layers that the compiled model does without."""
+    """Sparsity of the evaluation gates, ``1 - sum kept params / sum prunable sizes`` (kept params: ``(in +
+    out) nnz(z)`` for a factorized layer, ``out nnz(z)`` for an input-masked one; prunable sizes as in
+    :func:`expected_sparsity`): the fraction of the gated layers' weights that the compiled model does
+    without."""
     layers = _layers_of(model_or_layers)
-    total = sum(layer.n_dense_params for layer in layers)
+    total = sum(layer.n_prunable_params for layer in layers)
     kept = sum(layer.kept_params(int((layer.eval_gates() != 0).sum())) for layer in layers)
     return 1.0 - kept / total
 
@@ -938,7 +969,7 @@ def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, An
 
     Returns:
         A plan with ``lowrank`` set and ``meta``: ``method="flop"``, ``expected_sparsity``, ``sparsity``
-        (:func:`hard_sparsity`), ``params_prunable`` (dense size of the gated layers), ``params_kept``
+        (:func:`hard_sparsity`), ``params_prunable`` (the gated layers' sparsity denominator), ``params_kept``
         (their compiled weights), the target
         of the last :func:`train_flop` run (if any) and ``inputs``.
     """
@@ -955,7 +986,7 @@ def prune(model: nn.Module, example_inputs: Any = None, *, meta: Mapping[str, An
                                     rank=layer.n_gates, in_features=layer.in_features,
                                     out_features=layer.out_features)
         kept_params += layer.kept_params(len(keep))
-    total = sum(layer.n_dense_params for layer in layers.values())
+    total = sum(layer.n_prunable_params for layer in layers.values())
     with torch.no_grad():
         s_hat = float(expected_sparsity(list(layers.values())))
     info: dict[str, Any] = {
@@ -1006,6 +1037,7 @@ def run_lm(
     target: float,
     model_kwargs: Mapping[str, Any] | None = None,
     start_from: nn.Module | None = None,
+    n_proj: int | None = None,
     seq_len: int | None = None,
     eval_bytes: int | None = None,
     seed: int = 0,
@@ -1027,6 +1059,10 @@ def run_lm(
             (:func:`factorize` with ``gates=False``, then trained: the official Transformer-XL route) gets
             gates on its own factors (:func:`gate_factorized`, ``p = 0.05``). Default: a fresh model,
             factorized with ``init="random"`` (``p = 0.5``), trained with FLOP from scratch.
+        n_proj: factorize every layer at this rank, the projection size of the official enwik8 SRU
+            (``n_proj``), with the sparsity counted against the factors (``counts_factors``); default: the
+            parameter-preserving rank, sparsity against the dense matrices. Not with a factorized
+            ``start_from``, whose ranks are its own.
         seq_len: training / evaluation window (default: the model's ``context``, else 128).
         eval_bytes: evaluate on the first this many test bytes only (default: the whole test split).
         seed: seeds the model initialisation.
@@ -1044,7 +1080,7 @@ def run_lm(
     base = build(model_name, **kwargs) if start_from is None else start_from
     params_dense = sum(p.numel() for p in base.parameters())
     seq_len = int(seq_len or getattr(base, "context", 128))
-    model, start = _flop_start(base, start_from is None)
+    model, start = _flop_start(base, start_from is None, n_proj)
     store = checkpoints if checkpoints is not None else Checkpoints(None)
     steps, train_s, history = _train_or_resume(model, corpus, config, target, seq_len, store, flop_kwargs)
     model.eval()
@@ -1058,6 +1094,7 @@ def run_lm(
         "kwargs": kwargs,
         "target": float(target),
         "start": start,
+        **({} if n_proj is None else {"n_proj": int(n_proj)}),
         "expected_sparsity": s_hat,
         "sparsity": plan.meta["sparsity"],
         "params_dense": params_dense,
@@ -1071,15 +1108,22 @@ def run_lm(
     return FlopRun(model, plan, compiled, report, history)
 
 
-def _flop_start(base: nn.Module, scratch: bool) -> tuple[nn.Module, str]:
+def _flop_start(base: nn.Module, scratch: bool, n_proj: int | None = None) -> tuple[nn.Module, str]:
     """The gated model :func:`run_lm` trains, and its start (``"scratch"``, ``"dense"`` or ``"factorized"``):
     ``base`` factorized at random (a fresh model, converted in place), a copy factorized from its SVD (a
-    trained dense model) or a gated copy of its own factors (a trained factorized model)."""
+    trained dense model) or a gated copy of its own factors (a trained factorized model); ``n_proj``: the
+    rank of the first two, counted as projections (``counts_factors``)."""
+    if n_proj is not None and n_proj < 1:
+        raise ValueError(f"n_proj must be a positive rank, got {n_proj}")
+    projected = {} if n_proj is None else {"rank": int(n_proj), "counts_factors": True}
     if scratch:
-        return factorize(base, init="random"), "scratch"
+        return factorize(base, init="random", **projected), "scratch"
     if any(_has_factors(m) and not isinstance(m, HardConcreteLayer) for m in base.modules()):
+        if n_proj is not None:
+            raise ValueError(f"n_proj={n_proj}: start_from is a factorized model, whose ranks are its own; drop "
+                             "n_proj")
         return gate_factorized(base), "factorized"
-    return factorize(copy.deepcopy(base), init="svd"), "dense"
+    return factorize(copy.deepcopy(base), init="svd", **projected), "dense"
 
 
 def _train_or_resume(model: nn.Module, corpus: Any, config: TrainConfig, target: float, seq_len: int,

@@ -40,6 +40,7 @@ from sparsekern.cli_checks import (
     search_methods,
 )
 from sparsekern.recipes import DATA_NAMES, Recipe, RecipeError, list_recipes, load_recipe
+from sparsekern.training.config import SCHEDULES
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 _HELP = """train, prune, compile and benchmark models (demo, prune, bench)
@@ -181,7 +182,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 #: (``"static"``) methods read; a flag given to a method that does not read it is refused rather than ignored.
 #: ``None``: the pipeline's own default (``rethinking.run``'s, :class:`TrainConfig`'s, the zoo model's).
 LM_ONLY = {"target": 0.5, "steps": 600, "eval_bytes": None, "d_model": None, "layers": None, "seq_len": None,
-           "dropout": None, "grad_clip": None, "lambda_optimizer": None}
+           "dropout": None, "grad_clip": None, "lambda_optimizer": None, "n_proj": None}
 IMAGE_ONLY = {"budget": 0.5, "image_size": None, "protocol": None, "epochs": 10.0, "finetune_epochs": None,
               "search_epochs": None, "repeats": 30, "finetune_lr": None, "momentum": None, "nesterov": None,
               "milestones": None, "gamma": None, "slimming_penalty": None}
@@ -387,7 +388,7 @@ def _prune_lm(args: argparse.Namespace, out: Path, store: Any) -> str:
                          grad_clip=_given(args.grad_clip, 1.0), seed=args.seed, progress=not args.no_progress, **batch)
     run = get_method(args.method).run_lm(args.model, corpus, config, target=args.target, seed=args.seed,
                                          eval_bytes=args.eval_bytes, model_kwargs=_lm_kwargs(args), checkpoints=store,
-                                         seq_len=args.seq_len,
+                                         seq_len=args.seq_len, n_proj=args.n_proj,
                                          **({} if args.lambda_optimizer is None
                                             else {"lambda_optimizer": args.lambda_optimizer}))
     sk.save(run.compiled, out / "model.sk")
@@ -585,7 +586,7 @@ def _add_training_flags(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--weight-decay", type=nonnegative, help="default 1e-4 (flop: 0)")
     prune.add_argument("--momentum", type=fraction, help="SGD momentum (default 0.9)")
     prune.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default off)")
-    prune.add_argument("--schedule", choices=("cosine", "step", "constant"),
+    prune.add_argument("--schedule", choices=SCHEDULES,
                        help="lr schedule of every training run (default cosine; flop: constant)")
     prune.add_argument("--milestones", type=fraction, nargs="+",
                        help="--schedule step: the lr drops, as fractions of each run (default 0.5 0.75)")
@@ -599,6 +600,10 @@ def _add_training_flags(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--seq-len", type=count, help="flop: training window in bytes (default: the model's)")
     prune.add_argument("--dropout", type=fraction, help="flop: the LM's dropout (default: the zoo's, 0)")
     prune.add_argument("--grad-clip", type=positive, help="flop: gradient norm clip (default 1)")
+    prune.add_argument("--n-proj", type=count,
+                       help="flop: factorize every layer at this rank, counted as a projection (the official "
+                            "enwik8 SRU's n_proj: sparsity against the factors); default: the parameter-preserving "
+                            "rank")
     prune.add_argument("--lambda-optimizer", choices=("trainer", "adam"),
                        help="flop: how the Lagrange multipliers are updated: 'trainer' (default: ascent in the "
                             "trainer's optimizer, no momentum) or 'adam' (the official code's separate Adam)")

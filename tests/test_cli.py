@@ -105,7 +105,7 @@ KERNELS = ["bench", "kernels", "--op", "lowrank_linear"]
     (PRUNE + ["--dropout", "0.1"], "--dropout"),  # an LM flag
     (PRUNE + ["--momentum", "1.5"], "--momentum"),
     (PRUNE + ["--milestones", "0.8", "0.2"], "--milestones"),
-    (PRUNE + ["--schedule", "noam"], "--schedule"),
+    (PRUNE + ["--schedule", "linear"], "--schedule"),
     (FLOP + ["--momentum", "0.9"], "--momentum"),  # an image flag
     (FLOP + ["--target", "1"], "--target"),
     (FLOP + ["--steps", "0"], "--steps"),

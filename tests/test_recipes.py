@@ -178,7 +178,8 @@ def test_the_flop_recipe_reaches_the_lm_pipeline(monkeypatch: pytest.MonkeyPatch
     assert model_name == "sru_lm" and kwargs["seq_len"] == 32 and kwargs["target"] == 0.7
     assert kwargs["lambda_optimizer"] == "adam"  # the official multipliers' optimiser, --lambda-optimizer
     assert kwargs["model_kwargs"] == {"d_model": 32, "layers": 2, "dropout": 0.1}
-    assert (config.batch_size, config.grad_clip, config.lr, config.schedule) == (8, 0.3, 0.003, "constant")
+    assert (config.batch_size, config.grad_clip, config.lr, config.schedule) == (8, 0.3, 0.003, "noam")
+    assert kwargs["n_proj"] == 8  # the shrunk projection (512 at full scale)
     assert config.max_steps == round(100000 * float(SCALE)) and config.warmup_steps == round(5000 * float(SCALE))
 
 
@@ -237,7 +238,7 @@ def _mutated(change: Any, name: str = "rethinking-l1_norm") -> dict[str, Any]:
     (lambda d: d["settings"].update(steps=600), "settings.steps"),  # an LM setting on an image method
     (lambda d: d["settings"].update(slimming_penalty=1e-4), "settings.slimming_penalty"),
     (lambda d: d["settings"].update(milestones=[0.75, 0.5]), "settings.milestones"),
-    (lambda d: d["settings"].update(schedule="noam"), "settings.schedule"),
+    (lambda d: d["settings"].update(schedule="linear"), "settings.schedule"),
     (lambda d: d["settings"].update(finetune_schedule="noam"), "settings.finetune_schedule"),
     (lambda d: d["settings"].update(scratch_b_cap=0.5), "settings.scratch_b_cap"),
     (lambda d: d["settings"].update(scratch_b_rounding="round"), "settings.scratch_b_rounding"),

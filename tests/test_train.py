@@ -198,6 +198,11 @@ def test_lr_factor_schedules():
     assert [lr_factor(s, 100, "cosine", warmup_steps=4) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lr_factor(4, 100, "cosine", warmup_steps=4) == 1.0
     assert lr_factor(7, 10, "constant") == 1.0
+    # noam: Vaswani et al.'s min(n^-0.5, n w^-1.5) for update n = step + 1, scaled to peak at 1 when warm-up ends
+    w = 16
+    noam = [min((s + 1) ** -0.5, (s + 1) * w ** -1.5) * w ** 0.5 for s in range(200)]
+    assert [lr_factor(s, 200, "noam", warmup_steps=w) for s in range(200)] == pytest.approx(noam)
+    assert max(noam) == pytest.approx(1.0) and lr_factor(4 * w - 1, 200, "noam", warmup_steps=w) == pytest.approx(0.5)
     assert scratch_b_epochs(10, 4e6, 2e6) == 20
     assert scratch_b_epochs(10, 8e6, 1e6, max_factor=2.0) == 20
 

@@ -40,6 +40,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from sparsekern.training.config import SCHEDULES
+
 __all__ = ["RecipeError", "Recipe", "Setting", "Unsupported", "SETTINGS", "EMBEDDED", "DATA_NAMES", "list_recipes",
            "load_recipe", "recipe_from_dict"]
 
@@ -155,7 +157,7 @@ SETTINGS: dict[str, Setting] = {
     "lr": Setting("both", _number(0.0, low_open=True)),
     "batch_size": Setting("both", _number(1, integer=True), "size"),
     "weight_decay": Setting("both", _number(0.0)),
-    "schedule": Setting("both", _choice("cosine", "step", "constant")),
+    "schedule": Setting("both", _choice(*SCHEDULES)),
     "warmup_steps": Setting("both", _number(0, integer=True), "time"),
     "target": Setting("lm", _number(0.0, high=1.0), help="target sparsity"),
     "steps": Setting("lm", _number(1, integer=True), "time"),
@@ -164,6 +166,7 @@ SETTINGS: dict[str, Setting] = {
     "seq_len": Setting("lm", _number(1, integer=True), "size", "training window (the official unroll)"),
     "dropout": Setting("lm", _number(0.0, high=1.0)),
     "grad_clip": Setting("lm", _number(0.0, low_open=True)),
+    "n_proj": Setting("lm", _number(1, integer=True), "size", "FLOP: the SRU's projection size (the factors' rank)"),
     "lambda_optimizer": Setting("lm", _choice("trainer", "adam"), help="how FLOP's Lagrange multipliers are updated"),
     "eval_bytes": Setting("lm", _number(1, integer=True), "size"),
 }

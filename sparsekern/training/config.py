@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from torch.utils.data import DataLoader, Dataset
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "noam")
 #: :class:`TrainConfig` fields whose defaults :func:`train_defaults` may replace
 DEFAULTABLE = ("momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma", "warmup_steps")
 _DEFAULTS: ContextVar[Mapping[str, Any]] = ContextVar("sparsekern_train_defaults", default=MappingProxyType({}))
@@ -58,8 +58,8 @@ class TrainConfig:
             ``betas`` for Adam/AdamW); a param-group dict may override any of them.
         optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
         schedule: ``"cosine"`` (to zero over the steps after warm-up), ``"step"`` (multiply by ``gamma`` at
-            each of ``milestones``, given as fractions of the total steps) or ``"constant"``; see
-            :func:`lr_factor`. The schedule spans the steps actually trained (``max_steps`` included).
+            each of ``milestones``, given as fractions of the total steps), ``"constant"`` or ``"noam"``
+            (decay as the inverse square root of the step after warm-up); see :func:`lr_factor`. The schedule spans the steps actually trained (``max_steps`` included).
         warmup_steps: linear warm-up from ``lr / warmup_steps`` to ``lr``.
         grad_clip: clip the global L2 norm of each stage's gradients to this value (after the hooks'
             gradient edits).
@@ -166,12 +166,19 @@ def lr_factor(
     * warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``;
     * ``"cosine"``: ``0.5 * (1 + cos(pi * p))`` with ``p = (step - warmup) / (total - warmup)`` in [0, 1);
     * ``"step"``: ``gamma ** k`` where ``k`` counts the milestones ``m`` with ``step >= m * total_steps``;
-    * ``"constant"``: 1.
+    * ``"constant"``: 1;
+    * ``"noam"``: ``sqrt(max(1, warmup) / (step + 1))``, the inverse-square-root decay of Vaswani et al. (2017,
+      eq. 3), scaled so that the factor is 1 where the warm-up ends: the peak lr is ``lr``. (The schedule's
+      original form ``d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)`` for update ``n = step + 1`` is this curve
+      times ``(d_model * warmup)^-0.5``; the FLOP and SRU enwik8 scripts use it with an lr flag that scales
+      it, so their peak is ``lr_flag / sqrt(d_model * warmup)``.)
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "noam":
+        return math.sqrt(max(1, warmup_steps) / (step + 1))
     if schedule == "cosine":
         span = max(1, total_steps - warmup_steps)
         p = min(1.0, (step - warmup_steps) / span)

@@ -419,3 +419,46 @@ def test_gate_factorized_sru_keeps_the_first_layer_dense_and_masks_its_inputs() 
     assert torch.equal(first.weight, trained.get_submodule("layers.0.proj").weight)
     assert type(net.get_submodule("layers.1.proj")) is FactorizedLinear
     assert net.sk_arch["kwargs"]["input_masked"] == ["layers.0.proj"] and "gates" not in net.sk_arch["kwargs"]
+
+
+# ----------------------------------------------------------------------------- projected layers (the SRU's n_proj)
+def test_projected_layers_count_sparsity_against_their_factors(tmp_path) -> None:
+    torch.manual_seed(0)
+    d, r = 16, 4
+    model = flop.factorize(build("sru_lm", d_model=d, layers=3), init="random", rank=r, counts_factors=True)
+    plain = flop.factorize(build("sru_lm", d_model=d, layers=3), init="random", rank=r)
+    factored = [n for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    assert factored == ["layers.1.proj", "layers.2.proj"]
+    for m in (model, plain):
+        with torch.no_grad():
+            for layer in flop.gated_layers(m).values():
+                layer.log_alpha.fill_(20.0)  # every gate kept
+    # the official code's denominator: (in + out) r per projected layer, in * out for the input-masked one
+    total = 2 * (d + 3 * d) * r + d * 3 * d
+    assert sum(x.n_prunable_params for x in flop.gated_layers(model).values()) == total
+    assert flop.hard_sparsity(model) == pytest.approx(0.0)
+    assert float(flop.expected_sparsity(model).detach()) == pytest.approx(0.0, abs=1e-6)
+    # against the dense matrices the same model already looks sparse, as the default counts it
+    assert flop.hard_sparsity(plain) == pytest.approx(1 - total / (3 * d * 3 * d))
+    # the sparsity base is part of the saved architecture
+    x = torch.randint(0, 256, (1, 8))
+    plan = flop.prune(model.eval(), x)
+    assert plan.meta["params_prunable"] == total
+    sk.save(model, tmp_path / "m.sk")
+    back = sk.load(tmp_path / "m.sk")
+    assert all(m.counts_factors for m in flop.factorized_layers(back).values())
+    assert flop.hard_sparsity(back) == pytest.approx(0.0)
+
+
+def test_run_lm_n_proj_factorizes_at_the_projection_rank() -> None:
+    corpus = pystdlib()
+    cfg = TrainConfig(max_steps=4, batch_size=4, optimizer="adam", lr=3e-3, schedule="noam", warmup_steps=2,
+                      progress=False, device="cpu")
+    run = flop.run_lm("sru_lm", corpus, cfg, target=0.3, model_kwargs={"d_model": 16, "layers": 2}, seq_len=16,
+                      eval_bytes=1000, n_proj=5)
+    assert run.report["n_proj"] == 5 and run.report["ranks"]["layers.1.proj"][1] == 5
+    assert run.report["ranks"]["layers.0.proj"][1] == 16  # the first layer keeps its input mask
+    assert run.report["compiled_vs_masked_max_rel_err"] <= 1e-4
+    trained = flop.factorize(build("sru_lm", d_model=16, layers=2), gates=False)
+    with pytest.raises(ValueError, match="n_proj=5: start_from is a factorized model"):
+        flop.run_lm("sru_lm", corpus, cfg, target=0.3, start_from=trained, seq_len=16, n_proj=5)
