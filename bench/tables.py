@@ -296,40 +296,81 @@ def row_commands(doc: dict[str, Any], report: dict[str, Any]) -> tuple[str, str]
     return trained, timed
 
 
+def _mean_sd(values: list[float], percent: bool = True, digits: int | None = None) -> str:
+    """``mean +- sample standard deviation`` of the seeds' values (the plain value for one seed), as percent
+    with one decimal or as numbers with two, unless ``digits`` says otherwise."""
+    scale, unit, default_digits = (100, "%", 1) if percent else (1, "", 2)
+    digits = default_digits if digits is None else digits
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{unit}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}{unit}"
+
+
+def _by_method(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The document's reports grouped by method (one report per seed), in document order."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in doc["reports"]:
+        groups[r["method"]].append(r)
+    return groups
+
+
+def _arm_accuracies(r: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """arm -> (accuracy, suffix) of one report; ANP-VS's fine-tune cell is its adversarially fine-tuned model's
+    clean accuracy."""
+    acc = {a["name"]: (a["accuracy"], "") for a in r["arms"]}
+    tuned = r.get("robustness", {}).get("ANP-VS + adversarial fine-tune")
+    if tuned:
+        acc.setdefault("fine-tune", (tuned["clean_accuracy"], " (adversarial)"))
+    return acc
+
+
 def rethinking_table(doc: dict[str, Any], results_name: str = "rethinking_digits.json") -> str:
-    """One row per method: accuracy of each arm it ran ("-" for arms it did not), FLOPs, params, speed, and
-    the numbered commands that trained it and that timed its speedup (listed above the table)."""
+    """One row per method: accuracy of each arm it ran ("-" for arms it did not), FLOPs, params, speed, as the
+    mean +- standard deviation over the seeds it ran (``seed`` of each report; 0 when absent), and the numbered
+    commands that trained it and that timed its speedup (listed above the table)."""
     commands: list[str] = []
 
-    def number(cmd: str) -> int:
-        if cmd not in commands:
-            commands.append(cmd)
-        return commands.index(cmd) + 1
+    def numbers(cmds: list[str]) -> str:
+        for cmd in cmds:
+            if cmd not in commands:
+                commands.append(cmd)
+        return ", ".join(str(n) for n in sorted({commands.index(c) + 1 for c in cmds}))
 
     rows = [
-        "| method | full model | " + " | ".join(ARMS) + " | FLOPs | params | measured speedup | efficiency "
+        "| method | seeds | full model | " + " | ".join(ARMS) + " | FLOPs | params | measured speedup | efficiency "
         "| trained by | timed by |",
-        "|---|---|" + "---|" * len(ARMS) + "---|---|---|---|---|---|",
+        "|---|---|---|" + "---|" * len(ARMS) + "---|---|---|---|---|---|",
     ]
-    for r in doc["reports"]:
-        acc = {a["name"]: f"{a['accuracy']:.1%}" for a in r["arms"]}
-        tuned = r.get("robustness", {}).get("ANP-VS + adversarial fine-tune")
-        if tuned:  # ANP-VS: the pruned model after adversarial fine-tuning (clean accuracy)
-            acc.setdefault("fine-tune", f"{tuned['clean_accuracy']:.1%} (adversarial)")
-        trained, timed = row_commands(doc, r)
+    for method, group in _by_method(doc).items():
+        accs = [_arm_accuracies(r) for r in group]
+        cells = []
+        for arm in ARMS:
+            values = [a[arm][0] for a in accs if arm in a]
+            cells.append(_mean_sd(values) + accs[0][arm][1] if len(values) == len(group) else "-")
+        seeds = ", ".join(str(r.get("seed", 0)) for r in group)
+        trained = numbers([row_commands(doc, r)[0] for r in group])
+        timed = numbers([row_commands(doc, r)[1] for r in group])
         rows.append(
-            f"| {r['method']} | {r['full_accuracy']:.1%} | " + " | ".join(acc.get(a, "-") for a in ARMS)
-            + f" | {r['flops_pruned'] / r['flops_full']:.0%} | {r['params_pruned'] / r['params_full']:.0%} | "
-            f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {number(trained)} | {number(timed)} |")
+            f"| {method} | {seeds} | {_mean_sd([r['full_accuracy'] for r in group])} | " + " | ".join(cells)
+            + f" | {_mean_sd([r['flops_pruned'] / r['flops_full'] for r in group], digits=0)}"
+            f" | {_mean_sd([r['params_pruned'] / r['params_full'] for r in group], digits=0)}"
+            f" | {_mean_sd([r['measured_speedup'] for r in group], percent=False)}x"
+            f" | {_mean_sd([r['efficiency'] for r in group], percent=False)} | {trained} | {timed} |")
     return f"Source: {_link(results_name)}; commands:\n\n{_numbered(commands)}\n\n" + "\n".join(rows)
 
 
 def robustness_table(doc: dict[str, Any]) -> str:
-    """Clean and PGD accuracy of each model a report evaluated under attack (ANP-VS and its baselines)."""
-    rows = ["| model | clean | PGD | test images |", "|---|---|---|---|"]
+    """Clean and PGD accuracy of each model a report evaluated under attack (ANP-VS and its baselines), mean +-
+    standard deviation over the seeds."""
+    runs: dict[str, list[dict[str, float]]] = defaultdict(list)
     for r in doc["reports"]:
         for name, acc in r.get("robustness", {}).items():
-            rows.append(f"| {name} | {acc['clean_accuracy']:.1%} | {acc['pgd_accuracy']:.1%} | {acc['n']:.0f} |")
+            runs[name].append(acc)
+    rows = ["| model | seeds | clean | PGD | test images |", "|---|---|---|---|---|"]
+    for name, accs in runs.items():
+        rows.append(f"| {name} | {len(accs)} | {_mean_sd([a['clean_accuracy'] for a in accs])} | "
+                    f"{_mean_sd([a['pgd_accuracy'] for a in accs])} | {accs[0]['n']:.0f} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 

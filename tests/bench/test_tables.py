@@ -102,6 +102,34 @@ def test_static_methods_rows_name_the_run_that_trained_and_timed_them(tables):
         assert f"`{cmd}`" in text
 
 
+def _report(method: str, seed: int, full: float, arms: dict[str, float], speedup: float, **extra) -> dict:
+    return {"method": method, "seed": seed, "full_accuracy": full, "flops_pruned": 1, "flops_full": 2,
+            "params_pruned": 1, "params_full": 2, "measured_speedup": speedup, "efficiency": speedup / 2,
+            "arms": [{"name": a, "accuracy": v} for a, v in arms.items()], "command": f"train {seed}",
+            "timed_by": "time", **extra}
+
+
+def test_static_methods_rows_show_mean_and_spread_over_seeds(tables):
+    attacked = [{"ANP-VS": {"clean_accuracy": c, "pgd_accuracy": c / 2, "n": 359}} for c in (0.9, 0.7)]
+    doc = {"commands": {}, "reports": [
+        _report("a", 0, 0.9, {"fine-tune": 0.8, "Scratch-E": 0.6}, 1.4),
+        _report("a", 1, 0.8, {"fine-tune": 0.6}, 1.6),
+        _report("b", 0, 0.5, {}, 1.2, robustness=attacked[0]),
+        _report("b", 1, 0.5, {}, 1.2, robustness=attacked[1]),
+    ]}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in tables.rethinking_table(doc).splitlines()
+            if line.startswith("| a ") or line.startswith("| b ")}
+    a, b = rows["a"], rows["b"]
+    assert a[1] == "0, 1" and a[2] == "85.0 ± 7.1%" and a[3] == "70.0 ± 14.1%"  # sample standard deviation
+    assert a[4] == "-"  # Scratch-E ran for one seed only: no mean over a different set of seeds
+    assert a[7] == "50 ± 0%" and a[9] == "1.50 ± 0.14x" and a[11] == "1, 2" and a[12] == "3 |"
+    assert b[2] == "50.0 ± 0.0%"
+    robust = tables.robustness_table(doc).splitlines()[2]
+    assert robust == "| ANP-VS | 2 | 80.0 ± 14.1% | 40.0 ± 7.1% | 359 |"
+    single = tables.rethinking_table({"commands": {}, "reports": doc["reports"][:1]})
+    assert "| a | 0 | 90.0% | 80.0% | 60.0% |" in single  # one seed: the value alone
+
+
 def test_update_rewrites_only_between_the_markers(tables, built):
     t = built[0]
     stale = f"before\n{tables.BEGIN.format(name=t.name)}\nold table\n{tables.END}\nafter\n"
