@@ -1,7 +1,7 @@
 """The FLOP report: bits per byte against parameter count for byte-level LMs pruned with FLOP (Wang, Wohlwend &
 Lei 2019), against dense models of the same size trained from scratch, plus measured CPU throughput.
 
-    python bench/flop_report.py                 # ~15-20 min on 2 cores
+    python bench/flop_report.py --seeds 0 1 2   # ~15-20 min per seed on 2 cores
     python bench/flop_report.py --quick         # ~1 min smoke run (tiny models, few steps)
 
 For each architecture (``transformer_lm``, ``sru_lm``) and the same step budget everywhere:
@@ -23,12 +23,16 @@ the dense full model against each compiled FLOP model with :func:`sparsekern.ben
 path on both sides, eval mode, interleaved timing), reported as tokens/s, theoretical (FLOP-count) speedup,
 measured speedup and efficiency = measured / theoretical.
 
-Writes ``--out`` (JSON) and ``--plot`` (PNG, bits per byte vs parameters, one panel per architecture).
+Every run above is repeated for each of ``--seeds`` (model initialisation, data order, gate noise). Writes
+``--out`` (JSON: ``runs``, one per seed) and ``--plot`` (PNG, bits per byte vs parameters, one panel per
+architecture, the mean over the seeds with their standard deviation as error bars), and prints the README's
+table (``bench/tables.py``: mean +- standard deviation over the seeds).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +47,9 @@ from sparsekern.methods import flop
 from sparsekern.models import build
 from sparsekern.text_data import LMSequences, bits_per_byte, load
 from sparsekern.train import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import flop_markdown  # noqa: E402  (bench/tables.py: the README's tables)
 
 ARCHS = ("transformer_lm", "sru_lm")
 FULL = {"d_model": 128, "layers": 2, "context": 64, "batch": 32, "steps": 600, "eval_bytes": None,
@@ -144,39 +151,40 @@ def run_arch(arch: str, corpus: Any, args: argparse.Namespace) -> dict[str, Any]
     return out
 
 
-def table(results: dict[str, Any]) -> str:
-    rows = ["| model | target | sparsity | params | FLOP bpb | same-size dense bpb | tokens/s dense -> compiled "
-            "| speedup (theory) | efficiency |", "|---|---|---|---|---|---|---|---|---|"]
-    for arch, r in results.items():
-        rows.append(f"| {arch} dense | - | - | {r['dense']['params']:,} | {r['dense']['test_bpb']:.3f} | - | - | - "
-                    "| - |")
-        for f, s in zip(r["flop"], r["scratch"]):
-            rows.append(
-                f"| {arch} | {f['target']:.2f} | {f['sparsity']:.3f} | {f['params']:,} | {f['test_bpb']:.3f} | "
-                f"{s['test_bpb']:.3f} ({s['params']:,}) | {f['dense_tokens_per_s']:,.0f} -> "
-                f"{f['compiled_tokens_per_s']:,.0f} | {f['measured_speedup']:.2f}x ({f['theoretical_speedup']:.2f}x) "
-                f"| {f['efficiency']:.2f} |")
-    return "\n".join(rows)
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(results: dict[str, Any], path: str | Path, corpus_name: str) -> Path:
+def plot(runs: list[dict[str, Any]], path: str | Path, corpus_name: str) -> Path:
+    """Bits per byte against parameters per architecture: FLOP, same-size dense and the unpruned dense model,
+    the mean over ``runs`` (one per seed) with the standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    for ax, (arch, r) in zip(axes[0], results.items()):
-        fx = [f["params"] for f in r["flop"]]
-        ax.plot(fx, [f["test_bpb"] for f in r["flop"]], "o-", label="FLOP (pruned, compiled)")
-        for f in r["flop"]:
-            ax.annotate(f"t={f['target']:.2f}", (f["params"], f["test_bpb"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.plot([s["params"] for s in r["scratch"]], [s["test_bpb"] for s in r["scratch"]], "s--",
-                label="dense, same size, from scratch")
-        ax.plot([r["dense"]["params"]], [r["dense"]["test_bpb"]], "k*", markersize=12, label="dense (unpruned)")
+    archs = list(runs[0]["results"])
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4.2), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        per_seed = [r["results"][arch] for r in runs]
+
+        def series(kind: str) -> tuple[list[float], list[float], list[float]]:
+            points = [[_mean_sd([s[kind][i][k] for s in per_seed]) for k in ("params", "test_bpb")]
+                      for i in range(len(per_seed[0][kind]))]
+            return [p[0][0] for p in points], [p[1][0] for p in points], [p[1][1] for p in points]
+
+        x, y, err = series("flop")
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label="FLOP (pruned, compiled)")
+        for f, xi, yi in zip(per_seed[0]["flop"], x, y):
+            ax.annotate(f"t={f['target']:.2f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        x, y, err = series("scratch")
+        ax.errorbar(x, y, yerr=err, fmt="s--", capsize=3, label="dense, same size, from scratch")
+        dense, spread = _mean_sd([s["dense"]["test_bpb"] for s in per_seed])
+        ax.errorbar([per_seed[0]["dense"]["params"]], [dense], yerr=[spread], fmt="k*", markersize=12,
+                    label="dense (unpruned)")
         ax.set_xlabel("parameters")
-        ax.set_ylabel(f"test bits per byte ({corpus_name})")
+        ax.set_ylabel(f"test bits per byte ({corpus_name}; {len(runs)} seeds)")
         ax.set_title(arch)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run of everything per seed (default 0)")
     p.add_argument("--out", default="bench/results/flop_lm.json")
     p.add_argument("--plot", default="bench/results/flop_lm.png")
     args = p.parse_args(argv)
@@ -220,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     corpus = load(args.data)
-    results = {arch: run_arch(arch, corpus, args) for arch in args.archs}
+    runs = []
+    for seed in args.seeds:
+        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+        runs.append({"seed": seed, "results": {arch: run_arch(arch, corpus, seeded) for arch in args.archs}})
     env = environment("cpu")
     env.update(dtype="float32", batch=args.time_batch)
     doc = {
@@ -228,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "corpus": corpus.summary(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-        "results": results,
+        "runs": runs,
         "wall_s": time.perf_counter() - start,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(table(results))
-    print(f"wrote {args.out} and {plot(results, args.plot, corpus.name)} in {doc['wall_s']:.0f} s")
+    print(flop_markdown(doc))
+    print(f"wrote {args.out} and {plot(runs, args.plot, corpus.name)} in {doc['wall_s']:.0f} s")
     return 0
 
 

@@ -388,26 +388,56 @@ def static_methods_tables(results: Path = RESULTS) -> list[Table]:
 
 # -- flop_lm.json ----------------------------------------------------------------------------------------------
 
-def flop_table(results: Path = RESULTS) -> Table:
-    """FLOP on byte-level LMs: one dense row per architecture, then one row per target."""
-    doc = _load("flop_lm.json", results)
+def flop_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-seed runs of a FLOP report, ``[{"seed": s, "results": {arch: ...}}]``; a report written before
+    seeds were recorded is one run of its ``config["seed"]``."""
+    if "runs" in doc:
+        return doc["runs"]
+    return [{"seed": doc.get("config", {}).get("seed", 0), "results": doc["results"]}]
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def flop_markdown(doc: dict[str, Any]) -> str:
+    """FLOP on byte-level LMs: one dense row per architecture, then one row per target; bits per byte,
+    sparsity, speedup and efficiency as mean +- standard deviation over the seeds, parameters and tokens/s as
+    means, spread as the largest timing spread of any seed."""
     names = {"transformer_lm": "transformer", "sru_lm": "SRU"}
+    runs = flop_runs(doc)
     rows = [
-        "| model | target | sparsity | params | FLOP bpb | same-size dense bpb | tokens/s dense -> compiled "
+        "| model | seeds | target | sparsity | params | FLOP bpb | same-size dense bpb | tokens/s dense -> compiled "
         "| measured (theoretical) speedup | efficiency | spread |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arch, r in doc["results"].items():
+
+    def stat(values: list[float], digits: int) -> str:
+        return _mean_sd(values, percent=False, digits=digits)
+
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    for arch in runs[0]["results"]:
         name = names.get(arch, arch)
-        rows.append(f"| {name} dense | - | - | {r['dense']['params']:,} | {r['dense']['test_bpb']:.3f} | - | - | - "
-                    "| - | - |")
-        for f, s in zip(r["flop"], r["scratch"]):
+        per_seed = [r["results"][arch] for r in runs]
+        dense = [r["dense"] for r in per_seed]
+        rows.append(f"| {name} dense | {seeds} | - | - | {round(statistics.fmean(d['params'] for d in dense)):,} | "
+                    f"{stat([d['test_bpb'] for d in dense], 3)} | - | - | - | - | - |")
+        for i, first in enumerate(per_seed[0]["flop"]):
+            f = [r["flop"][i] for r in per_seed]
+            sc = [r["scratch"][i] for r in per_seed]
             rows.append(
-                f"| {name} | {f['target']:.2f} | {f['sparsity']:.3f} | {f['params']:,} | {f['test_bpb']:.3f} | "
-                f"{s['test_bpb']:.3f} ({s['params']:,}) | {f['dense_tokens_per_s']:,.0f} -> "
-                f"{f['compiled_tokens_per_s']:,.0f} | {f['measured_speedup']:.2f}x ({f['theoretical_speedup']:.2f}x) "
-                f"| {f['efficiency']:.2f} | {max(f['timing_spread']):.1%} |")
-    return Table("flop_lm", "flop_lm.json", _source("flop_lm.json", doc["command"]) + "\n\n" + "\n".join(rows))
+                f"| {name} | {seeds} | {first['target']:.2f} | {stat([x['sparsity'] for x in f], 3)} | "
+                f"{round(_mean_of(f, 'params')):,} | {stat([x['test_bpb'] for x in f], 3)} | "
+                f"{stat([x['test_bpb'] for x in sc], 3)} ({round(_mean_of(sc, 'params')):,}) | "
+                f"{_mean_of(f, 'dense_tokens_per_s'):,.0f} -> {_mean_of(f, 'compiled_tokens_per_s'):,.0f} | "
+                f"{stat([x['measured_speedup'] for x in f], 2)}x ({_mean_of(f, 'theoretical_speedup'):.2f}x) | "
+                f"{stat([x['efficiency'] for x in f], 2)} | {max(max(x['timing_spread']) for x in f):.1%} |")
+    return "\n".join(rows)
+
+
+def flop_table(results: Path = RESULTS) -> Table:
+    doc = _load("flop_lm.json", results)
+    return Table("flop_lm", "flop_lm.json", _source("flop_lm.json", doc["command"]) + "\n\n" + flop_markdown(doc))
 
 
 # -- all -------------------------------------------------------------------------------------------------------

@@ -130,6 +130,24 @@ def test_static_methods_rows_show_mean_and_spread_over_seeds(tables):
     assert "| a | 0 | 90.0% | 80.0% | 60.0% |" in single  # one seed: the value alone
 
 
+def test_flop_rows_show_mean_and_spread_over_seeds(tables):
+    def run(seed: int, bpb: float, speedup: float) -> dict:
+        flop_row = {"target": 0.5, "sparsity": 0.5, "params": 100 + seed, "test_bpb": bpb, "dense_tokens_per_s": 10.0,
+                    "compiled_tokens_per_s": 10.0 * speedup, "measured_speedup": speedup,
+                    "theoretical_speedup": 2.0, "efficiency": speedup / 2, "timing_spread": [0.01, 0.02 + seed]}
+        return {"seed": seed, "results": {"sru_lm": {
+            "dense": {"params": 200, "test_bpb": bpb - 1}, "flop": [flop_row],
+            "scratch": [{"target": 0.5, "params": 98, "test_bpb": 2 * bpb}]}}}
+
+    doc = {"runs": [run(0, 2.0, 1.0), run(1, 3.0, 1.4)]}
+    lines = tables.flop_markdown(doc).splitlines()
+    assert lines[2] == "| SRU dense | 0, 1 | - | - | 200 | 1.500 ± 0.707 | - | - | - | - | - |"
+    assert lines[3] == ("| SRU | 0, 1 | 0.50 | 0.500 ± 0.000 | 100 | 2.500 ± 0.707 | 5.000 ± 1.414 (98) | 10 -> 12 "
+                        "| 1.20 ± 0.28x (2.00x) | 0.60 ± 0.14 | 102.0% |")
+    old = {"config": {"seed": 3}, "results": run(3, 2.0, 1.0)["results"]}  # the layout before seeds
+    assert tables.flop_markdown(old).splitlines()[3].startswith("| SRU | 3 | 0.50 | 0.500 | 103 | 2.000 | ")
+
+
 def test_update_rewrites_only_between_the_markers(tables, built):
     t = built[0]
     stale = f"before\n{tables.BEGIN.format(name=t.name)}\nold table\n{tables.END}\nafter\n"
