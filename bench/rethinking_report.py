@@ -16,6 +16,9 @@ quiet machine so that every row's speedup comes from the same run:
 
     python bench/rethinking_report.py --image-size 16 --remeasure
 
+Seeds can run in parallel processes, each with its own ``--out``; ``--merge FILE ...`` then adds their reports
+(keyed by method and seed, with the commands that produced them) to ``--out``.
+
 Prints the README's markdown tables (``bench/tables.py``: mean and standard deviation over the seeds, which
 also checks them against the README) and writes one JSON after every finished (method, seed).
 """
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of fine-tune / Scratch-E / Scratch-B (default: tas anp)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for training (timing always uses 2)")
     p.add_argument("--out", default="bench/results/rethinking_digits.json")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="only add the reports of these outputs of this script (other seeds run in parallel) to --out")
     p.add_argument("--remeasure", action="store_true",
                    help="only re-time the stored plans of --methods in --out (run this on a quiet machine)")
     args = p.parse_args(argv)
@@ -119,12 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         doc = _remeasure(out, args.methods, data)
         print(rethinking_table(doc))
         return 0
-    search_epochs = search_epochs_of(args.search_epochs, args.methods)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     reports = {_key(r): r for r in previous.get("reports", [])}
     commands = dict(previous.get("commands", {}))
     if "command" in previous:  # the single-command layout of earlier reports
         commands.update({m: previous["command"] for m, _ in reports})
+    if args.merge:
+        for other in map(Path, args.merge):
+            reports.update({_key(r): r for r in json.loads(other.read_text())["reports"]})
+        doc = _document(args.image_size, commands, reports)
+        out.write_text(json.dumps(doc, indent=1))
+        print(rethinking_table(doc))
+        return 0
+    search_epochs = search_epochs_of(args.search_epochs, args.methods)
     command = "python " + " ".join(sys.argv)
     torch.set_num_threads(args.threads)  # the runner's timing sets 2 threads and restores these
     for seed in args.seeds:
