@@ -1,7 +1,7 @@
 """The SANP report: dynamic channel gating trained at a cost budget, its accuracy, cost and CPU speed.
 
     python bench/sanp_report.py --models resnet20 vgg-tiny --budget 0.5 --epochs 20 --image-size 16 \
-        --out bench/results/sanp_digits.json
+        --seeds 0 1 2 --out bench/results/sanp_digits.json
 
 For each model, on the embedded digits data: trains the dense model and its SANP form
 (:mod:`sparsekern.methods.sanp`, same seed and schedule, cost objective at ``--budget``), evaluates both,
@@ -14,7 +14,9 @@ and timed against the dense model with ``sk.bench.compare`` for each of ``--batc
 median of ``--repeats``), every model through ``sk.optimize``'s CPU passes (the hybrid one and its dense
 baseline also through ``script``, which the per-sample model's Python control flow does not allow). The JSON
 has per gated layer the learned masks and the calibration classes, the fraction of test batches the guard
-sent to the per-sample model, and the static part's FLOPs against the per-sample cost. Prints a markdown table
+sent to the per-sample model, and the static part's FLOPs against the per-sample cost. Each of ``--seeds``
+trains and times everything again; results are keyed by model and seed, and those not rerun are kept from an
+existing ``--out``. Prints the README's table (``bench/tables.py``: mean +- standard deviation over the seeds)
 and writes one JSON. Timing belongs on a quiet machine; a quick check that everything runs is
 ``--epochs 1 --repeats 3``.
 """
@@ -36,6 +38,9 @@ from sparsekern.models import build
 from sparsekern.ops.channel_skip_conv2d import select_backend
 from sparsekern.passes import DEVICE_PASSES
 from sparsekern.train import TrainConfig, evaluate, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tables import sanp_markdown  # noqa: E402  (bench/tables.py: the README's tables)
 
 #: name -> (zoo name, build kwargs); "vgg-tiny" is the 4-conv CIFAR-layout VGG the tests use.
 MODELS = {
@@ -101,6 +106,7 @@ def run_model(key: str, args: argparse.Namespace) -> dict:
             timings.append(timing(dense, sk.compile(model, calibrated, x).eval(), x, "hybrid", HYBRID_PASSES, args))
     return {
         "model": key,
+        "seed": args.seed,
         "zoo": {"name": name, "kwargs": kwargs},
         "granularity": args.granularity,
         "budget": args.budget,
@@ -163,18 +169,10 @@ def hybrid_report(model: torch.nn.Module, plan: sk.Plan, x_test: torch.Tensor, b
             "layers": layers, "plan": plan.to_dict()}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | G | dense acc | SANP acc | cost (mean, min-max) | path | batch | theory x | measured x | "
-             "efficiency | dense ms | compiled ms | spread |", "|---" * 13 + "|"]
-    for r in rows:
-        c = r["cost_ratio"]
-        for t in r["timings"]:
-            lines.append(
-                f"| {r['model']} | {r['granularity']} | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | "
-                f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) | {t['path']} | {t['batch']} | "
-                f"{t['theoretical_speedup']:.2f}x | {t['measured_speedup']:.2f}x | {t['efficiency']:.2f} | "
-                f"{t['dense_ms']:.2f} | {t['compiled_ms']:.2f} | {t['spread']:.1%} |")
-    return "\n".join(lines)
+def _order(args: argparse.Namespace):
+    """Sort key of (model, seed): models in :data:`MODELS` order, then seeds."""
+    order = {m: i for i, m in enumerate(MODELS)}
+    return lambda key: (order[key[0]], key[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=20)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 1], help="test images per timed forward")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     p.add_argument("--warmup", type=int, default=10)
@@ -198,18 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    # models not rerun are kept (rows of an older layout, without per-batch timings, are not)
-    rows = {r["model"]: r for r in previous.get("results", []) if "timings" in r}
-    for key in args.models:
-        row = run_model(key, args)
-        row["command"] = "python " + " ".join(sys.argv)
-        rows[key] = row
-        print(table([row]), flush=True)
-        report = {"env": environment("cpu"), "results": list(rows.values())}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-    rows = list(rows.values())
-    print(table(rows))
+    # (model, seed) pairs not rerun are kept (rows of an older layout, without per-batch timings, are not)
+    rows = {(r["model"], r.get("seed", 0)): r for r in previous.get("results", []) if "timings" in r}
+    report = {"env": environment("cpu"), "results": list(rows.values())}
+    for seed in args.seeds:
+        for key in args.models:
+            row = run_model(key, argparse.Namespace(**{**vars(args), "seed": seed}))
+            row["command"] = "python " + " ".join(sys.argv)
+            rows[key, seed] = row
+            report = {"env": environment("cpu"), "results": [rows[k] for k in sorted(rows, key=_order(args))]}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1) + "\n")
+    print(sanp_markdown(report))
     print(f"wrote {out}")
     return 0
 

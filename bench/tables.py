@@ -78,6 +78,21 @@ def _spread_cell(spreads: list[float]) -> str:
     return f"{statistics.median(spreads):.0%} ({max(spreads):.0%})"
 
 
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def _mean_sd(values: list[float], percent: bool = True, digits: int | None = None) -> str:
+    """``mean +- sample standard deviation`` of the seeds' values (the plain value for one seed), as percent
+    with one decimal or as numbers with two, unless ``digits`` says otherwise."""
+    scale, unit, default_digits = (100, "%", 1) if percent else (1, "", 2)
+    digits = default_digits if digits is None else digits
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{unit}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}{unit}"
+
+
 # -- cpu.json: whole models ------------------------------------------------------------------------------------
 
 def models_table(results: Path = RESULTS) -> Table:
@@ -219,30 +234,43 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
 
 # -- sanp_digits.json ------------------------------------------------------------------------------------------
 
-def sanp_table(results: Path = RESULTS) -> Table:
-    """SANP end to end: one row per model, compiled path and batch, each with the command that produced it."""
-    doc = _load("sanp_digits.json", results)
+def sanp_markdown(doc: dict[str, Any]) -> str:
+    """SANP end to end: one row per model, compiled path and batch, with the seeds it ran (``seed`` of each
+    result; 0 when absent): accuracies, cost, speedups and efficiency as mean +- standard deviation over the
+    seeds, times as means, spread as the largest of any seed, and the commands that produced the rows."""
     commands: list[str] = []
     rows = [
-        "| model | dense acc | SANP acc | cost: mean (min-max) | compiled | batch | theoretical | measured | "
+        "| model | seeds | dense acc | SANP acc | cost: mean (min-max) | compiled | batch | theoretical | measured | "
         "efficiency | dense ms | compiled ms | spread | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in doc["results"]:
-        if r["command"] not in commands:
-            commands.append(r["command"])
-        h, w = r["plan"]["meta"]["inputs"][0]["shape"][-2:]
-        c = r["cost_ratio"]
-        for t in r["timings"]:
+        groups[r["model"]].append(r)
+    for model, runs in groups.items():
+        for cmd in (r["command"] for r in runs):
+            if cmd not in commands:
+                commands.append(cmd)
+        numbers = ", ".join(str(n) for n in sorted({commands.index(r["command"]) + 1 for r in runs}))
+        h, w = runs[0]["plan"]["meta"]["inputs"][0]["shape"][-2:]
+        seeds = ", ".join(str(r.get("seed", 0)) for r in runs)
+        cost = (f"{_mean_sd([r['cost_ratio']['mean'] for r in runs])} "
+                f"({min(r['cost_ratio']['min'] for r in runs):.0%}-{max(r['cost_ratio']['max'] for r in runs):.0%})")
+        for i, first in enumerate(runs[0]["timings"]):
+            t = [r["timings"][i] for r in runs]
             rows.append(
-                f"| {r['model']} ({h}x{w}) | {r['dense_accuracy']:.1%} | {r['sanp_accuracy']:.1%} | "
-                f"{c['mean']:.1%} ({c['min']:.0%}-{c['max']:.0%}) | {t['path']} | {t['batch']} | "
-                f"{t['theoretical_speedup']:.2f}x | {t['measured_speedup']:.2f}x | {t['efficiency']:.2f} | "
-                f"{t['dense_ms']:.2f} | {t['compiled_ms']:.2f} | {t['spread']:.1%} | "
-                f"{commands.index(r['command']) + 1} |")
+                f"| {model} ({h}x{w}) | {seeds} | {_mean_sd([r['dense_accuracy'] for r in runs])} | "
+                f"{_mean_sd([r['sanp_accuracy'] for r in runs])} | {cost} | {first['path']} | {first['batch']} | "
+                f"{_mean_of(t, 'theoretical_speedup'):.2f}x | {_mean_sd([x['measured_speedup'] for x in t], False)}x | "
+                f"{_mean_sd([x['efficiency'] for x in t], False)} | {_mean_of(t, 'dense_ms'):.2f} | "
+                f"{_mean_of(t, 'compiled_ms'):.2f} | {max(x['spread'] for x in t):.1%} | {numbers} |")
+    return f"commands:\n\n{_numbered(commands)}\n\n" + "\n".join(rows)
+
+
+def sanp_table(results: Path = RESULTS) -> Table:
+    doc = _load("sanp_digits.json", results)
     machine = doc["env"].get("cpu_model")
-    text = (f"Source: {_link('sanp_digits.json')}{f', measured on {machine}' if machine else ''}; commands:\n\n"
-            f"{_numbered(commands)}\n\n" + "\n".join(rows))
+    text = f"Source: {_link('sanp_digits.json')}{f', measured on {machine}' if machine else ''}; {sanp_markdown(doc)}"
     return Table("sanp", "sanp_digits.json", text)
 
 
@@ -294,17 +322,6 @@ def row_commands(doc: dict[str, Any], report: dict[str, Any]) -> tuple[str, str]
         named = _named_methods(remeasure) if remeasure else []
         timed = remeasure if remeasure and (named is None or report["method"] in named) else trained
     return trained, timed
-
-
-def _mean_sd(values: list[float], percent: bool = True, digits: int | None = None) -> str:
-    """``mean +- sample standard deviation`` of the seeds' values (the plain value for one seed), as percent
-    with one decimal or as numbers with two, unless ``digits`` says otherwise."""
-    scale, unit, default_digits = (100, "%", 1) if percent else (1, "", 2)
-    digits = default_digits if digits is None else digits
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:.{digits}f}{unit}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}{unit}"
 
 
 def _by_method(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -394,10 +411,6 @@ def flop_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if "runs" in doc:
         return doc["runs"]
     return [{"seed": doc.get("config", {}).get("seed", 0), "results": doc["results"]}]
-
-
-def _mean_of(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.fmean(r[key] for r in rows)
 
 
 def flop_markdown(doc: dict[str, Any]) -> str:

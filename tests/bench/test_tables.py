@@ -148,6 +148,21 @@ def test_flop_rows_show_mean_and_spread_over_seeds(tables):
     assert tables.flop_markdown(old).splitlines()[3].startswith("| SRU | 3 | 0.50 | 0.500 | 103 | 2.000 | ")
 
 
+def test_sanp_rows_group_the_seeds_of_a_model(tables):
+    def result(seed: int, acc: float, efficiency: float) -> dict:
+        timing = {"path": "hybrid", "batch": 64, "theoretical_speedup": 2.0, "measured_speedup": 2 * efficiency,
+                  "efficiency": efficiency, "dense_ms": 10.0, "compiled_ms": 5.0 + seed, "spread": 0.03 + seed / 100}
+        return {"model": "resnet56", "seed": seed, "command": f"run {seed}", "dense_accuracy": 0.9,
+                "sanp_accuracy": acc, "cost_ratio": {"mean": 0.5, "min": 0.4 + seed / 10, "max": 0.6},
+                "plan": {"meta": {"inputs": [{"shape": [64, 1, 16, 16]}]}}, "timings": [timing]}
+
+    text = tables.sanp_markdown({"results": [result(0, 0.9, 0.7), result(1, 0.8, 0.9)]})
+    row = text.splitlines()[-1]
+    assert row == ("| resnet56 (16x16) | 0, 1 | 90.0 ± 0.0% | 85.0 ± 7.1% | 50.0 ± 0.0% (40%-60%) | hybrid | 64 | 2.00x "
+                   "| 1.60 ± 0.28x | 0.80 ± 0.14 | 10.00 | 5.50 | 4.0% | 1, 2 |")
+    assert "1. `run 0`" in text and "2. `run 1`" in text
+
+
 def test_update_rewrites_only_between_the_markers(tables, built):
     t = built[0]
     stale = f"before\n{tables.BEGIN.format(name=t.name)}\nold table\n{tables.END}\nafter\n"
