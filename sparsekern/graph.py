@@ -15,6 +15,12 @@ graph once on example inputs, and follows every tensor's *channel axis* through 
   merging them back) permutes the atoms (:class:`ChannelShuffle`; compiled as one gather); a model tensor
   that only an elementwise op reads, per channel (a layer-scale ``nn.Parameter``), is sliced with the
   channels (:class:`AttrSlice`).
+* attention **heads**: a view that splits a channel axis into factors, one of which becomes the head axis of
+  ``F.scaled_dot_product_attention`` (``qkv.reshape(b, t, 3, H, hd)``, ``q.view(b, t, H, hd)``), ties every
+  atom of a head together, so the head is one channel of its group; attention ties the heads of query, key
+  and value, and the merge back (``reshape(b, t, H * hd)``) repeats each head's atom ``hd`` times for the
+  output projection. Pruning a head removes its query, key and value rows and the projection's columns, and
+  the compiled views get the kept head count (the head dimension stays whole).
 
 Channels that must never be pruned are **pinned** with a reason: the model output (logits), and every
 channel that reaches an op this module cannot slice (a reduction over channels, a reshape that mixes
@@ -870,7 +876,53 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             cum *= s
         if self._shuffle_start(n, x, in_shape, out_shape):
             return None  # the chain's inner nodes carry no layout; its last node gets the permuted channels
+        heads = self._head_split(n, x, in_shape, out_shape)
+        if heads is not None:
+            return heads
         return self.opaque(n, f"reshape {in_shape} -> {out_shape} mixes the channel axis")
+
+    def _head_split(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> Layout | None:
+        """A view splitting channel axis ``c`` into ``k >= 2`` factors, one of which reaches attention as its
+        head axis (:func:`_attention_head_axis`): every atom of a head is tied into one, and the layout is the
+        head axis with one atom per head. None when the view is not such a split."""
+        c = x.cdim
+        if tuple(out_shape[:c]) != tuple(in_shape[:c]):
+            return None
+        for k in range(2, len(out_shape) - c + 1):
+            if int(np.prod(out_shape[c:c + k])) == in_shape[c] and tuple(out_shape[c + k:]) == tuple(in_shape[c + 1:]):
+                break
+        else:
+            return None
+        axis = _attention_head_axis(n, c, k, len(out_shape))
+        if axis is None:
+            return None
+        grid = np.moveaxis(x.atoms.reshape(out_shape[c:c + k]), axis, 0).reshape(out_shape[c + axis], -1)
+        for column in range(1, grid.shape[1]):
+            self.cg.unify(grid[:, 0], grid[:, column])
+        return Layout(c + axis, grid[:, 0].copy())
+
+    def sdpa(self, n: torch.fx.Node, value: Any) -> Any:
+        """``F.scaled_dot_product_attention``: query, key and value carry their heads on axis ``-3`` (as
+        :meth:`_head_split` tracks them); the heads of the three are tied and the output keeps them."""
+        names = ("query", "key", "value", "attn_mask")
+        args = [n.args[i] if len(n.args) > i else n.kwargs.get(name) for i, name in enumerate(names)]
+        q, k, v = (self.lay(a) for a in args[:3])
+        if q is None and k is None and v is None:
+            return None
+        if not all(isinstance(lay, Layout) for lay in (q, k, v)):
+            return self.opaque(n, "attention over query, key and value of which only some carry tracked heads")
+        head = value.dim() - 3
+        if any(lay.cdim != head for lay in (q, k, v)):
+            return self.opaque(n, "attention whose tracked channel axis is not the head axis (-3)")
+        if not q.size == k.size == v.size or n.kwargs.get("enable_gqa"):
+            return self.opaque(n, "grouped-query attention (fewer key/value heads than query heads) is not "
+                                  "prunable by head yet")
+        mask = self.val(args[3])
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[-3] != 1:
+            return self.opaque(n, "a per-head attention mask would need slicing with the heads")
+        self.cg.unify(q.atoms, k.atoms)
+        self.cg.unify(q.atoms, v.atoms)
+        return Layout(head, q.atoms)
 
     def _shuffle_start(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> bool:
         """Whether ``n`` starts a channel shuffle (see :class:`ChannelShuffle`): it splits the channel axis
@@ -945,6 +997,47 @@ def _attr(root: nn.Module, target: str) -> Any:
         return getattr(root.get_submodule(owner) if owner else root, field, None)
     except AttributeError:
         return None
+
+
+#: ops that keep every axis of their first argument where it is, for :func:`_attention_head_axis`
+_SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach")
+
+
+def _attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_nodes: int = 64) -> int | None:
+    """Which of the ``k`` factors that view ``split`` makes of axis ``c`` (``ndim`` axes after the view) is the
+    head axis (``-3``) of every ``F.scaled_dot_product_attention`` it reaches as query, key or value, through
+    permutes, transposes, integer indexing of the first axis (``qkv[0]``: query, key or value) and dtype/layout
+    copies; None when it reaches none, or several that disagree."""
+    start = [None] * c + list(range(k)) + [None] * (ndim - c - k)
+    frontier: list[tuple[torch.fx.Node, list[int | None]]] = [(split, start)]
+    found: set[int | None] = set()
+    seen = 0
+    while frontier and seen < max_nodes:
+        node, axes = frontier.pop()
+        for user in node.users:
+            seen += 1
+            target = user.target
+            if target is torch.nn.functional.scaled_dot_product_attention:
+                if node in user.args[:3] or node in (user.kwargs.get(a) for a in ("query", "key", "value")):
+                    found.add(axes[-3] if len(axes) >= 3 else None)
+                continue
+            if not user.args or user.args[0] is not node:
+                continue
+            nd = len(axes)
+            if target in (torch.permute, "permute"):
+                perm = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (tuple, list)) else user.args[1:]
+                if all(isinstance(a, int) for a in perm):
+                    frontier.append((user, [axes[a % nd] for a in perm]))
+            elif target in (torch.transpose, "transpose") and all(isinstance(a, int) for a in user.args[1:3]):
+                d0, d1 = (a % nd for a in user.args[1:3])
+                swapped = list(axes)
+                swapped[d0], swapped[d1] = axes[d1], axes[d0]
+                frontier.append((user, swapped))
+            elif target is operator.getitem and isinstance(user.args[1], int):
+                frontier.append((user, axes[1:]))  # an index into the head axis itself is refused by getitem
+            elif target in _SAME_AXES:
+                frontier.append((user, axes))
+    return found.pop() if len(found) == 1 else None
 
 
 def _only_user(n: torch.fx.Node) -> torch.fx.Node | None:

@@ -1,0 +1,119 @@
+"""Attention heads as prunable channels: a view that splits a projection into heads for
+``F.scaled_dot_product_attention`` ties each head's query, key and value features into one channel, and the
+compiled model has fewer heads, equal to ``sk.masked`` of the same plan."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.graph import trace_channels
+from sparsekern.methods import l1_norm
+from sparsekern.models import build
+from tests.conftest import assert_close_to_scale
+
+
+class SeparateProjections(nn.Module):
+    """Attention written as Hugging Face models write it: separate q, k, v and output projections, each head
+    ``view``-ed out and moved to axis 1; ``kv_heads`` < ``heads`` is grouped-query attention."""
+
+    def __init__(self, d: int = 32, heads: int = 4, kv_heads: int | None = None, mask: str = "none") -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.hd, self.mask = heads, kv_heads or heads, d // heads, mask
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, self.kv_heads * self.hd)
+        self.v = nn.Linear(d, self.kv_heads * self.hd)
+        self.o = nn.Linear(d, d)
+        self.register_buffer("head_bias", torch.randn(1, heads, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        mask = self.head_bias + q.new_zeros(1, 1, t, t) if self.mask == "per_head" else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).contiguous().view(b, t, self.heads * self.hd)) + x
+
+
+def _compiled_equals_masked(model: nn.Module, plan: sk.Plan, x: torch.Tensor) -> nn.Module:
+    compiled = sk.compile(model, plan, x).eval()
+    reference = sk.masked(model, plan, x).eval()
+    with torch.no_grad():
+        assert_close_to_scale(compiled(x), reference(x), 1e-5)
+    return compiled
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zoo_transformer_prunes_whole_heads(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = build("transformer_lm", d_model=48, layers=2, heads=4, context=16).eval()
+    x = torch.randint(0, 256, (2, 16))
+    cg = trace_channels(model, x)
+    for block in range(2):
+        group = cg.groups[f"blocks.{block}.attn.qkv"]
+        assert group.size == 4 and not group.pinned  # one channel per head, 3 x 12 features each
+    keep = {"blocks.0.attn.qkv": sorted(torch.randperm(4)[:2].tolist()), "blocks.1.attn.qkv": [int(seed) % 4]}
+    plan = sk.Plan.from_keep_sets(cg.groups, keep)
+    compiled = _compiled_equals_masked(model, plan, x)
+    assert compiled.get_submodule("blocks.0.attn.qkv").weight.shape == (3 * 2 * 12, 48)
+    assert compiled.get_submodule("blocks.1.attn.proj").weight.shape == (48, 12)
+    shorter = torch.randint(0, 256, (3, 7))  # the rewritten views hold the head count, not the shape
+    with torch.no_grad():
+        assert_close_to_scale(compiled(shorter), sk.masked(model, plan, x)(shorter), 1e-5)
+
+
+def test_l1_norm_ranks_heads_by_their_query_key_value_weights() -> None:
+    torch.manual_seed(0)
+    model = build("transformer_lm", d_model=48, layers=1, heads=4, context=8).eval()
+    with torch.no_grad():  # head 2 gets the largest weights, head 0 the smallest
+        qkv = model.get_submodule("blocks.0.attn.qkv").weight.view(3, 4, 12, 48)
+        for h, scale in enumerate((0.1, 1.0, 5.0, 2.0)):
+            qkv[:, h] *= scale
+    x = torch.randint(0, 256, (1, 8))
+    plan = l1_norm.prune(model, x, ratio=0.5)
+    assert plan.channels["blocks.0.attn.qkv"].keep == (2, 3)
+    _compiled_equals_masked(model, plan, x)
+
+
+def test_separate_projections_tie_query_key_value_and_output_by_head() -> None:
+    torch.manual_seed(0)
+    model = SeparateProjections().eval()
+    x = torch.randn(2, 5, 32)
+    cg = trace_channels(model, x)
+    group = cg.groups["q"]
+    assert group.size == 4 and not group.pinned and {"q", "k", "v"} <= set(group.members)
+    compiled = _compiled_equals_masked(model, sk.Plan.from_keep_sets(cg.groups, {"q": [1, 3]}), x)
+    assert compiled.get_submodule("k").weight.shape == (16, 32) and compiled.get_submodule("o").weight.shape == (32, 16)
+
+
+@pytest.mark.parametrize("variant,why", [
+    ({"kv_heads": 2}, "only some carry tracked heads"),  # grouped-query attention through repeat_interleave
+    ({"mask": "per_head"}, "per-head attention mask"),
+])
+def test_attention_it_cannot_slice_by_head_keeps_every_head(variant: dict, why: str) -> None:
+    torch.manual_seed(0)
+    model = SeparateProjections(**variant).eval()
+    x = torch.randn(2, 5, 32)
+    cg = trace_channels(model, x)
+    assert any(why in reason for reason in cg.opaque.values())
+    assert all(cg.groups[g].pinned for g in cg.groups if "q" in cg.groups[g].members)
+    assert set(cg.groups["q"].pinned) == set(range(cg.groups["q"].size))
+
+
+def test_a_head_split_that_never_reaches_attention_stays_unprunable() -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).view(x.shape[0], 3, 4).sum(-1)
+
+    cg = trace_channels(Pooled().eval(), torch.randn(2, 8))
+    assert set(cg.groups["fc"].pinned) == set(range(12))
