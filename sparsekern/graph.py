@@ -20,7 +20,9 @@ graph once on example inputs, and follows every tensor's *channel axis* through 
   atom of a head together, so the head is one channel of its group; attention ties the heads of query, key
   and value, and the merge back (``reshape(b, t, H * hd)``) repeats each head's atom ``hd`` times for the
   output projection. Pruning a head removes its query, key and value rows and the projection's columns, and
-  the compiled views get the kept head count (the head dimension stays whole).
+  the compiled views get the kept head count (the head dimension stays whole). In grouped-query attention
+  (key/value heads ``repeat_interleave``-d, or ``enable_gqa``) a key/value head and its query heads are one
+  channel.
 
 Channels that must never be pruned are **pinned** with a reason: the model output (logits), and every
 channel that reaches an op this module cannot slice (a reduction over channels, a reshape that mixes
@@ -914,15 +916,30 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         head = value.dim() - 3
         if any(lay.cdim != head for lay in (q, k, v)):
             return self.opaque(n, "attention whose tracked channel axis is not the head axis (-3)")
-        if not q.size == k.size == v.size or n.kwargs.get("enable_gqa"):
-            return self.opaque(n, "grouped-query attention (fewer key/value heads than query heads) is not "
-                                  "prunable by head yet")
+        if k.size != v.size or q.size % k.size or (q.size != k.size and not n.kwargs.get("enable_gqa")):
+            return self.opaque(n, f"attention over {q.size} query, {k.size} key and {v.size} value heads")
         mask = self.val(args[3])
         if isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[-3] != 1:
             return self.opaque(n, "a per-head attention mask would need slicing with the heads")
-        self.cg.unify(q.atoms, k.atoms)
-        self.cg.unify(q.atoms, v.atoms)
+        group = q.size // k.size  # enable_gqa: query head i reads key/value head i // group
+        self.cg.unify(q.atoms, np.repeat(k.atoms, group))
+        self.cg.unify(q.atoms, np.repeat(v.atoms, group))
         return Layout(head, q.atoms)
+
+    def repeat_interleave(self, n: torch.fx.Node, value: Any) -> Any:
+        """``x.repeat_interleave(r, dim)`` with an int ``r``: along the channel axis each atom repeats ``r``
+        times (grouped-query attention's key/value heads, one per query head); along another axis the channels
+        stay as they are."""
+        x = self.lay(n.args[0])
+        if x is None:
+            return None
+        repeats = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        if not isinstance(repeats, int) or dim is None:
+            return self.opaque(n, "repeat_interleave with tensor repeats or without a dim")
+        if dim % value.dim() == x.cdim:
+            return Layout(x.cdim, np.repeat(x.atoms, repeats))
+        return Layout(x.cdim, x.atoms)
 
     def _shuffle_start(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> bool:
         """Whether ``n`` starts a channel shuffle (see :class:`ChannelShuffle`): it splits the channel axis
@@ -1000,7 +1017,8 @@ def _attr(root: nn.Module, target: str) -> Any:
 
 
 #: ops that keep every axis of their first argument where it is, for :func:`_attention_head_axis`
-_SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach")
+_SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach", "repeat_interleave",
+              torch.repeat_interleave)
 
 
 def _attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_nodes: int = 64) -> int | None:

@@ -17,11 +17,13 @@ from tests.conftest import assert_close_to_scale
 
 class SeparateProjections(nn.Module):
     """Attention written as Hugging Face models write it: separate q, k, v and output projections, each head
-    ``view``-ed out and moved to axis 1; ``kv_heads`` < ``heads`` is grouped-query attention."""
+    ``view``-ed out and moved to axis 1; ``kv_heads`` < ``heads`` is grouped-query attention, the key/value heads
+    repeated (``gqa="repeat"``) or left to attention (``gqa="enable"``)."""
 
-    def __init__(self, d: int = 32, heads: int = 4, kv_heads: int | None = None, mask: str = "none") -> None:
+    def __init__(self, d: int = 32, heads: int = 4, kv_heads: int | None = None, mask: str = "none",
+                 gqa: str = "repeat") -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.hd, self.mask = heads, kv_heads or heads, d // heads, mask
+        self.heads, self.kv_heads, self.hd, self.mask, self.gqa = heads, kv_heads or heads, d // heads, mask, gqa
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, self.kv_heads * self.hd)
         self.v = nn.Linear(d, self.kv_heads * self.hd)
@@ -33,11 +35,11 @@ class SeparateProjections(nn.Module):
         q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)
         k = self.k(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v(x).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
-        if self.kv_heads != self.heads:
+        if self.kv_heads != self.heads and self.gqa == "repeat":
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         mask = self.head_bias + q.new_zeros(1, 1, t, t) if self.mask == "per_head" else None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa == "enable")
         return self.o(y.transpose(1, 2).contiguous().view(b, t, self.heads * self.hd)) + x
 
 
@@ -92,16 +94,25 @@ def test_separate_projections_tie_query_key_value_and_output_by_head() -> None:
     assert compiled.get_submodule("k").weight.shape == (16, 32) and compiled.get_submodule("o").weight.shape == (32, 16)
 
 
-@pytest.mark.parametrize("variant,why", [
-    ({"kv_heads": 2}, "only some carry tracked heads"),  # grouped-query attention through repeat_interleave
-    ({"mask": "per_head"}, "per-head attention mask"),
-])
-def test_attention_it_cannot_slice_by_head_keeps_every_head(variant: dict, why: str) -> None:
+@pytest.mark.parametrize("gqa", ["repeat", "enable"])
+def test_grouped_query_attention_prunes_a_key_value_head_with_its_query_heads(gqa: str) -> None:
     torch.manual_seed(0)
-    model = SeparateProjections(**variant).eval()
+    model = SeparateProjections(d=48, heads=6, kv_heads=2, gqa=gqa).eval()
+    x = torch.randn(2, 5, 48)
+    cg = trace_channels(model, x)
+    group = cg.groups["q"]
+    assert group.size == 2 and not group.pinned and {"q", "k", "v"} <= set(group.members)
+    compiled = _compiled_equals_masked(model, sk.Plan.from_keep_sets(cg.groups, {"q": [1]}), x)
+    # key/value head 1 and query heads 3, 4, 5 remain: 3 x 8 query features, 8 key features
+    assert compiled.get_submodule("q").weight.shape == (24, 48) and compiled.get_submodule("k").weight.shape == (8, 48)
+
+
+def test_a_per_head_attention_mask_keeps_every_head() -> None:
+    torch.manual_seed(0)
+    model = SeparateProjections(mask="per_head").eval()
     x = torch.randn(2, 5, 32)
     cg = trace_channels(model, x)
-    assert any(why in reason for reason in cg.opaque.values())
+    assert any("per-head attention mask" in reason for reason in cg.opaque.values())
     assert all(cg.groups[g].pinned for g in cg.groups if "q" in cg.groups[g].members)
     assert set(cg.groups["q"].pinned) == set(range(cg.groups["q"].size))
 
