@@ -685,8 +685,8 @@ def build_factorized(arch: Mapping[str, Any], ranks: Mapping[str, int], beta: fl
 
     ``arch`` is the dense model's architecture reference (see :func:`sparsekern.serialize.build_arch`),
     ``ranks`` the factorized layers and their ranks, ``input_masked`` the layers with an input-feature mask,
-    ``gates=False`` an ungated factorized model, ``counts_factors`` projected layers (:func:`factorize`). Weights are random (``sk.load``
-    overwrites them).
+    ``gates=False`` an ungated factorized model, ``counts_factors`` projected layers (:func:`factorize`).
+    Weights are random (``sk.load`` overwrites them).
     """
     from sparsekern.serialize import build_arch
 

@@ -278,7 +278,7 @@ _BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
 # what sparsekern.depth and sparsekern.passes ask about ops
 _TAGGED: dict[str, tuple[Any, ...]] = {
     "weights": (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                nn.LayerNorm, nn.PReLU),
+                nn.LayerNorm, nn.RMSNorm, nn.PReLU),
     "add": (operator.add, operator.iadd, torch.add, "add", "add_"),
     "relu": (nn.ReLU, F.relu, torch.relu, "relu", "relu_"),
     "activation": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Identity,
@@ -308,7 +308,7 @@ def _builtin_layouts() -> dict[Any, LayoutFn]:
     put((nn.modules.conv._ConvNd,), _method("conv"))
     put((nn.Linear,), _method("linear"))
     put((nn.GroupNorm,), _method("group_norm"))
-    put((nn.LayerNorm,), _method("layer_norm"))
+    put((nn.LayerNorm, nn.RMSNorm), _method("layer_norm"))
     put((nn.PReLU,), _method("prelu"))
     put((nn.Flatten,), _module_reshape)
     put(_CHANNELWISE_FUNCTIONS + _CHANNELWISE_METHODS, _first_arg_passthrough)
@@ -333,6 +333,7 @@ def _install_builtin_rules() -> None:
             tags.setdefault(k, set()).add(tag)
     slices = {nn.modules.conv._ConvNd: slicing.slice_conv, nn.Linear: slicing.slice_linear,
               nn.modules.batchnorm._BatchNorm: slicing.slice_batch_norm, nn.LayerNorm: slicing.slice_layer_norm,
+              nn.RMSNorm: slicing.slice_rms_norm,
               nn.GroupNorm: slicing.slice_group_norm, nn.PReLU: slicing.slice_prelu}
     for key in list(layouts) + [k for k in tags if k not in layouts]:
         register_channel_rule(key, ChannelRule(layout=layouts.get(key), slice=slices.get(key),

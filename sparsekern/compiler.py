@@ -5,7 +5,7 @@ which tensor a plan removes:
 
 * :func:`masked` keeps every shape and multiplies each tensor that carries a pruned channel by a 0/1 mask,
   right after the op that produced it. Normalisation layers that pool statistics over channels
-  (LayerNorm, GroupNorm) compute them over the kept channels only: a pruned channel is absent, not zero.
+  (LayerNorm, RMSNorm, GroupNorm) compute them over the kept channels only: a pruned channel is absent, not zero.
 * :func:`compile` slices the weights of every conv, linear and norm layer to the kept channels and rewrites
   the few graph arguments that name channel counts (split sizes, chunk, view/reshape sizes); a channel
   shuffle becomes one gather of the kept channels, a per-channel tensor the graph reads directly (a layer
@@ -107,6 +107,21 @@ class _MaskedLayerNorm(nn.Module):
         return y
 
 
+class _MaskedRMSNorm(nn.Module):
+    """RMSNorm over the last axis whose mean square uses only the kept channels ``mask`` (bool, (C,))."""
+
+    def __init__(self, norm: nn.RMSNorm, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("mask", mask.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.dtype)
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
+        y = x * torch.rsqrt((x * x * m).sum(-1, keepdim=True) / m.sum() + eps)
+        return y * self.norm.weight if self.norm.weight is not None else y
+
+
 class _MaskedGroupNorm(nn.Module):
     """GroupNorm whose per-group statistics use only the kept channels ``mask`` (bool, (C,))."""
 
@@ -204,6 +219,8 @@ def _mask_norm_statistics(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: Cha
     mask = torch.from_numpy(keep[cg.roots[lay.atoms]])
     if isinstance(module, nn.LayerNorm):
         gm.set_submodule(node.target, _MaskedLayerNorm(module, mask))
+    elif isinstance(module, nn.RMSNorm):
+        gm.set_submodule(node.target, _MaskedRMSNorm(module, mask))
     elif isinstance(module, nn.GroupNorm):
         gm.set_submodule(node.target, _MaskedGroupNorm(module, mask))
 

@@ -677,7 +677,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         return self.passthrough(n, x, value)
 
     def layer_norm(self, n: torch.fx.Node, value: Any) -> Any:
-        """LayerNorm: pass-through when it normalises the channel axis only (the last one)."""
+        """LayerNorm and RMSNorm: pass-through when they normalise the channel axis only (the last one)."""
         m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
         if x is not None and (len(m.normalized_shape) != 1 or x.cdim != value.dim() - 1):
             return self.opaque(n, "LayerNorm over more than the channel axis")
@@ -1043,7 +1043,8 @@ def _attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_no
                 continue
             nd = len(axes)
             if target in (torch.permute, "permute"):
-                perm = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (tuple, list)) else user.args[1:]
+                one = len(user.args) == 2 and isinstance(user.args[1], (tuple, list))
+                perm = user.args[1] if one else user.args[1:]
                 if all(isinstance(a, int) for a in perm):
                     frontier.append((user, [axes[a % nd] for a in perm]))
             elif target in (torch.transpose, "transpose") and all(isinstance(a, int) for a in user.args[1:3]):

@@ -89,6 +89,13 @@ def slice_layer_norm(m: nn.LayerNorm, in_keep: torch.Tensor | None, out_keep: to
         m.normalized_shape = (len(out_keep),)
 
 
+def slice_rms_norm(m: nn.RMSNorm, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> None:
+    """``nn.RMSNorm`` over one (channel) dimension: its weight and ``normalized_shape``."""
+    slice_param(m, "weight", out_keep, 0)
+    if out_keep is not None:
+        m.normalized_shape = (len(out_keep),)
+
+
 def slice_group_norm(m: nn.GroupNorm, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> None:
     """``nn.GroupNorm``: affine parameters and ``num_channels`` (the group count stays)."""
     slice_param(m, "weight", out_keep, 0)

@@ -128,3 +128,44 @@ def test_a_head_split_that_never_reaches_attention_stays_unprunable() -> None:
 
     cg = trace_channels(Pooled().eval(), torch.randn(2, 8))
     assert set(cg.groups["fc"].pinned) == set(range(12))
+
+
+class SwiGLUStack(nn.Module):
+    """A Llama-style stream: an input projection to width ``d``, pre-RMSNorm blocks with head-split attention
+    and a SwiGLU MLP (``down(silu(gate(h)) * up(h))``) added to the stream, a final RMSNorm and a head."""
+
+    def __init__(self, d: int = 32, hidden: int = 48, blocks: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.attn = nn.ModuleList(SeparateProjections(d, heads=4) for _ in range(blocks))
+        self.norm1 = nn.ModuleList(nn.RMSNorm(d) for _ in range(blocks))
+        self.norm2 = nn.ModuleList(nn.RMSNorm(d) for _ in range(blocks))
+        self.gate = nn.ModuleList(nn.Linear(d, hidden, bias=False) for _ in range(blocks))
+        self.up = nn.ModuleList(nn.Linear(d, hidden, bias=False) for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(hidden, d, bias=False) for _ in range(blocks))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, 10)
+        for norm in [*self.norm1, *self.norm2, self.norm]:
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for i in range(len(self.gate)):
+            h = self.attn[i](self.norm1[i](h)) + h  # the attention adds its own input, norm1(h), too
+            z = self.norm2[i](h)
+            h = h + self.down[i](F.silu(self.gate[i](z)) * self.up[i](z))
+        return self.head(self.norm(h))
+
+
+def test_rmsnorm_stream_swiglu_and_heads_prune_together() -> None:
+    torch.manual_seed(0)
+    model = SwiGLUStack().eval()
+    x = torch.randn(2, 5, 16)
+    cg = trace_channels(model, x)
+    stream = cg.groups["inp"]
+    assert stream.size == 32 and not stream.pinned and {"norm", "norm1.0", "down.1"} <= set(stream.members)
+    assert {"gate.0", "up.0"} <= set(cg.groups["gate.0"].members)  # SwiGLU's gate and up tied by the product
+    keep = {"inp": range(0, 32, 2), "gate.0": range(0, 48, 3), "attn.0.q": [0, 2], "attn.1.q": [3]}
+    compiled = _compiled_equals_masked(model, sk.Plan.from_keep_sets(cg.groups, keep), x)
+    assert compiled.get_submodule("norm1.1").weight.shape == (16,)
+    assert compiled.get_submodule("up.0").weight.shape == (16, 16)
