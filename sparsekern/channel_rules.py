@@ -87,7 +87,7 @@ class LayoutContext(Protocol):
     the ``size`` new channels a layer creates on axis ``cdim`` (the same channels at every call of a shared
     module). The built-in propagations are methods too, for rules to reuse: ``passthrough(node, x, value)``,
     ``binary``, ``cat``, ``split``, ``getitem``, ``permute``, ``reduce`` (``(node, value)``),
-    ``reshape(node, x, value)``, ``sdpa`` (attention by heads), ``repeat_interleave`` and the module layouts ``conv``, ``linear``, ``group_norm``, ``layer_norm``,
+    ``reshape(node, x, value)``, ``sdpa`` (attention by heads), ``repeat_interleave``, ``expand`` and the module layouts ``conv``, ``linear``, ``group_norm``, ``layer_norm``,
     ``prelu`` (``(node, value)``).
     """
 
@@ -321,6 +321,7 @@ def _builtin_layouts() -> dict[Any, LayoutFn]:
     put((operator.getitem,), _method("getitem"))
     put((F.scaled_dot_product_attention,), _method("sdpa"))
     put((torch.repeat_interleave, "repeat_interleave"), _method("repeat_interleave"))
+    put(("expand",), _method("expand"))
     return layouts
 
 

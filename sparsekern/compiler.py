@@ -358,7 +358,7 @@ def _slice_attr(gm: torch.fx.GraphModule, attr: AttrSlice, cg: ChannelGraph, kee
 
 
 def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
-    """Rewrite graph arguments that spell out channel counts: split/chunk sizes and view/reshape sizes."""
+    """Rewrite graph arguments that spell out channel counts: split/chunk sizes and view/reshape/expand sizes."""
     lay = cg.layouts.get(node.name)
     target = node.target
     is_split = target in (torch.split, torch.chunk, "split", "chunk")
@@ -373,7 +373,7 @@ def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: Cha
         node.target = torch.split if callable(target) else "split"
         node.args = (node.args[0], sizes, *node.args[2:])
         return
-    if target in ("view", "reshape", torch.reshape) and isinstance(lay, Layout):
+    if target in ("view", "reshape", torch.reshape, "expand") and isinstance(lay, Layout):
         new = int(len(cg.kept_positions(lay, keep)))
         if new == lay.size:
             return

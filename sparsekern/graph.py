@@ -21,8 +21,8 @@ graph once on example inputs, and follows every tensor's *channel axis* through 
   and value, and the merge back (``reshape(b, t, H * hd)``) repeats each head's atom ``hd`` times for the
   output projection. Pruning a head removes its query, key and value rows and the projection's columns, and
   the compiled views get the kept head count (the head dimension stays whole). In grouped-query attention
-  (key/value heads ``repeat_interleave``-d, or ``enable_gqa``) a key/value head and its query heads are one
-  channel.
+  (key/value heads ``repeat_interleave``-d, ``expand``-ed and merged, or ``enable_gqa``) a key/value head and
+  its query heads are one channel.
 
 Channels that must never be pruned are **pinned** with a reason: the model output (logits), and every
 channel that reaches an op this module cannot slice (a reduction over channels, a reshape that mixes
@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 
 from sparsekern.channel_rules import (  # noqa: F401 (the public table of channel rules, re-exported)
     ChannelRule,
@@ -62,6 +64,7 @@ from sparsekern.channel_rules import (  # noqa: F401 (the public table of channe
     register_channel_rule,
     unregister_channel_rule,
 )
+from sparsekern.head_axis import attention_head_axis
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
 from sparsekern.slicing import is_depthwise  # noqa: F401 (re-exported: graph users ask it of layers)
@@ -241,6 +244,8 @@ class ChannelGraph:
         inputs = as_tuple(example_inputs)
         self.input_spec = input_spec(inputs)
         with eval_mode(model), torch.no_grad():
+            if any(n.target is F.scaled_dot_product_attention for n in self.gm.graph.nodes):
+                ShapeProp(self.gm).propagate(*inputs)  # shapes ahead of the run, for attention heads
             _LayoutInterpreter(self).run(*inputs)
         self._finalize()
 
@@ -875,6 +880,10 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                     return Layout(p, x.atoms)
                 if p == len(out_shape) - 1 and s == int(np.prod(in_shape[x.cdim :])):
                     return Layout(p, np.repeat(x.atoms, int(np.prod(in_shape[x.cdim + 1 :]))))
+                merged = _merged_axes(in_shape, x.cdim, s)
+                if merged and _same_after(in_shape, x.cdim + merged - 1, out_shape, p):
+                    # the channel axis merged with the axes after it: each atom repeats over their extent
+                    return Layout(p, np.repeat(x.atoms, int(np.prod(in_shape[x.cdim + 1 : x.cdim + merged]))))
             cum *= s
         if self._shuffle_start(n, x, in_shape, out_shape):
             return None  # the chain's inner nodes carry no layout; its last node gets the permuted channels
@@ -885,7 +894,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
 
     def _head_split(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> Layout | None:
         """A view splitting channel axis ``c`` into ``k >= 2`` factors, one of which reaches attention as its
-        head axis (:func:`_attention_head_axis`): every atom of a head is tied into one, and the layout is the
+        head axis (:func:`sparsekern.head_axis.attention_head_axis`): every atom of a head is tied into one, and the layout is the
         head axis with one atom per head. None when the view is not such a split."""
         c = x.cdim
         if tuple(out_shape[:c]) != tuple(in_shape[:c]):
@@ -895,7 +904,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                 break
         else:
             return None
-        axis = _attention_head_axis(n, c, k, len(out_shape))
+        axis = attention_head_axis(n, c, k, len(out_shape))
         if axis is None:
             return None
         grid = np.moveaxis(x.atoms.reshape(out_shape[c:c + k]), axis, 0).reshape(out_shape[c + axis], -1)
@@ -925,6 +934,17 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         self.cg.unify(q.atoms, np.repeat(k.atoms, group))
         self.cg.unify(q.atoms, np.repeat(v.atoms, group))
         return Layout(head, q.atoms)
+
+    def expand(self, n: torch.fx.Node, value: Any) -> Any:
+        """``x.expand(*sizes)``: broadcasts unit axes and may add leading ones; the channel axis keeps its
+        size (it moves right by the added axes)."""
+        x = self.lay(n.args[0])
+        if x is None:
+            return None
+        cdim = x.cdim + value.dim() - self.val(n.args[0]).dim()
+        if value.shape[cdim] != x.size:
+            return self.opaque(n, "broadcasts the channel axis")
+        return Layout(cdim, x.atoms)
 
     def repeat_interleave(self, n: torch.fx.Node, value: Any) -> Any:
         """``x.repeat_interleave(r, dim)`` with an int ``r``: along the channel axis each atom repeats ``r``
@@ -1016,49 +1036,6 @@ def _attr(root: nn.Module, target: str) -> Any:
         return None
 
 
-#: ops that keep every axis of their first argument where it is, for :func:`_attention_head_axis`
-_SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach", "repeat_interleave",
-              torch.repeat_interleave)
-
-
-def _attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_nodes: int = 64) -> int | None:
-    """Which of the ``k`` factors that view ``split`` makes of axis ``c`` (``ndim`` axes after the view) is the
-    head axis (``-3``) of every ``F.scaled_dot_product_attention`` it reaches as query, key or value, through
-    permutes, transposes, integer indexing of the first axis (``qkv[0]``: query, key or value) and dtype/layout
-    copies; None when it reaches none, or several that disagree."""
-    start = [None] * c + list(range(k)) + [None] * (ndim - c - k)
-    frontier: list[tuple[torch.fx.Node, list[int | None]]] = [(split, start)]
-    found: set[int | None] = set()
-    seen = 0
-    while frontier and seen < max_nodes:
-        node, axes = frontier.pop()
-        for user in node.users:
-            seen += 1
-            target = user.target
-            if target is torch.nn.functional.scaled_dot_product_attention:
-                if node in user.args[:3] or node in (user.kwargs.get(a) for a in ("query", "key", "value")):
-                    found.add(axes[-3] if len(axes) >= 3 else None)
-                continue
-            if not user.args or user.args[0] is not node:
-                continue
-            nd = len(axes)
-            if target in (torch.permute, "permute"):
-                one = len(user.args) == 2 and isinstance(user.args[1], (tuple, list))
-                perm = user.args[1] if one else user.args[1:]
-                if all(isinstance(a, int) for a in perm):
-                    frontier.append((user, [axes[a % nd] for a in perm]))
-            elif target in (torch.transpose, "transpose") and all(isinstance(a, int) for a in user.args[1:3]):
-                d0, d1 = (a % nd for a in user.args[1:3])
-                swapped = list(axes)
-                swapped[d0], swapped[d1] = axes[d1], axes[d0]
-                frontier.append((user, swapped))
-            elif target is operator.getitem and isinstance(user.args[1], int):
-                frontier.append((user, axes[1:]))  # an index into the head axis itself is refused by getitem
-            elif target in _SAME_AXES:
-                frontier.append((user, axes))
-    return found.pop() if len(found) == 1 else None
-
-
 def _only_user(n: torch.fx.Node) -> torch.fx.Node | None:
     """The single function or method call that uses ``n``, once and as its first argument, or None."""
     users = list(n.users)
@@ -1080,6 +1057,18 @@ def _swaps_axes(n: torch.fx.Node, c: int, ndim: int) -> bool:
         swapped[c], swapped[c + 1] = c + 1, c
         return all(isinstance(a, int) for a in perm) and [a % ndim for a in perm] == swapped
     return False
+
+
+def _merged_axes(in_shape: Sequence[int], c: int, size: int) -> int:
+    """How many axes from ``c`` on (at least 2) multiply to ``size``; 0 when none do."""
+    extent = in_shape[c]
+    for m in range(2, len(in_shape) - c + 1):
+        extent *= in_shape[c + m - 1]
+        if extent == size:
+            return m
+        if extent > size:
+            break
+    return 0
 
 
 def _same_after(in_shape: Sequence[int], c: int, out_shape: Sequence[int], p: int) -> bool:

@@ -53,6 +53,17 @@ def test_low_rank_language_models_export_as_standard_ops(tmp_path, arch, kwargs)
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
 
 
+def test_a_transformer_pruned_by_heads_exports_with_its_head_counts(tmp_path) -> None:
+    from sparsekern.methods import l1_norm
+
+    torch.manual_seed(0)
+    model = build("transformer_lm", d_model=32, layers=2, heads=4, context=12).eval()
+    x = torch.randint(0, 256, (2, 12))
+    fast = sk.compile(model, l1_norm.prune(model, x, ratio=0.5), x).eval()
+    assert fast.get_submodule("blocks.0.attn.qkv").weight.shape[0] == 3 * 2 * 8  # 2 of 4 heads of 8 features
+    assert check_onnx(export_onnx(fast, x, tmp_path / "heads.onnx"), fast, x) < 1e-5
+
+
 def test_dynamic_models_are_refused(tmp_path) -> None:
     model = build("resnet20").eval()
     x = torch.randn(1, 3, 16, 16)

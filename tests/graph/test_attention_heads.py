@@ -18,7 +18,8 @@ from tests.conftest import assert_close_to_scale
 class SeparateProjections(nn.Module):
     """Attention written as Hugging Face models write it: separate q, k, v and output projections, each head
     ``view``-ed out and moved to axis 1; ``kv_heads`` < ``heads`` is grouped-query attention, the key/value heads
-    repeated (``gqa="repeat"``) or left to attention (``gqa="enable"``)."""
+    repeated (``gqa="repeat"``: ``repeat_interleave``; ``"expand"``: Llama's ``repeat_kv``) or left to attention
+    (``gqa="enable"``)."""
 
     def __init__(self, d: int = 32, heads: int = 4, kv_heads: int | None = None, mask: str = "none",
                  gqa: str = "repeat") -> None:
@@ -38,9 +39,16 @@ class SeparateProjections(nn.Module):
         if self.kv_heads != self.heads and self.gqa == "repeat":
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        elif self.kv_heads != self.heads and self.gqa == "expand":
+            k, v = _repeat_kv(k, self.heads // self.kv_heads), _repeat_kv(v, self.heads // self.kv_heads)
         mask = self.head_bias + q.new_zeros(1, 1, t, t) if self.mask == "per_head" else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa == "enable")
         return self.o(y.transpose(1, 2).contiguous().view(b, t, self.heads * self.hd)) + x
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, t, d).reshape(b, h * n, t, d)
 
 
 def _compiled_equals_masked(model: nn.Module, plan: sk.Plan, x: torch.Tensor) -> nn.Module:
@@ -94,7 +102,7 @@ def test_separate_projections_tie_query_key_value_and_output_by_head() -> None:
     assert compiled.get_submodule("k").weight.shape == (16, 32) and compiled.get_submodule("o").weight.shape == (32, 16)
 
 
-@pytest.mark.parametrize("gqa", ["repeat", "enable"])
+@pytest.mark.parametrize("gqa", ["repeat", "expand", "enable"])
 def test_grouped_query_attention_prunes_a_key_value_head_with_its_query_heads(gqa: str) -> None:
     torch.manual_seed(0)
     model = SeparateProjections(d=48, heads=6, kv_heads=2, gqa=gqa).eval()
