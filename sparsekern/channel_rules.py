@@ -86,9 +86,9 @@ class LayoutContext(Protocol):
     ``opaque(node, why)``: pin the node's tracked inputs and return ``None``. ``produce(node, size, cdim)``:
     the ``size`` new channels a layer creates on axis ``cdim`` (the same channels at every call of a shared
     module). The built-in propagations are methods too, for rules to reuse: ``passthrough(node, x, value)``,
-    ``binary``, ``cat``, ``split``, ``getitem``, ``permute``, ``reduce`` (``(node, value)``),
-    ``reshape(node, x, value)``, ``sdpa`` (attention by heads), ``repeat_interleave``, ``expand`` and the module layouts ``conv``, ``linear``, ``group_norm``, ``layer_norm``,
-    ``prelu`` (``(node, value)``).
+    ``binary``, ``cat``, ``split``, ``getitem``, ``permute``, ``reduce``, ``sdpa`` (attention by heads),
+    ``repeat_interleave``, ``expand`` (``(node, value)``), ``reshape(node, x, value)`` and the module layouts
+    ``conv``, ``linear``, ``embedding``, ``group_norm``, ``layer_norm``, ``prelu`` (``(node, value)``).
     """
 
     def lay(self, arg: Any) -> Any: ...
@@ -277,7 +277,7 @@ _BINARY_METHODS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
 
 # what sparsekern.depth and sparsekern.passes ask about ops
 _TAGGED: dict[str, tuple[Any, ...]] = {
-    "weights": (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+    "weights": (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                 nn.LayerNorm, nn.RMSNorm, nn.PReLU),
     "add": (operator.add, operator.iadd, torch.add, "add", "add_"),
     "relu": (nn.ReLU, F.relu, torch.relu, "relu", "relu_"),
@@ -307,6 +307,7 @@ def _builtin_layouts() -> dict[Any, LayoutFn]:
     put((nn.modules.batchnorm._BatchNorm,), elementwise)
     put((nn.modules.conv._ConvNd,), _method("conv"))
     put((nn.Linear,), _method("linear"))
+    put((nn.Embedding,), _method("embedding"))
     put((nn.GroupNorm,), _method("group_norm"))
     put((nn.LayerNorm, nn.RMSNorm), _method("layer_norm"))
     put((nn.PReLU,), _method("prelu"))
@@ -333,6 +334,7 @@ def _install_builtin_rules() -> None:
         for k in keys:
             tags.setdefault(k, set()).add(tag)
     slices = {nn.modules.conv._ConvNd: slicing.slice_conv, nn.Linear: slicing.slice_linear,
+              nn.Embedding: slicing.slice_embedding,
               nn.modules.batchnorm._BatchNorm: slicing.slice_batch_norm, nn.LayerNorm: slicing.slice_layer_norm,
               nn.RMSNorm: slicing.slice_rms_norm,
               nn.GroupNorm: slicing.slice_group_norm, nn.PReLU: slicing.slice_prelu}

@@ -672,6 +672,10 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             self.opaque(n, "linear input whose feature axis is not the last dim")
         return Layout(ndim - 1, self._output_atoms(str(n.target), m.out_features))
 
+    def embedding(self, n: torch.fx.Node, value: Any) -> Any:
+        """Embeddings: new features on the last axis (one per column of the table); the ids carry none."""
+        return Layout(value.dim() - 1, self._output_atoms(str(n.target), self.module_of(n).embedding_dim))
+
     def group_norm(self, n: torch.fx.Node, value: Any) -> Any:
         """GroupNorm: pass-through on dim 1, with equal kept counts per norm group."""
         m, x = self.module_of(n), self.lay(n.args[0]) if n.args else None
@@ -894,8 +898,8 @@ class _LayoutInterpreter(torch.fx.Interpreter):
 
     def _head_split(self, n: torch.fx.Node, x: Layout, in_shape: tuple, out_shape: tuple) -> Layout | None:
         """A view splitting channel axis ``c`` into ``k >= 2`` factors, one of which reaches attention as its
-        head axis (:func:`sparsekern.head_axis.attention_head_axis`): every atom of a head is tied into one, and the layout is the
-        head axis with one atom per head. None when the view is not such a split."""
+        head axis (:func:`sparsekern.head_axis.attention_head_axis`): every atom of a head is tied into one,
+        and the layout is the head axis with one atom per head. None when the view is not such a split."""
         c = x.cdim
         if tuple(out_shape[:c]) != tuple(in_shape[:c]):
             return None

@@ -73,6 +73,12 @@ def slice_linear(m: nn.Linear, in_keep: torch.Tensor | None, out_keep: torch.Ten
     m.out_features, m.in_features = m.weight.shape
 
 
+def slice_embedding(m: nn.Embedding, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> None:
+    """``nn.Embedding``: the table's columns (features) and ``embedding_dim``; the ids are not channels."""
+    slice_param(m, "weight", out_keep, 1)
+    m.embedding_dim = m.weight.shape[1]
+
+
 def slice_batch_norm(m: nn.Module, in_keep: torch.Tensor | None, out_keep: torch.Tensor | None) -> None:
     """BatchNorm of any dimension: affine parameters and running statistics."""
     for name in ("weight", "bias", "running_mean", "running_var"):

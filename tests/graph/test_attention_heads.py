@@ -177,3 +177,28 @@ def test_rmsnorm_stream_swiglu_and_heads_prune_together() -> None:
     compiled = _compiled_equals_masked(model, sk.Plan.from_keep_sets(cg.groups, keep), x)
     assert compiled.get_submodule("norm1.1").weight.shape == (16,)
     assert compiled.get_submodule("up.0").weight.shape == (16, 16)
+
+
+class TinyLlama(SwiGLUStack):
+    """:class:`SwiGLUStack` over byte ids: an embedding table instead of the input projection, the output head
+    optionally tied to it."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.inp = nn.Embedding(64, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        if tied:
+            self.head.weight = self.inp.weight
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_embedding_width_is_the_residual_stream_channels(tied: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyLlama(tied).eval()
+    x = torch.randint(0, 64, (2, 6))
+    cg = trace_channels(model, x)
+    assert cg.groups["inp"].size == 32 and not cg.groups["inp"].pinned
+    plan = sk.Plan.from_keep_sets(cg.groups, {"inp": range(1, 32, 2), "attn.1.q": [0, 1]})
+    compiled = _compiled_equals_masked(model, plan, x)
+    assert compiled.get_submodule("inp").weight.shape == (64, 16) and compiled.get_submodule("head").weight.shape == (64, 16)
+    assert model.inp.weight.shape == (64, 32)  # the model passed in is untouched
