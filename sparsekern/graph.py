@@ -757,8 +757,10 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             v = self.val(arg)
             if lay is None and isinstance(v, torch.Tensor) and v.dim() > 0:
                 axis = result.cdim - (out_dim - v.dim())
-                if axis >= 0 and v.shape[axis] == result.size and self._private_attr(arg):
-                    self.cg.sliced_attrs[arg.name] = AttrSlice(str(arg.target), axis, result)  # a layer scale
+                attr = _attr_under_slices(arg, axis)
+                if axis >= 0 and v.shape[axis] == result.size and attr is not None and self._private_attr(attr):
+                    # a layer scale, or rows of a learned position table (pos.weight[:t])
+                    self.cg.sliced_attrs[attr.name] = AttrSlice(str(attr.target), axis, result)
                 elif axis >= 0 and v.shape[axis] != 1:
                     self.cg.opaque[n.name] = "combines tracked channels with an untracked per-channel tensor"
                     self.cg.pin(result, f"it is combined with an untracked tensor at {n.name!r}")
@@ -1029,6 +1031,23 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             return self.opaque(n, "reduces over the channel axis")
         cdim = x.cdim if keepdim else x.cdim - sum(1 for d in dims if d < x.cdim)
         return Layout(cdim, x.atoms)
+
+
+def _attr_under_slices(arg: Any, axis: int) -> torch.fx.Node | None:
+    """``arg`` when it is a ``get_attr`` node, the ``get_attr`` node it slices when it is ``t[a:b, ...]`` with
+    plain slices that leave ``axis`` whole (same axes as the tensor), else None."""
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "get_attr":
+        return arg
+    if arg.target is not operator.getitem or not isinstance(arg.args[0], torch.fx.Node) or arg.args[0].op != "get_attr":
+        return None
+    index = arg.args[1] if isinstance(arg.args[1], tuple) else (arg.args[1],)
+    if not all(isinstance(i, slice) for i in index) or (axis < len(index) and index[axis] != slice(None)):
+        return None
+    if len(arg.args[0].users) != 1:
+        return None
+    return arg.args[0]
 
 
 def _attr(root: nn.Module, target: str) -> Any:

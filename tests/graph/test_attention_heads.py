@@ -78,6 +78,19 @@ def test_zoo_transformer_prunes_whole_heads(seed: int) -> None:
         assert_close_to_scale(compiled(shorter), sk.masked(model, plan, x)(shorter), 1e-5)
 
 
+def test_zoo_transformer_prunes_its_residual_stream_with_the_position_table() -> None:
+    torch.manual_seed(0)
+    model = build("transformer_lm", d_model=48, layers=2, heads=4, context=16).eval()
+    x = torch.randint(0, 256, (2, 16))
+    cg = trace_channels(model, x)
+    stream = cg.groups["embed"]
+    assert stream.size == 48 and not stream.pinned and {"blocks.1.mlp.fc2", "ln_f"} <= set(stream.members)
+    plan = sk.Plan.from_keep_sets(cg.groups, {"embed": range(0, 48, 3), "blocks.0.attn.qkv": [1, 2]})
+    compiled = _compiled_equals_masked(model, plan, x)
+    assert compiled.get_submodule("pos").weight.shape == (16, 16)  # its rows are read as pos.weight[:t]
+    assert compiled.get_submodule("head").weight.shape == (256, 16)
+
+
 def test_l1_norm_ranks_heads_by_their_query_key_value_weights() -> None:
     torch.manual_seed(0)
     model = build("transformer_lm", d_model=48, layers=1, heads=4, context=8).eval()
