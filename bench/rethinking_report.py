@@ -42,13 +42,18 @@ from tables import rethinking_table, robustness_table, row_commands  # noqa: E40
 
 def remeasure(report: dict, image_size: int, in_channels: int, num_classes: int, batch: int = 64) -> dict:
     """Re-time a report's pruned model against the full model (same plan, fresh weights: timing does not
-    depend on the weight values) on this machine, with the settings of :func:`rethinking.run`."""
+    depend on the weight values) on this machine, with the settings of :func:`rethinking.run`. A plan made on
+    another network than the full model (``meta["source_arch"]``) compiles against that one."""
     import sparsekern as sk
     from sparsekern.models import build
 
+    from sparsekern.serialize import build_arch
+
     full = build(report["model"], num_classes=num_classes, in_channels=in_channels).eval()
     x = torch.randn(batch, in_channels, image_size, image_size)
-    pruned = sk.compile(full, sk.Plan.from_dict(report["plan"]), x).eval()
+    plan = sk.Plan.from_dict(report["plan"])
+    source = plan.meta.get("source_arch")  # the network the plan was made on (Pruning from Scratch's wider one)
+    pruned = sk.compile(build_arch(source).eval() if source else full, plan, x).eval()
     bench = sk.bench.compare(full, pruned, x, passes=("fold_bn", "onednn"), threads=2, repeats=30, per_layer=False)
     return {**report, "measured_speedup": bench.measured_speedup, "theoretical_speedup": bench.theoretical_speedup,
             "efficiency": bench.measured_speedup / bench.theoretical_speedup}
