@@ -251,6 +251,6 @@ def test_method_options_reach_prune_and_unknown_ones_are_refused_naming_them(
 
 def test_bad_arm_settings_are_refused_before_training(digits16, monkeypatch: pytest.MonkeyPatch) -> None:
     _TrainerRecorder(monkeypatch, stop=AssertionError("training started"))
-    for kwargs in ({"finetune_schedule": "noam"}, {"scratch_b_cap": 0.5}, {"scratch_b_rounding": "round"}):
+    for kwargs in ({"finetune_schedule": "linear"}, {"scratch_b_cap": 0.5}, {"scratch_b_rounding": "round"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             rethinking.run("l1_norm", digits16, model_name="resnet20", **kwargs)
