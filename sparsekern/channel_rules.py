@@ -7,7 +7,7 @@ One registry, keyed by what an fx node calls:
 * a **function** (``F.relu``, ``torch.cat``, ``operator.add``) for ``call_function`` nodes (exact object);
 * a method **name** (``"relu"``, ``"view"``) for ``call_method`` nodes.
 
-A :class:`ChannelRule` holds up to three things:
+A :class:`ChannelRule` holds up to four things:
 
 ``layout(ctx, node, value)``
     How the channel graph (:mod:`sparsekern.graph`) follows the channel axis through the op. ``ctx`` is a
@@ -25,6 +25,10 @@ A :class:`ChannelRule` holds up to three things:
     ``None`` where nothing is removed (untracked, or every channel kept). Modules without per-channel state
     need no slice function. The built-in layers (conv, linear, norms, PReLU) register theirs from
     :mod:`sparsekern.slicing`.
+``masked(module, mask)``
+    Module rules only: for a layer whose statistics pool over channels (LayerNorm, RMSNorm, GroupNorm), its
+    reference form in :func:`sparsekern.masked` that pools over the kept channels ``mask`` (bool, ``(C,)``)
+    only, as the compiled layer does (:mod:`sparsekern.masked_norms`).
 ``tags``
     Facts about the op that other parts of the package ask (see :data:`TAGS`): ``"weights"`` (per-channel
     parameters sliced once, so every call of a shared instance must see the same channels), ``"add"``
@@ -51,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsekern import slicing
+from sparsekern.masked_norms import MaskedGroupNorm, MaskedLayerNorm, MaskedRMSNorm
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparsekern.graph import Layout
@@ -116,6 +121,7 @@ class ChannelRule:
     layout: LayoutFn | None = None
     slice: SliceFn | None = None
     tags: frozenset[str] = frozenset()
+    masked: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", frozenset(self.tags))
@@ -313,7 +319,7 @@ def _builtin_layouts() -> dict[Any, LayoutFn]:
     put((nn.PReLU,), _method("prelu"))
     put((nn.Flatten,), _module_reshape)
     put(_CHANNELWISE_FUNCTIONS + _CHANNELWISE_METHODS, _first_arg_passthrough)
-    put(_BINARY_FUNCTIONS + _BINARY_METHODS, _method("binary"))
+    put(_BINARY_FUNCTIONS + _BINARY_METHODS + (torch.pow, "pow"), _method("binary"))
     put((torch.cat, torch.concat, torch.concatenate), _method("cat"))
     put((torch.split, torch.chunk, "split", "chunk"), _method("split"))
     put((torch.flatten, torch.reshape, "view", "reshape", "flatten"), _first_arg_reshape)
@@ -338,9 +344,10 @@ def _install_builtin_rules() -> None:
               nn.modules.batchnorm._BatchNorm: slicing.slice_batch_norm, nn.LayerNorm: slicing.slice_layer_norm,
               nn.RMSNorm: slicing.slice_rms_norm,
               nn.GroupNorm: slicing.slice_group_norm, nn.PReLU: slicing.slice_prelu}
+    masked = {nn.LayerNorm: MaskedLayerNorm, nn.RMSNorm: MaskedRMSNorm, nn.GroupNorm: MaskedGroupNorm}
     for key in list(layouts) + [k for k in tags if k not in layouts]:
         register_channel_rule(key, ChannelRule(layout=layouts.get(key), slice=slices.get(key),
-                                               tags=frozenset(tags.get(key, ()))))
+                                               tags=frozenset(tags.get(key, ())), masked=masked.get(key)))
 
 
 _install_builtin_rules()

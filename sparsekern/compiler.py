@@ -86,65 +86,6 @@ def _without_torch_prune(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- masked reference
-class _MaskedLayerNorm(nn.Module):
-    """LayerNorm over the last axis whose statistics use only the kept channels ``mask`` (bool, (C,))."""
-
-    def __init__(self, ln: nn.LayerNorm, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.ln = ln
-        self.register_buffer("mask", mask.to(torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask.to(x.dtype)
-        k = m.sum()
-        mean = (x * m).sum(-1, keepdim=True) / k
-        var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / k
-        y = (x - mean) / torch.sqrt(var + self.ln.eps)
-        if self.ln.weight is not None:
-            y = y * self.ln.weight
-        if self.ln.bias is not None:
-            y = y + self.ln.bias
-        return y
-
-
-class _MaskedRMSNorm(nn.Module):
-    """RMSNorm over the last axis whose mean square uses only the kept channels ``mask`` (bool, (C,))."""
-
-    def __init__(self, norm: nn.RMSNorm, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.norm = norm
-        self.register_buffer("mask", mask.to(torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask.to(x.dtype)
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
-        y = x * torch.rsqrt((x * x * m).sum(-1, keepdim=True) / m.sum() + eps)
-        return y * self.norm.weight if self.norm.weight is not None else y
-
-
-class _MaskedGroupNorm(nn.Module):
-    """GroupNorm whose per-group statistics use only the kept channels ``mask`` (bool, (C,))."""
-
-    def __init__(self, gn: nn.GroupNorm, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.gn = gn
-        self.register_buffer("mask", mask.to(torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        g = self.gn.num_groups
-        xs = x.reshape(n, g, c // g, -1)
-        m = self.mask.to(x.dtype).reshape(1, g, c // g, 1)
-        count = m.sum(dim=2, keepdim=True) * xs.shape[-1]
-        mean = (xs * m).sum(dim=(2, 3), keepdim=True) / count
-        var = (((xs - mean) * m) ** 2).sum(dim=(2, 3), keepdim=True) / count
-        y = ((xs - mean) / torch.sqrt(var + self.gn.eps)).reshape(x.shape)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        if self.gn.weight is not None:
-            y = y * self.gn.weight.reshape(shape) + self.gn.bias.reshape(shape)
-        return y
-
-
 def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx.GraphModule:
     """The dense reference of ``plan``: same shapes, pruned channels zero in every tensor of their group.
 
@@ -214,15 +155,14 @@ def masked(model: nn.Module, plan: Plan, example_inputs: Any = None) -> torch.fx
 
 
 def _mask_norm_statistics(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
+    """A layer whose statistics pool over channels (its channel rule's ``masked``: LayerNorm, RMSNorm,
+    GroupNorm) is replaced by its reference form that pools over the kept channels only."""
     module = gm.get_submodule(node.target)
+    rule = module_rule(module)
+    if rule is None or rule.masked is None:
+        return
     lay = cg.layouts[node.name]
-    mask = torch.from_numpy(keep[cg.roots[lay.atoms]])
-    if isinstance(module, nn.LayerNorm):
-        gm.set_submodule(node.target, _MaskedLayerNorm(module, mask))
-    elif isinstance(module, nn.RMSNorm):
-        gm.set_submodule(node.target, _MaskedRMSNorm(module, mask))
-    elif isinstance(module, nn.GroupNorm):
-        gm.set_submodule(node.target, _MaskedGroupNorm(module, mask))
+    gm.set_submodule(node.target, rule.masked(module, torch.from_numpy(keep[cg.roots[lay.atoms]])))
 
 
 # ----------------------------------------------------------------------------- compile
@@ -408,14 +348,24 @@ def group_importance(cg: ChannelGraph, group: str) -> np.ndarray:
         lay = cg.layouts.get(node.name)
         if not isinstance(lay, Layout) or node.op != "call_module":
             continue
-        m = cg.modules[node.target]
-        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or m.weight.shape[0] != lay.size:
+        rows = _output_rows(cg.modules[node.target])
+        if rows is None or rows.shape[0] != lay.size:
             continue
-        w = m.weight.detach().abs().reshape(lay.size, -1).sum(1).double().cpu().numpy()
+        w = rows.detach().abs().reshape(lay.size, -1).sum(1).double().cpu().numpy()
         for pos, r in enumerate(cg.roots[lay.atoms].tolist()):
             if r in index:
                 score[index[r]] += w[pos]
     return score
+
+
+def _output_rows(m: nn.Module) -> torch.Tensor | None:
+    """A conv or linear layer's weight with one row per output channel, else None (``transformers``' ``Conv1D``
+    stores its weight as ``(in, out)``)."""
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        return m.weight
+    if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers."):
+        return m.weight.t()
+    return None
 
 
 def vector_lanes() -> int:

@@ -1,7 +1,9 @@
 """Channel dependency graph: which channels of which layers must be pruned together.
 
-This is the only module that reads a model's dataflow. It traces the model with :mod:`torch.fx`, runs the
-graph once on example inputs, and follows every tensor's *channel axis* through the ops:
+This is the only module that reads a model's dataflow. It traces the model with :mod:`torch.fx` (or, for a
+model fx cannot trace, captures it with ``torch.export`` and translates the result back to torch-level fx,
+:mod:`sparsekern.export_trace`), runs the graph once on example inputs, and follows every tensor's *channel
+axis* through the ops:
 
 * each channel of a producer (a conv or linear output) is an **atom**;
 * a tensor's channel axis is a **layout**: one atom per position (a flattened ``(C, H, W)`` feature vector
@@ -64,6 +66,7 @@ from sparsekern.channel_rules import (  # noqa: F401 (the public table of channe
     register_channel_rule,
     unregister_channel_rule,
 )
+from sparsekern.export_trace import ExportError, export_trace
 from sparsekern.head_axis import attention_head_axis
 from sparsekern.modes import eval_mode
 from sparsekern.plan import GroupKeep, GroupSpec, Plan, PlanError
@@ -202,6 +205,52 @@ def symbolic_trace(model: nn.Module, leaf_modules: tuple[type, ...] = ()) -> tor
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+#: How :func:`trace_graph` may capture a model.
+TRACERS = ("auto", "fx", "export")
+
+
+def trace_graph(model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = (),
+                tracer: str = "auto") -> torch.fx.GraphModule:
+    """A torch-level fx graph of ``model``: fx symbolic tracing, or ``torch.export`` translated back to torch
+    level (:func:`sparsekern.export_trace.export_trace`); ``"auto"`` tries fx first and exports what fx cannot
+    trace (Hugging Face ``transformers`` models, data-dependent Python).
+
+    Raises:
+        GraphError: the model could not be captured; the message gives each front end's reason and the fix.
+    """
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    fx_error: GraphError | None = None
+    if tracer != "export":
+        try:
+            return symbolic_trace(model, leaf_modules)
+        except GraphError as e:
+            if tracer == "fx":
+                raise
+            fx_error = e
+    _register_library_rules(model)
+    leaves = _PathTracer(leaf_modules)
+    try:
+        with eval_mode(model), torch.no_grad():
+            return export_trace(model, example_inputs, is_leaf=leaves.is_leaf_module)
+    except ExportError as e:
+        if fx_error is None:
+            raise GraphError(str(e)) from e
+        raise GraphError(f"{fx_error}\nCapturing it with torch.export instead failed too: {e}") from e
+
+
+def _register_library_rules(model: nn.Module) -> None:
+    """Channel rules for the layers of libraries the process has imported (``transformers``' ``Conv1D`` and
+    RMSNorms), registered on first need so that sparsekern never imports those libraries itself."""
+    import sys
+
+    if "transformers" in sys.modules:
+        from sparsekern import transformers_rules
+
+        transformers_rules.register()
+        transformers_rules.register_model(model)
+
+
 def keep_attributes(gm: nn.Module, **attrs: Any) -> None:
     """Set plain attributes (``sk_plan``, ``sk_arch``, ...) on ``gm`` so that they survive ``copy.deepcopy``,
     which rebuilds a GraphModule from its graph and would otherwise drop them (other modules, such as the
@@ -227,9 +276,10 @@ class ChannelGraph:
         sliced_attrs: ``get_attr`` node name -> the :class:`AttrSlice` that compile applies to its tensor.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = (),
+                 tracer: str = "auto") -> None:
         self.model = model
-        self.gm = symbolic_trace(model, leaf_modules)
+        self.gm = trace_graph(model, example_inputs, leaf_modules=leaf_modules, tracer=tracer)
         self.modules = dict(self.gm.named_modules())
         self._uf = _UnionFind()
         self._spaces: list[tuple[str, np.ndarray]] = []
@@ -545,9 +595,11 @@ def _flatten_layouts(layout: Any) -> Iterable[Layout]:
             yield from _flatten_layouts(item)
 
 
-def trace_channels(model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = ()) -> ChannelGraph:
-    """Analyse ``model``'s channel dependencies on ``example_inputs`` (a tensor or tuple of tensors)."""
-    return ChannelGraph(model, example_inputs, leaf_modules=leaf_modules)
+def trace_channels(model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = (),
+                   tracer: str = "auto") -> ChannelGraph:
+    """Analyse ``model``'s channel dependencies on ``example_inputs`` (a tensor or tuple of tensors); ``tracer``
+    as :func:`trace_graph`."""
+    return ChannelGraph(model, example_inputs, leaf_modules=leaf_modules, tracer=tracer)
 
 
 # ----------------------------------------------------------------------------- layout propagation

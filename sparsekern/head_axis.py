@@ -4,7 +4,8 @@ A view such as ``qkv.reshape(b, t, 3, H, hd)`` or ``k.view(b, t, H_kv, hd)`` spl
 factors; the channel graph (:mod:`sparsekern.graph`) can prune by heads when one factor arrives as the head
 axis (``-3``) of ``F.scaled_dot_product_attention``. :func:`attention_head_axis` follows each axis of the
 view's output forward, through the ops attention code puts between the view and the attention: permutes and
-transposes, indexing (``qkv[0]``, ``x[:, :, None]``), ``expand``, ``repeat_interleave``, views that merge a
+transposes, indexing (``qkv[0]``, ``x[:, :, None]``), ``expand``, ``repeat_interleave``, the elementwise
+products, sums and concatenations along other axes of rotary position embeddings, views that merge a
 factor with unit or repeated axes (Llama's ``repeat_kv``: ``x[:, :, None].expand(...).reshape(...)``) and
 copies. Shapes come from ``node.meta["tensor_meta"]`` (``torch.fx.passes.shape_prop.ShapeProp``), which the
 channel graph fills for graphs that call attention. Anything else ends the search along that path.
@@ -21,7 +22,9 @@ __all__ = ["attention_head_axis"]
 
 #: ops that keep every axis of their first argument where it is
 SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach", "repeat_interleave",
-             torch.repeat_interleave)
+             torch.repeat_interleave, "neg", torch.neg, operator.neg)
+#: elementwise ops of two operands: the look ahead follows either one (rotary embeddings: ``q * cos + ...``)
+ELEMENTWISE_BINARY = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, "add", "sub", "mul")
 
 Axes = list  # per axis of a tensor: the index of the view's factor it carries, or None
 
@@ -41,6 +44,16 @@ def attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_nod
             if user.target is torch.nn.functional.scaled_dot_product_attention:
                 if node in user.args[:3] or node in (user.kwargs.get(a) for a in ("query", "key", "value")):
                     found.add(axes[-3] if len(axes) >= 3 else None)
+                continue
+            if user.target in ELEMENTWISE_BINARY and node in user.args[:2]:
+                out = _shape(user)
+                if out is not None and len(out) >= len(axes):  # broadcasting aligns axes from the right
+                    frontier.append((user, [None] * (len(out) - len(axes)) + list(axes)))
+                continue
+            if user.target is torch.cat and node in user.args[0]:
+                dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+                if isinstance(dim, int) and axes[dim % len(axes)] is None:  # joined along an axis of no factor
+                    frontier.append((user, axes))
                 continue
             if user.args and user.args[0] is node:
                 after = _through(user, axes)
