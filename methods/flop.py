@@ -186,13 +186,11 @@ class HardConcreteLayer(nn.Module, metaclass=abc.ABCMeta):
     def eval_gates(self) -> Tensor:
         """Deterministic gates (n_gates,): ``sigmoid(0.8 log_alpha / beta)``, with the ``round(n_gates - E[L0])``
         smallest set to zero (ties: lower index first). Not differentiable."""
-        with torch.no_grad():
-            n_zeros = round(self.n_gates - float(self.expected_l0()))
+        with torch.no_grad():  # tensor ops only (no Python number from a parameter), so torch.export captures it
+            n_zeros = torch.round(self.n_gates - self.expected_l0())
             soft = torch.sigmoid(EVAL_SHARPNESS * self.log_alpha.detach() / self.beta)
-            if n_zeros > 0:
-                order = torch.sort(soft, stable=True).indices
-                soft[order[:n_zeros]] = 0.0
-        return soft
+            place = torch.argsort(torch.argsort(soft, stable=True), stable=True)  # position in ascending order
+            return torch.where(place < n_zeros, torch.zeros_like(soft), soft)
 
     def gates(self) -> Tensor:
         """:meth:`sample_gates` in train mode, :meth:`eval_gates` in eval mode."""

@@ -189,3 +189,24 @@ def test_a_compiled_transformers_model_saves_and_loads_without_pickle(tmp_path) 
     loaded = sk.load(path, factories={name: small_bert})
     with torch.no_grad():
         assert torch.equal(loaded(*x).last_hidden_state, compiled(*x).last_hidden_state)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_flop_factorizes_every_linear_of_a_transformers_model_and_compiles_exactly(name: str) -> None:
+    tf = _hf()
+    from sparsekern.methods import flop
+
+    torch.manual_seed(0)
+    model = flop.factorize(BUILDERS[name](tf), init="svd")
+    for layer in flop.gated_layers(model).values():  # gates as after training: some components switched off
+        with torch.no_grad():
+            layer.log_alpha.copy_(torch.randn_like(layer.log_alpha) * 3)
+    model.eval()
+    x = _inputs(name, 2, 16)
+    plan = flop.prune(model, x)
+    linears = [n for n, m in BUILDERS[name](tf).named_modules() if isinstance(m, nn.Linear) and "head" not in n]
+    assert set(linears) <= set(plan.lowrank)
+    compiled = sk.compile(model, plan, x).eval()
+    with torch.no_grad():
+        assert_close_to_scale(_main_output(compiled(*x)), _main_output(sk.masked(model, plan, x)(*x)), 1e-4)
+    assert sk.flops(compiled, x).total < sk.flops(model, x).total
