@@ -860,11 +860,33 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                         parts.append(lay.atoms)
                 return Layout(dim, np.concatenate(parts))
             return Layout(dim, np.concatenate([lay.atoms for lay in lays]))
-        if any(lay is None or lay.cdim != ref.cdim for lay in lays):
+        if any(lay is not None and lay.cdim != ref.cdim for lay in lays) or not all(
+                lay is not None or self._broadcast_parameter(t, ref) for t, lay in zip(tensors, lays)):
             return self.opaque(n, "concatenates tracked and untracked tensors along a non-channel axis")
-        for lay in lays[1:]:
-            self.cg.unify(ref.atoms, lay.atoms)
+        for lay in lays:
+            if lay is not None and lay is not ref:
+                self.cg.unify(ref.atoms, lay.atoms)
         return ref
+
+    def _broadcast_parameter(self, t: Any, lay: Layout) -> bool:
+        """Whether untracked ``t`` is a model tensor that only this op reads, directly, through row slices or
+        through ``expand``, with ``lay``'s channels on ``lay.cdim`` (ViT's class token, concatenated to the
+        patch embeddings): it is then sliced with them, and an ``expand`` of it gets their layout."""
+        v = self.val(t)
+        if not isinstance(t, torch.fx.Node) or not isinstance(v, torch.Tensor) or v.shape[lay.cdim] != lay.size:
+            return False
+        expanded = t.op == "call_method" and t.target == "expand" and len(t.users) == 1
+        src = t.args[0] if expanded else t
+        # a value the interpreter has already freed (its last use ran): read a model tensor from the model
+        src_val = _attr(self.cg.gm, str(src.target)) if src.op == "get_attr" else self.env.get(src)
+        axis = lay.cdim - (v.dim() - src_val.dim()) if isinstance(src_val, torch.Tensor) else -1
+        attr = _attr_under_slices(src, axis) if axis >= 0 else None
+        if attr is None or src_val.shape[axis] != lay.size or not self._private_attr(attr):
+            return False
+        self.cg.sliced_attrs[attr.name] = AttrSlice(str(attr.target), axis, lay)
+        if expanded:
+            self.cg.layouts[t.name] = Layout(lay.cdim, lay.atoms)  # its size argument names the channel count
+        return True
 
     def split(self, n: torch.fx.Node, value: Any) -> Any:
         x = self.lay(n.args[0])

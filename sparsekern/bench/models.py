@@ -21,7 +21,8 @@ dynamic and low-rank compilers on untrained models (speed does not depend on tra
   ``size`` is the context (tokens per sequence), inputs are random bytes, ``model_kwargs`` the LM's size
   (default d_model 128, 2 layers). :data:`LM_CASES` are the real-size set: a GPT-2-small-like Transformer
   (d_model 768, 12 heads, 512 tokens, 4 layers) and an SRU of d_model 1024 (4 layers), at kept ranks 0.5,
-  0.3 and 0.15, through ``sk.optimize``'s CPU path.
+  0.3 and 0.15, through ``sk.optimize``'s CPU path, and the same Transformer with half of every block's heads
+  and MLP neurons removed by L1-norm pruning (``method="l1"`` on a ``*_lm`` model: random byte inputs).
 
 ``device``/``dtype`` move both models and the input after compiling (GPU cases: e.g. ``"cuda"``, ``"float16"``,
 passes ``("fold_bn", "channels_last")``); ``cuda_graphs`` replays each model from a CUDA graph
@@ -92,7 +93,10 @@ LM_SIZES: dict[str, tuple[tuple[str, Any], ...]] = {
     "sru_lm": (("d_model", 1024), ("layers", 4)),
 }
 LM_CASES = tuple(Case(m, r, 1, 512, round_to=None, passes=DEVICE_PASSES["cpu"], method="flop", model_kwargs=kw)
-                 for m, kw in LM_SIZES.items() for r in (0.5, 0.7, 0.85))
+                 for m, kw in LM_SIZES.items() for r in (0.5, 0.7, 0.85)) + (
+    # static L1-norm pruning of half the heads and half the MLP neurons of every block (the residual stream kept)
+    Case("transformer_lm", 0.5, 1, 512, scope="internal", round_to=None, passes=DEVICE_PASSES["cpu"],
+         model_kwargs=LM_SIZES["transformer_lm"]),)
 
 
 def run_case(
@@ -126,8 +130,11 @@ def _build_l1(case: Case) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tenso
     from sparsekern.methods import l1_norm
     from sparsekern.models import build
 
-    model = build(case.model).eval()
-    x = torch.randn(case.batch, 3, case.size, case.size)
+    model = build(case.model, **dict(case.model_kwargs)).eval()
+    if case.model.endswith("_lm"):  # ``size`` tokens of random bytes per sequence
+        x = torch.randint(0, 256, (case.batch, case.size), generator=torch.Generator().manual_seed(0))
+    else:
+        x = torch.randn(case.batch, 3, case.size, case.size)
     example = x[:1]  # planning and compiling trace one sample (a batch of 64 224x224 images: seconds on CPU)
     plan = l1_norm.prune(model, example, ratio=case.ratio, scope=case.scope)
     return model, sk.compile(model, plan, example, round_to=case.round_to).eval(), x
@@ -228,7 +235,7 @@ def summary_table(doc: dict[str, Any]) -> str:
 def lm_table(doc: dict[str, Any]) -> str:
     """Markdown table (one row per case) of a language-model suite document (:data:`LM_CASES`), as in the README."""
     rows = [
-        "| model | size | kept rank | tokens | dense ms | compiled ms | theoretical | measured | efficiency | spread |",
+        "| model | size | pruning | tokens | dense ms | compiled ms | theoretical | measured | efficiency | spread |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
@@ -236,8 +243,10 @@ def lm_table(doc: dict[str, Any]) -> str:
         kw = c.get("model_kwargs") or {}
         size = ", ".join(f"{k} {v}" for k, v in kw.items() if k != "context")
         spread = max(r["dense"]["spread"], r["fast"]["spread"])
+        pruning = (f"FLOP, kept rank {1 - c['ratio']:.2f}" if c.get("method", "flop") == "flop"
+                   else f"L1, {c['ratio']:.0%} of heads and MLP")
         rows.append(
-            f"| {c['model']} | {size} | {1 - c['ratio']:.2f} | {c['batch'] * c['size']} | "
+            f"| {c['model']} | {size} | {pruning} | {c['batch'] * c['size']} | "
             f"{r['dense']['median_ms']:.1f} | {r['fast']['median_ms']:.1f} | {r['theoretical_speedup']:.2f}x | "
             f"{r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {spread:.1%} |"
         )

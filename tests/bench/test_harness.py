@@ -215,3 +215,14 @@ def test_plot_layers_writes_png(report: BenchReport, tmp_path: Path) -> None:
     path = tmp_path / "layers.png"
     plot_layers(report, path)
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_static_language_model_case_prunes_heads_and_mlps_on_token_inputs() -> None:
+    from sparsekern.bench.models import Case, lm_table, run_case
+
+    kwargs = (("d_model", 32), ("layers", 1), ("heads", 4), ("context", 16))
+    case = Case("transformer_lm", 0.5, 1, 16, scope="internal", round_to=None, passes=(), model_kwargs=kwargs)
+    report = run_case(case, threads=1, warmup=1, repeats=2)
+    assert report.theoretical_speedup > 1.2  # half the heads and MLP neurons of the only block
+    doc = {"results": [{"case": {**case.__dict__, "model_kwargs": dict(kwargs)}, **report.to_dict()}]}
+    assert "L1, 50% of heads and MLP" in lm_table(doc)

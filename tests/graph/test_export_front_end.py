@@ -129,7 +129,23 @@ def test_transformers_heads_and_mlps_are_prunable(name: str) -> None:
     expected_heads = 2 if name == "llama" else 4  # Llama: one channel per key/value head and its query heads
     assert len(heads) == 2 and all(g.size == expected_heads for g in heads)
     assert len(mlps) == 2
-    assert not cg.opaque or name == "vit"  # ViT's class token pins its hidden size, nothing else
+    assert not cg.opaque  # nothing pinned but outputs: the hidden size too (ViT's class token with it)
+    hidden = cg.groups[next(iter(cg.groups))]
+    assert hidden.size == 64 and bool(hidden.pinned) == (name == "bert")  # BertModel outputs its hidden states
+
+
+def test_vit_hidden_size_slices_the_class_token_and_position_table() -> None:
+    tf = _hf()
+    torch.manual_seed(0)
+    model = _vit(tf).eval()
+    x = _inputs("vit", 2, 0)
+    cg = trace_channels(model, x)
+    plan = sk.Plan.from_keep_sets(cg.groups, {"vit.embeddings.patch_embeddings.projection": range(0, 64, 2)})
+    compiled = sk.compile(model, plan, x).eval()
+    assert compiled.get_submodule("vit.embeddings").cls_token.shape == (1, 1, 32)
+    assert compiled.get_submodule("vit.embeddings").position_embeddings.shape == (1, 17, 32)
+    with torch.no_grad():
+        assert_close_to_scale(compiled(*x).logits, sk.masked(model, plan, x)(*x).logits, 1e-4)
 
 
 def test_llama_grouped_query_attention_keeps_whole_key_value_groups() -> None:
