@@ -115,8 +115,8 @@ SliceFn = Callable[[nn.Module, Union[torch.Tensor, None], Union[torch.Tensor, No
 
 @dataclass(frozen=True)
 class ChannelRule:
-    """How one op handles channels: ``layout`` (graph), ``slice`` (compiler), ``tags`` (facts); see the module
-    docstring for each contract. Unknown tags are refused."""
+    """How one op handles channels: ``layout`` (graph), ``slice`` (compiler), ``tags`` (facts), ``masked`` (the
+    reference form of a norm); see the module docstring for each contract. Unknown tags are refused."""
 
     layout: LayoutFn | None = None
     slice: SliceFn | None = None

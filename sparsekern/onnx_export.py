@@ -92,7 +92,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *, over
 
 def check_onnx(path: str | Path, model: nn.Module, example_inputs: Any) -> float:
     """Run the ONNX file at ``path`` in onnxruntime (CPU) on ``example_inputs`` and return the largest difference
-    from ``model``'s output, relative to the output's scale (needs the ``onnxruntime`` package)."""
+    from ``model``'s output (its first tensor, for a tuple or a ``transformers`` ``ModelOutput``), relative to the
+    output's scale (needs the ``onnxruntime`` package)."""
     try:
         import onnxruntime
     except ImportError as e:
@@ -103,4 +104,6 @@ def check_onnx(path: str | Path, model: nn.Module, example_inputs: Any) -> float
     got = torch.from_numpy(session.run(None, feed)[0])
     with torch.no_grad():
         want = model.eval()(*inputs)
+    if not isinstance(want, torch.Tensor):  # a tuple or a ModelOutput: its first tensor is the first ONNX output
+        want = torch.utils._pytree.tree_leaves(want)[0]
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12))

@@ -71,3 +71,14 @@ def test_dynamic_models_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="per-sample channel masks"):
         export_onnx(sk.compile(gated, to_plan(gated, x), x), x, tmp_path / "sanp.onnx")
     assert not (tmp_path / "sanp.onnx").exists()
+
+
+def test_a_compiled_transformers_model_exports_and_matches(tmp_path) -> None:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                               max_position_embeddings=16, use_cache=False)).eval()
+    x = torch.randint(0, 64, (2, 12))
+    fast = sk.compile(model, random_plan(model, x, 0), x).eval()
+    assert check_onnx(export_onnx(fast, x, tmp_path / "llama.onnx"), fast, x) < 1e-5

@@ -10,9 +10,12 @@ from torch import Tensor
 LossFn = Callable[[Any, Tensor], Tensor]
 
 def logits_of(outputs: Any) -> Tensor:
-    """The logits of a model output: the tensor itself or the first element of a tuple/list."""
+    """The logits of a model output: the tensor itself, its ``logits`` (a Hugging Face ``ModelOutput``) or the
+    first element of a tuple/list."""
     if isinstance(outputs, Tensor):
         return outputs
+    if isinstance(getattr(outputs, "logits", None), Tensor):
+        return outputs.logits
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
         return outputs[0]
     raise TypeError(f"cannot find logits in model outputs of type {type(outputs).__name__}")
