@@ -298,9 +298,18 @@ def _slice_attr(gm: torch.fx.GraphModule, attr: AttrSlice, cg: ChannelGraph, kee
 
 
 def _rewrite_channel_args(gm: torch.fx.GraphModule, node: torch.fx.Node, cg: ChannelGraph, keep: np.ndarray) -> None:
-    """Rewrite graph arguments that spell out channel counts: split/chunk sizes and view/reshape/expand sizes."""
+    """Rewrite graph arguments that spell out channel counts: split/chunk sizes, view/reshape/expand sizes and
+    the bounds of a slice of the channel axis."""
     lay = cg.layouts.get(node.name)
     target = node.target
+    if node.name in cg.channel_slices:  # bounds counted in kept channels (computed ones become constants)
+        position, start, stop = cg.channel_slices[node.name]
+        source, index = node.args
+        index = list(index) if isinstance(index, tuple) else [index]
+        kept = cg.kept_positions(cg.layouts[source.name], keep)
+        index[position] = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
+        node.args = (source, tuple(index))
+        return
     is_split = target in (torch.split, torch.chunk, "split", "chunk")
     if is_split and isinstance(lay, tuple) and lay and isinstance(lay[0], Layout):
         src_lay = cg.layouts.get(node.args[0].name)

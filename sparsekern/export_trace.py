@@ -269,6 +269,12 @@ def _to(node: torch.fx.Node) -> None:
     node.op, node.target, node.args, node.kwargs = "call_method", "to", (node.args[0],), kwargs
 
 
+def _alias(node: torch.fx.Node) -> None:
+    """``aten.alias(x)`` is ``x`` (a view of all of it): its uses read ``x``."""
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
+
+
 def _dropout(node: torch.fx.Node) -> None:
     node.target, node.args = F.dropout, tuple(node.args[:3])
 
@@ -309,6 +315,7 @@ ATEN_TO_TORCH: dict[Any, Callable[[torch.fx.Node], None]] = {
     aten.clone.default: _as_method("clone"),
     aten.contiguous.default: _as_method("contiguous"),
     aten.detach.default: _as_method("detach"),
+    aten.alias.default: _alias,
     **{op: _to for op in _TO},
     aten.pow.Tensor_Scalar: _as_function(torch.pow),
     aten.mean.dim: _as_function(torch.mean),

@@ -274,6 +274,9 @@ class ChannelGraph:
         opaque: node name -> why its tracked input channels were pinned.
         shuffles: name of the last node of each channel shuffle -> its :class:`ChannelShuffle`.
         sliced_attrs: ``get_attr`` node name -> the :class:`AttrSlice` that compile applies to its tensor.
+        channel_slices: indexing node name -> ``(position in its index, start, stop)`` of a slice of the channel
+            axis with step 1 (``qkv[..., :d]``; bounds as on the example inputs), which compile rewrites to the
+            kept channels.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, leaf_modules: tuple[type, ...] = (),
@@ -291,6 +294,7 @@ class ChannelGraph:
         self.opaque: dict[str, str] = {}
         self.shuffles: dict[str, ChannelShuffle] = {}
         self.sliced_attrs: dict[str, AttrSlice] = {}
+        self.channel_slices: dict[str, tuple[int, int, int]] = {}
         inputs = as_tuple(example_inputs)
         self.input_spec = input_spec(inputs)
         with eval_mode(model), torch.no_grad():
@@ -916,10 +920,11 @@ class _LayoutInterpreter(torch.fx.Interpreter):
         idx = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, (torch.fx.Node, torch.Tensor, list)) for i in idx):
             return self.opaque(n, "advanced indexing")
+        atoms = lay.atoms
         # walk source dims
         n_explicit = sum(1 for i in idx if i is not None and i is not Ellipsis)
         src_dim, out_dim, new_cdim = 0, 0, None
-        for i in idx:
+        for position, i in enumerate(idx):
             if i is Ellipsis:
                 skip = src.dim() - n_explicit
                 if src_dim <= lay.cdim < src_dim + skip:
@@ -935,7 +940,12 @@ class _LayoutInterpreter(torch.fx.Interpreter):
             elif isinstance(i, slice):
                 if src_dim == lay.cdim:
                     if i != slice(None):
-                        return self.opaque(n, "slices the channel axis")
+                        bounds = _constant_range(slice(self.val(i.start), self.val(i.stop), self.val(i.step)),
+                                                 lay.size)
+                        if bounds is None:
+                            return self.opaque(n, "slices the channel axis with a step")
+                        atoms = lay.atoms[bounds[0]:bounds[1]]  # a fused qkv's query part, ...
+                        self.cg.channel_slices[n.name] = (position, *bounds)
                     new_cdim = out_dim
                 src_dim += 1
                 out_dim += 1
@@ -943,7 +953,7 @@ class _LayoutInterpreter(torch.fx.Interpreter):
                 return self.opaque(n, "unsupported index")
         if new_cdim is None:
             new_cdim = out_dim + (lay.cdim - src_dim)
-        return Layout(new_cdim, lay.atoms)
+        return Layout(new_cdim, atoms)
 
     def reshape(self, n: torch.fx.Node, x: Any, value: Any) -> Any:
         if n.name in self.cg.shuffles:
@@ -1122,6 +1132,15 @@ def _attr_under_slices(arg: Any, axis: int) -> torch.fx.Node | None:
     if len(arg.args[0].users) != 1:
         return None
     return arg.args[0]
+
+
+def _constant_range(index: slice, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` of a slice with int (or absent) bounds and step 1 over ``size`` positions, else None
+    (a step, or bounds that are not ints)."""
+    if index.step not in (None, 1) or not all(b is None or isinstance(b, int) for b in (index.start, index.stop)):
+        return None
+    start, stop, _ = index.indices(size)
+    return start, max(start, stop)
 
 
 def _attr(root: nn.Module, target: str) -> Any:

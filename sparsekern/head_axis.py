@@ -5,7 +5,7 @@ factors; the channel graph (:mod:`sparsekern.graph`) can prune by heads when one
 axis (``-3``) of ``F.scaled_dot_product_attention``. :func:`attention_head_axis` follows each axis of the
 view's output forward, through the ops attention code puts between the view and the attention: permutes and
 transposes, indexing (``qkv[0]``, ``x[:, :, None]``), ``expand``, ``repeat_interleave``, the elementwise
-products, sums and concatenations along other axes of rotary position embeddings, views that merge a
+products, sums and concatenations along other axes of rotary position embeddings, splits into pieces, views that merge a
 factor with unit or repeated axes (Llama's ``repeat_kv``: ``x[:, :, None].expand(...).reshape(...)``) and
 copies. Shapes come from ``node.meta["tensor_meta"]`` (``torch.fx.passes.shape_prop.ShapeProp``), which the
 channel graph fills for graphs that call attention. Anything else ends the search along that path.
@@ -23,6 +23,8 @@ __all__ = ["attention_head_axis"]
 #: ops that keep every axis of their first argument where it is
 SAME_AXES = ("contiguous", "clone", "to", "float", "half", "bfloat16", "type_as", "detach", "repeat_interleave",
              torch.repeat_interleave, "neg", torch.neg, operator.neg)
+#: ops that cut a tensor into pieces along one axis (their pieces are read through ``getitem``)
+SPLITS = (torch.split, torch.chunk, "split", "chunk")
 #: elementwise ops of two operands: the look ahead follows either one (rotary embeddings: ``q * cos + ...``)
 ELEMENTWISE_BINARY = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, "add", "sub", "mul")
 
@@ -50,10 +52,14 @@ def attention_head_axis(split: torch.fx.Node, c: int, k: int, ndim: int, max_nod
                 if out is not None and len(out) >= len(axes):  # broadcasting aligns axes from the right
                     frontier.append((user, [None] * (len(out) - len(axes)) + list(axes)))
                 continue
+            if user.target in SPLITS and user.args and user.args[0] is node:
+                # pieces along one axis (GPT-NeoX splits (heads, 3 * hd) into q, k, v): each keeps the factors
+                frontier.extend((item, axes) for item in user.users if item.target is operator.getitem)
+                continue
             if user.target is torch.cat and node in user.args[0]:
-                dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
-                if isinstance(dim, int) and axes[dim % len(axes)] is None:  # joined along an axis of no factor
-                    frontier.append((user, axes))
+                # pieces joined back along one axis (rotary embeddings: rotated and passed-through parts of the
+                # head dimension): the axes keep their factors; the channel graph checks what is joined
+                frontier.append((user, axes))
                 continue
             if user.args and user.args[0] is node:
                 after = _through(user, axes)

@@ -88,7 +88,19 @@ def _vit(tf):
                                                      num_labels=10))
 
 
-BUILDERS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "vit": _vit}
+def _phi3(tf):  # one fused qkv projection sliced into query, key and value; gate and up fused too
+    return tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                            max_position_embeddings=32, use_cache=False, pad_token_id=0))
+
+
+def _gpt_neox(tf):  # qkv viewed as (heads, 3 * head_dim), then split into query, key and value
+    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, vocab_size=100, max_position_embeddings=32,
+                                                  use_cache=False))
+
+
+BUILDERS = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "vit": _vit, "phi3": _phi3, "gpt_neox": _gpt_neox}
 
 
 def _inputs(name: str, batch: int, length: int) -> tuple[torch.Tensor]:
@@ -126,12 +138,56 @@ def test_transformers_heads_and_mlps_are_prunable(name: str) -> None:
     cg = trace_channels(model, _inputs(name, 2, 16))
     heads = [g for g in cg.groups.values() if g.size in (2, 4) and not g.pinned]
     mlps = [g for g in cg.groups.values() if g.size in (96, 256) and not g.pinned]
-    expected_heads = 2 if name == "llama" else 4  # Llama: one channel per key/value head and its query heads
+    expected_heads = 2 if name in ("llama", "phi3") else 4  # GQA: one channel per key/value head and its queries
     assert len(heads) == 2 and all(g.size == expected_heads for g in heads)
     assert len(mlps) == 2
     assert not cg.opaque  # nothing pinned but outputs: the hidden size too (ViT's class token with it)
     hidden = cg.groups[next(iter(cg.groups))]
     assert hidden.size == 64 and bool(hidden.pinned) == (name == "bert")  # BertModel outputs its hidden states
+
+
+class FusedQKV(nn.Module):
+    """One projection whose output is sliced into query, key and value (``qkv[..., :d]``, ...)."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d)) + x
+
+
+def test_slices_of_the_channel_axis_with_constant_bounds_follow_the_kept_channels() -> None:
+    torch.manual_seed(0)
+    model, x = FusedQKV().eval(), torch.randn(2, 6, 32)
+    cg = trace_channels(model, x)
+    assert cg.groups["qkv"].size == 4 and not cg.groups["qkv"].pinned  # one channel per head
+    assert len(cg.channel_slices) == 3
+    plan = sk.Plan.from_keep_sets(cg.groups, {"qkv": [0, 3]})
+    compiled = sk.compile(model, plan, x).eval()
+    assert compiled.get_submodule("qkv").out_features == 3 * 2 * 8
+    with torch.no_grad():
+        assert_close_to_scale(compiled(x), sk.masked(model, plan, x)(x), 1e-5)
+
+
+def test_a_strided_slice_of_the_channel_axis_pins_its_channels() -> None:
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)[..., ::2])
+
+    cg = trace_channels(Strided(), torch.randn(2, 8))
+    assert cg.groups["a"].pinned and "step" in next(iter(cg.opaque.values()))
 
 
 def test_vit_hidden_size_slices_the_class_token_and_position_table() -> None:
