@@ -10,7 +10,7 @@ one set of rules for both front ends:
 1. every call of a **leaf module** (one fx would keep as a single node: ``torch.nn``'s modules, types with an
    exactly registered channel rule, ``sk_leaf`` modules, ``leaf_modules``) becomes one ``call_module`` node of
    the model's own submodule, found through export's ``nn_module_stack``; a call with more than one tensor
-   input or output stays as its ATen operators;
+   input or output, or of a module whose ``forward`` requires more than its input, stays as its ATen operators;
 2. the ATen operators outside leaves become the torch functions and methods with the same meaning
    (:data:`ATEN_TO_TORCH`: ``aten.view`` -> ``Tensor.view``, ``aten.transpose.int`` -> ``torch.transpose``,
    ``aten.slice``/``select``/``unsqueeze`` -> indexing, ...). An operator without a counterpart stays an ATen
@@ -23,6 +23,7 @@ a ``transformers`` ``ModelOutput``, ...). Parameters are shared with the model, 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 import warnings
@@ -157,8 +158,22 @@ def _collapse_leaf_calls(graph: torch.fx.Graph, modules: dict[str, nn.Module], g
         _collapse(graph, path, modules[path], nodes, gm)
 
 
+def _one_argument(module: nn.Module) -> bool:
+    """Whether ``module`` can be called with its input alone (no other required argument: unlike
+    ``nn.MultiheadAttention(query, key, value)``, whose self-attention call also reads one tensor)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return len(required) <= 1
+
+
 def _collapse(graph: torch.fx.Graph, path: str, module: nn.Module, nodes: list[torch.fx.Node],
               gm: nn.Module) -> None:
+    if not _one_argument(module):
+        return  # its ATen operators stay
     inside = set(nodes)
     own = {id(t) for t in [*module.parameters(), *module.buffers()]}
     inputs: list[torch.fx.Node] = []

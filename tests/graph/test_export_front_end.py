@@ -52,6 +52,33 @@ def test_a_model_fx_cannot_trace_is_exported_and_compiles_exactly() -> None:
     assert _params(compiled) < _params(model)
 
 
+class SelfAttentionMLP(nn.Module):
+    """``nn.MultiheadAttention`` called on one tensor three times, then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn = nn.Linear(16, 32), nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mlp, self.out = nn.Linear(32, 64), nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(torch.relu(self.mlp(h + a)))
+
+
+def test_an_exported_module_call_that_needs_more_than_its_input_keeps_its_operators() -> None:
+    torch.manual_seed(0)
+    model, x = SelfAttentionMLP().eval(), torch.randn(2, 5, 16)
+    cg = trace_channels(model, x, tracer="export")
+    calls = {n.target for n in cg.gm.graph.nodes if n.op == "call_module"}
+    assert "attn" not in calls and "inp" in calls  # not one call: it requires key and value too
+    assert cg.groups["inp"].pinned and not cg.groups["mlp"].pinned  # its weights pin the stream it reads
+    plan = sk.Plan.from_keep_sets(cg.groups, {"mlp": range(0, 64, 3)})
+    compiled = sk.compile(model, plan, x).eval()
+    with torch.no_grad():
+        assert_close_to_scale(compiled(x), sk.masked(model, plan, x)(x), 1e-5)
+
+
 def test_export_failure_names_both_front_ends() -> None:
     class DataDependent(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +139,7 @@ def _main_output(out) -> torch.Tensor:
     return logits if logits is not None else out.last_hidden_state
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_transformers_models_compile_equal_to_the_masked_reference(name: str, seed: int) -> None:
     tf = _hf()
