@@ -74,9 +74,7 @@ def test_an_exported_module_call_that_needs_more_than_its_input_keeps_its_operat
     assert "attn" not in calls and "inp" in calls  # not one call: it requires key and value too
     assert cg.groups["inp"].pinned and not cg.groups["mlp"].pinned  # its weights pin the stream it reads
     plan = sk.Plan.from_keep_sets(cg.groups, {"mlp": range(0, 64, 3)})
-    compiled = sk.compile(model, plan, x).eval()
-    with torch.no_grad():
-        assert_close_to_scale(compiled(x), sk.masked(model, plan, x)(x), 1e-5)
+    _compiled_equals_masked(model, plan, x, 1e-5)
 
 
 def test_export_failure_names_both_front_ends() -> None:
@@ -135,8 +133,19 @@ def _inputs(name: str, batch: int, length: int) -> tuple[torch.Tensor]:
 
 
 def _main_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
+
+
+def _compiled_equals_masked(model: nn.Module, plan: sk.Plan, x, tol: float = 1e-4) -> nn.Module:
+    """``sk.compile(model, plan, x)``, checked against ``sk.masked`` on ``x`` (a ``ModelOutput``'s main tensor)."""
+    x = x if isinstance(x, tuple) else (x,)
+    compiled = sk.compile(model, plan, x).eval()
+    with torch.no_grad():
+        assert_close_to_scale(_main_output(compiled(*x)), _main_output(sk.masked(model, plan, x)(*x)), tol)
+    return compiled
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -198,10 +207,8 @@ def test_slices_of_the_channel_axis_with_constant_bounds_follow_the_kept_channel
     assert cg.groups["qkv"].size == 4 and not cg.groups["qkv"].pinned  # one channel per head
     assert len(cg.channel_slices) == 3
     plan = sk.Plan.from_keep_sets(cg.groups, {"qkv": [0, 3]})
-    compiled = sk.compile(model, plan, x).eval()
+    compiled = _compiled_equals_masked(model, plan, x, 1e-5)
     assert compiled.get_submodule("qkv").out_features == 3 * 2 * 8
-    with torch.no_grad():
-        assert_close_to_scale(compiled(x), sk.masked(model, plan, x)(x), 1e-5)
 
 
 def test_a_strided_slice_of_the_channel_axis_pins_its_channels() -> None:
@@ -224,11 +231,9 @@ def test_vit_hidden_size_slices_the_class_token_and_position_table() -> None:
     x = _inputs("vit", 2, 0)
     cg = trace_channels(model, x)
     plan = sk.Plan.from_keep_sets(cg.groups, {"vit.embeddings.patch_embeddings.projection": range(0, 64, 2)})
-    compiled = sk.compile(model, plan, x).eval()
+    compiled = _compiled_equals_masked(model, plan, x)
     assert compiled.get_submodule("vit.embeddings").cls_token.shape == (1, 1, 32)
     assert compiled.get_submodule("vit.embeddings").position_embeddings.shape == (1, 17, 32)
-    with torch.no_grad():
-        assert_close_to_scale(compiled(*x).logits, sk.masked(model, plan, x)(*x).logits, 1e-4)
 
 
 def test_llama_grouped_query_attention_keeps_whole_key_value_groups() -> None:
@@ -239,13 +244,11 @@ def test_llama_grouped_query_attention_keeps_whole_key_value_groups() -> None:
     cg = trace_channels(model, x)
     group = next(n for n, g in cg.groups.items() if "layers.0.self_attn" in n and g.size == 2)
     plan = sk.Plan.from_keep_sets(cg.groups, {group: [1]})
-    compiled = sk.compile(model, plan, x).eval()
+    compiled = _compiled_equals_masked(model, plan, x)
     attn = compiled.get_submodule("model.layers.0.self_attn.q_proj")
     assert attn.out_features == 2 * 16  # the two query heads of key/value head 1, head dimension whole
     assert compiled.get_submodule("model.layers.0.self_attn.k_proj").out_features == 16
     assert compiled.get_submodule("model.layers.0.self_attn.o_proj").in_features == 32
-    with torch.no_grad():
-        assert_close_to_scale(compiled(*x).logits, sk.masked(model, plan, x)(*x).logits, 1e-4)
 
 
 def test_l1_norm_prunes_gpt2_heads_through_its_conv1d_layers() -> None:
@@ -258,10 +261,8 @@ def test_l1_norm_prunes_gpt2_heads_through_its_conv1d_layers() -> None:
     x = _inputs("gpt2", 2, 16)
     plan = l1_norm.prune(model, x, ratio=0.5)
     assert 1 in plan.channels["transformer.h.0.attn.c_attn"].keep
-    compiled = sk.compile(model, plan, x).eval()
+    compiled = _compiled_equals_masked(model, plan, x)
     assert compiled.get_submodule("transformer.h.0.attn.c_attn").weight.shape == (64, 3 * 2 * 16)
-    with torch.no_grad():
-        assert_close_to_scale(compiled(*x).logits, sk.masked(model, plan, x)(*x).logits, 1e-4)
 
 
 def test_a_model_returning_a_cache_gets_the_fix_in_the_error() -> None:
@@ -305,9 +306,7 @@ def test_flop_factorizes_every_linear_of_a_transformers_model_and_compiles_exact
     plan = flop.prune(model, x)
     linears = [n for n, m in BUILDERS[name](tf).named_modules() if isinstance(m, nn.Linear) and "head" not in n]
     assert set(linears) <= set(plan.lowrank)
-    compiled = sk.compile(model, plan, x).eval()
-    with torch.no_grad():
-        assert_close_to_scale(_main_output(compiled(*x)), _main_output(sk.masked(model, plan, x)(*x)), 1e-4)
+    compiled = _compiled_equals_masked(model, plan, x)
     assert sk.flops(compiled, x).total < sk.flops(model, x).total
 
 
@@ -332,6 +331,4 @@ def test_flop_trains_a_transformers_llama_to_its_target_and_compiles_it() -> Non
         assert flop.hard_sparsity(model) == pytest.approx(0.5, abs=0.02), seed
         x = (data[0][0][None],)
         plan = flop.prune(model.eval(), x)
-        compiled = sk.compile(model, plan, x).eval()
-        with torch.no_grad():
-            assert_close_to_scale(compiled(*x).logits, sk.masked(model, plan, x)(*x).logits, 1e-4)
+        _compiled_equals_masked(model, plan, x)
