@@ -5,11 +5,11 @@
 // Work: one task per (batch, head), split over torch's threads. A task packs its k into panels of kPanel keys,
 // Kp[tile][e][w] = k[tile * kPanel + w][e] (zero for keys >= T_k), and its v into rows padded to whole panels,
 // Vp[j][c] (zero for c >= E_v), then runs its queries in blocks of kRows:
-//   for each step of kKeys keys (two panels) the block may see: S = scale * Q_blk K_step^T (kRows x kKeys, one
-//   register tile per panel), masked; per row, m_new = max(m, max S), P = exp(S - m_new),
-//   l = l exp(m - m_new) + sum P, O = O exp(m - m_new); O += P V_step (register tiles of kRows x kPanel columns
-//   of O, kept in the thread's buffer between steps). Two panels per step halve the per-row bookkeeping (the
-//   maxima, the sums, the rescaling of O) per FLOP.
+//   for each step of kKeys keys the block may see (all of them when T_k <= kKeys): S = scale * Q_blk K_step^T
+//   (kRows x kKeys, one register tile per panel, stored), masked; per row, m_new = max(m, max S),
+//   P = exp(S - m_new), l = l exp(m - m_new) + sum P, O = O exp(m - m_new); then O += P V_step (register tiles
+//   of kRows x kPanel columns of O). Steps of many panels make the per-row bookkeeping (maxima, sums, rescaling
+//   of O) rare, and the products run long inner loops; a step's scores stay in L1 (kRows x kKeys floats).
 // and finally o = O / l. A causal query i sees keys 0..i (torch's is_causal, top-left aligned).
 #include "cpu/common.h"
 #include "ops.h"
@@ -28,7 +28,7 @@ using sparsekern::cpu::kL;
 using sparsekern::cpu::parallel;
 using sparsekern::cpu::Vec;
 using sparsekern::cpu::vadd;
-using sparsekern::cpu::vexp_shifted;
+using sparsekern::cpu::vexp2_shifted;
 using sparsekern::cpu::vload;
 using sparsekern::cpu::vmax;
 using sparsekern::cpu::vmul;
@@ -40,7 +40,7 @@ using sparsekern::cpu::Tile;
 
 constexpr int kRows = sparsekern::cpu::kTileRows;
 constexpr int kPanel = sparsekern::cpu::kTileCols;  // keys per packed panel, and columns of O per register tile
-constexpr int kKeys = 2 * kPanel;                    // keys per step of the running softmax
+constexpr int kKeys = 16 * kPanel;  // keys per step of the running softmax (scores of a block: 24 KiB with AVX-512)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
@@ -65,108 +65,161 @@ struct Shape {
   bool causal;
 };
 
-// Per-thread buffers: packed k and v of one head, a query block, its scores and output accumulators.
+// Per-thread buffers (kept between calls): packed k and v of one head, a query block, its scores and output
+// accumulators.
 struct Scratch {
-  std::vector<float> kp, vp, q, s, o;
-  std::vector<float> m, l;
-  explicit Scratch(const Shape& sh)
-      : kp(sh.tiles * sh.e * kPanel), vp(sh.tiles * kPanel * sh.e_v_pad), q(kRows * sh.e), s(kRows * kKeys),
-        o(kRows * sh.e_v_pad), m(kRows), l(kRows) {}
+  float *kp, *vp, *q, *s, *o, *m, *l;
+  explicit Scratch(const Shape& sh) {
+    static thread_local sparsekern::cpu::Buffer<float> buf;
+    const int64_t sizes[] = {sh.tiles * sh.e * kPanel, sh.tiles * kPanel * sh.e_v_pad, kRows * sh.e, kRows * kKeys,
+                             kRows * sh.e_v_pad, kRows, kRows};
+    int64_t total = 0;
+    for (int64_t n : sizes) total += (n + kL - 1) / kL * kL;
+    float* p = buf.get(total);
+    float** parts[] = {&kp, &vp, &q, &s, &o, &m, &l};
+    for (int i = 0; i < 7; ++i) {
+      *parts[i] = p;
+      p += (sizes[i] + kL - 1) / kL * kL;
+    }
+  }
 };
 
+// dst[e * ld_dst + w] = src[w * ld_src + e] for w < nw, e < ne (both <= kL); zero for nw <= w < kL.
+inline void transpose_block(const float* src, int64_t ld_src, int nw, int ne, float* dst, int64_t ld_dst) {
+#if SPARSEKERN_SIMD == 512
+  const __mmask16 lanes = static_cast<__mmask16>((1u << ne) - 1u);
+  __m512 r[16];
+  for (int w = 0; w < 16; ++w) r[w] = w < nw ? _mm512_maskz_loadu_ps(lanes, src + w * ld_src) : _mm512_setzero_ps();
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single floats
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // now r[4q + j], 128-bit lane L, holds rows 4q .. 4q + 3 of column 4L + j; gather the lanes of each column
+  __m512 u[16];
+  for (int j = 0; j < 4; ++j) {
+    u[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);        // lanes 0, 2 of r[j], then 0, 2 of r[4 + j]
+    u[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);    // lanes 1, 3
+    u[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    u[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 c0 = _mm512_shuffle_f32x4(u[j], u[8 + j], 0x88);      // column j
+    const __m512 c2 = _mm512_shuffle_f32x4(u[j], u[8 + j], 0xDD);      // column 8 + j
+    const __m512 c1 = _mm512_shuffle_f32x4(u[4 + j], u[12 + j], 0x88);  // column 4 + j
+    const __m512 c3 = _mm512_shuffle_f32x4(u[4 + j], u[12 + j], 0xDD);  // column 12 + j
+    if (j < ne) _mm512_storeu_ps(dst + j * ld_dst, c0);
+    if (4 + j < ne) _mm512_storeu_ps(dst + (4 + j) * ld_dst, c1);
+    if (8 + j < ne) _mm512_storeu_ps(dst + (8 + j) * ld_dst, c2);
+    if (12 + j < ne) _mm512_storeu_ps(dst + (12 + j) * ld_dst, c3);
+  }
+#else
+  for (int e = 0; e < ne; ++e)
+    for (int w = 0; w < kL; ++w) dst[e * ld_dst + w] = w < nw ? src[w * ld_src + e] : 0.0f;
+#endif
+}
+
 void pack_head(const Head& h, const Shape& sh, Scratch& w) {
-  std::fill(w.kp.begin(), w.kp.end(), 0.0f);
-  std::fill(w.vp.begin(), w.vp.end(), 0.0f);
-  for (int64_t j = 0; j < sh.t_k; ++j) {
-    float* dst = w.kp.data() + (j / kPanel) * sh.e * kPanel + j % kPanel;
-    const float* row = h.k + j * h.ldk;
-    for (int64_t e = 0; e < sh.e; ++e) dst[e * kPanel] = row[e];
-    std::memcpy(w.vp.data() + j * sh.e_v_pad, h.v + j * h.ldv, sh.e_v * sizeof(float));
+  for (int64_t j0 = 0; j0 < sh.tiles * kPanel; j0 += kL) {
+    const int nw = static_cast<int>(std::clamp<int64_t>(sh.t_k - j0, 0, kL));
+    float* panel = w.kp + (j0 / kPanel) * sh.e * kPanel + j0 % kPanel;
+    for (int64_t e0 = 0; e0 < sh.e; e0 += kL)
+      transpose_block(h.k + j0 * h.ldk + e0, h.ldk, nw, static_cast<int>(std::min<int64_t>(kL, sh.e - e0)),
+                      panel + e0 * kPanel, kPanel);
+  }
+  for (int64_t j = 0; j < sh.tiles * kPanel; ++j) {
+    float* row = w.vp + j * sh.e_v_pad;
+    const int64_t copied = j < sh.t_k ? sh.e_v : 0;
+    if (copied) std::memcpy(row, h.v + j * h.ldv, copied * sizeof(float));
+    std::fill(row + copied, row + sh.e_v_pad, 0.0f);
   }
 }
 
 // Queries [i0, i0 + rows) of one head.
 void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t rows) {
-  std::fill(w.q.begin(), w.q.end(), 0.0f);  // rows past the last query compute on zeros and are not stored
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(w.q.data() + i * sh.e, h.q + (i0 + i) * h.ldq, sh.e * sizeof(float));
-  std::fill(w.o.begin(), w.o.end(), 0.0f);
-  std::fill(w.m.begin(), w.m.end(), kNegInf);
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.q, w.q + kRows * sh.e, 0.0f);  // rows past the last query compute on zeros and are not stored
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(w.q + i * sh.e, h.q + (i0 + i) * h.ldq, sh.e * sizeof(float));
+  std::fill(w.o, w.o + kRows * sh.e_v_pad, 0.0f);
+  std::fill(w.m, w.m + kRows, kNegInf);
+  std::fill(w.l, w.l + kRows, 0.0f);
   const int64_t keys = sh.causal ? std::min(sh.t_k, i0 + rows) : sh.t_k;
-  const Vec scale = vset1(sh.scale);
+  const Vec scale = vset1(sh.scale * 1.44269504088896341f);  // scores in log2 units: softmax by 2^x
   for (int64_t j0 = 0; j0 < keys; j0 += kKeys) {
-    for (int part = 0; part < kKeys / kPanel; ++part) {  // the step's panels of keys (some may be past the last)
-      const int64_t tile = j0 / kPanel + part;
-      float* s = w.s.data() + part * kPanel;
-      if (tile >= sh.tiles || tile * kPanel >= keys) {
-        for (int i = 0; i < kRows; ++i) std::fill(s + i * kKeys, s + i * kKeys + kPanel, kNegInf);
-        continue;
-      }
+    const int64_t n = std::min<int64_t>(kKeys, keys - j0);          // keys some row of the block sees
+    const int64_t width = (n + kPanel - 1) / kPanel * kPanel;        // columns of S computed (whole panels)
+    for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
       Tile acc;
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = vzero();
-      micro(sh.e, w.q.data(), sh.e, w.kp.data() + tile * sh.e * kPanel, kPanel, acc);
+      micro(sh.e, w.q, sh.e, w.kp + (j0 + c0) * sh.e, kPanel, acc);
+      float* s = w.s + c0;
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) {
         vstore(s + i * kKeys, vmul(acc[i][0], scale));
         vstore(s + i * kKeys + kL, vmul(acc[i][1], scale));
       }
     }
-    const bool edge = j0 + kKeys > sh.t_k || (sh.causal && j0 + kKeys - 1 > i0);
-    if (edge) {
-      for (int64_t i = 0; i < kRows; ++i) {
-        const int64_t visible = std::min(sh.t_k, sh.causal ? i0 + i + 1 : sh.t_k) - j0;  // keys of this step row i sees
-        for (int64_t c = std::max<int64_t>(visible, 0); c < kKeys; ++c) w.s[i * kKeys + c] = kNegInf;
-      }
-    }
     for (int64_t i = 0; i < kRows; ++i) {
-      float* s = w.s.data() + i * kKeys;
+      float* s = w.s + i * kKeys;
+      const int64_t visible = std::min(sh.t_k, sh.causal ? i0 + i + 1 : sh.t_k) - j0;  // keys of this step row i sees
+      for (int64_t c = std::max<int64_t>(visible, 0); c < width; ++c) s[c] = kNegInf;
       Vec mx = vload(s);
-#pragma GCC unroll 8
-      for (int c = kL; c < kKeys; c += kL) mx = vmax(mx, vload(s + c));
+      for (int64_t c = kL; c < width; c += kL) mx = vmax(mx, vload(s + c));
       const float row_max = hmax(mx);
       if (row_max == kNegInf) {  // no key of this step is visible to row i: it adds nothing
-        std::fill(s, s + kKeys, 0.0f);
+        std::fill(s, s + width, 0.0f);
         continue;
       }
       const float m_new = std::max(w.m[i], row_max);
       const Vec mv = vset1(m_new);
-      Vec sum = vzero();
-#pragma GCC unroll 8
-      for (int c = 0; c < kKeys; c += kL) {
-        const Vec p = vexp_shifted(vload(s + c), mv);
-        vstore(s + c, p);
-        sum = vadd(sum, p);
+      Vec sum0 = vzero(), sum1 = vzero();
+      for (int64_t c = 0; c < width; c += 2 * kL) {  // width is whole panels of 2 vectors
+        const Vec p0 = vexp2_shifted(vload(s + c), mv);
+        const Vec p1 = vexp2_shifted(vload(s + c + kL), mv);
+        vstore(s + c, p0);
+        vstore(s + c + kL, p1);
+        sum0 = vadd(sum0, p0);
+        sum1 = vadd(sum1, p1);
       }
-      const float alpha = w.m[i] == kNegInf ? 0.0f : std::exp(w.m[i] - m_new);
-      w.l[i] = w.l[i] * alpha + hsum(sum);
+      const float sum = hsum(vadd(sum0, sum1));
+      if (w.m[i] == kNegInf) {
+        w.l[i] = sum;
+      } else {
+        const float alpha = std::exp2(w.m[i] - m_new);
+        w.l[i] = w.l[i] * alpha + sum;
+        if (alpha != 1.0f) {
+          const Vec av = vset1(alpha);
+          float* o = w.o + i * sh.e_v_pad;
+          for (int64_t c = 0; c < sh.e_v_pad; c += kL) vstore(o + c, vmul(vload(o + c), av));
+        }
+      }
       w.m[i] = m_new;
-      if (alpha != 1.0f) {
-        const Vec av = vset1(alpha);
-        float* o = w.o.data() + i * sh.e_v_pad;
-        for (int64_t c = 0; c < sh.e_v_pad; c += kL) vstore(o + c, vmul(vload(o + c), av));
-      }
     }
-    const int64_t valid = std::min<int64_t>(kKeys, keys - j0);
-    const float* vt = w.vp.data() + j0 * sh.e_v_pad;
+    const float* vt = w.vp + j0 * sh.e_v_pad;
     for (int64_t c0 = 0; c0 < sh.e_v_pad; c0 += kPanel) {
       Tile out;
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) {
-        out[i][0] = vload(w.o.data() + i * sh.e_v_pad + c0);
-        out[i][1] = vload(w.o.data() + i * sh.e_v_pad + c0 + kL);
+        out[i][0] = vload(w.o + i * sh.e_v_pad + c0);
+        out[i][1] = vload(w.o + i * sh.e_v_pad + c0 + kL);
       }
-      micro(valid, w.s.data(), kKeys, vt + c0, sh.e_v_pad, out);
+      micro(n, w.s, kKeys, vt + c0, sh.e_v_pad, out);
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) {
-        vstore(w.o.data() + i * sh.e_v_pad + c0, out[i][0]);
-        vstore(w.o.data() + i * sh.e_v_pad + c0 + kL, out[i][1]);
+        vstore(w.o + i * sh.e_v_pad + c0, out[i][0]);
+        vstore(w.o + i * sh.e_v_pad + c0 + kL, out[i][1]);
       }
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
     const float inv = w.l[i] > 0.0f ? 1.0f / w.l[i] : 0.0f;
-    const float* src = w.o.data() + i * sh.e_v_pad;
+    const float* src = w.o + i * sh.e_v_pad;
     float* dst = h.o + (i0 + i) * h.ldo;
     for (int64_t c = 0; c < sh.e_v; ++c) dst[c] = src[c] * inv;
   }

@@ -70,7 +70,25 @@ inline Vec vexp_shifted(Vec a, Vec m) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  return {_mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n))};
+  return {_mm512_maskz_scalef_ps(live, p, n)};  // dead lanes never compute: an underflow costs a microcode assist
+}
+// 2^(a - m) for a <= m (a may be -inf: 0), the softmax of scores kept in log2 units: 2^n 2^f with n = round(a - m),
+// |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 1.3e-7); exact 0 below 2^-125, through a
+// lane mask rather than an underflow (an underflowing lane costs a microcode assist)
+inline Vec vexp2_shifted(Vec a, Vec m) {
+  const __m512 d = _mm512_sub_ps(a.v, m.v);
+  const __mmask16 live = _mm512_cmp_ps_mask(d, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
+  const __m512 x = _mm512_max_ps(d, _mm512_set1_ps(-125.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return {_mm512_maskz_scalef_ps(live, p, n)};
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SPARSEKERN_SIMD 256
@@ -121,6 +139,20 @@ inline Vec vexp_shifted(Vec a, Vec m) {  // as the AVX-512 version; 2^n built in
   const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
   return {_mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))};
 }
+inline Vec vexp2_shifted(Vec a, Vec m) {  // as the AVX-512 version; 2^-127 and below built as exponent bits 0: 0
+  const __m256 x = _mm256_max_ps(_mm256_sub_ps(a.v, m.v), _mm256_set1_ps(-127.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381609e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
+}
 #else
 #define SPARSEKERN_SIMD 0
 constexpr int kL = 4;
@@ -165,6 +197,10 @@ inline float hmax(Vec a) { return std::max(std::max(a.v[0], a.v[1]), std::max(a.
 inline float hsum(Vec a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
 inline Vec vexp_shifted(Vec a, Vec m) {
   for (int i = 0; i < 4; ++i) a.v[i] = std::exp(a.v[i] - m.v[i]);
+  return a;
+}
+inline Vec vexp2_shifted(Vec a, Vec m) {
+  for (int i = 0; i < 4; ++i) a.v[i] = std::exp2(a.v[i] - m.v[i]);
   return a;
 }
 #endif

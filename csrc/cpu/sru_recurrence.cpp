@@ -71,9 +71,26 @@ inline float exp_lane(float x) {
   return e * scale;
 }
 
-// z[i] = sigmoid(z[i]) for the kBlock lanes of a task.
+// z[i] = sigmoid(z[i]) for the kBlock lanes of a task. With AVX-512: e = exp(-|z|) (never overflows), then
+// sigmoid = 1 / (1 + e) for z >= 0 and e / (1 + e) below, NaN passed through; otherwise a plain loop the
+// compiler vectorises.
 inline void sigmoid_block(float* __restrict z) {
+#if SPARSEKERN_SIMD == 512
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int i = 0; i < kBlock; i += kL) {
+    const __m512 v = _mm512_loadu_ps(z + i);
+    const __m512 e = sparsekern::cpu::vexp_shifted({_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v))},
+                                                   sparsekern::cpu::vzero()).v;
+    const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), e, one);
+    const __m512 den = _mm512_add_ps(one, e);  // in [1, 2]: 1 / den by rcp14 and one Newton step (~1 ulp)
+    const __m512 r0 = _mm512_rcp14_ps(den);
+    const __m512 inv = _mm512_mul_ps(r0, _mm512_fnmadd_ps(den, r0, _mm512_set1_ps(2.f)));
+    const __m512 s = _mm512_mul_ps(num, inv);
+    _mm512_storeu_ps(z + i, _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v));
+  }
+#else
   for (int i = 0; i < kBlock; ++i) z[i] = 1.f / (1.f + exp_lane(-z[i]));
+#endif
 }
 
 // The tensors of one call and the geometry of its tasks.
