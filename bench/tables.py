@@ -43,6 +43,8 @@ END = "<!-- /bench/tables.py -->"
 CHANNEL_SKIP = "channel_skip_conv2d/cpu/float32"
 NARROW_CONV = "fused_conv2d/cpu/float32"
 LOWRANK = "lowrank_linear/cpu/float32"
+ATTENTION = "attention/cpu/float32"
+SRU = "sru_recurrence/cpu/float32"
 MODEL_ORDER = ("resnet18", "vgg16_bn", "resnet56")  # the kernel benchmark's shape sets, in its own order
 ARMS = ("fine-tune", "Scratch-E", "Scratch-B", "KD")
 
@@ -230,6 +232,39 @@ def lowrank_table(results: Path = RESULTS, min_tokens: int = 256) -> Table:
     text = _source("cpu.json", part["command"], f"`kernels[\"{LOWRANK}\"]`", part.get("environment")) + "\n\n" \
         + "\n".join(rows)
     return Table("lowrank_linear", "cpu.json", text)
+
+
+# -- cpu.json: attention and the SRU recurrence (what low-rank pruning leaves whole) ----------------------------
+
+def attention_table(results: Path = RESULTS) -> Table:
+    """Per shape and mask: GFLOP/s of sk.ops.attention's CPU kernel, torch's SDPA and the matmul beside it."""
+    part = _load("cpu.json", results)["kernels"][ATTENTION]
+    rows = ["| B x H x T x E | causal | sparsekern GFLOP/s | torch GFLOP/s | matmul GFLOP/s | vs matmul | spread |",
+            "|---|---|---|---|---|---|---|"]
+    for r in part["rows"]:
+        g = r["gflops"]
+        rows.append(f"| {' x '.join(map(str, r['shape']))} | {'yes' if r['causal'] else 'no'} | {g['sparsekern']:.0f} "
+                    f"| {g['torch']:.0f} | {g['matmul']:.0f} | {r['vs_matmul']:.2f} | "
+                    f"{max(r['spread'][k] for k in ('sparsekern', 'matmul')):.0%} |")
+    text = _source("cpu.json", part["command"], f"`kernels[\"{ATTENTION}\"]`", part.get("environment")) + "\n\n" \
+        + "\n".join(rows)
+    return Table("attention", "cpu.json", text)
+
+
+def sru_table(results: Path = RESULTS) -> Table:
+    """The fused SRU recurrence against the elementwise loop: model forward, training step, recurrence alone."""
+    part = _load("cpu.json", results)["kernels"][SRU]
+    cfg = part["config"]
+    rows = ["| row | fused ms | loop ms | speedup | spread |", "|---|---|---|---|---|"]
+    for r in part["rows"]:
+        rows.append(f"| {r['name']} | {r['ms']['fused']:.2f} | {r['ms']['loop']:.2f} | {r['speedup']:.2f}x | "
+                    f"{max(r['spread'].values()):.0%} |")
+    share = part["recurrence_share"]
+    text = (_source("cpu.json", part["command"], f"`kernels[\"{SRU}\"]`", part.get("environment"))
+            + f" SRU d_model {cfg['d_model']}, {cfg['layers']} layers, {cfg['batch']} x {cfg['tokens']} tokens; the "
+            f"recurrence's share of the forward: {share['fused']:.0%} fused, {share['loop']:.0%} loop.\n\n"
+            + "\n".join(rows))
+    return Table("sru_recurrence", "cpu.json", text)
 
 
 # -- sanp_digits.json ------------------------------------------------------------------------------------------
@@ -456,7 +491,8 @@ def flop_table(results: Path = RESULTS) -> Table:
 # -- all -------------------------------------------------------------------------------------------------------
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
-    models_table, narrow_conv_table, onnx_table, channel_skip_table, lowrank_table, lm_models_table, sanp_table,
+    models_table, narrow_conv_table, onnx_table, channel_skip_table, lowrank_table, attention_table, sru_table,
+    lm_models_table, sanp_table,
     sanp_models_table, static_methods_tables, flop_table)
 
 

@@ -21,8 +21,9 @@ dynamic and low-rank compilers on untrained models (speed does not depend on tra
   ``size`` is the context (tokens per sequence), inputs are random bytes, ``model_kwargs`` the LM's size
   (default d_model 128, 2 layers). :data:`LM_CASES` are the real-size set: a GPT-2-small-like Transformer
   (d_model 768, 12 heads, 512 tokens, 4 layers) and an SRU of d_model 1024 (4 layers), at kept ranks 0.5,
-  0.3 and 0.15, through ``sk.optimize``'s CPU path, and the same Transformer with half of every block's heads
-  and MLP neurons removed by L1-norm pruning (``method="l1"`` on a ``*_lm`` model: random byte inputs).
+  0.3 and 0.15, through ``sk.optimize(..., script=True)``'s CPU path, and the same Transformer with half of
+  every block's heads and MLP neurons removed by L1-norm pruning (``method="l1"`` on a ``*_lm`` model: random
+  byte inputs).
 
 ``device``/``dtype`` move both models and the input after compiling (GPU cases: e.g. ``"cuda"``, ``"float16"``,
 passes ``("fold_bn", "channels_last")``); ``cuda_graphs`` replays each model from a CUDA graph
@@ -87,15 +88,15 @@ STANDARD_CASES = tuple(
 )
 
 #: The real-size language models (``sparsekern bench models --set lm``): kept ranks 0.5, 0.3, 0.15 of the
-#: parameter-preserving rank, one 512-token sequence, through ``sk.optimize``'s CPU path.
+#: parameter-preserving rank, one 512-token sequence, through ``sk.optimize(..., script=True)``'s CPU path.
 LM_SIZES: dict[str, tuple[tuple[str, Any], ...]] = {
     "transformer_lm": (("d_model", 768), ("layers", 4), ("heads", 12), ("context", 512)),
     "sru_lm": (("d_model", 1024), ("layers", 4)),
 }
-LM_CASES = tuple(Case(m, r, 1, 512, round_to=None, passes=DEVICE_PASSES["cpu"], method="flop", model_kwargs=kw)
+LM_CASES = tuple(Case(m, r, 1, 512, round_to=None, passes=DEFAULT_PASSES, method="flop", model_kwargs=kw)
                  for m, kw in LM_SIZES.items() for r in (0.5, 0.7, 0.85)) + (
     # static L1-norm pruning of half the heads and half the MLP neurons of every block (the residual stream kept)
-    Case("transformer_lm", 0.5, 1, 512, scope="internal", round_to=None, passes=DEVICE_PASSES["cpu"],
+    Case("transformer_lm", 0.5, 1, 512, scope="internal", round_to=None, passes=DEFAULT_PASSES,
          model_kwargs=LM_SIZES["transformer_lm"]),)
 
 

@@ -114,3 +114,22 @@ def test_pass_follows_the_table_and_skips_masked_calls() -> None:
     assert gm.sk_backends == {"attention.0": "sparsekern"}  # the masked call is left to torch
     with torch.no_grad():
         assert_close_to_scale(gm(q, k, v, mask), Two()(q, k, v, mask))
+
+
+@needs_ext
+def test_benchmark_bookkeeping() -> None:
+    """The kernel benchmark's figures are consistent with each other and with the FLOP count of the visible pairs."""
+    from sparsekern.bench import kernel_attention as bench
+
+    doc = bench.run(shapes=((1, 2, 40, 16),), threads=1, warmup=1, repeats=2, progress=False)
+    causal, full = doc["rows"]
+    assert (causal["causal"], full["causal"]) == (True, False)
+    assert full["flops"] == 2 * 2 * 40 * 40 * (16 + 16) and causal["flops"] == 2 * 2 * (40 * 41 // 2) * (16 + 16)
+    for r in doc["rows"]:
+        assert r["max_rel_error"] < 1e-5
+        for name in ("sparsekern", "torch"):
+            assert r["gflops"][name] == pytest.approx(r["flops"] / (r["ms"][name] * 1e6))
+        assert r["vs_matmul"] == pytest.approx(r["gflops"]["sparsekern"] / r["gflops"]["matmul"])
+    assert "1 x 2 x 40 x 16" in bench.table(doc)
+    with pytest.raises(ValueError, match="CPU float32"):
+        bench.run(device="cuda")
