@@ -69,6 +69,8 @@ def _link(name: str) -> str:
 def _source(name: str, command: str, part: str = "", environment: dict[str, Any] | None = None) -> str:
     where = f" ({part})" if part else ""
     machine = f" on {environment['cpu_model']}" if environment and environment.get("cpu_model") else ""
+    if machine and environment.get("cpu_isa"):
+        machine += f" ({environment['cpu_isa']})"
     return f"Source: {_link(name)}{where}, written by `{command}`{machine}."
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "rotation", "CudaGraphed"]
+__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "allocator", "rotation", "CudaGraphed"]
 
 
 @dataclass
@@ -232,16 +232,34 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def allocator() -> str:
+    """The host memory allocator this process runs with, as far as the environment says: a preloaded
+    jemalloc/tcmalloc/mimalloc, else glibc's malloc with any ``MALLOC_*`` tunables set.
+
+    It matters for CPU timings of large activations: glibc returns freed blocks above its mmap threshold to
+    the system, and the next allocation of that size faults its pages in again, a cost that scales with the
+    bytes a model allocates rather than with its FLOPs.
+    """
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if any(
+        name in os.path.basename(p) for name in ("jemalloc", "tcmalloc", "mimalloc"))]
+    if preload:
+        return "LD_PRELOAD " + " ".join(os.path.basename(p) for p in preload)
+    tunables = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    tunables += [f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"] if "GLIBC_TUNABLES" in os.environ else []
+    return "default malloc" + (f" ({', '.join(tunables)})" if tunables else "")
+
+
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     """What a benchmark figure depends on; hostname-free, JSON-serializable.
 
     Args:
         device: the device benchmarked (default: ``"cuda"`` if available else ``"cpu"``).
 
-    Keys: ``device`` (type), ``device_name`` (GPU name or CPU model), ``cpu_model``,
-    ``cpu_count``, ``threads`` (torch intra-op), ``interop_threads``, ``torch``, ``cuda``
-    (CUDA runtime version or None), ``python``, ``platform``, ``dtype`` and ``batch`` (None
-    placeholders that the caller fills in).
+    Keys: ``device`` (type), ``device_name`` (GPU name or CPU model), ``cpu_model``, ``cpu_isa`` (the
+    vector ISA torch's CPU kernels dispatch to: ``AVX512``, ``AVX2``, ...), ``cpu_count``, ``threads``
+    (torch intra-op), ``interop_threads``, ``torch``, ``cuda`` (CUDA runtime version or None), ``python``,
+    ``platform``, ``allocator`` (:func:`allocator`), ``dtype`` and ``batch`` (None placeholders that the
+    caller fills in).
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,6 +272,7 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         "device": dev.type,
         "device_name": name,
         "cpu_model": cpu,
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -261,6 +280,7 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": f"{platform.system()}-{platform.machine()}",
+        "allocator": allocator(),
         "dtype": None,
         "batch": None,
     }

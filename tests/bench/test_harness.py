@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from sparsekern.bench import (
     time_interleaved,
 )
 from sparsekern.bench.plot import plot_layers
-from sparsekern.bench.timing import rotation
+from sparsekern.bench.timing import allocator, rotation
 from sparsekern.cost import flops
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -121,6 +122,17 @@ def test_environment_is_json_and_hostname_free() -> None:
     host = socket.gethostname()
     if len(host) >= 6:
         assert host not in text
+    assert env["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_environment_names_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key, raising=False)
+    assert allocator() == "default malloc"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert allocator() == "default malloc (MALLOC_MMAP_THRESHOLD_=33554432)"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /opt/other.so")
+    assert allocator() == "LD_PRELOAD libjemalloc.so.2" == environment()["allocator"]
 
 
 # ----------------------------------------------------------------------------- compare
