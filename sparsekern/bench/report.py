@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from sparsekern.bench.timing import Timing, environment, set_threads, time_interleaved
+from sparsekern.bench.timing import Timing, environment, hold_freed_memory, set_threads, time_interleaved
 from sparsekern.cost import FlopReport, align_columns, flops, is_layer
 from sparsekern.modes import eval_mode
 
@@ -171,6 +171,7 @@ def compare(
     label: str = "",
     device: str | torch.device | None = None,
     passes: Sequence[str] = (),
+    hold_memory: bool = True,
 ) -> BenchReport:
     """Benchmark ``dense`` against ``fast`` on ``example_inputs``: theoretical vs measured speedup.
 
@@ -193,11 +194,17 @@ def compare(
         passes: inference passes (:mod:`sparsekern.passes`, e.g. ``("fold_bn", "onednn")``) applied to
             copies of both models, and of each audited layer, before timing; FLOPs are counted on the
             models as given, so both sides get exactly the same treatment.
+        hold_memory: first make the process's allocator keep freed memory
+            (:func:`~sparsekern.bench.timing.hold_freed_memory`, process-wide and permanent), so that neither
+            model's timing includes page faults that depend on what ran before it; ``False`` times with the
+            allocator as it is. The report's environment names the allocator either way.
 
     Raises:
         ValueError: an input is all zeros, or there is no tensor input.
     """
     args, device, dtype, batch = _prepare_inputs(example_inputs, device)
+    if hold_memory and device.type == "cpu":
+        hold_freed_memory()
     if not any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):  # e.g. token ids
         dtype = next((str(p.dtype).replace("torch.", "") for p in dense.parameters() if p.is_floating_point()), dtype)
     with set_threads(threads), eval_mode(dense), eval_mode(fast):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from sparsekern.bench import (
     time_interleaved,
 )
 from sparsekern.bench.plot import plot_layers
-from sparsekern.bench.timing import allocator, rotation
+from sparsekern.bench import timing
+from sparsekern.bench.timing import allocator, hold_freed_memory, rotation
 from sparsekern.cost import flops
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +130,14 @@ def test_environment_is_json_and_hostname_free() -> None:
 def test_environment_names_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES"]:
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(timing, "_HELD", {})
     assert allocator() == "default malloc"
+    if platform.libc_ver()[0] == "glibc":  # compare() holds freed memory first, and the report says so
+        monkeypatch.setattr(timing, "_HELD", {})
+        report = compare(nn.Linear(4, 4), nn.Linear(4, 2), torch.randn(2, 4), warmup=1, repeats=1, per_layer=False)
+        assert "freed memory held: mmap threshold 32 MiB, trim threshold 1024 MiB" in report.env["allocator"]
+        assert hold_freed_memory()  # applied once; asking again with the same settings is a no-op
+        monkeypatch.setattr(timing, "_HELD", {})
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
     assert allocator() == "default malloc (MALLOC_MMAP_THRESHOLD_=33554432)"
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /opt/other.so")
