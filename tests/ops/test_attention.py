@@ -19,7 +19,9 @@ from tests.conftest import assert_close_to_scale
 needs_ext = pytest.mark.skipif(_ext.status() is not None, reason="the C++ extension is unavailable")
 SHAPES = [  # B, H, T_q, T_k, E, E_v
     (1, 1, 1, 1, 3, 5), (2, 3, 5, 5, 8, 8), (1, 2, 7, 19, 8, 24), (1, 1, 40, 9, 64, 64), (2, 2, 37, 37, 16, 16),
-    (1, 2, 100, 100, 64, 40), (1, 3, 33, 65, 17, 31), (1, 2, 129, 128, 32, 32),  # 128 keys: two whole steps
+    (1, 2, 100, 100, 64, 40), (1, 3, 33, 65, 17, 31), (1, 2, 129, 128, 32, 32),
+    # the CPU kernel takes 512 keys per step: one whole step, then several with the running rescale between them
+    (1, 1, 13, 512, 16, 16), (1, 2, 530, 530, 8, 8), (1, 1, 600, 1100, 16, 24),
 ]
 
 
