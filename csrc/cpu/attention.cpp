@@ -6,10 +6,11 @@
 // Kp[tile][e][w] = k[tile * kPanel + w][e] (zero for keys >= T_k), and its v into rows padded to whole panels,
 // Vp[j][c] (zero for c >= E_v), then runs its queries in blocks of kRows:
 //   for each step of kKeys keys the block may see (all of them when T_k <= kKeys): S = scale * Q_blk K_step^T
-//   (kRows x kKeys, one register tile per panel, stored), masked; per row, m_new = max(m, max S),
-//   P = exp(S - m_new), l = l exp(m - m_new) + sum P, O = O exp(m - m_new); then O += P V_step (register tiles
-//   of kRows x kPanel columns of O). Steps of many panels make the per-row bookkeeping (maxima, sums, rescaling
-//   of O) rare, and the products run long inner loops; a step's scores stay in L1 (kRows x kKeys floats).
+//   (kRows x kKeys, one register tile per panel, stored; in log2 units, scale times log2 e), masked; per row,
+//   m_new = max(m, max S), P = 2^(S - m_new), l = l 2^(m - m_new) + sum P, O = O 2^(m - m_new); then
+//   O += P V_step (register tiles of kRows x kPanel columns of O). Steps of many panels make the per-row
+//   bookkeeping (maxima, sums, rescaling of O) rare, and the products run long inner loops; a step's scores
+//   stay in L1 (kRows x kKeys floats).
 // and finally o = O / l. A causal query i sees keys 0..i (torch's is_causal, top-left aligned).
 #include "cpu/common.h"
 #include "ops.h"
@@ -17,8 +18,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
-#include <vector>
 
 namespace {
 
