@@ -42,7 +42,7 @@ from sparsekern import ops
 from sparsekern.plan import LowRankKeep, Plan, PlanError
 
 __all__ = ["FeatureSelectLinear", "LowRankLinear", "MaskedFactorizedLinear", "MaskedInputLinear", "compile_lowrank",
-           "lowrank_gates", "masked_lowrank"]
+           "lowrank_gates", "masked_lowrank", "select_features"]
 
 
 class LowRankLinear(nn.Module):
@@ -126,6 +126,15 @@ class MaskedInputLinear(nn.Module):
         return f"in_features={self.weight.shape[1]}, kept={int((self.gates != 0).sum())}"
 
 
+def select_features(x: Tensor, index: Tensor) -> Tensor:
+    """``x.index_select(-1, index)`` (any leading shape), taken along dimension 1 of a 2-D view: torch's CPU
+    ``index_select`` along the last dimension of a 3-D tensor runs several times slower (a (1, 512, 1024)
+    input, 512 features kept: 0.49 ms against 0.12 ms)."""
+    if x.dim() <= 2:
+        return x.index_select(-1, index)
+    return x.flatten(0, -2).index_select(1, index).unflatten(0, x.shape[:-1])
+
+
 class FeatureSelectLinear(nn.Module):
     """``y = x[..., index] W^T + bias``: a linear layer that reads only some input features (the compiled
     form of an input-gated layer).
@@ -161,7 +170,7 @@ class FeatureSelectLinear(nn.Module):
         if self.in_features == 0:
             y = x.new_zeros((*x.shape[:-1], self.out_features))
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x.index_select(-1, self.index), self.weight, self.bias)
+        return F.linear(select_features(x, self.index), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"source_features={self.source_features}, in_features={self.in_features}, "

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
-from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear
+from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear, select_features
 from sparsekern.tuning import LinearCall, Tuner, current_tuner
 
 __all__ = ["onednn_linear", "onednn_linear_weight"]
@@ -234,7 +234,7 @@ def _rewrite_feature_select(site: _Site) -> str | None:
     graph = site.gm.graph
 
     def build(x: Any) -> torch.fx.Node:
-        selected = graph.call_function(torch.index_select, (x, -1, site.buffer("index", layer.index.clone())))
+        selected = graph.call_function(select_features, (x, site.buffer("index", layer.index.clone())))
         return _pointwise_node(graph, selected, site.buffer("w", packed), site.buffer("b", bias), site.epilogue,
                                site.other)
 

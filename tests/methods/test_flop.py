@@ -290,6 +290,18 @@ def test_input_mask_expected_l0_enters_the_sparsity_term() -> None:
     assert any(a is first.log_alpha for a in alphas) and len(alphas) == 2
 
 
+def test_select_features_equals_index_select_on_any_leading_shape() -> None:
+    from sparsekern.lowrank import select_features
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([4, 0, 2])
+    for shape in ((5,), (3, 5), (2, 3, 5), (2, 3, 4, 5)):
+        x = torch.randn(shape, generator=g)
+        assert torch.equal(select_features(x, index), x.index_select(-1, index))
+    x = torch.randn(3, 5, 2, generator=g).transpose(1, 2)  # not contiguous: the 2-D view is a copy
+    assert torch.equal(select_features(x, index), x.index_select(-1, index))
+
+
 def test_input_mask_compiles_to_a_layer_reading_only_the_kept_features(tmp_path) -> None:
     from sparsekern.lowrank import FeatureSelectLinear, MaskedInputLinear
 
