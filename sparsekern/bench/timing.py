@@ -8,6 +8,7 @@ repeats with the spread reported next to it. CPU: ``time.perf_counter``; CUDA: a
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import time
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "allocator", "hold_freed_memory", "rotation", "CudaGraphed"]
+__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "allocator", "hold_freed_memory", "rotation",
+           "CudaGraphed"]
 
 
 @dataclass
@@ -248,12 +250,9 @@ def hold_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     It cannot be undone (glibc's adaptive thresholds stay off) and costs memory that is freed but kept. Does
     nothing and returns False where the C library is not glibc or an allocator is preloaded.
     """
-    import ctypes
-    import platform as _platform
-
     if _HELD == {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold}:
         return True
-    if _platform.system() != "Linux" or _platform.libc_ver()[0] != "glibc" or allocator().startswith("LD_PRELOAD"):
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or allocator().startswith("LD_PRELOAD"):
         return False
     try:
         libc = ctypes.CDLL(None)
