@@ -70,16 +70,13 @@ struct Scratch {
   float *kp, *vp, *q, *s, *o, *m, *l;
   explicit Scratch(const Shape& sh) {
     static thread_local sparsekern::cpu::Buffer<float> buf;
-    const int64_t sizes[] = {sh.tiles * sh.e * kPanel, sh.tiles * kPanel * sh.e_v_pad, kRows * sh.e, kRows * kKeys,
-                             kRows * sh.e_v_pad, kRows, kRows};
+    int64_t sizes[] = {sh.tiles * sh.e * kPanel, sh.tiles * kPanel * sh.e_v_pad, kRows * sh.e, kRows * kKeys,
+                       kRows * sh.e_v_pad, kRows, kRows};
     int64_t total = 0;
-    for (int64_t n : sizes) total += (n + kL - 1) / kL * kL;
+    for (int64_t& n : sizes) total += n = (n + kL - 1) / kL * kL;  // each part starts on a whole vector
     float* p = buf.get(total);
     float** parts[] = {&kp, &vp, &q, &s, &o, &m, &l};
-    for (int i = 0; i < 7; ++i) {
-      *parts[i] = p;
-      p += (sizes[i] + kL - 1) / kL * kL;
-    }
+    for (int i = 0; i < 7; p += sizes[i++]) *parts[i] = p;
   }
 };
 
