@@ -42,9 +42,10 @@ constexpr int kPanel = sparsekern::cpu::kTileCols;  // keys per packed panel, an
 constexpr int kKeys = 16 * kPanel;  // keys per step of the running softmax (scores of a block: 24 KiB with AVX-512)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+template <int NV = 2>
 __attribute__((always_inline)) inline void micro(int64_t K, const float* __restrict a, int64_t lda,
                                                  const float* __restrict b, int64_t ldb, Tile& acc) {
-  sparsekern::cpu::micro_tile(K, a, lda, b, ldb, acc);
+  sparsekern::cpu::micro_tile<NV>(K, a, lda, b, ldb, acc);
 }
 
 struct Head {
@@ -148,17 +149,21 @@ void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t r
   const Vec scale = vset1(sh.scale * 1.44269504088896341f);  // scores in log2 units: softmax by 2^x
   for (int64_t j0 = 0; j0 < keys; j0 += kKeys) {
     const int64_t n = std::min<int64_t>(kKeys, keys - j0);          // keys some row of the block sees
-    const int64_t width = (n + kPanel - 1) / kPanel * kPanel;        // columns of S computed (whole panels)
+    const int64_t width = (n + kL - 1) / kL * kL;  // columns of S computed (whole vectors)
     for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
+      const bool half = width - c0 < kPanel;  // the step's last kL keys: half a panel
       Tile acc;
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = vzero();
-      micro(sh.e, w.q, sh.e, w.kp + (j0 + c0) * sh.e, kPanel, acc);
+      if (half)
+        micro<1>(sh.e, w.q, sh.e, w.kp + (j0 + c0) * sh.e, kPanel, acc);
+      else
+        micro<2>(sh.e, w.q, sh.e, w.kp + (j0 + c0) * sh.e, kPanel, acc);
       float* s = w.s + c0;
 #pragma GCC unroll 12
       for (int i = 0; i < kRows; ++i) {
         vstore(s + i * kKeys, vmul(acc[i][0], scale));
-        vstore(s + i * kKeys + kL, vmul(acc[i][1], scale));
+        if (!half) vstore(s + i * kKeys + kL, vmul(acc[i][1], scale));
       }
     }
     for (int64_t i = 0; i < kRows; ++i) {
@@ -175,13 +180,19 @@ void run_block(const Head& h, const Shape& sh, Scratch& w, int64_t i0, int64_t r
       const float m_new = std::max(w.m[i], row_max);
       const Vec mv = vset1(m_new);
       Vec sum0 = vzero(), sum1 = vzero();
-      for (int64_t c = 0; c < width; c += 2 * kL) {  // width is whole panels of 2 vectors
+      int64_t c = 0;
+      for (; c + 2 * kL <= width; c += 2 * kL) {
         const Vec p0 = vexp2_shifted(vload(s + c), mv);
         const Vec p1 = vexp2_shifted(vload(s + c + kL), mv);
         vstore(s + c, p0);
         vstore(s + c + kL, p1);
         sum0 = vadd(sum0, p0);
         sum1 = vadd(sum1, p1);
+      }
+      if (c < width) {  // width is whole vectors
+        const Vec p0 = vexp2_shifted(vload(s + c), mv);
+        vstore(s + c, p0);
+        sum0 = vadd(sum0, p0);
       }
       const float sum = hsum(vadd(sum0, sum1));
       if (w.m[i] == kNegInf) {
