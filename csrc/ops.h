@@ -40,6 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_guard_cpu(
     const at::Tensor& group_always, const at::Tensor& group_fixed, const at::Tensor& computed, int64_t granularity,
     int64_t out_channels);
 
+// The CPU kernel of the torch operator sparsekern::_layer_norm_fold (schema and reference in
+// sparsekern/ops/layer_norm_fold.py): t = LayerNorm(x) A^T + c from z = x W^T (W = A diag(gamma)), weight W (r, d),
+// row_sum W 1 and shift c (r,); x (..., d) and z (..., r) float32; returns t (..., r) contiguous.
+at::Tensor layer_norm_fold_cpu(const at::Tensor& z, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& row_sum, const at::Tensor& shift, double eps, double max_offset);
+
 // y (T, out) contiguous, float32, T = prod(x.shape[:-1]): sparsekern.ops.lowrank_linear.
 void lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& p,
                         const std::optional<at::Tensor>& bias, at::Tensor& y);

@@ -14,10 +14,15 @@ neither. The pass rewrites, for float32 inputs:
   prepacked matmul.
 
 The epilogue fused into the oneDNN call is the single use of the layer's output when it is a GELU (exact or
-tanh), a ReLU, or a two-operand add of a tensor of the output's shape (a residual). Dropout and identity modules
+tanh), a ReLU, or a two-operand add of a tensor of the output's shape (a residual). A LayerNorm over the last
+dimension whose only use is a low-rank layer, or a dense one without epilogue, is a candidate prologue: its
+``gamma`` folds into the (first) weight, the matmul reads the raw rows, and
+:func:`sparsekern.ops.layer_norm_fold.layer_norm_fold` finishes the normalisation on the layer's (first) output,
+where the tuner measured that faster than the LayerNorm and the layer apart. Dropout and identity modules
 are removed first (the result is for inference). Each rewritten layer's kernel is recorded in the result's
-``sk_backends`` (``"onednn"``, ``"torch"``, ``"sparsekern"``), chosen by :func:`sparsekern.tuning.current_tuner`
-from :class:`~sparsekern.tuning.LinearCall` timings, the same for dense and pruned models. Without oneDNN
+``sk_backends`` (``"onednn"``, ``"torch"``, ``"sparsekern"``; ``"onednn+layer_norm"`` for the fold), chosen by
+:func:`sparsekern.tuning.current_tuner` from :class:`~sparsekern.tuning.LinearCall` timings, the same for dense
+and pruned models. Without oneDNN
 (``torch.backends.mkldnn.is_available()`` false) the pass only removes dropout.
 """
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch.nn.functional as F
 
 from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear, select_features
+from sparsekern.ops import _ext
+from sparsekern.ops.layer_norm_fold import MAX_OFFSET, fold_weights, layer_norm_fold
 from sparsekern.tuning import LinearCall, Tuner, current_tuner
 
 __all__ = ["onednn_linear", "onednn_linear_weight"]
@@ -38,6 +45,8 @@ __all__ = ["onednn_linear", "onednn_linear_weight"]
 _POINTWISE = torch.ops.mkldnn._linear_pointwise
 #: epilogue name -> (oneDNN unary attribute, its algorithm) for ``_linear_pointwise``
 _UNARY = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+#: the backend name of a layer that folds the LayerNorm before it (:func:`sparsekern.ops.layer_norm_fold`)
+_FOLD = "onednn+layer_norm"
 
 
 def onednn_linear_weight(weight: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -109,13 +118,43 @@ def _epilogue(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, 
     return "none", None, node
 
 
+def _layer_norm_prologue(node: torch.fx.Node, modules: dict[str, nn.Module],
+                         in_features: int) -> tuple[torch.fx.Node, nn.LayerNorm] | None:
+    """The LayerNorm call that produces ``node``'s input, when it can fold into the layer: over the last
+    dimension (``in_features``), float32, its input of the same shape, its output read by ``node`` alone (or also by
+    ``size()`` calls, which its input answers the same)."""
+    ln = node.args[0] if node.args else None
+    if not isinstance(ln, torch.fx.Node) or ln.op != "call_module" or len(ln.args) != 1 or ln.kwargs:
+        return None
+    if any(user is not node and not _is_size_call(user) for user in ln.users):
+        return None
+    module = modules.get(ln.target)
+    if type(module) is not nn.LayerNorm or tuple(module.normalized_shape) != (in_features,):
+        return None
+    if not all(p.dtype == torch.float32 for p in module.parameters()):
+        return None
+    src = ln.args[0]
+    meta, out = (src.meta.get("tensor_meta") if isinstance(src, torch.fx.Node) else None), ln.meta.get("tensor_meta")
+    if meta is None or out is None or meta.dtype != torch.float32 or tuple(meta.shape) != tuple(out.shape):
+        return None
+    return ln, module
+
+
+def _is_size_call(node: torch.fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "size"
+
+
 class _Site:
-    """One layer being rewritten: its node, input shape, epilogue, and the graph edits the rewrites share."""
+    """One layer being rewritten: its node, input shape, epilogue, the LayerNorm it may fold, and the graph edits
+    the rewrites share."""
 
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, layer: nn.Module, in_shape: tuple[int, ...],
                  modules: dict[str, nn.Module], count: int, tuner: Tuner) -> None:
         self.gm, self.node, self.layer, self.in_shape, self.tuner = gm, node, layer, in_shape, tuner
         self.epilogue, self.other, self.last = _epilogue(node, modules)
+        in_features = getattr(layer, "in_features", None)
+        self.layer_norm = (_layer_norm_prologue(node, modules, in_features)
+                           if isinstance(in_features, int) and _ext.status() is None else None)
         self.tokens = 1
         for d in in_shape[:-1]:
             self.tokens *= int(d)
@@ -135,6 +174,43 @@ class _Site:
 
     def random_input(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         return torch.randn(shape or self.in_shape)
+
+    def fold(self, a: torch.Tensor, a_packed: torch.Tensor, bias: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        """Whether the LayerNorm folds into the oneDNN matmul by ``a`` (r, in; ``a_packed`` as the layer runs it,
+        ``bias`` added to it): timed as the LayerNorm and that matmul against the matmul by ``W = a diag(gamma)``
+        and :func:`sparsekern.ops.layer_norm_fold.layer_norm_fold` (the rest of the layer is the same either way),
+        under its own :class:`~sparsekern.tuning.LinearCall` (prologue ``"layer_norm"``). Returns (W packed, W,
+        ``s``, ``shift``, eps) when folding is faster, else None."""
+        module = self.layer_norm[1]
+        w, row_sum, shift = fold_weights(module, a, bias)
+        w_packed, eps = onednn_linear_weight(w, self.tokens), float(module.eps)
+        x = self.random_input()
+        call = LinearCall(self.in_shape, (tuple(a.shape),), bias is not None, "none", torch.get_num_threads(),
+                          "layer_norm")
+        choice = self.tuner.choose(call, {
+            "onednn": lambda: _POINTWISE(module(x), a_packed, bias, "none", [], ""),
+            _FOLD: lambda: layer_norm_fold(_POINTWISE(x, w_packed, None, "none", [], ""), x, w, row_sum, shift, eps),
+        })
+        return (w_packed, w, row_sum, shift, eps) if choice == _FOLD else None
+
+    def fold_node(self, z: torch.fx.Node, w: torch.Tensor, row_sum: torch.Tensor, shift: torch.Tensor,
+                  eps: float) -> torch.fx.Node:
+        """``_layer_norm_fold`` of the matmul output ``z`` (the node reading the LayerNorm's raw input)."""
+        return self.gm.graph.call_function(torch.ops.sparsekern._layer_norm_fold.default,
+                                           (z, self.raw_input(), self.buffer("fold_w", w),
+                                            self.buffer("fold_s", row_sum), self.buffer("fold_shift", shift), eps,
+                                            MAX_OFFSET))
+
+    def raw_input(self) -> torch.fx.Node:
+        """The LayerNorm's input (what a folded layer's matmul reads)."""
+        return self.layer_norm[0].args[0]
+
+    def drop_layer_norm(self) -> None:
+        """Erase the folded LayerNorm call (the layer is gone; its ``size()`` users ask its input instead)."""
+        ln = self.layer_norm[0]
+        ln.replace_all_uses_with(ln.args[0])
+        self.gm.graph.erase_node(ln)
 
     def other_input(self) -> torch.Tensor | None:
         return torch.randn(self.out_shape) if self.epilogue == "add" else None
@@ -187,8 +263,22 @@ def _rewrite_linear(site: _Site) -> str | None:
         "onednn": lambda: _pointwise(x, packed, bias, site.epilogue, other),
         "torch": lambda: _unfused(F.linear(x, layer.weight, layer.bias), site.epilogue, other),
     })
+    graph = site.gm.graph
+    # the fold's output is the layer's: only without an epilogue
+    folded = (site.fold(layer.weight.detach(), packed, bias)
+              if backend == "onednn" and site.layer_norm is not None and site.epilogue == "none" else None)
+    if folded is not None:
+        w_packed, w, row_sum, shift, eps = folded
+
+        def build(_: Any) -> torch.fx.Node:
+            z = graph.call_function(_POINTWISE.default, (site.raw_input(), site.buffer("w", w_packed), None, "none",
+                                                         [], ""))
+            return site.fold_node(z, w, row_sum, shift, eps)
+
+        site.replace(build)
+        site.drop_layer_norm()
+        return _FOLD
     if backend == "onednn":
-        graph = site.gm.graph
         site.replace(lambda x: _pointwise_node(graph, x, site.buffer("w", packed), site.buffer("b", bias),
                                                site.epilogue, site.other))
     return backend
@@ -211,18 +301,29 @@ def _rewrite_lowrank(site: _Site) -> str | None:
                                                     site.epilogue, other)
     backend = site.choose((tuple(q.shape), tuple(p.shape)), candidates)
     graph = site.gm.graph
-    if backend == "onednn":
-        def build(x: Any) -> torch.fx.Node:
-            h = graph.call_function(_POINTWISE.default, (x, site.buffer("q", q_packed), None, "none", [], ""))
-            return _pointwise_node(graph, h, site.buffer("p", p_packed), site.buffer("b", bias), site.epilogue,
-                                   site.other)
-
-        site.replace(build)
-    else:
+    if backend == "sparsekern":
         site.replace(lambda x: graph.call_function(torch.ops.sparsekern.lowrank_linear.default,
                                                    (x, site.buffer("q", q), site.buffer("p", p),
                                                     site.buffer("b", bias), "cpu")), fused=False)
-    return backend
+        return backend
+    folded = site.fold(q, q_packed, None) if site.layer_norm is not None else None
+
+    def build(x: Any) -> torch.fx.Node:
+        if folded is None:
+            h = graph.call_function(_POINTWISE.default, (x, site.buffer("q", q_packed), None, "none", [], ""))
+        else:
+            w_packed, w, row_sum, shift, eps = folded
+            z = graph.call_function(_POINTWISE.default, (site.raw_input(), site.buffer("q", w_packed), None, "none",
+                                                         [], ""))
+            h = site.fold_node(z, w, row_sum, shift, eps)
+        return _pointwise_node(graph, h, site.buffer("p", p_packed), site.buffer("b", bias), site.epilogue,
+                               site.other)
+
+    site.replace(build)
+    if folded is None:
+        return backend
+    site.drop_layer_norm()
+    return _FOLD
 
 
 def _rewrite_feature_select(site: _Site) -> str | None:

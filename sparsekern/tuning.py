@@ -63,13 +63,16 @@ class ConvCall(_Keyed):
 class LinearCall(_Keyed):
     """What decides which kernel runs a linear or low-rank layer fastest: the input shape (..., in), the weight
     shapes ((out, in) for a dense layer; (r, in) and (out, r) for a low-rank one), the bias, the fused epilogue
-    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"add"``) and torch's intra-op thread count."""
+    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"add"``), torch's intra-op thread count and the
+    prologue (``"none"``; ``"layer_norm"``: whether to fold the LayerNorm before the layer into its (first) matmul,
+    timed on that matmul alone)."""
 
     input_shape: tuple[int, ...]
     weight_shapes: tuple[tuple[int, ...], ...]
     bias: bool
     epilogue: str
     threads: int
+    prologue: str = "none"
 
     kind: ClassVar[str] = "linear"
 

@@ -8,6 +8,7 @@ shapes shared by validation, fakes and kernels.
 from __future__ import annotations
 
 from sparsekern.ops import gate_guard as _gate_guard  # noqa: F401 (defines the private operator)
+from sparsekern.ops import layer_norm_fold as _layer_norm_fold  # noqa: F401 (defines the private operator)
 from sparsekern.ops import reference
 from sparsekern.ops.attention import attention
 from sparsekern.ops.backend import Backend, Dispatch, NoBackendError

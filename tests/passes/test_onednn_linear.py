@@ -36,10 +36,10 @@ def _pruned_lm(arch: str, seed: int = 0) -> tuple[nn.Module, nn.Module, torch.Te
     return dense, sk.compile(model, flop.prune(model, x), x).eval(), x
 
 
-@pytest.mark.parametrize("fallback", ["onednn", "torch", "sparsekern"])
+@pytest.mark.parametrize("fallback", ["onednn", "torch", "sparsekern", "onednn+layer_norm"])
 @pytest.mark.parametrize("arch", list(LMS))
 def test_every_kernel_keeps_dense_and_compiled_outputs(arch: str, fallback: str) -> None:
-    if fallback == "sparsekern" and _ext.status() is not None:
+    if fallback in ("sparsekern", "onednn+layer_norm") and _ext.status() is not None:
         pytest.skip("the C++ extension is unavailable")
     dense, fast, x = _pruned_lm(arch)
     for model in (dense, fast):
@@ -52,6 +52,10 @@ def test_every_kernel_keeps_dense_and_compiled_outputs(arch: str, fallback: str)
         assert set(linears) <= set(optimized.sk_backends)
         offered = {"onednn", "torch"} if fallback == "torch" else {"onednn", fallback}
         assert {optimized.sk_backends[n] for n in linears} <= offered
+        if fallback == "onednn+layer_norm" and arch == "transformer_lm":  # every LayerNorm folds but ln2 of
+            norms = {n.target for n in optimized.graph.nodes  # the dense model (fc1 has its GELU fused)
+                     if n.op == "call_module" and isinstance(optimized.get_submodule(n.target), nn.LayerNorm)}
+            assert norms == ({f"blocks.{i}.ln2" for i in range(2)} if model is dense else set())
 
 
 class Epilogues(nn.Module):
@@ -115,3 +119,47 @@ def test_optimized_models_deep_copy_and_take_more_passes() -> None:
             with torch.no_grad():
                 for m in (twice, again):
                     assert_close_to_scale(m(x), model(x))
+
+
+class NormThenLinear(nn.Module):
+    """LayerNorms before a low-rank layer, a dense one, a dense one with an epilogue, and one read twice."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln_a, self.ln_b, self.ln_c, self.ln_d = (nn.LayerNorm(d) for _ in range(4))
+        for ln in (self.ln_a, self.ln_b, self.ln_c, self.ln_d):
+            nn.init.normal_(ln.weight)
+            nn.init.normal_(ln.bias)
+        self.a = LowRankLinear.from_factors(torch.randn(5, d) / 4, torch.randn(d, 5) / 4, torch.randn(d))
+        self.b, self.c, self.d = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_a(x)
+        x = x + self.a(h).view(h.size(0), h.size(1), -1)  # a size() user of the LayerNorm's output
+        x = self.b(self.ln_b(x))
+        x = torch.relu(self.c(self.ln_c(x)))
+        h = self.ln_d(x)
+        return self.d(h) + h
+
+
+def test_layer_norm_folds_where_the_table_says() -> None:
+    if _ext.status() is not None:
+        pytest.skip("the C++ extension is unavailable")
+    torch.manual_seed(0)
+    model = NormThenLinear().eval()
+    x = torch.randn(3, 5, 16)
+    fold = {"onednn": 2e-4, "onednn+layer_norm": 1e-4}
+    table = {LinearCall((3, 5, 16), ((5, 16),), False, "none", torch.get_num_threads(), "layer_norm"): fold,
+             LinearCall((3, 5, 16), ((16, 16),), True, "none", torch.get_num_threads(), "layer_norm"): fold}
+    with sk.tuning.use_tuner(Tuner(table, measure=False)):
+        gm = sk.passes.apply(model, ["onednn_linear"], x)
+    assert gm.sk_backends == {"a": "onednn+layer_norm", "b": "onednn+layer_norm", "c": "onednn", "d": "onednn"}
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"ln_c", "ln_d"}
+    assert sum(n.target == torch.ops.sparsekern._layer_norm_fold.default for n in gm.graph.nodes) == 2
+    with torch.no_grad():
+        assert_close_to_scale(gm(x), model(x), tol=1e-5)
+    with sk.tuning.use_tuner(Tuner({call: {"onednn": 1e-4, "onednn+layer_norm": 2e-4} for call in table},
+                                   measure=False)):
+        gm = sk.passes.apply(model, ["onednn_linear"], x)
+    assert set(gm.sk_backends.values()) == {"onednn"}
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"ln_a", "ln_b", "ln_c", "ln_d"}
