@@ -68,6 +68,11 @@ void sru_recurrence_backward_cpu(const at::Tensor& grad_h, const at::Tensor& u, 
 void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
                    at::Tensor& o);
 
+// The CPU kernel of the torch operator sparsekern::_attention (schema in sparsekern/ops/attention.py), what the
+// attention pass inserts: attention_cpu into a new output stored (B, T_q, H, E_v); float32 inputs.
+at::Tensor attention_op_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double scale);
+
 }  // namespace cpu
 
 #ifdef SPARSEKERN_WITH_CUDA

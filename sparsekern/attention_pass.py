@@ -1,5 +1,6 @@
 """The ``attention`` inference pass: ``scaled_dot_product_attention`` calls run by :func:`sparsekern.ops.attention`
-where the tuner measured it faster than torch's kernel.
+where the tuner measured it faster than torch's kernel (as the private operator ``sparsekern::_attention``, the
+op's CPU kernel without its Python validation and dispatch, so that a traced graph calls it without Python).
 
 A call qualifies when its q, k and v are float32 (B, H, T, E) tensors with one key/value head per query head and
 it has no mask tensor, no dropout (``dropout_p`` 0, as in an eval-mode trace) and no grouped-query flag; ``scale``
@@ -10,6 +11,7 @@ and pruned models.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsekern.fusion import as_graph_module, finish_rewrite
+from sparsekern.ops import _ext
 from sparsekern.tuning import AttentionCall, Tuner, current_tuner
 
 __all__ = ["attention"]
@@ -55,9 +58,11 @@ def attention(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
         })
         backends[f"attention.{len(backends)}"] = backend
         if backend == "sparsekern":
+            _ext.load()  # registers the C++ kernel of sparsekern::_attention
+            resolved = 1.0 / math.sqrt(shapes[0][-1]) if scale is None else float(scale)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.sparsekern.attention.default,
-                                             (bound["query"], bound["key"], bound["value"], causal, scale, None))
+                new = gm.graph.call_function(torch.ops.sparsekern._attention.default,
+                                             (bound["query"], bound["key"], bound["value"], causal, resolved))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

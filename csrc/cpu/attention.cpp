@@ -269,5 +269,19 @@ void attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   }, "attention");
 }
 
+at::Tensor attention_op_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  k.size(3) == q.size(3) && v.size(0) == k.size(0) && v.size(1) == k.size(1) &&
+                  v.size(2) == k.size(2),
+              "_attention (cpu): q (B, H, T_q, E), k (B, H, T_k, E) and v (B, H, T_k, E_v) expected, got q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  const auto unit = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  // stored (B, T_q, H, E_v), as sparsekern.ops.attention's output: the heads merge without a copy
+  at::Tensor o = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  attention_cpu(unit(q), unit(k), unit(v), causal, scale, o);
+  return o;
+}
+
 }  // namespace cpu
 }  // namespace sparsekern

@@ -134,6 +134,23 @@ def _fake(q, k, v, causal=False, scale=None, backend=None) -> torch.Tensor:
 _LIB.impl(_OP, _impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"sparsekern::{_OP}", _fake, lib=_LIB)
 
+# The cpu backend as a torch operator of its own, which the attention pass inserts once it has chosen that kernel
+# for a call: its CPU implementation is registered by the C++ extension, so that a traced graph runs it without
+# Python (the public op validates and dispatches in Python); elsewhere it is the public op.
+_LIB.define("_attention(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor")
+
+
+def _prepared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    return attention(q, k, v, causal, scale)
+
+
+def _prepared_fake(q, k, v, causal, scale) -> torch.Tensor:
+    return problem(q, k, v, causal, scale).new_output()
+
+
+_LIB.impl("_attention", _prepared, "CompositeExplicitAutograd")
+torch.library.register_fake("sparsekern::_attention", _prepared_fake, lib=_LIB)
+
 
 def flop_count(q_shape, k_shape, v_shape, causal: bool = False, *args, **kwargs) -> int:
     """FLOPs of one call: :func:`sparsekern.cost.attention_flops` (``2 (E + E_v)`` per visible pair)."""
@@ -142,8 +159,9 @@ def flop_count(q_shape, k_shape, v_shape, causal: bool = False, *args, **kwargs)
     return attention_flops(tuple(q_shape), tuple(k_shape), tuple(v_shape), bool(causal))
 
 
-if torch.ops.sparsekern.attention not in flop_counter.flop_registry:
-    flop_counter.register_flop_formula(torch.ops.sparsekern.attention)(flop_count)
+for _packet in (torch.ops.sparsekern.attention, torch.ops.sparsekern._attention):
+    if _packet not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(_packet)(flop_count)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: float | None = None, *,

@@ -73,6 +73,19 @@ def test_opcheck(backend) -> None:
     torch.library.opcheck(torch.ops.sparsekern.attention.default, (*_qkv(1, 2, 5, 7, 8, 8), True, None, backend))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_prepared_operator_equals_the_op(causal: bool) -> None:
+    """sparsekern::_attention (the pass's call: the C++ kernel on CPU where built) against the public op, on
+    strided views and with an explicit scale; opcheck."""
+    qkv = torch.randn(2, 9, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    _ext.load()
+    out = torch.ops.sparsekern._attention(q, k, v, causal, 0.4)
+    assert out.transpose(1, 2).is_contiguous()
+    assert_close_to_scale(out, _truth(q, k, v, causal, 0.4).float(), tol=1e-5)
+    torch.library.opcheck(torch.ops.sparsekern._attention.default, (q, k, v, causal, 0.4))
+
+
 def test_fake_under_torch_export_and_flop_formula() -> None:
     class M(torch.nn.Module):
         def forward(self, q, k, v):
@@ -95,7 +108,7 @@ def test_pass_keeps_a_transformers_outputs(fallback: str) -> None:
         gm = sk.passes.apply(model, ["attention"], x)
     assert gm.sk_backends == {"attention.0": fallback, "attention.1": fallback}
     ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-    assert (torch.ops.sparsekern.attention.default in ops) == (fallback == "sparsekern")
+    assert (torch.ops.sparsekern._attention.default in ops) == (fallback == "sparsekern")
     with torch.no_grad():
         assert_close_to_scale(gm(x), model(x))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
