@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsekern.fusion import as_graph_module, finish_rewrite
-from sparsekern.ops import _ext
+from sparsekern.ops import extension
 from sparsekern.tuning import AttentionCall, Tuner, current_tuner
 
 __all__ = ["attention"]
@@ -58,7 +58,7 @@ def attention(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
         })
         backends[f"attention.{len(backends)}"] = backend
         if backend == "sparsekern":
-            _ext.load()  # registers the C++ kernel of sparsekern::_attention
+            extension.load()  # registers the C++ kernel of sparsekern::_attention
             resolved = 1.0 / math.sqrt(shapes[0][-1]) if scale is None else float(scale)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.ops.sparsekern._attention.default,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.lowrank import FeatureSelectLinear, LowRankLinear, select_features
-from sparsekern.ops import _ext
+from sparsekern.ops import extension
 from sparsekern.ops.layer_norm_fold import MAX_OFFSET, fold_weights, layer_norm_fold
 from sparsekern.tuning import LinearCall, Tuner, current_tuner
 
@@ -154,7 +154,7 @@ class _Site:
         self.epilogue, self.other, self.last = _epilogue(node, modules)
         in_features = getattr(layer, "in_features", None)
         self.layer_norm = (_layer_norm_prologue(node, modules, in_features)
-                           if isinstance(in_features, int) and _ext.status() is None else None)
+                           if isinstance(in_features, int) and extension.status() is None else None)
         self.tokens = 1
         for d in in_shape[:-1]:
             self.tokens *= int(d)
