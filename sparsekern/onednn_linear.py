@@ -194,17 +194,16 @@ class _Site:
         })
         return (w_packed, w, row_sum, shift, eps) if choice == _FOLD else None
 
-    def fold_node(self, z: torch.fx.Node, w: torch.Tensor, row_sum: torch.Tensor, shift: torch.Tensor,
-                  eps: float) -> torch.fx.Node:
-        """``_layer_norm_fold`` of the matmul output ``z`` (the node reading the LayerNorm's raw input)."""
-        return self.gm.graph.call_function(torch.ops.sparsekern._layer_norm_fold.default,
-                                           (z, self.raw_input(), self.buffer("fold_w", w),
-                                            self.buffer("fold_s", row_sum), self.buffer("fold_shift", shift), eps,
-                                            MAX_OFFSET))
-
-    def raw_input(self) -> torch.fx.Node:
-        """The LayerNorm's input (what a folded layer's matmul reads)."""
-        return self.layer_norm[0].args[0]
+    def folded_matmul(self, folded: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+                      name: str) -> torch.fx.Node:
+        """The nodes of a folded first matmul (``folded`` from :meth:`fold`, its packed weight registered as
+        ``name``): the matmul on the LayerNorm's raw input, then ``_layer_norm_fold``."""
+        w_packed, w, row_sum, shift, eps = folded
+        raw, graph = self.layer_norm[0].args[0], self.gm.graph
+        z = graph.call_function(_POINTWISE.default, (raw, self.buffer(name, w_packed), None, "none", [], ""))
+        return graph.call_function(torch.ops.sparsekern._layer_norm_fold.default,
+                                   (z, raw, self.buffer("fold_w", w), self.buffer("fold_s", row_sum),
+                                    self.buffer("fold_shift", shift), eps, MAX_OFFSET))
 
     def drop_layer_norm(self) -> None:
         """Erase the folded LayerNorm call (the layer is gone; its ``size()`` users ask its input instead)."""
@@ -268,14 +267,7 @@ def _rewrite_linear(site: _Site) -> str | None:
     folded = (site.fold(layer.weight.detach(), packed, bias)
               if backend == "onednn" and site.layer_norm is not None and site.epilogue == "none" else None)
     if folded is not None:
-        w_packed, w, row_sum, shift, eps = folded
-
-        def build(_: Any) -> torch.fx.Node:
-            z = graph.call_function(_POINTWISE.default, (site.raw_input(), site.buffer("w", w_packed), None, "none",
-                                                         [], ""))
-            return site.fold_node(z, w, row_sum, shift, eps)
-
-        site.replace(build)
+        site.replace(lambda _: site.folded_matmul(folded, "w"))
         site.drop_layer_norm()
         return _FOLD
     if backend == "onednn":
@@ -312,10 +304,7 @@ def _rewrite_lowrank(site: _Site) -> str | None:
         if folded is None:
             h = graph.call_function(_POINTWISE.default, (x, site.buffer("q", q_packed), None, "none", [], ""))
         else:
-            w_packed, w, row_sum, shift, eps = folded
-            z = graph.call_function(_POINTWISE.default, (site.raw_input(), site.buffer("q", w_packed), None, "none",
-                                                         [], ""))
-            h = site.fold_node(z, w, row_sum, shift, eps)
+            h = site.folded_matmul(folded, "q")
         return _pointwise_node(graph, h, site.buffer("p", p_packed), site.buffer("b", bias), site.epilogue,
                                site.other)
 

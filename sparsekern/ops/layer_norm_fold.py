@@ -60,9 +60,8 @@ def fold_weights(layer_norm: torch.nn.LayerNorm, a: torch.Tensor,
     """``(W, s, shift)`` for ``layer_norm`` (over the last dimension) followed by ``x -> x a^T (+ bias)``, a (r, d):
     ``W = a diag(gamma)`` (r, d), ``s = W 1`` (r,), ``shift = a beta (+ bias)`` (r,); float32, detached."""
     a = a.detach().float()
-    gamma = layer_norm.weight.detach().float() if layer_norm.weight is not None else None
-    beta = getattr(layer_norm, "bias", None)
-    w = a * gamma if gamma is not None else a.clone()
+    gamma, beta = layer_norm.weight, layer_norm.bias  # None without the affine (or without its bias)
+    w = a * gamma.detach().float() if gamma is not None else a.clone()
     shift = a @ beta.detach().float() if beta is not None else a.new_zeros(a.shape[0])
     if bias is not None:
         shift = shift + bias.detach().float()
