@@ -21,6 +21,10 @@
 // registers, then per pixel CU broadcasts. The weights are packed once per layer (conv2d_nhwc_pack_cpu): W as
 // (K, Np), the output channels padded with zero columns to whole vectors.
 //
+// Layers of at most kL output channels use channel groups instead (channel_groups): lanes hold (output, input
+// channel mod G) pairs, so a narrow layer still fills its vectors, and where every lane is live the epilogue sums
+// the groups of several pixels into one full vector.
+//
 // Epilogue in registers: bias, the residual (same NHWC layout as y) and ReLU, then masked stores of the last
 // partial vector. Tiles are split in contiguous ranges over torch's intra-op threads, so batch 1 uses them too.
 // The register blocking is the BLIS scheme (Goto & van de Geijn, "Anatomy of high-performance matrix
@@ -29,6 +33,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -51,15 +56,20 @@ constexpr int kAccumulators = 12, kWeightRegs = 2;
 constexpr int rows_for(int nv) { return kAccumulators / nv; }
 constexpr int channels_for(int nv) { return kWeightRegs / nv > 0 ? kWeightRegs / nv : 1; }
 
-// Channel groups, for layers of at most kL / 2 output channels, where one vector per pixel would leave half its
-// lanes idle: lane o * G + g accumulates output o over the input channels c = g (mod G). One broadcast loads G
-// consecutive input channels of a pixel (contiguous in NHWC) into every group of G lanes, and the epilogue sums
-// each group. Needs C_in % G == 0.
+// Channel groups, for layers of at most kL output channels, where one vector per pixel would leave lanes idle or
+// load one input value per FMA: lane o * G + g (over one or two vectors) accumulates output o over the input
+// channels c = g (mod G). One broadcast loads G consecutive input channels of a pixel (contiguous in NHWC) into
+// every group of G lanes, for every vector of the tile, and the epilogue sums each group. The most groups that
+// fit two vectors: each loaded value then feeds up to two FMAs. Needs C_in % G == 0.
 int channel_groups(int64_t c_out, int64_t c_in) {
+  if (c_out > kL) return 1;
   for (const int G : {4, 2})
-    if (c_out * G <= kL && c_in % G == 0) return G;
+    if (c_out * G <= 2 * kL && c_in % G == 0) return G;
   return 1;
 }
+
+// Columns of the packed weight: C_out padded to whole vectors, times G with channel groups.
+int64_t packed_columns(int64_t c_out, int G) { return (std::max<int64_t>(c_out, 1) * G + kL - 1) / kL * kL; }
 
 // [p[0], ..., p[G - 1]] repeated over the vector
 template <int G>
@@ -87,33 +97,77 @@ inline Vec broadcast_group(const float* p) {
 #endif
 }
 
-// lane o = sum of lanes o * G .. o * G + G - 1, for o < kL / G (the other lanes: unspecified)
-template <int G>
-inline Vec group_sum(Vec a) {
+// Lane o = sum of lanes o * G .. o * G + G - 1 of the NV vectors a[0], a[1], ... taken as one, for
+// o < NV * kL / G (the other lanes: unspecified).
+template <int G, int NV>
+inline Vec group_sum(const Vec (&a)[NV]) {
+  static_assert(NV == 1 || NV == 2, "channel groups span one or two vectors");
 #if SPARSEKERN_SIMD == 512
-  __m512 s = _mm512_add_ps(a.v, _mm512_permute_ps(a.v, 0xB1));
-  if constexpr (G == 4) s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));
-  const __m512i idx = G == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0)
-                             : _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  return {_mm512_permutexvar_ps(idx, s)};
+  __m512 s[NV];
+  for (int v = 0; v < NV; ++v) {
+    s[v] = _mm512_add_ps(a[v].v, _mm512_permute_ps(a[v].v, 0xB1));
+    if constexpr (G == 4) s[v] = _mm512_add_ps(s[v], _mm512_permute_ps(s[v], 0x4E));
+  }
+  const __m512i idx = G == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                             : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+  if constexpr (NV == 1) return {_mm512_permutexvar_ps(idx, s[0])};
+  else return {_mm512_permutex2var_ps(s[0], idx, s[1])};
 #elif SPARSEKERN_SIMD == 256
-  __m256 s = _mm256_add_ps(a.v, _mm256_permute_ps(a.v, 0xB1));
-  if constexpr (G == 4) s = _mm256_add_ps(s, _mm256_permute_ps(s, 0x4E));
+  __m256 s[NV];
   const __m256i idx = G == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0) : _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
-  return {_mm256_permutevar8x32_ps(s, idx)};
+  for (int v = 0; v < NV; ++v) {
+    s[v] = _mm256_add_ps(a[v].v, _mm256_permute_ps(a[v].v, 0xB1));
+    if constexpr (G == 4) s[v] = _mm256_add_ps(s[v], _mm256_permute_ps(s[v], 0x4E));
+    s[v] = _mm256_permutevar8x32_ps(s[v], idx);
+  }
+  if constexpr (NV == 1) return {s[0]};
+  else if constexpr (G == 2) return {_mm256_permute2f128_ps(s[0], s[1], 0x20)};
+  else return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(s[0]), _mm256_castps_pd(s[1])))};
 #else
   Vec r = vzero();
-  for (int o = 0; o < kL / G; ++o)
-    for (int j = 0; j < G; ++j) r.v[o] += a.v[o * G + j];
+  for (int o = 0; o < NV * kL / G && o < kL; ++o)
+    for (int j = 0; j < G; ++j) r.v[o] += a[(o * G + j) / kL].v[(o * G + j) % kL];
   return r;
 #endif
+}
+
+// [a0 + a1, a2 + a3, ..., b0 + b1, b2 + b3, ...]: the sums of adjacent lanes of a, then of b
+inline Vec pair_sums(Vec a, Vec b) {
+#if SPARSEKERN_SIMD == 512
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return {_mm512_add_ps(_mm512_permutex2var_ps(a.v, even, b.v), _mm512_permutex2var_ps(a.v, odd, b.v))};
+#elif SPARSEKERN_SIMD == 256
+  return {_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(a.v, b.v)), 0xD8))};
+#else
+  Vec r;
+  for (int l = 0; l < kL; ++l) {
+    const Vec& s = l < kL / 2 ? a : b;
+    const int j = 2 * (l % (kL / 2));
+    r.v[l] = s.v[j] + s.v[j + 1];
+  }
+  return r;
+#endif
+}
+
+// The group sums of G vectors whose lanes are all live (o * G + g, outputs consecutive from r[0] to r[G - 1]), in
+// order: one vector of kL outputs.
+template <int G>
+inline Vec group_sums_full(const Vec (&r)[G]) {
+  static_assert(G == 2 || G == 4, "two or four channel groups");
+  if constexpr (G == 2) return pair_sums(r[0], r[1]);
+  else return pair_sums(pair_sums(r[0], r[1]), pair_sums(r[2], r[3]));
 }
 
 struct Geometry {
   int64_t B, H, W, C_in, Ho, Wo, C_out, kh, kw, sh, sw, ph, pw, dh, dw;
   int64_t xsb, xsh, xsw;  // x's strides in floats (its channel stride is 1)
-  int64_t Np;             // C_out padded to whole vectors (kL with channel groups)
+  int64_t Np;             // columns of the packed weight (packed_columns)
   int G;                  // input channels per channel group (1: none)
+  // With channel groups that fill every lane (C_out * G == Np), the outputs of kL / C_out consecutive pixels fill
+  // one vector: the epilogue reduces and stores them together, adding bias_rep (kL values: bias tiled, or null).
+  bool pixels_packed;
+  const float* bias_rep;
   bool relu;
   // The K values of a pixel, in segments of seg_len values contiguous in the source: a kernel row's taps
   // (kw * C_in values) when they are adjacent (dilation 1 along W), else one tap (C_in). seg_off: where each of
@@ -132,40 +186,52 @@ struct Source {
 // i >= rows).
 void pixel_bases(const Geometry& g, const Source& src, int64_t m0, int rows, int MR, const float** base) {
   int64_t b = m0 / (g.Ho * g.Wo), r = m0 % (g.Ho * g.Wo), oh = r / g.Wo, ow = r % g.Wo;
-  for (int i = 0; i < MR; ++i) {
-    if (i >= rows) {
-      base[i] = base[0];
-      continue;
-    }
-    base[i] = src.p + b * src.sb + oh * g.sh * src.sh + ow * g.sw * src.sw;
+  const int64_t step = g.sw * src.sw, row_step = g.sh * src.sh;
+  const float* row = src.p + b * src.sb + oh * row_step;
+  const float* p = row + ow * step;
+  for (int i = 0; i < rows; ++i) {
+    base[i] = p;
+    p += step;
     if (++ow == g.Wo) {
-      ow = 0;
-      if (++oh == g.Ho) oh = 0, ++b;
+      ow = 0, row += row_step;
+      if (++oh == g.Ho) oh = 0, row = src.p + ++b * src.sb;
+      p = row;
     }
   }
+  for (int i = rows; i < MR; ++i) base[i] = base[0];
 }
 
-// Samples b0 .. b1 - 1 of x with a zero border of (ph, pw), NHWC-contiguous: (b1 - b0, H + 2 ph, W + 2 pw, C_in).
-void zero_bordered(const Geometry& g, const float* x, int64_t b0, int64_t b1, float* dst) {
-  const int64_t hp = g.H + 2 * g.ph, row = (g.W + 2 * g.pw) * g.C_in;
-  for (int64_t r = 0; r < (b1 - b0) * hp; ++r) {
-    const int64_t b = b0 + r / hp, ih = r % hp - g.ph;
-    float* out = dst + r * row;
-    if (ih < 0 || ih >= g.H) {
-      std::memset(out, 0, row * sizeof(float));
-      continue;
-    }
-    std::memset(out, 0, g.pw * g.C_in * sizeof(float));
-    std::memset(out + (g.pw + g.W) * g.C_in, 0, g.pw * g.C_in * sizeof(float));
-    const float* in = x + b * g.xsb + ih * g.xsh;
-    if (g.xsw == g.C_in) {
-      std::memcpy(out + g.pw * g.C_in, in, g.W * g.C_in * sizeof(float));
-    } else {
-      for (int64_t iw = 0; iw < g.W; ++iw)
-        std::memcpy(out + (g.pw + iw) * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
-    }
+// A thread's copy of samples b0 .. b1 - 1 of x with a zero border of (ph, pw), NHWC-contiguous:
+// (b1 - b0, H + 2 ph, W + 2 pw, C_in). The border is zeroed once for a geometry; the copies of later chunks of the
+// same geometry write only the interior.
+class BorderedCopy {
+ public:
+  const float* fill(const Geometry& g, const float* x, int64_t b0, int64_t b1, int64_t per_chunk) {
+    const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
+    const size_t n = static_cast<size_t>(per_chunk * hp * wp * g.C_in);
+    float* dst = buf_.get(n);
+    const std::array<int64_t, 6> key{per_chunk, g.H, g.W, g.C_in, g.ph, g.pw};
+    if (key != key_ || dst != zeroed_) std::memset(dst, 0, n * sizeof(float));
+    key_ = key, zeroed_ = dst;
+    const int64_t row = wp * g.C_in, run = g.W * g.C_in;
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t ih = 0; ih < g.H; ++ih) {
+        float* out = dst + ((b - b0) * hp + ih + g.ph) * row + g.pw * g.C_in;
+        const float* in = x + b * g.xsb + ih * g.xsh;
+        if (g.xsw == g.C_in) {
+          std::memcpy(out, in, run * sizeof(float));
+        } else {
+          for (int64_t iw = 0; iw < g.W; ++iw) std::memcpy(out + iw * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
+        }
+      }
+    return dst;
   }
-}
+
+ private:
+  Buffer<float> buf_;
+  std::array<int64_t, 6> key_{};
+  const float* zeroed_ = nullptr;
+};
 
 int64_t segment_offset(const Geometry& g, int64_t s) { return s < 64 ? g.seg_off[s] : g.seg_list[s]; }
 
@@ -204,6 +270,22 @@ inline void finish(const Geometry& g, Vec r, const float* bias, const float* res
   }
 }
 
+// y[m .. m + pixels - 1, :] = act(r + bias_rep (+ residual)): r holds the outputs of pixels consecutive pixels
+// (g.pixels_packed)
+inline void finish_pixels(const Geometry& g, Vec r, const float* residual, float* y, int64_t m, int pixels) {
+  const int64_t at = m * g.C_out;
+  const bool full = pixels * g.C_out == kL;
+  const uint32_t lanes = full ? ~0u : (1u << (pixels * g.C_out)) - 1u;
+  if (g.bias_rep != nullptr) r = vadd(r, vload(g.bias_rep));
+  if (residual != nullptr) r = vadd(r, full ? vload(residual + at) : vload_mask(residual + at, lanes));
+  if (g.relu) r = vrelu(r);
+  if (full) {
+    vstore(y + at, r);
+  } else {
+    vstore_mask(y + at, r, lanes);
+  }
+}
+
 // One MR x NV tile: output pixels m0 .. m0 + rows - 1, channels n0 .. n0 + NV * kL - 1.
 template <int MR, int NV>
 void tile(const Geometry& g, const float* const* base, const float* __restrict w, const float* bias,
@@ -233,39 +315,71 @@ void tile(const Geometry& g, const float* const* base, const float* __restrict w
   }
 }
 
-// One MR-pixel tile of a channel-grouped layer (one vector of kL / G output channels, see channel_groups).
-template <int MR, int G>
+// One MR-pixel tile of a channel-grouped layer (NV vectors holding every output channel, see channel_groups).
+template <int MR, int G, int NV>
 void tile_grouped(const Geometry& g, const float* const* base, const float* __restrict w, const float* bias,
                   const float* residual, float* y, int64_t m0, int rows) {
-  constexpr int CU = kWeightRegs;
-  Vec acc[MR];
+  constexpr int CU = channels_for(NV);
+  Vec acc[MR][NV];
 #pragma GCC unroll 24
-  for (int i = 0; i < MR; ++i) acc[i] = vzero();
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
   const int64_t blocks = g.seg_len / G, b_main = blocks / CU * CU;
   for (int64_t s = 0; s < g.nseg; ++s) {
     const int64_t off = segment_offset(g, s);
-    const float* wt = w + s * blocks * kL;
+    const float* wt = w + s * blocks * NV * kL;
     auto step_grouped = [&](int64_t cb, auto cu) {
       constexpr int U = decltype(cu)::value;
-      Vec wv[U];
+      Vec wv[U][NV];
 #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) wv[u] = vload(wt + (cb + u) * kL);
+      for (int u = 0; u < U; ++u)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) wv[u][v] = vload(wt + ((cb + u) * NV + v) * kL);
 #pragma GCC unroll 24
       for (int i = 0; i < MR; ++i) {
         const float* pi = base[i] + off + cb * G;
 #pragma GCC unroll 4
-        for (int u = 0; u < U; ++u) acc[i] = vfma(broadcast_group<G>(pi + u * G), wv[u], acc[i]);
+        for (int u = 0; u < U; ++u) {
+          const Vec a = broadcast_group<G>(pi + u * G);
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, wv[u][v], acc[i][v]);
+        }
       }
     };
     for (int64_t cb = 0; cb < b_main; cb += CU) step_grouped(cb, std::integral_constant<int, CU>{});
     for (int64_t cb = b_main; cb < blocks; ++cb) step_grouped(cb, std::integral_constant<int, 1>{});
   }
+  if (g.pixels_packed) {
+    constexpr int P = G / NV;  // pixels per output vector
+    static_assert(MR % P == 0, "whole output vectors per tile");
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i += P) {
+      if (i >= rows) break;
+      Vec r[G];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) r[p * NV + v] = acc[i + p][v];
+      finish_pixels(g, group_sums_full<G>(r), residual, y, m0 + i, std::min(P, rows - i));
+    }
+    return;
+  }
   if (rows == MR) {
 #pragma GCC unroll 24
-    for (int i = 0; i < MR; ++i) finish(g, group_sum<G>(acc[i]), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < MR; ++i) finish(g, group_sum<G, NV>(acc[i]), bias, residual, y, m0 + i, 0);
   } else {
-    for (int i = 0; i < rows; ++i) finish(g, group_sum<G>(acc[i]), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < rows; ++i) finish(g, group_sum<G, NV>(acc[i]), bias, residual, y, m0 + i, 0);
   }
+}
+
+// The grouped tile of MR rows (NV = 1 or 2 vectors, whichever MR was sized for).
+template <int MR, int G>
+void run_tile_grouped(const Geometry& g, const float* const* base, const float* w, const float* bias,
+                      const float* residual, float* y, int64_t m0, int rows) {
+  if constexpr (MR == rows_for(1)) return tile_grouped<MR, G, 1>(g, base, w, bias, residual, y, m0, rows);
+  if constexpr (MR == rows_for(2)) return tile_grouped<MR, G, 2>(g, base, w, bias, residual, y, m0, rows);
+  TORCH_CHECK(false, "fused_conv2d (CPU, NHWC): internal: no ", MR, "-row grouped tile");
 }
 
 template <int MR>
@@ -295,18 +409,18 @@ void run(const Geometry& g, const float* x, const float* w, const float* bias, c
   const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + chunks - 1) / chunks);
   const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
   parallel(chunks * parts, [&](int64_t u0, int64_t u1) {
-    thread_local Buffer<float> border;
+    thread_local BorderedCopy border;
     const float* base[MR];
+    const float* copy = nullptr;
     int64_t copied = -1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t chunk = u / parts, part = u % parts;
       const int64_t b0 = chunk * per_chunk, b1 = std::min(g.B, b0 + per_chunk);
       Source src{x + b0 * g.xsb, g.xsb, g.xsh, g.xsw};
       if (padded) {
-        float* buf = border.get(static_cast<size_t>(per_chunk * hp * wp * g.C_in));
-        if (copied != chunk) zero_bordered(g, x, b0, b1, buf);
+        if (copied != chunk) copy = border.fill(g, x, b0, b1, per_chunk);
         copied = chunk;
-        src = Source{buf, hp * wp * g.C_in, wp * g.C_in, g.C_in};
+        src = Source{copy, hp * wp * g.C_in, wp * g.C_in, g.C_in};
       }
       const int64_t pixels = (b1 - b0) * hw, tiles = (pixels + MR - 1) / MR;
       for (int64_t t = tiles * part / parts; t < tiles * (part + 1) / parts; ++t) {
@@ -316,9 +430,9 @@ void run(const Geometry& g, const float* x, const float* w, const float* bias, c
         float* yc = y + b0 * hw * g.C_out;
         const float* rc = residual == nullptr ? nullptr : residual + b0 * hw * g.C_out;
         if (g.G == 2) {
-          tile_grouped<MR, 2>(g, base, w, bias, rc, yc, m0, rows);
+          run_tile_grouped<MR, 2>(g, base, w, bias, rc, yc, m0, rows);
         } else if (g.G == 4) {
-          tile_grouped<MR, 4>(g, base, w, bias, rc, yc, m0, rows);
+          run_tile_grouped<MR, 4>(g, base, w, bias, rc, yc, m0, rows);
         } else {
           for (int64_t n0 = 0; n0 < g.Np; n0 += kMaxNV * kL) {
             const int nv = static_cast<int>(std::min<int64_t>(kMaxNV, (g.Np - n0) / kL));
@@ -330,8 +444,6 @@ void run(const Geometry& g, const float* x, const float* w, const float* bias, c
   }, "fused_conv2d");
 }
 
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
 }  // namespace
 
 at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
@@ -340,12 +452,13 @@ at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = weight.size(2) * weight.size(3);
   const int G = channel_groups(c_out, c_in);
   const at::Tensor w = weight.permute({2, 3, 1, 0}).reshape({taps, c_in / G, G, c_out});  // [t][cb][g][o]
-  if (G > 1) {  // rows (t, cb), lane o * G + g
-    at::Tensor packed = at::zeros({taps * (c_in / G), kL / G, G}, weight.options());
+  const int64_t columns = packed_columns(c_out, G);
+  if (G > 1) {  // rows (t, cb), column o * G + g
+    at::Tensor packed = at::zeros({taps * (c_in / G), columns / G, G}, weight.options());
     packed.narrow(1, 0, c_out).copy_(w.reshape({taps * (c_in / G), G, c_out}).transpose(1, 2));
-    return packed.reshape({taps * (c_in / G), kL});
+    return packed.reshape({taps * (c_in / G), columns});
   }
-  at::Tensor packed = at::zeros({taps * c_in, round_up(std::max<int64_t>(c_out, 1), kL)}, weight.options());
+  at::Tensor packed = at::zeros({taps * c_in, columns}, weight.options());
   packed.narrow(1, 0, c_out).copy_(w.reshape({taps * c_in, c_out}));
   return packed;
 }
@@ -365,11 +478,18 @@ void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optio
   g.xsb = x.stride(0), g.xsh = x.stride(2), g.xsw = x.stride(3);
   g.Np = packed.size(1), g.G = channel_groups(g.C_out, g.C_in), g.relu = relu;
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.C_in / g.G &&
-                  g.Np == (g.G > 1 ? kL : round_up(std::max<int64_t>(g.C_out, 1), kL)),
+                  g.Np == packed_columns(g.C_out, g.G),
               "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
               " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
   if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  float bias_rep[kL];
+  g.pixels_packed = g.G > 1 && g.C_out * g.G == g.Np;
+  g.bias_rep = nullptr;
+  if (g.pixels_packed && bp != nullptr) {
+    for (int l = 0; l < kL; ++l) bias_rep[l] = bp[l % g.C_out];
+    g.bias_rep = bias_rep;
+  }
   const float* res = residual.has_value() && residual->defined() ? residual->data_ptr<float>() : nullptr;
   const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
   const int64_t src_sw = g.ph > 0 || g.pw > 0 ? g.C_in : g.xsw;

@@ -34,6 +34,8 @@ SHAPES = [
     (1, 5, 9, 3, 3, 3, 1, 0), (2, 40, 24, 13, 11, 3, 1, 2),
     # channels-last kernel: channel groups of 4 and 2, tiles across samples in several chunks, four-vector tiles
     (7, 12, 4, 4, 4, 3, 1, 1), (1, 6, 3, 7, 7, 3, 1, 1), (5, 16, 32, 4, 4, 3, 1, 1), (2, 8, 70, 5, 6, 5, 2, 2),
+    # channel groups filling every lane (several pixels per output vector), the last tile ending mid-vector
+    (3, 8, 8, 5, 7, 3, 1, 1), (1, 4, 4, 5, 5, 3, 1, 1), (2, 6, 16, 5, 5, 3, 2, 1), (1, 10, 8, 5, 5, 3, 1, 1),
 ]
 
 
