@@ -211,9 +211,20 @@ class BorderedCopy {
     const size_t n = static_cast<size_t>(per_chunk * hp * wp * g.C_in);
     float* dst = buf_.get(n);
     const std::array<int64_t, 6> key{per_chunk, g.H, g.W, g.C_in, g.ph, g.pw};
-    if (key != key_ || dst != zeroed_) std::memset(dst, 0, n * sizeof(float));
-    key_ = key, zeroed_ = dst;
     const int64_t row = wp * g.C_in, run = g.W * g.C_in;
+    if (key != key_ || dst != zeroed_) {
+      for (int64_t r = 0; r < per_chunk * hp; ++r) {
+        float* out = dst + r * row;
+        const int64_t ih = r % hp - g.ph;
+        if (ih < 0 || ih >= g.H) {
+          std::memset(out, 0, row * sizeof(float));
+        } else {
+          std::memset(out, 0, g.pw * g.C_in * sizeof(float));
+          std::memset(out + g.pw * g.C_in + run, 0, g.pw * g.C_in * sizeof(float));
+        }
+      }
+    }
+    key_ = key, zeroed_ = dst;
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t ih = 0; ih < g.H; ++ih) {
         float* out = dst + ((b - b0) * hp + ih + g.ph) * row + g.pw * g.C_in;
