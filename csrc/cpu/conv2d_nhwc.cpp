@@ -408,16 +408,47 @@ void run_tile(int nv, const Geometry& g, const float* const* base, const float* 
   TORCH_CHECK(false, "fused_conv2d (CPU, NHWC): internal: no ", MR, "-row tile of ", nv, " vectors");
 }
 
-// Tiles of MR pixels over threads. A padded convolution works in chunks of samples: each chunk is copied with a
-// zero border into the thread's buffer (kept in cache for the tiles that read it), and a chunk's tiles are split
-// in parts where there are fewer chunks than threads (batch 1), each part copying the chunk it reads.
+// How run() splits the work: chunks of per_chunk samples, each cut in parts (several where there are fewer
+// chunks than twice the threads: batch 1), the chunks * parts items taken in contiguous ranges by the threads.
+struct Split {
+  int64_t per_chunk, chunks, parts;
+};
+
+constexpr int64_t kChunkBytes = 256 << 10;  // a chunk's zero-bordered copy, kept in the thread's L2
+
+// The smallest chunks (a chunk's copy is read while it is in L1) whose busiest thread runs at most 1/16 more
+// MR-pixel tiles than the best split's (a chunk's last tile may be partial, and torch's threads take
+// ceil(items / threads) items each), among chunks whose bordered copy is at most kChunkBytes (or one sample).
+// An unpadded convolution reads x in place: one chunk.
+Split split_work(const Geometry& g, int MR, bool padded, int64_t threads) {
+  auto split = [&](int64_t k) {
+    const int64_t chunks = (g.B + k - 1) / k;
+    return Split{k, chunks, std::max<int64_t>(1, (2 * threads + chunks - 1) / chunks)};
+  };
+  if (!padded) return split(g.B);
+  const int64_t hw = g.Ho * g.Wo, sample_bytes = (g.H + 2 * g.ph) * (g.W + 2 * g.pw) * g.C_in * 4;
+  const int64_t k_max = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(sample_bytes, 1), 1, g.B);
+  std::vector<int64_t> busiest(static_cast<size_t>(k_max + 1));
+  for (int64_t k = 1; k <= k_max; ++k) {
+    const Split s = split(k);
+    const int64_t tiles = (k * hw + MR - 1) / MR;
+    busiest[k] = (s.chunks * s.parts + threads - 1) / threads * ((tiles + s.parts - 1) / s.parts);
+  }
+  const int64_t best = *std::min_element(busiest.begin() + 1, busiest.end());
+  int64_t k = 1;
+  while (busiest[k] * 16 > best * 17) ++k;
+  return split(k);
+}
+
+// Tiles of MR pixels over threads (split_work). A padded convolution works in chunks of samples: each chunk is
+// copied with a zero border into the thread's buffer (kept in cache for the tiles that read it), and each part
+// of a chunk copies the chunk it reads.
 template <int MR>
 void run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual, float* y) {
   const int64_t hw = g.Ho * g.Wo;
   const bool padded = g.ph > 0 || g.pw > 0;
-  const int64_t per_chunk = padded ? std::clamp<int64_t>((8 * MR + hw - 1) / hw, 1, g.B) : g.B;
-  const int64_t chunks = (g.B + per_chunk - 1) / per_chunk;
-  const int64_t parts = std::max<int64_t>(1, (2 * at::get_num_threads() + chunks - 1) / chunks);
+  const Split work = split_work(g, MR, padded, at::get_num_threads());
+  const int64_t per_chunk = work.per_chunk, chunks = work.chunks, parts = work.parts;
   const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
   parallel(chunks * parts, [&](int64_t u0, int64_t u1) {
     thread_local BorderedCopy border;
