@@ -21,12 +21,13 @@ void channel_skip_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y);
 
-// sparsekern.ops.fused_conv2d on channels-last tensors: the weight packed once by conv2d_nhwc_pack_cpu, then
+// sparsekern.ops.fused_conv2d on channels-last tensors: the weight packed once by conv2d_nhwc_pack_cpu (for a
+// convolution with padding or without: the packing differs), then
 // y = act(conv(x, weight) + bias (+ residual)) by conv2d_nhwc_prepacked, also the CPU kernel of the torch operator
 // sparsekern::_conv2d_nhwc_prepacked (schema in sparsekern/ops/fused_conv2d.py) so that graphs calling it run
 // without Python. x float32 (B, C_in, H, W) with any strides; y is returned channels-last; a residual is added
 // before the ReLU.
-at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight);
+at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight, bool padded);
 at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,

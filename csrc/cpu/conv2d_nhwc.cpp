@@ -59,13 +59,29 @@ constexpr int channels_for(int nv) { return kWeightRegs / nv > 0 ? kWeightRegs /
 // Channel groups, for layers of at most kL output channels, where one vector per pixel would leave lanes idle or
 // load one input value per FMA: lane o * G + g (over one or two vectors) accumulates output o over the input
 // channels c = g (mod G). One broadcast loads G consecutive input channels of a pixel (contiguous in NHWC) into
-// every group of G lanes, for every vector of the tile, and the epilogue sums each group. The most groups that
-// fit two vectors: each loaded value then feeds up to two FMAs. Needs C_in % G == 0.
-int channel_groups(int64_t c_out, int64_t c_in) {
-  if (c_out > kL) return 1;
-  for (const int G : {4, 2})
-    if (c_out * G <= 2 * kL && c_in % G == 0) return G;
-  return 1;
+// every group of G lanes, for every vector of the tile, and the epilogue sums each group. In a padded convolution,
+// whose input is copied anyway, the input channels are taken as Cp = C_in rounded up to a multiple of G: zero
+// channels (zero weights; zero inputs, written by the copy) complete the last group, where they add at most a
+// quarter to C_in (a 3-channel image stays ungrouped: the copy per pixel and the group sums would cost more than
+// the FMAs saved). Otherwise Cp = C_in, and G divides it.
+struct Grouping {
+  int G;       // input channels per channel group (1: none)
+  int64_t Cp;  // input channels the kernel reads per pixel
+};
+
+// The grouping with the fewest FMAs per pixel and K value, (Cp / G) * vectors, among G = 1, 2, 4 with at most two
+// vectors of lanes; ties go to more groups (each loaded value then feeds more FMAs).
+Grouping channel_groups(int64_t c_out, int64_t c_in, bool padded) {
+  auto vectors = [&](int G) { return (std::max<int64_t>(c_out, 1) * G + kL - 1) / kL; };
+  Grouping best{1, c_in};
+  int64_t best_fmas = c_in * vectors(1);
+  if (c_out > kL) return best;
+  for (const int G : {2, 4}) {
+    const int64_t cp = (c_in + G - 1) / G * G, fmas = cp / G * vectors(G);
+    const bool zeros_ok = cp == c_in || (padded && 4 * (cp - c_in) <= c_in);
+    if (vectors(G) <= 2 && zeros_ok && fmas <= best_fmas) best = {G, cp}, best_fmas = fmas;
+  }
+  return best;
 }
 
 // Columns of the packed weight: C_out padded to whole vectors, times G with channel groups.
@@ -164,13 +180,15 @@ struct Geometry {
   int64_t xsb, xsh, xsw;  // x's strides in floats (its channel stride is 1)
   int64_t Np;             // columns of the packed weight (packed_columns)
   int G;                  // input channels per channel group (1: none)
+  int64_t Cp;             // input channels per pixel of what the tiles read (channel_groups)
+  bool copied;            // the tiles read a copy of x with a zero border (padding), not x
   // With channel groups that fill every lane (C_out * G == Np), the outputs of kL / C_out consecutive pixels fill
   // one vector: the epilogue reduces and stores them together, adding bias_rep (kL values: bias tiled, or null).
   bool pixels_packed;
   const float* bias_rep;
   bool relu;
   // The K values of a pixel, in segments of seg_len values contiguous in the source: a kernel row's taps
-  // (kw * C_in values) when they are adjacent (dilation 1 along W), else one tap (C_in). seg_off: where each of
+  // (kw * Cp values) when they are adjacent (dilation 1 along W), else one tap (Cp). seg_off: where each of
   // the nseg segments starts, from the pixel's first tap (the first 64 here, all in seg_list).
   int64_t nseg, seg_len, seg_off[64];
   const int64_t* seg_list;
@@ -201,38 +219,43 @@ void pixel_bases(const Geometry& g, const Source& src, int64_t m0, int rows, int
   for (int i = rows; i < MR; ++i) base[i] = base[0];
 }
 
-// A thread's copy of samples b0 .. b1 - 1 of x with a zero border of (ph, pw), NHWC-contiguous:
-// (b1 - b0, H + 2 ph, W + 2 pw, C_in). The border is zeroed once for a geometry; the copies of later chunks of the
-// same geometry write only the interior.
+// A thread's copy of samples b0 .. b1 - 1 of x with a zero border of (ph, pw) and zero channels from C_in to Cp,
+// NHWC-contiguous: (b1 - b0, H + 2 ph, W + 2 pw, Cp). The zeros are written once for a geometry; the copies of
+// later chunks of the same geometry write only the C_in channels of the interior.
 class BorderedCopy {
  public:
   const float* fill(const Geometry& g, const float* x, int64_t b0, int64_t b1, int64_t per_chunk) {
-    const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
-    const size_t n = static_cast<size_t>(per_chunk * hp * wp * g.C_in);
+    const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw, cp = g.Cp;
+    const size_t n = static_cast<size_t>(per_chunk * hp * wp * cp);
     float* dst = buf_.get(n);
-    const std::array<int64_t, 6> key{per_chunk, g.H, g.W, g.C_in, g.ph, g.pw};
-    const int64_t row = wp * g.C_in, run = g.W * g.C_in;
+    const std::array<int64_t, 7> key{per_chunk, g.H, g.W, g.C_in, cp, g.ph, g.pw};
+    const int64_t row = wp * cp, run = g.W * cp;
     if (key != key_ || dst != zeroed_) {
-      for (int64_t r = 0; r < per_chunk * hp; ++r) {
+      if (cp != g.C_in) std::memset(dst, 0, n * sizeof(float));
+      for (int64_t r = 0; r < per_chunk * hp && cp == g.C_in; ++r) {
         float* out = dst + r * row;
         const int64_t ih = r % hp - g.ph;
         if (ih < 0 || ih >= g.H) {
           std::memset(out, 0, row * sizeof(float));
         } else {
-          std::memset(out, 0, g.pw * g.C_in * sizeof(float));
-          std::memset(out + g.pw * g.C_in + run, 0, g.pw * g.C_in * sizeof(float));
+          std::memset(out, 0, g.pw * cp * sizeof(float));
+          std::memset(out + g.pw * cp + run, 0, g.pw * cp * sizeof(float));
         }
       }
     }
     key_ = key, zeroed_ = dst;
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t ih = 0; ih < g.H; ++ih) {
-        float* out = dst + ((b - b0) * hp + ih + g.ph) * row + g.pw * g.C_in;
+        float* out = dst + ((b - b0) * hp + ih + g.ph) * row + g.pw * cp;
         const float* in = x + b * g.xsb + ih * g.xsh;
-        if (g.xsw == g.C_in) {
+        if (g.xsw == cp) {
           std::memcpy(out, in, run * sizeof(float));
+        } else if (cp <= kL) {  // a pixel's C_in values and zeros up to cp in one vector
+          const uint32_t live = (1u << g.C_in) - 1u, lanes = (1u << cp) - 1u;
+          for (int64_t iw = 0; iw < g.W; ++iw) vstore_mask(out + iw * cp, vload_mask(in + iw * g.xsw, live), lanes);
         } else {
-          for (int64_t iw = 0; iw < g.W; ++iw) std::memcpy(out + iw * g.C_in, in + iw * g.xsw, g.C_in * sizeof(float));
+          for (int64_t iw = 0; iw < g.W; ++iw)
+            for (int64_t c = 0; c < g.C_in; ++c) out[iw * cp + c] = in[iw * g.xsw + c];
         }
       }
     return dst;
@@ -240,7 +263,7 @@ class BorderedCopy {
 
  private:
   Buffer<float> buf_;
-  std::array<int64_t, 6> key_{};
+  std::array<int64_t, 7> key_{};
   const float* zeroed_ = nullptr;
 };
 
@@ -418,15 +441,15 @@ constexpr int64_t kChunkBytes = 256 << 10;  // a chunk's zero-bordered copy, kep
 
 // The smallest chunks (a chunk's copy is read while it is in L1) whose busiest thread runs at most 1/16 more
 // MR-pixel tiles than the best split's (a chunk's last tile may be partial, and torch's threads take
-// ceil(items / threads) items each), among chunks whose bordered copy is at most kChunkBytes (or one sample).
-// An unpadded convolution reads x in place: one chunk.
-Split split_work(const Geometry& g, int MR, bool padded, int64_t threads) {
+// ceil(items / threads) items each), among chunks whose copy is at most kChunkBytes (or one sample). Where the
+// tiles read x in place (not g.copied): one chunk.
+Split split_work(const Geometry& g, int MR, int64_t threads) {
   auto split = [&](int64_t k) {
     const int64_t chunks = (g.B + k - 1) / k;
     return Split{k, chunks, std::max<int64_t>(1, (2 * threads + chunks - 1) / chunks)};
   };
-  if (!padded) return split(g.B);
-  const int64_t hw = g.Ho * g.Wo, sample_bytes = (g.H + 2 * g.ph) * (g.W + 2 * g.pw) * g.C_in * 4;
+  if (!g.copied) return split(g.B);
+  const int64_t hw = g.Ho * g.Wo, sample_bytes = (g.H + 2 * g.ph) * (g.W + 2 * g.pw) * g.Cp * 4;
   const int64_t k_max = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(sample_bytes, 1), 1, g.B);
   std::vector<int64_t> busiest(static_cast<size_t>(k_max + 1));
   for (int64_t k = 1; k <= k_max; ++k) {
@@ -440,14 +463,13 @@ Split split_work(const Geometry& g, int MR, bool padded, int64_t threads) {
   return split(k);
 }
 
-// Tiles of MR pixels over threads (split_work). A padded convolution works in chunks of samples: each chunk is
-// copied with a zero border into the thread's buffer (kept in cache for the tiles that read it), and each part
-// of a chunk copies the chunk it reads.
+// Tiles of MR pixels over threads (split_work). Where the tiles read a copy of x (g.copied), they work in chunks
+// of samples: each chunk is copied into the thread's buffer (BorderedCopy, kept in cache for the tiles that read
+// it), and each part of a chunk copies the chunk it reads.
 template <int MR>
 void run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual, float* y) {
   const int64_t hw = g.Ho * g.Wo;
-  const bool padded = g.ph > 0 || g.pw > 0;
-  const Split work = split_work(g, MR, padded, at::get_num_threads());
+  const Split work = split_work(g, MR, at::get_num_threads());
   const int64_t per_chunk = work.per_chunk, chunks = work.chunks, parts = work.parts;
   const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
   parallel(chunks * parts, [&](int64_t u0, int64_t u1) {
@@ -459,10 +481,10 @@ void run(const Geometry& g, const float* x, const float* w, const float* bias, c
       const int64_t chunk = u / parts, part = u % parts;
       const int64_t b0 = chunk * per_chunk, b1 = std::min(g.B, b0 + per_chunk);
       Source src{x + b0 * g.xsb, g.xsb, g.xsh, g.xsw};
-      if (padded) {
+      if (g.copied) {
         if (copied != chunk) copy = border.fill(g, x, b0, b1, per_chunk);
         copied = chunk;
-        src = Source{copy, hp * wp * g.C_in, wp * g.C_in, g.C_in};
+        src = Source{copy, hp * wp * g.Cp, wp * g.Cp, g.Cp};
       }
       const int64_t pixels = (b1 - b0) * hw, tiles = (pixels + MR - 1) / MR;
       for (int64_t t = tiles * part / parts; t < tiles * (part + 1) / parts; ++t) {
@@ -488,20 +510,21 @@ void run(const Geometry& g, const float* x, const float* w, const float* bias, c
 
 }  // namespace
 
-at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight) {
+at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight, bool padded) {
   TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kFloat,
               "fused_conv2d (CPU, NHWC): internal: a float32 (C_out, C_in, kh, kw) weight expected");
   const int64_t c_out = weight.size(0), c_in = weight.size(1), taps = weight.size(2) * weight.size(3);
-  const int G = channel_groups(c_out, c_in);
-  const at::Tensor w = weight.permute({2, 3, 1, 0}).reshape({taps, c_in / G, G, c_out});  // [t][cb][g][o]
+  const auto [G, cp] = channel_groups(c_out, c_in, padded);
+  at::Tensor w = at::zeros({taps, cp, c_out}, weight.options());  // [t][c][o], channels from c_in to cp zero
+  w.narrow(1, 0, c_in).copy_(weight.permute({2, 3, 1, 0}).reshape({taps, c_in, c_out}));
   const int64_t columns = packed_columns(c_out, G);
   if (G > 1) {  // rows (t, cb), column o * G + g
-    at::Tensor packed = at::zeros({taps * (c_in / G), columns / G, G}, weight.options());
-    packed.narrow(1, 0, c_out).copy_(w.reshape({taps * (c_in / G), G, c_out}).transpose(1, 2));
-    return packed.reshape({taps * (c_in / G), columns});
+    at::Tensor packed = at::zeros({taps * (cp / G), columns / G, G}, weight.options());
+    packed.narrow(1, 0, c_out).copy_(w.reshape({taps * (cp / G), G, c_out}).transpose(1, 2));
+    return packed.reshape({taps * (cp / G), columns});
   }
-  at::Tensor packed = at::zeros({taps * c_in, columns}, weight.options());
-  packed.narrow(1, 0, c_out).copy_(w.reshape({taps * c_in, c_out}));
+  at::Tensor packed = at::zeros({taps * cp, columns}, weight.options());
+  packed.narrow(1, 0, c_out).copy_(w.reshape({taps * cp, c_out}));
   return packed;
 }
 
@@ -518,11 +541,13 @@ void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optio
   g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1];
   g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
   g.xsb = x.stride(0), g.xsh = x.stride(2), g.xsw = x.stride(3);
-  g.Np = packed.size(1), g.G = channel_groups(g.C_out, g.C_in), g.relu = relu;
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.C_in / g.G &&
+  g.copied = g.ph > 0 || g.pw > 0;
+  const Grouping grouping = channel_groups(g.C_out, g.C_in, g.copied);
+  g.Np = packed.size(1), g.G = grouping.G, g.Cp = grouping.Cp, g.relu = relu;
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.Cp / g.G &&
                   g.Np == packed_columns(g.C_out, g.G),
               "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
-              " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu)");
+              " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu, padded = ", g.copied, ")");
   if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   float bias_rep[kL];
@@ -533,10 +558,10 @@ void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optio
     g.bias_rep = bias_rep;
   }
   const float* res = residual.has_value() && residual->defined() ? residual->data_ptr<float>() : nullptr;
-  const int64_t src_sh = g.ph > 0 || g.pw > 0 ? (g.W + 2 * g.pw) * g.C_in : g.xsh;
-  const int64_t src_sw = g.ph > 0 || g.pw > 0 ? g.C_in : g.xsw;
-  const bool row_runs = g.dw * src_sw == g.C_in;
-  g.nseg = row_runs ? g.kh : g.kh * g.kw, g.seg_len = row_runs ? g.kw * g.C_in : g.C_in;
+  const int64_t src_sh = g.copied ? (g.W + 2 * g.pw) * g.Cp : g.xsh;
+  const int64_t src_sw = g.copied ? g.Cp : g.xsw;
+  const bool row_runs = g.dw * src_sw == g.Cp;
+  g.nseg = row_runs ? g.kh : g.kh * g.kw, g.seg_len = row_runs ? g.kw * g.Cp : g.Cp;
   std::vector<int64_t> segments(static_cast<size_t>(g.nseg));
   for (int64_t s = 0; s < g.nseg; ++s)
     segments[s] = row_runs ? s * g.dh * src_sh : (s / g.kw) * g.dh * src_sh + (s % g.kw) * g.dw * src_sw;

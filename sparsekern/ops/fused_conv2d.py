@@ -81,7 +81,8 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 def _run_cpu(pr: FusedConvProblem) -> torch.Tensor:
     if pr.memory_format == torch.channels_last:
         return torch.ops.sparsekern._conv2d_nhwc_prepacked(
-            pr.x, _ext.kernel("conv2d_nhwc_pack_cpu")(pr.weight), None if pr.bias is None else pr.bias.contiguous(),
+            pr.x, _ext.kernel("conv2d_nhwc_pack_cpu")(pr.weight, any(pr.padding)),
+            None if pr.bias is None else pr.bias.contiguous(),
             pr.residual, list(pr.weight.shape[2:]), pr.stride, pr.padding, pr.dilation, pr.weight.shape[0], pr.relu)
     y = pr.new_output()
     _ext.kernel("channel_skip_conv2d_cpu")(pr.x, pr.weight, pr.bias, None, None, like_strides(pr.residual, y),
@@ -210,8 +211,8 @@ class PreparedFusedConv2d(torch.nn.Module):
         self.direct = not DISPATCH["cpu"].reasons(pr)
         # a 1-channel or 1x1 input is NHWC- and NCHW-contiguous at once: the channels-last kernel takes it
         nhwc = self.direct and example.is_contiguous(memory_format=torch.channels_last)
-        self.register_buffer("packed", _ext.kernel("conv2d_nhwc_pack_cpu")(self.weight) if nhwc else None,
-                             persistent=False)
+        self.register_buffer("packed", _ext.kernel("conv2d_nhwc_pack_cpu")(self.weight, any(self.padding))
+                             if nhwc else None, persistent=False)
         self._kernel_size = list(self.weight.shape[2:])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,8 @@ SHAPES = [
     (7, 12, 4, 4, 4, 3, 1, 1), (1, 6, 3, 7, 7, 3, 1, 1), (5, 16, 32, 4, 4, 3, 1, 1), (2, 8, 70, 5, 6, 5, 2, 2),
     # channel groups filling every lane (several pixels per output vector), the last tile ending mid-vector
     (3, 8, 8, 5, 7, 3, 1, 1), (1, 4, 4, 5, 5, 3, 1, 1), (2, 6, 16, 5, 5, 3, 2, 1), (1, 10, 8, 5, 5, 3, 1, 1),
+    # odd input channels completed to a channel group by zero channels (padded), or not grouped (unpadded)
+    (2, 11, 8, 5, 7, 3, 1, 1), (1, 13, 7, 6, 6, 3, 2, 1), (2, 5, 3, 6, 5, 3, 1, 1), (2, 11, 8, 5, 5, 1, 1, 0),
 ]
 
 
