@@ -129,6 +129,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         check_file_out(args.plot, "--plot")
 
     from sparsekern.bench.models import LM_CASES, STANDARD_CASES, Case, lm_table, run_suite, summary_table
+    from sparsekern.bench.timing import SERVING_BLOCK
 
     if args.model:
         cases = [Case(args.model, r, b, args.size, scope=args.scope, round_to=args.round_to or None, passes=p)
@@ -136,8 +137,8 @@ def _bench_models(args: argparse.Namespace) -> int:
     else:
         cases = list(LM_CASES if args.set == "lm" else STANDARD_CASES)
     doc = run_suite(cases, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                    per_layer=args.per_layer, out=args.out, part="lm" if args.set == "lm" else None,
-                    progress=not args.no_progress)
+                    per_layer=args.per_layer, block=args.block or SERVING_BLOCK, out=args.out,
+                    part="lm" if args.set == "lm" else None, progress=not args.no_progress)
     print(lm_table(doc) if args.set == "lm" else summary_table(doc))
     if args.out:
         print(f"wrote {args.out}")
@@ -657,6 +658,10 @@ def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argp
     models.add_argument("--threads", type=count, default=2)
     models.add_argument("--warmup", type=nonnegative_int, default=10)
     models.add_argument("--repeats", type=count, default=50)
+    models.add_argument("--block", type=count,
+                        help="timed runs of a model per turn, after one untimed run (1: alternate single runs; "
+                             "default sparsekern.bench.timing.SERVING_BLOCK: each model timed as a process serving it "
+                             "runs it)")
     models.add_argument("--per-layer", action="store_true", help="also time every conv/linear layer")
     models.add_argument("--out", help="merge the results into this JSON (its other keys are kept; 'results' is "
                                       "replaced), e.g. bench/results/cpu.json")

@@ -19,6 +19,7 @@ import torch
 
 import sparsekern as sk
 from sparsekern.bench.report import compare
+from sparsekern.bench.timing import SERVING_BLOCK
 from sparsekern.data import digits, loader
 from sparsekern.methods import l1_norm
 from sparsekern.models import build
@@ -162,8 +163,8 @@ def _benchmark(model: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, *
     print(f"[6/6] benchmark: dense vs compiled, batch {len(x)}, {threads} threads, both through "
           f"sk.optimize(script=True) ({' + '.join(passes)}, the kernel of each layer chosen by measurement: "
           "'backend d/f')")
-    report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo",
-                     passes=passes)
+    report = compare(model, fast, x, threads=threads, repeats=repeats, per_layer=True, label="demo", passes=passes,
+                     block=SERVING_BLOCK)
     print(report.table())
     return report
 

@@ -42,7 +42,7 @@ import torch
 
 from sparsekern.bench.report import BenchReport, compare
 from sparsekern.bench.results import command_line, write_part
-from sparsekern.bench.timing import CudaGraphed, environment
+from sparsekern.bench.timing import SERVING_BLOCK, CudaGraphed, environment
 from sparsekern.passes import DEVICE_PASSES
 
 #: The CPU path of ``sk.optimize(model, x, script=True)``, the default of the static cases.
@@ -108,6 +108,7 @@ def run_case(
     repeats: int = 50,
     per_layer: bool = False,
     seed: int = 0,
+    block: int = SERVING_BLOCK,
 ) -> BenchReport:
     """Prune, compile and benchmark one case (random weights and inputs, seeded: never zeros)."""
     torch.manual_seed(seed)
@@ -122,7 +123,7 @@ def run_case(
         with torch.no_grad():
             dense, fast = (CudaGraphed(apply(copy.deepcopy(m), passes, (x,))) for m in (dense, fast))
         passes = ()
-    return compare(dense, fast, x, warmup=warmup, repeats=repeats, per_layer=per_layer, threads=threads,
+    return compare(dense, fast, x, warmup=warmup, repeats=repeats, per_layer=per_layer, threads=threads, block=block,
                    label=case.label, passes=passes, device=device)
 
 
@@ -186,6 +187,7 @@ def run_suite(
     warmup: int = 10,
     repeats: int = 50,
     per_layer: bool = False,
+    block: int = SERVING_BLOCK,
     out: str | Path | None = None,
     part: str | None = None,
     progress: bool = True,
@@ -201,7 +203,7 @@ def run_suite(
     cases = list(cases)
     results = []
     for case in tqdm(cases, desc="benchmark", disable=not progress, file=sys.stderr):
-        report = run_case(case, threads=threads, warmup=warmup, repeats=repeats, per_layer=per_layer)
+        report = run_case(case, threads=threads, warmup=warmup, repeats=repeats, per_layer=per_layer, block=block)
         print(report.table(), flush=True)
         results.append({"case": {**case.__dict__, "passes": list(case.passes),
                                  "model_kwargs": dict(case.model_kwargs)}, **report.to_dict()})

@@ -65,7 +65,9 @@ class BenchReport:
         dtype: dtype of the (first floating) input, or of the dense model's parameters when no input is floating
             (token ids); ``batch``: the input's dim 0.
         threads: torch intra-op threads used while timing.
-        warmup, repeats: untimed and timed interleaved rounds.
+        warmup, repeats: untimed interleaved rounds and timed calls per model.
+        block: consecutive timed calls per model and turn (each turn after one untimed call when above 1,
+            :func:`~sparsekern.bench.timing.time_interleaved`).
         dense_flops, fast_flops: total FLOPs of one forward of each model.
         theoretical_speedup: ``dense_flops / fast_flops``.
         measured_speedup: ``dense.median_ms / fast.median_ms``.
@@ -94,6 +96,7 @@ class BenchReport:
     layers: list[LayerBench] = field(default_factory=list)
     unmatched_layers: list[str] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
+    block: int = 1
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
@@ -126,7 +129,7 @@ class BenchReport:
         head = (
             f"{self.label or 'compare'}: device={self.device} ({self.device_name}) "
             f"dtype={self.dtype} batch={self.batch} threads={self.threads} "
-            f"warmup={self.warmup} repeats={self.repeats}"
+            f"warmup={self.warmup} repeats={self.repeats}" + (f" block={self.block}" if self.block > 1 else "")
         )
         rows: list[tuple[str, ...]] = [(
             "layer", "kind", "dense MFLOPs", "fast MFLOPs", "theory x", "measured x",
@@ -172,6 +175,7 @@ def compare(
     device: str | torch.device | None = None,
     passes: Sequence[str] = (),
     hold_memory: bool = True,
+    block: int = 1,
 ) -> BenchReport:
     """Benchmark ``dense`` against ``fast`` on ``example_inputs``: theoretical vs measured speedup.
 
@@ -186,7 +190,7 @@ def compare(
         fast: the compiled model (plain module or ``torch.fx.GraphModule``), same qualified names.
         example_inputs: a tensor or tuple of positional inputs; no floating input may be all
             zeros.
-        warmup, repeats: untimed and timed interleaved rounds (model and each layer).
+        warmup, repeats: untimed interleaved rounds and timed calls (model and each layer).
         per_layer: also run the per-layer audit.
         threads: ``torch.set_num_threads`` during the run (None: leave as is).
         label: free text stored in the report.
@@ -198,6 +202,9 @@ def compare(
             (:func:`~sparsekern.bench.timing.hold_freed_memory`, process-wide and permanent), so that neither
             model's timing includes page faults that depend on what ran before it; ``False`` times with the
             allocator as it is. The report's environment names the allocator either way.
+        block: the models' timed calls per turn (:func:`~sparsekern.bench.timing.time_interleaved`): above 1,
+            each model is timed as a process serving it runs it, its caches warm from its own previous call,
+            the turns alternating between the models; 1 alternates single calls. Layers are timed with 1.
 
     Raises:
         ValueError: an input is all zeros, or there is no tensor input.
@@ -218,7 +225,7 @@ def compare(
         with torch.inference_mode():
             t = time_interleaved(
                 {"dense": lambda: run_dense(*args), "fast": lambda: run_fast(*args)},
-                warmup=warmup, repeats=repeats, device=device,
+                warmup=warmup, repeats=repeats, device=device, block=block,
             )
             layers: list[LayerBench] = []
             unmatched: list[str] = []
@@ -235,7 +242,7 @@ def compare(
         batch=batch, threads=n_threads, warmup=warmup, repeats=repeats,
         dense_flops=dense_cost.total, fast_flops=fast_cost.total,
         theoretical_speedup=theory, measured_speedup=measured, efficiency=measured / theory,
-        dense=t["dense"], fast=t["fast"], layers=layers, unmatched_layers=unmatched, env=env,
+        dense=t["dense"], fast=t["fast"], layers=layers, unmatched_layers=unmatched, env=env, block=block,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sparsekern.bench.results import command_line, write_part
-from sparsekern.bench.timing import environment
+from sparsekern.bench.timing import SERVING_BLOCK, environment
 
 __all__ = ["CASES", "learned_structure", "run", "table", "main"]
 
@@ -126,7 +126,7 @@ def _case(name: str, batch: int, size: int, args: argparse.Namespace) -> dict[st
             want = sk.masked(model, plan, x).eval()(x)
             error = float((compiled(x) - want).abs().max() / want.abs().max())
         bench = sk.bench.compare(dense, compiled, x, passes=passes, threads=args.threads, warmup=args.warmup,
-                                 repeats=args.repeats, per_layer=False, label=f"sanp {name} {path}")
+                                 repeats=args.repeats, per_layer=False, label=f"sanp {name} {path}", block=args.block)
         print(f"{name} {path:>10}: theory {bench.theoretical_speedup:.2f}x measured {bench.measured_speedup:.2f}x "
               f"efficiency {bench.efficiency:.2f}", flush=True)
         rows.append({"path": path, "passes": list(passes), "max_rel_error": error,
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--block", type=int, default=SERVING_BLOCK, help="timed runs of a model per turn (time_interleaved)")
     p.add_argument("--out", help="merge the results into this JSON under the key 'sanp_models'")
     args = p.parse_args(argv)
     doc = run(args)

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "set_threads", "environment", "allocator", "hold_freed_memory", "rotation",
-           "CudaGraphed"]
+__all__ = ["SERVING_BLOCK", "Timing", "time_interleaved", "set_threads", "environment", "allocator",
+           "hold_freed_memory", "rotation", "CudaGraphed"]
 
 
 @dataclass
@@ -92,6 +92,11 @@ def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+#: timed calls per turn with which the model benchmarks (``sparsekern bench models``, ``sparsekern demo``, the SANP
+#: models) time whole models: each model as a process serving it runs it (:func:`time_interleaved`).
+SERVING_BLOCK = 4
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     *,
@@ -99,11 +104,18 @@ def time_interleaved(
     repeats: int = 50,
     device: str | torch.device = "cpu",
     min_time_s: float | None = None,
+    block: int = 1,
 ) -> dict[str, Timing]:
     """Time several zero-argument callables against each other, interleaved.
 
-    Round ``r`` calls every function once, in the order ``rotation(names, r)``, so each function
+    Round ``r`` gives every function a turn, in the order ``rotation(names, r)``, so each function
     runs first, second, ... equally often. ``warmup`` untimed rounds come first (same rotation).
+    A turn is one timed call, or with ``block`` > 1 one untimed call and then ``block`` timed calls:
+    every timed call then finds the caches as the same function left them, as in a process that
+    serves one model, while the turns still alternate, so slow drift of a shared machine reaches
+    every function alike. (Alternating single calls also times each function after the others have
+    evicted its weights from the caches, which costs a model that fits in the last-level cache and
+    not one that does not.)
 
     Args:
         fns: name -> callable with no arguments (close over inputs; return value is ignored).
@@ -113,6 +125,7 @@ def time_interleaved(
             a pair of ``torch.cuda.Event`` after a ``torch.cuda.synchronize``.
         min_time_s: if given, keep adding rounds after ``repeats`` until the wall time spent in
             timed rounds (all functions together) reaches ``min_time_s`` seconds.
+        block: timed calls per turn, at least 1; ``repeats`` is rounded up to whole turns.
 
     Returns:
         name -> :class:`Timing` (times in ms), in the order of ``fns``.
@@ -121,6 +134,8 @@ def time_interleaved(
         raise ValueError("nothing to time")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
+    if block < 1:
+        raise ValueError("block must be >= 1")
     names = list(fns)
     cuda = _is_cuda(device)
     timer = _cuda_call_ms if cuda else _cpu_call_ms
@@ -136,9 +151,11 @@ def time_interleaved(
     r = 0
     while True:
         for name in rotation(names, warmup + r):
-            samples[name].append(timer(fns[name], device))
+            if block > 1:
+                fns[name]()
+            samples[name].extend(timer(fns[name], device) for _ in range(block))
         r += 1
-        if r >= repeats and (min_time_s is None or time.perf_counter() - start >= min_time_s):
+        if r * block >= repeats and (min_time_s is None or time.perf_counter() - start >= min_time_s):
             break
     return {n: Timing.from_samples(samples[n]) for n in names}
 

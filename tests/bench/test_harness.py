@@ -72,6 +72,19 @@ def test_time_interleaved_structure_and_rotating_order() -> None:
     assert {tuple(r) for r in rounds[:3]} == {tuple(r) for r in rounds[3:6]}
 
 
+def test_time_interleaved_blocks_rewarm_then_time_consecutive_calls() -> None:
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    out = time_interleaved(fns, warmup=1, repeats=5, block=3)
+    assert out["a"].n == out["b"].n == 6  # 5 timed calls rounded up to two turns of 3
+    assert calls[:2] == ["a", "b"]  # the warm-up round
+    turns = [calls[i:i + 4] for i in range(2, len(calls), 4)]  # one untimed call, then 3 timed ones
+    assert [t[0] for t in turns] == [name for r in range(1, 3) for name in rotation(["a", "b"], r)]
+    assert all(len(set(t)) == 1 and len(t) == 4 for t in turns)
+    with pytest.raises(ValueError, match="block"):
+        time_interleaved(fns, block=0)
+
+
 def test_time_interleaved_min_time_adds_rounds() -> None:
     import time
 
