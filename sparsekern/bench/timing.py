@@ -94,7 +94,7 @@ def _is_cuda(device: str | torch.device) -> bool:
 
 #: timed calls per turn with which the model benchmarks (``sparsekern bench models``, ``sparsekern demo``, the SANP
 #: models) time whole models: each model as a process serving it runs it (:func:`time_interleaved`).
-SERVING_BLOCK = 4
+SERVING_BLOCK = 10
 
 
 def time_interleaved(
