@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import sparsekern as sk
-from sparsekern.bench.timing import environment
+from sparsekern.bench.timing import SERVING_BLOCK, environment
 from sparsekern.data import load
 from sparsekern.dynamic import calibrate
 from sparsekern.methods import sanp
@@ -133,15 +133,17 @@ HYBRID_PASSES = DEVICE_PASSES["cpu"] + ("script",)
 
 def timing(dense: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, path: str, passes: tuple[str, ...],
            args: argparse.Namespace) -> dict:
-    """Dense against ``fast`` on ``x``, both through ``passes`` (``sk.bench.compare``: interleaved medians)."""
+    """Dense against ``fast`` on ``x``, both through ``passes`` (``sk.bench.compare``: medians, timed in
+    alternating blocks of :data:`~sparsekern.bench.timing.SERVING_BLOCK` forwards)."""
     bench = sk.bench.compare(dense.eval(), fast, x, passes=passes, threads=args.threads, warmup=args.warmup,
-                             repeats=args.repeats, per_layer=False, label=f"sanp {path} batch {len(x)}")
+                             repeats=args.repeats, per_layer=False, label=f"sanp {path} batch {len(x)}",
+                             block=SERVING_BLOCK)
     print(f"  {path:>10} batch {len(x):>3}: theory {bench.theoretical_speedup:.2f}x measured "
           f"{bench.measured_speedup:.2f}x efficiency {bench.efficiency:.2f}", flush=True)
     return {"path": path, "batch": len(x), "passes": list(passes), "theoretical_speedup": bench.theoretical_speedup,
             "measured_speedup": bench.measured_speedup, "efficiency": bench.efficiency,
             "dense_ms": bench.dense.median_ms, "compiled_ms": bench.fast.median_ms,
-            "spread": max(bench.dense.spread, bench.fast.spread)}
+            "spread": max(bench.dense.spread, bench.fast.spread), "block": bench.block}
 
 
 def hybrid_report(model: torch.nn.Module, plan: sk.Plan, x_test: torch.Tensor, batch: int) -> dict:
