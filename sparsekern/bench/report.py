@@ -203,8 +203,8 @@ def compare(
             model's timing includes page faults that depend on what ran before it; ``False`` times with the
             allocator as it is. The report's environment names the allocator either way.
         block: the models' timed calls per turn (:func:`~sparsekern.bench.timing.time_interleaved`): above 1,
-            each model is timed as a process serving it runs it, its caches warm from its own previous call,
-            the turns alternating between the models; 1 alternates single calls. Layers are timed with 1.
+            each model is timed after its own previous calls, as a process serving it runs it, the turns
+            alternating between the models; 1 alternates single calls. Layers are timed with 1.
 
     Raises:
         ValueError: an input is all zeros, or there is no tensor input.

@@ -111,11 +111,10 @@ def time_interleaved(
     Round ``r`` gives every function a turn, in the order ``rotation(names, r)``, so each function
     runs first, second, ... equally often. ``warmup`` untimed rounds come first (same rotation).
     A turn is one timed call, or with ``block`` > 1 one untimed call and then ``block`` timed calls:
-    every timed call then finds the caches as the same function left them, as in a process that
-    serves one model, while the turns still alternate, so slow drift of a shared machine reaches
-    every function alike. (Alternating single calls also times each function after the others have
-    evicted its weights from the caches, which costs a model that fits in the last-level cache and
-    not one that does not.)
+    each function is then timed after its own previous calls, as in a process that serves one model,
+    while the turns still alternate, so slow drift of a shared machine reaches every function alike.
+    (Alternating single calls times each function just after the others ran, and a small model can
+    take several calls to get back to its steady speed after a large one: docs/design.md.)
 
     Args:
         fns: name -> callable with no arguments (close over inputs; return value is ignored).
