@@ -181,4 +181,4 @@ def _print_summary(result: dict[str, Any], report: Any, report_path: Path) -> No
     )
     if report.efficiency < 0.8:
         print("note: this small model's pruned layers are 8-32 channels wide on 4x4 to 16x16 maps, where the "
-              "kernels run at 0.6-0.8 of the dense layers' GFLOP/s (README, 'Performance', narrow convolutions).")
+              "kernels run at 0.7-0.85 of the dense layers' GFLOP/s (README, 'Performance', narrow convolutions).")
