@@ -43,13 +43,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 def test_bench_models_writes_json_and_plot(tmp_path: Path) -> None:
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
     argv = ["bench", "models", "--model", "resnet20", "--size", "16", "--batch", "2", "--ratio", "0.5",
-            "--round-to", "8", "--repeats", "2", "--warmup", "1", "--out", str(out), "--plot", str(plot),
-            "--no-progress"]
+            "--round-to", "8", "--repeats", "3", "--block", "2", "--warmup", "1", "--out", str(out), "--plot",
+            str(plot), "--no-progress"]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     (result,) = doc["results"]
     assert result["case"]["model"] == "resnet20" and result["batch"] == 2
-    assert result["theoretical_speedup"] > 3 and result["dense"]["n"] == 2
+    assert result["theoretical_speedup"] > 3
+    assert result["block"] == 2 and result["dense"]["n"] == result["fast"]["n"] == 4  # two turns of two
     assert result["case"]["passes"] == ["fold_bn", "onednn", "onednn_linear", "attention", "script"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
