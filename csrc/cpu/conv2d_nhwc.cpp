@@ -64,6 +64,9 @@ constexpr int channels_for(int nv) { return kWeightRegs / nv > 0 ? kWeightRegs /
 // channels (zero weights; zero inputs, written by the copy) complete the last group, where they add at most a
 // quarter to C_in (a 3-channel image stays ungrouped: the copy per pixel and the group sums would cost more than
 // the FMAs saved). Otherwise Cp = C_in, and G divides it.
+// Columns of the packed weight: C_out padded to whole vectors, times G with channel groups.
+int64_t packed_columns(int64_t c_out, int G) { return (std::max<int64_t>(c_out, 1) * G + kL - 1) / kL * kL; }
+
 struct Grouping {
   int G;       // input channels per channel group (1: none)
   int64_t Cp;  // input channels the kernel reads per pixel
@@ -72,7 +75,7 @@ struct Grouping {
 // The grouping with the fewest FMAs per pixel and K value, (Cp / G) * vectors, among G = 1, 2, 4 with at most two
 // vectors of lanes; ties go to more groups (each loaded value then feeds more FMAs).
 Grouping channel_groups(int64_t c_out, int64_t c_in, bool padded) {
-  auto vectors = [&](int G) { return (std::max<int64_t>(c_out, 1) * G + kL - 1) / kL; };
+  auto vectors = [&](int G) { return packed_columns(c_out, G) / kL; };
   Grouping best{1, c_in};
   int64_t best_fmas = c_in * vectors(1);
   if (c_out > kL) return best;
@@ -83,9 +86,6 @@ Grouping channel_groups(int64_t c_out, int64_t c_in, bool padded) {
   }
   return best;
 }
-
-// Columns of the packed weight: C_out padded to whole vectors, times G with channel groups.
-int64_t packed_columns(int64_t c_out, int G) { return (std::max<int64_t>(c_out, 1) * G + kL - 1) / kL * kL; }
 
 // [p[0], ..., p[G - 1]] repeated over the vector
 template <int G>
@@ -113,40 +113,6 @@ inline Vec broadcast_group(const float* p) {
 #endif
 }
 
-// Lane o = sum of lanes o * G .. o * G + G - 1 of the NV vectors a[0], a[1], ... taken as one, for
-// o < NV * kL / G (the other lanes: unspecified).
-template <int G, int NV>
-inline Vec group_sum(const Vec (&a)[NV]) {
-  static_assert(NV == 1 || NV == 2, "channel groups span one or two vectors");
-#if SPARSEKERN_SIMD == 512
-  __m512 s[NV];
-  for (int v = 0; v < NV; ++v) {
-    s[v] = _mm512_add_ps(a[v].v, _mm512_permute_ps(a[v].v, 0xB1));
-    if constexpr (G == 4) s[v] = _mm512_add_ps(s[v], _mm512_permute_ps(s[v], 0x4E));
-  }
-  const __m512i idx = G == 2 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-                             : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
-  if constexpr (NV == 1) return {_mm512_permutexvar_ps(idx, s[0])};
-  else return {_mm512_permutex2var_ps(s[0], idx, s[1])};
-#elif SPARSEKERN_SIMD == 256
-  __m256 s[NV];
-  const __m256i idx = G == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0) : _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
-  for (int v = 0; v < NV; ++v) {
-    s[v] = _mm256_add_ps(a[v].v, _mm256_permute_ps(a[v].v, 0xB1));
-    if constexpr (G == 4) s[v] = _mm256_add_ps(s[v], _mm256_permute_ps(s[v], 0x4E));
-    s[v] = _mm256_permutevar8x32_ps(s[v], idx);
-  }
-  if constexpr (NV == 1) return {s[0]};
-  else if constexpr (G == 2) return {_mm256_permute2f128_ps(s[0], s[1], 0x20)};
-  else return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(s[0]), _mm256_castps_pd(s[1])))};
-#else
-  Vec r = vzero();
-  for (int o = 0; o < NV * kL / G && o < kL; ++o)
-    for (int j = 0; j < G; ++j) r.v[o] += a[(o * G + j) / kL].v[(o * G + j) % kL];
-  return r;
-#endif
-}
-
 // [a0 + a1, a2 + a3, ..., b0 + b1, b2 + b3, ...]: the sums of adjacent lanes of a, then of b
 inline Vec pair_sums(Vec a, Vec b) {
 #if SPARSEKERN_SIMD == 512
@@ -166,10 +132,11 @@ inline Vec pair_sums(Vec a, Vec b) {
 #endif
 }
 
-// The group sums of G vectors whose lanes are all live (o * G + g, outputs consecutive from r[0] to r[G - 1]), in
-// order: one vector of kL outputs.
+// The group sums of G vectors of lanes o * G + g, outputs consecutive from r[0] to r[G - 1]: lane j of the result
+// is output j (all kL lanes live when every lane of r is). A pixel spanning NV < G vectors passes them first and any
+// vectors after them; its outputs are then lanes 0 .. NV kL / G - 1.
 template <int G>
-inline Vec group_sums_full(const Vec (&r)[G]) {
+inline Vec group_sums(const Vec (&r)[G]) {
   static_assert(G == 2 || G == 4, "two or four channel groups");
   if constexpr (G == 2) return pair_sums(r[0], r[1]);
   else return pair_sums(pair_sums(r[0], r[1]), pair_sums(r[2], r[3]));
@@ -230,9 +197,11 @@ class BorderedCopy {
     float* dst = buf_.get(n);
     const std::array<int64_t, 7> key{per_chunk, g.H, g.W, g.C_in, cp, g.ph, g.pw};
     const int64_t row = wp * cp, run = g.W * cp;
-    if (key != key_ || dst != zeroed_) {
-      if (cp != g.C_in) std::memset(dst, 0, n * sizeof(float));
-      for (int64_t r = 0; r < per_chunk * hp && cp == g.C_in; ++r) {
+    const bool stale = key != key_ || dst != zeroed_;
+    if (stale && cp != g.C_in) {  // zero channels inside every pixel: all of it
+      std::memset(dst, 0, n * sizeof(float));
+    } else if (stale) {  // the border
+      for (int64_t r = 0; r < per_chunk * hp; ++r) {
         float* out = dst + r * row;
         const int64_t ih = r % hp - g.ph;
         if (ih < 0 || ih >= g.H) {
@@ -395,15 +364,21 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
       for (int p = 0; p < P; ++p)
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) r[p * NV + v] = acc[i + p][v];
-      finish_pixels(g, group_sums_full<G>(r), residual, y, m0 + i, std::min(P, rows - i));
+      finish_pixels(g, group_sums<G>(r), residual, y, m0 + i, std::min(P, rows - i));
     }
     return;
   }
+  auto pixel_sums = [&](int i) {  // pixel i's vectors, then copies of its first as the vectors after them
+    Vec r[G];
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) r[k] = acc[i][k < NV ? k : 0];
+    return group_sums<G>(r);
+  };
   if (rows == MR) {
 #pragma GCC unroll 24
-    for (int i = 0; i < MR; ++i) finish(g, group_sum<G, NV>(acc[i]), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < MR; ++i) finish(g, pixel_sums(i), bias, residual, y, m0 + i, 0);
   } else {
-    for (int i = 0; i < rows; ++i) finish(g, group_sum<G, NV>(acc[i]), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < rows; ++i) finish(g, pixel_sums(i), bias, residual, y, m0 + i, 0);
   }
 }
 
