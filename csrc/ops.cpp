@@ -1,8 +1,8 @@
 // The Python module of sparsekern's native kernels (loaded by sparsekern/ops/_ext.py). Each function is one
 // backend of a public op in sparsekern/ops/; the op validates the inputs, allocates the output and calls it.
-// Four kernels are also the CPU implementations of private torch operators whose schemas sparsekern/ops defines
-// (sparsekern::_conv2d_nhwc_prepacked, sparsekern::_gate_guard, sparsekern::_layer_norm_fold,
-// sparsekern::_attention), for graphs that run without Python.
+// Five kernels are also the CPU implementations of private torch operators whose schemas sparsekern defines
+// (sparsekern::_conv2d_nhwc_prepacked, sparsekern::_conv2d_nhwc_chain, sparsekern::_gate_guard,
+// sparsekern::_layer_norm_fold, sparsekern::_attention), for graphs that run without Python.
 // CUDA kernels are included when the extension is built with its CUDA sources (SPARSEKERN_WITH_CUDA).
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -91,6 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_conv2d_nhwc_prepacked", &sparsekern::cpu::conv2d_nhwc_prepacked);
+  m.impl("_conv2d_nhwc_chain", &sparsekern::cpu::conv2d_nhwc_chain);
   m.impl("_gate_guard", &sparsekern::cpu::gate_guard_cpu);
   m.impl("_layer_norm_fold", &sparsekern::cpu::layer_norm_fold_cpu);
   m.impl("_attention", &sparsekern::cpu::attention_op_cpu);

@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace sparsekern {
 namespace cpu {
@@ -32,6 +33,16 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t out_channels, bool relu);
+
+// The CPU kernel of sparsekern::_conv2d_nhwc_chain (schema in sparsekern/ops/fused_conv2d.py): convolutions of
+// conv2d_nhwc_prepacked run one after another in one parallel region. Values are the inputs (channels-last
+// float32), then each layer's output; layer l's kChainSpec spec values are (input value, residual value or -1,
+// kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu), and it may read only the inputs and earlier layers'
+// outputs; an empty bias is none. Returns the values named by outputs (distinct layers' outputs), each a
+// channels-last tensor of its own; the other layers' outputs live in one scratch buffer.
+constexpr int64_t kChainSpec = 12;
+std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList packed, at::TensorList bias,
+                                          at::IntArrayRef spec, at::IntArrayRef outputs);
 
 // The CPU kernel of the torch operator sparsekern::_gate_guard (schema and reference in
 // sparsekern/ops/gate_guard.py): a pooled-MLP gate's channel mask, whether the batch leaves the calibration classes,

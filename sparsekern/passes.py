@@ -19,6 +19,9 @@ Passes (names for :func:`apply`):
   shape. Activations stay NHWC (``view`` becomes ``reshape``); the result's ``sk_backends`` maps each conv to
   its backend. Needs ``example_inputs``; run ``"fold_bn"`` first. Other batch sizes still run correctly
   (oneDNN may then reorder).
+* ``"conv_chain"``: each run of consecutive direct convolutions left by ``"onednn"`` becomes one operator call
+  (:mod:`sparsekern.conv_chain`): the threads stay in one parallel region, synchronised between layers, which
+  removes most of the per-call cost that dominates small convolutions at batch 1.
 * ``"onednn_linear"``: the CPU inference path of linear layers (:mod:`sparsekern.onednn_linear`): ``nn.Linear``
   and the low-rank and feature-selecting layers of compiled FLOP models become oneDNN matmuls with weights
   prepacked once, fusing the GELU, ReLU or residual add that follows (or torch's / sparsekern's kernel where
@@ -48,12 +51,14 @@ import torch.fx
 import torch.nn as nn
 
 from sparsekern.attention_pass import attention
+from sparsekern.conv_chain import conv_chain
 from sparsekern.fusion import as_graph_module, calls_tagged, finish_rewrite, single_user
 from sparsekern.onednn_linear import onednn_linear
 from sparsekern.script_pass import script
 from sparsekern.tuning import ConvCall, Tuner, current_tuner, use_tuner
 
-__all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "onednn_linear", "attention",
+__all__ = ["apply", "optimize", "register_pass", "fold_bn", "channels_last", "onednn", "conv_chain", "onednn_linear",
+           "attention",
            "freeze", "script", "PASSES", "DEVICE_PASSES"]
 
 
@@ -282,6 +287,7 @@ PASSES: dict[str, Callable[..., nn.Module]] = {
     "fold_bn": fold_bn,
     "channels_last": channels_last,
     "onednn": onednn,
+    "conv_chain": conv_chain,
     "onednn_linear": onednn_linear,
     "attention": attention,
     "freeze": freeze,
@@ -337,8 +343,10 @@ def apply(model: nn.Module, passes: Sequence[str], example_inputs: Any = None, *
 
 
 #: The inference path :func:`optimize` takes per device type.
-DEVICE_PASSES: dict[str, tuple[str, ...]] = {"cpu": ("fold_bn", "onednn", "onednn_linear", "attention"),
-                                             "cuda": ("fold_bn", "channels_last")}
+DEVICE_PASSES: dict[str, tuple[str, ...]] = {
+    "cpu": ("fold_bn", "onednn", "conv_chain", "onednn_linear", "attention"),
+    "cuda": ("fold_bn", "channels_last"),
+}
 
 
 def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu", tuner: Tuner | None = None,
@@ -347,8 +355,9 @@ def optimize(model: nn.Module, example_inputs: Any, *, device: str = "cpu", tune
     baseline the same call): a copy of ``model`` after :data:`DEVICE_PASSES` ``[device]``.
 
     On CPU that is BatchNorm folding, the ``onednn`` pass (every conv with its ReLU or residual add fused, run by
-    oneDNN with weights prepacked for ``example_inputs``' shapes or by the direct convolution) and the
-    ``onednn_linear`` pass (every linear or low-rank layer with its GELU, ReLU or residual add fused, run by
+    oneDNN with weights prepacked for ``example_inputs``' shapes or by the direct convolution), the
+    ``conv_chain`` pass (consecutive direct convolutions in one call), the ``onednn_linear`` pass (every
+    linear or low-rank layer with its GELU, ReLU or residual add fused, run by
     oneDNN's prepacked matmuls or by torch's or sparsekern's kernel) and the ``attention`` pass (attention by
     torch's kernel or sparsekern's), each kernel the one ``tuner`` (default
     :func:`sparsekern.tuning.current_tuner`) measured faster for that layer; the result's ``sk_backends`` names

@@ -51,7 +51,7 @@ def test_bench_models_writes_json_and_plot(tmp_path: Path) -> None:
     assert result["case"]["model"] == "resnet20" and result["batch"] == 2
     assert result["theoretical_speedup"] > 3
     assert result["block"] == 2 and result["dense"]["n"] == result["fast"]["n"] == 4  # two turns of two
-    assert result["case"]["passes"] == ["fold_bn", "onednn", "onednn_linear", "attention", "script"]
+    assert result["case"]["passes"] == ["fold_bn", "onednn", "conv_chain", "onednn_linear", "attention", "script"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

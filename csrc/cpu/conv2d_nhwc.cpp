@@ -34,9 +34,11 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -187,11 +189,13 @@ void pixel_bases(const Geometry& g, const Source& src, int64_t m0, int rows, int
 }
 
 // A thread's copy of samples b0 .. b1 - 1 of x with a zero border of (ph, pw) and zero channels from C_in to Cp,
-// NHWC-contiguous: (b1 - b0, H + 2 ph, W + 2 pw, Cp). The zeros are written once for a geometry; the copies of
-// later chunks of the same geometry write only the C_in channels of the interior.
+// NHWC-contiguous: (b1 - b0, H + 2 ph, W + 2 pw, Cp), of which only input rows ih0 .. ih1 - 1 of each sample are
+// copied (the rows the caller's tiles read). The zeros are written once for a geometry; the copies of later
+// chunks of the same geometry write only the C_in channels of the interior.
 class BorderedCopy {
  public:
-  const float* fill(const Geometry& g, const float* x, int64_t b0, int64_t b1, int64_t per_chunk) {
+  const float* fill(const Geometry& g, const float* x, int64_t b0, int64_t b1, int64_t per_chunk, int64_t ih0,
+                    int64_t ih1) {
     const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw, cp = g.Cp;
     const size_t n = static_cast<size_t>(per_chunk * hp * wp * cp);
     float* dst = buf_.get(n);
@@ -214,7 +218,7 @@ class BorderedCopy {
     }
     key_ = key, zeroed_ = dst;
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t ih = 0; ih < g.H; ++ih) {
+      for (int64_t ih = ih0; ih < ih1; ++ih) {
         float* out = dst + ((b - b0) * hp + ih + g.ph) * row + g.pw * cp;
         const float* in = x + b * g.xsb + ih * g.xsh;
         if (g.xsw == cp) {
@@ -438,49 +442,134 @@ Split split_work(const Geometry& g, int MR, int64_t threads) {
   return split(k);
 }
 
-// Tiles of MR pixels over threads (split_work). Where the tiles read a copy of x (g.copied), they work in chunks
-// of samples: each chunk is copied into the thread's buffer (BorderedCopy, kept in cache for the tiles that read
-// it), and each part of a chunk copies the chunk it reads.
+// One convolution ready to run: its geometry, where it reads and writes, and how its work is split. Geometry
+// points into the layer (segments, bias_rep): a Layer is prepared in place and not moved after.
+struct Layer {
+  Geometry g{};
+  std::vector<int64_t> segments;
+  float bias_rep[kL];
+  Split work{};
+  const float *x = nullptr, *w = nullptr, *bias = nullptr, *residual = nullptr;
+  float* y = nullptr;
+  void (*run)(const Layer&, int64_t, int64_t) = nullptr;  // work items [u0, u1)
+  int64_t items() const { return work.chunks * work.parts; }
+};
+
+// Work items u0 .. u1 - 1 of L: tiles of MR pixels, in chunks of samples (split_work). Where the tiles read a
+// copy of x (g.copied), each chunk is copied into the thread's buffer (BorderedCopy, kept in cache for the tiles
+// that read it), and each part of a chunk copies the chunk it reads.
 template <int MR>
-void run(const Geometry& g, const float* x, const float* w, const float* bias, const float* residual, float* y) {
-  const int64_t hw = g.Ho * g.Wo;
-  const Split work = split_work(g, MR, at::get_num_threads());
-  const int64_t per_chunk = work.per_chunk, chunks = work.chunks, parts = work.parts;
+void run_items(const Layer& L, int64_t u0, int64_t u1) {
+  const Geometry& g = L.g;
+  const int64_t hw = g.Ho * g.Wo, per_chunk = L.work.per_chunk, parts = L.work.parts;
   const int64_t hp = g.H + 2 * g.ph, wp = g.W + 2 * g.pw;
-  parallel(chunks * parts, [&](int64_t u0, int64_t u1) {
-    thread_local BorderedCopy border;
-    const float* base[MR];
-    const float* copy = nullptr;
-    int64_t copied = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t chunk = u / parts, part = u % parts;
-      const int64_t b0 = chunk * per_chunk, b1 = std::min(g.B, b0 + per_chunk);
-      Source src{x + b0 * g.xsb, g.xsb, g.xsh, g.xsw};
-      if (g.copied) {
-        if (copied != chunk) copy = border.fill(g, x, b0, b1, per_chunk);
-        copied = chunk;
-        src = Source{copy, hp * wp * g.Cp, wp * g.Cp, g.Cp};
+  thread_local BorderedCopy border;
+  const float* base[MR];
+  const float* copy = nullptr;
+  int64_t copied = -1;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t chunk = u / parts, part = u % parts;
+    const int64_t b0 = chunk * per_chunk, b1 = std::min(g.B, b0 + per_chunk);
+    const int64_t pixels = (b1 - b0) * hw, tiles = (pixels + MR - 1) / MR;
+    Source src{L.x + b0 * g.xsb, g.xsb, g.xsh, g.xsw};
+    if (g.copied) {
+      if (copied != chunk) {
+        // a chunk of one sample cut in parts: only the input rows of this thread's parts of it
+        int64_t ih0 = 0, ih1 = g.H;
+        if (b1 - b0 == 1 && parts > 1) {
+          const int64_t last = std::min(parts, u1 - chunk * parts) - 1;
+          const int64_t m_lo = tiles * part / parts * MR, m_hi = std::min(pixels, tiles * (last + 1) / parts * MR);
+          const int64_t oh_lo = m_lo / g.Wo, oh_hi = (m_hi - 1) / g.Wo;
+          ih0 = std::max<int64_t>(0, oh_lo * g.sh - g.ph);
+          ih1 = std::min(g.H, oh_hi * g.sh + (g.kh - 1) * g.dh + 1 - g.ph);
+        }
+        copy = border.fill(g, L.x, b0, b1, per_chunk, ih0, ih1);
       }
-      const int64_t pixels = (b1 - b0) * hw, tiles = (pixels + MR - 1) / MR;
-      for (int64_t t = tiles * part / parts; t < tiles * (part + 1) / parts; ++t) {
-        const int64_t m0 = t * MR;
-        const int rows = static_cast<int>(std::min<int64_t>(MR, pixels - m0));
-        pixel_bases(g, src, m0, rows, MR, base);
-        float* yc = y + b0 * hw * g.C_out;
-        const float* rc = residual == nullptr ? nullptr : residual + b0 * hw * g.C_out;
-        if (g.G == 2) {
-          run_tile_grouped<MR, 2>(g, base, w, bias, rc, yc, m0, rows);
-        } else if (g.G == 4) {
-          run_tile_grouped<MR, 4>(g, base, w, bias, rc, yc, m0, rows);
-        } else {
-          for (int64_t n0 = 0; n0 < g.Np; n0 += kMaxNV * kL) {
-            const int nv = static_cast<int>(std::min<int64_t>(kMaxNV, (g.Np - n0) / kL));
-            run_tile<MR>(nv, g, base, w, bias, rc, yc, m0, rows, n0);
-          }
+      copied = chunk;
+      src = Source{copy, hp * wp * g.Cp, wp * g.Cp, g.Cp};
+    }
+    float* yc = L.y + b0 * hw * g.C_out;
+    const float* rc = L.residual == nullptr ? nullptr : L.residual + b0 * hw * g.C_out;
+    for (int64_t t = tiles * part / parts; t < tiles * (part + 1) / parts; ++t) {
+      const int64_t m0 = t * MR;
+      const int rows = static_cast<int>(std::min<int64_t>(MR, pixels - m0));
+      pixel_bases(g, src, m0, rows, MR, base);
+      if (g.G == 2) {
+        run_tile_grouped<MR, 2>(g, base, L.w, L.bias, rc, yc, m0, rows);
+      } else if (g.G == 4) {
+        run_tile_grouped<MR, 4>(g, base, L.w, L.bias, rc, yc, m0, rows);
+      } else {
+        for (int64_t n0 = 0; n0 < g.Np; n0 += kMaxNV * kL) {
+          const int nv = static_cast<int>(std::min<int64_t>(kMaxNV, (g.Np - n0) / kL));
+          run_tile<MR>(nv, g, base, L.w, L.bias, rc, yc, m0, rows, n0);
         }
       }
     }
-  }, "fused_conv2d");
+  }
+}
+
+// The shapes of a convolution's input and output, and its input's strides in floats (channel stride 1); the
+// output is channels-last contiguous.
+struct ConvShapes {
+  int64_t B, C_in, H, W, xsb, xsh, xsw, C_out, Ho, Wo;
+};
+
+// L prepared in place for y = act(conv(x) + bias (+ residual)), the arguments checked by the caller except the
+// packed weight's shape (checked here); bias, residual: null or contiguous.
+void prepare(Layer& L, const ConvShapes& s, const float* x, const at::Tensor& packed, const float* bias,
+             const float* residual, float* y, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, int64_t threads) {
+  Geometry& g = L.g;
+  g.B = s.B, g.C_in = s.C_in, g.H = s.H, g.W = s.W, g.xsb = s.xsb, g.xsh = s.xsh, g.xsw = s.xsw;
+  g.C_out = s.C_out, g.Ho = s.Ho, g.Wo = s.Wo;
+  g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1];
+  g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  g.copied = g.ph > 0 || g.pw > 0;
+  const Grouping grouping = channel_groups(g.C_out, g.C_in, g.copied);
+  g.Np = packed.size(1), g.G = grouping.G, g.Cp = grouping.Cp, g.relu = relu;
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.Cp / g.G &&
+                  g.Np == packed_columns(g.C_out, g.G),
+              "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
+              " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu, padded = ", g.copied, ")");
+  g.pixels_packed = g.G > 1 && g.C_out * g.G == g.Np;
+  g.bias_rep = nullptr;
+  if (g.pixels_packed && bias != nullptr) {
+    for (int l = 0; l < kL; ++l) L.bias_rep[l] = bias[l % g.C_out];
+    g.bias_rep = L.bias_rep;
+  }
+  const int64_t src_sh = g.copied ? (g.W + 2 * g.pw) * g.Cp : g.xsh;
+  const int64_t src_sw = g.copied ? g.Cp : g.xsw;
+  const bool row_runs = g.dw * src_sw == g.Cp;
+  g.nseg = row_runs ? g.kh : g.kh * g.kw, g.seg_len = row_runs ? g.kw * g.Cp : g.Cp;
+  L.segments.resize(static_cast<size_t>(g.nseg));
+  for (int64_t i = 0; i < g.nseg; ++i)
+    L.segments[i] = row_runs ? i * g.dh * src_sh : (i / g.kw) * g.dh * src_sh + (i % g.kw) * g.dw * src_sw;
+  std::copy_n(L.segments.begin(), std::min<size_t>(L.segments.size(), 64), g.seg_off);
+  g.seg_list = L.segments.data();
+  L.x = x, L.w = packed.data_ptr<float>(), L.bias = bias, L.residual = residual, L.y = y;
+  int MR = 0;
+  switch (std::min<int64_t>(g.Np / kL, kMaxNV)) {
+    case 1: L.run = &run_items<rows_for(1)>, MR = rows_for(1); break;
+    case 2: L.run = &run_items<rows_for(2)>, MR = rows_for(2); break;
+    case 3: L.run = &run_items<rows_for(3)>, MR = rows_for(3); break;
+    default: L.run = &run_items<rows_for(4)>, MR = rows_for(4); break;
+  }
+  L.work = g.B * g.Ho * g.Wo == 0 || g.C_out == 0 ? Split{1, 0, 1} : split_work(g, MR, threads);
+}
+
+// The convolution into y (channels-last contiguous), the arguments checked by conv2d_nhwc_prepacked: x float32
+// with unit channel stride, packed float32 contiguous, bias contiguous (C_out,), a residual channels-last.
+void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
+  const ConvShapes s{x.size(0), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(2), x.stride(3),
+                     y.size(1), y.size(2), y.size(3)};
+  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  const float* res = residual.has_value() && residual->defined() ? residual->data_ptr<float>() : nullptr;
+  Layer L;
+  prepare(L, s, x.data_ptr<float>(), packed, bp, res, y.data_ptr<float>(), kernel_size, stride, padding, dilation,
+          relu, at::get_num_threads());
+  parallel(L.items(), [&](int64_t u0, int64_t u1) { L.run(L, u0, u1); }, "fused_conv2d");
 }
 
 }  // namespace
@@ -505,51 +594,81 @@ at::Tensor conv2d_nhwc_pack_cpu(const at::Tensor& weight, bool padded) {
 
 namespace {
 
-// The convolution into y (channels-last contiguous), the arguments checked by conv2d_nhwc_prepacked: x float32
-// with unit channel stride, packed float32 contiguous, bias contiguous (C_out,), a residual channels-last.
-void conv2d_nhwc(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                 const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, at::Tensor& y) {
-  Geometry g{};
-  g.B = x.size(0), g.C_in = x.size(1), g.H = x.size(2), g.W = x.size(3);
-  g.C_out = y.size(1), g.Ho = y.size(2), g.Wo = y.size(3);
-  g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1];
-  g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
-  g.xsb = x.stride(0), g.xsh = x.stride(2), g.xsw = x.stride(3);
-  g.copied = g.ph > 0 || g.pw > 0;
-  const Grouping grouping = channel_groups(g.C_out, g.C_in, g.copied);
-  g.Np = packed.size(1), g.G = grouping.G, g.Cp = grouping.Cp, g.relu = relu;
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == g.kh * g.kw * g.Cp / g.G &&
-                  g.Np == packed_columns(g.C_out, g.G),
-              "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
-              " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu, padded = ", g.copied, ")");
-  if (g.B * g.Ho * g.Wo == 0 || g.C_out == 0) return;
-  const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-  float bias_rep[kL];
-  g.pixels_packed = g.G > 1 && g.C_out * g.G == g.Np;
-  g.bias_rep = nullptr;
-  if (g.pixels_packed && bp != nullptr) {
-    for (int l = 0; l < kL; ++l) bias_rep[l] = bp[l % g.C_out];
-    g.bias_rep = bias_rep;
+// The checks of one convolution's arguments shared by the operators below (op: the operator's name); returns
+// the output's height and width and makes *bias contiguous.
+std::array<int64_t, 2> checked_output_size(const char* op, at::IntArrayRef x_sizes, const at::Tensor& packed,
+                                           std::optional<at::Tensor>* bias, at::IntArrayRef kernel_size,
+                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, int64_t out_channels) {
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, stride, padding and dilation are pairs");
+  for (int d = 0; d < 2; ++d)
+    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0, op,
+                ": kernel_size, stride and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", stride,
+                ", ", dilation, ", ", padding);
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.device().is_cpu(), op,
+              ": packed must be the contiguous float32 CPU tensor of conv2d_nhwc_pack_cpu, got ",
+              packed.scalar_type());
+  if (bias->has_value() && (*bias)->defined()) {
+    TORCH_CHECK((*bias)->dim() == 1 && (*bias)->numel() == out_channels && (*bias)->scalar_type() == at::kFloat &&
+                    (*bias)->device().is_cpu(),
+                op, ": bias must be float32 (", out_channels, ",) on the CPU, got ", (*bias)->sizes(), " ",
+                (*bias)->scalar_type());
+    **bias = (*bias)->contiguous();
   }
-  const float* res = residual.has_value() && residual->defined() ? residual->data_ptr<float>() : nullptr;
-  const int64_t src_sh = g.copied ? (g.W + 2 * g.pw) * g.Cp : g.xsh;
-  const int64_t src_sw = g.copied ? g.Cp : g.xsw;
-  const bool row_runs = g.dw * src_sw == g.Cp;
-  g.nseg = row_runs ? g.kh : g.kh * g.kw, g.seg_len = row_runs ? g.kw * g.Cp : g.Cp;
-  std::vector<int64_t> segments(static_cast<size_t>(g.nseg));
-  for (int64_t s = 0; s < g.nseg; ++s)
-    segments[s] = row_runs ? s * g.dh * src_sh : (s / g.kw) * g.dh * src_sh + (s % g.kw) * g.dw * src_sw;
-  std::copy_n(segments.begin(), std::min<size_t>(segments.size(), 64), g.seg_off);
-  g.seg_list = segments.data();
-  const float* wp = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (std::min<int64_t>(g.Np / kL, kMaxNV)) {
-    case 1: return run<rows_for(1)>(g, x.data_ptr<float>(), wp, bp, res, yp);
-    case 2: return run<rows_for(2)>(g, x.data_ptr<float>(), wp, bp, res, yp);
-    case 3: return run<rows_for(3)>(g, x.data_ptr<float>(), wp, bp, res, yp);
-    default: return run<rows_for(4)>(g, x.data_ptr<float>(), wp, bp, res, yp);
+  std::array<int64_t, 2> out{};
+  for (int d = 0; d < 2; ++d) {
+    out[d] = (x_sizes[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out[d] > 0, op, ": input ", x_sizes, " is too small for a ", kernel_size, " kernel with padding ",
+                padding, " and dilation ", dilation);
   }
+  return out;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Runs layers in order in one parallel region. Each layer's work items are cut into one share per thread (the
+// contiguous ranges a parallel call of that layer would give the threads); a thread first takes its own share,
+// then any share left, and starts the next layer once every item of this one is done. A thread waits only for
+// shares another thread has taken, so the chain completes with however many threads the region gets, one
+// included.
+void run_chain(const std::vector<Layer>& layers, int64_t threads) {
+  const size_t n = layers.size(), shares = static_cast<size_t>(std::max<int64_t>(threads, 1));
+  std::unique_ptr<std::atomic<bool>[]> taken(new std::atomic<bool>[n * shares]);
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[n]);
+  for (size_t i = 0; i < n * shares; ++i) taken[i].store(false, std::memory_order_relaxed);
+  for (size_t l = 0; l < n; ++l) done[l].store(0, std::memory_order_relaxed);
+  std::atomic<bool> failed{false};
+  auto worker = [&](size_t first) {
+    try {
+      for (size_t l = 0; l < n; ++l) {
+        const Layer& L = layers[l];
+        const int64_t items = L.items(), per_share = (items + shares - 1) / shares;
+        for (size_t k = 0; k < shares; ++k) {
+          const size_t share = (first + k) % shares;
+          const int64_t u0 = static_cast<int64_t>(share) * per_share, u1 = std::min(items, u0 + per_share);
+          if (u0 >= u1 || taken[l * shares + share].exchange(true, std::memory_order_relaxed)) continue;
+          L.run(L, u0, u1);
+          done[l].fetch_add(u1 - u0, std::memory_order_release);
+        }
+        while (done[l].load(std::memory_order_acquire) < items) {
+          if (failed.load(std::memory_order_relaxed)) return;
+          cpu_relax();
+        }
+      }
+    } catch (...) {
+      failed.store(true, std::memory_order_relaxed);
+      throw;
+    }
+  };
+  parallel(static_cast<int64_t>(shares), [&](int64_t begin, int64_t) { worker(static_cast<size_t>(begin)); },
+           "fused_conv2d (chain)");
 }
 
 }  // namespace
@@ -558,43 +677,121 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t out_channels, bool relu) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "sparsekern::_conv2d_nhwc_prepacked: x must be a float32 (B, C_in, H, W) CPU tensor, got ",
-              x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "sparsekern::_conv2d_nhwc_prepacked: kernel_size, stride, padding and dilation are pairs");
-  for (int d = 0; d < 2; ++d)
-    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
-                "sparsekern::_conv2d_nhwc_prepacked: kernel_size, stride and dilation must be >= 1 and padding >= 0, "
-                "got ", kernel_size, ", ", stride, ", ", dilation, ", ", padding);
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous(),
-              "sparsekern::_conv2d_nhwc_prepacked: packed must be the contiguous float32 tensor of "
-              "conv2d_nhwc_pack_cpu, got ", packed.scalar_type());
+  constexpr const char* op = "sparsekern::_conv2d_nhwc_prepacked";
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), op,
+              ": x must be a float32 (B, C_in, H, W) CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   std::optional<at::Tensor> b = bias;
-  if (b.has_value() && b->defined()) {
-    TORCH_CHECK(b->dim() == 1 && b->numel() == out_channels && b->scalar_type() == at::kFloat,
-                "sparsekern::_conv2d_nhwc_prepacked: bias must be float32 (", out_channels, ",), got ", b->sizes(),
-                " ", b->scalar_type());
-    *b = b->contiguous();
-  }
-  int64_t out[2];
-  for (int d = 0; d < 2; ++d) {
-    out[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) / stride[d] + 1;
-    TORCH_CHECK(out[d] > 0, "sparsekern::_conv2d_nhwc_prepacked: input ", x.sizes(), " is too small for a ",
-                kernel_size, " kernel with padding ", padding, " and dilation ", dilation);
-  }
+  const auto out = checked_output_size(op, x.sizes(), packed, &b, kernel_size, stride, padding, dilation,
+                                       out_channels);
   at::Tensor y = at::empty({x.size(0), out_channels, out[0], out[1]},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
   std::optional<at::Tensor> res = residual;
   if (res.has_value() && res->defined()) {
-    TORCH_CHECK(res->sizes() == y.sizes() && res->scalar_type() == at::kFloat,
-                "sparsekern::_conv2d_nhwc_prepacked: the residual must be float32 ", y.sizes(), ", got ",
-                res->sizes());
+    TORCH_CHECK(res->sizes() == y.sizes() && res->scalar_type() == at::kFloat, op, ": the residual must be float32 ",
+                y.sizes(), ", got ", res->sizes());
     if (!res->is_contiguous(at::MemoryFormat::ChannelsLast)) res = res->contiguous(at::MemoryFormat::ChannelsLast);
   }
   conv2d_nhwc(xs, packed, b, res, kernel_size, stride, padding, dilation, relu, y);
   return y;
+}
+
+std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList packed, at::TensorList bias,
+                                          at::IntArrayRef spec, at::IntArrayRef outputs) {
+  constexpr const char* op = "sparsekern::_conv2d_nhwc_chain";
+  const int64_t n_in = static_cast<int64_t>(inputs.size()), n = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(n_in >= 1 && n >= 1 && static_cast<int64_t>(bias.size()) == n &&
+                  static_cast<int64_t>(spec.size()) == n * kChainSpec,
+              op, ": expected at least one input and one layer, a bias (or None) per layer and ", kChainSpec,
+              " spec values per layer; got ", n_in, " inputs, ", n, " packed weights, ", bias.size(), " biases and ",
+              spec.size(), " spec values");
+  // values: the inputs, then each layer's output (NHWC-contiguous, in one arena)
+  struct Value {
+    int64_t B, C, H, W, last_use, offset;
+    const float* p;
+  };
+  std::vector<Value> values(static_cast<size_t>(n_in + n));
+  for (int64_t i = 0; i < n_in; ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.device().is_cpu() &&
+                    t.is_contiguous(at::MemoryFormat::ChannelsLast),
+                op, ": input ", i, " must be a channels-last contiguous float32 (B, C, H, W) CPU tensor, got ",
+                t.sizes(), " ", t.scalar_type(), " with strides ", t.strides());
+    values[i] = {t.size(0), t.size(1), t.size(2), t.size(3), -1, 0, t.data_ptr<float>()};
+  }
+  std::vector<std::optional<at::Tensor>> biases(static_cast<size_t>(n));
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t* s = spec.data() + l * kChainSpec;
+    const int64_t src = s[0], res = s[1], c_out = s[10];
+    TORCH_CHECK(src >= 0 && src < n_in + l && res >= -1 && res < n_in + l && c_out >= 1, op, ": layer ", l,
+                " reads value ", src, " with residual ", res, " and writes ", c_out, " channels; it may read only "
+                "the inputs and earlier layers' outputs (values 0 to ", n_in + l - 1, ")");
+    const Value& in = values[src];
+    if (bias[l].numel() > 0) biases[l] = bias[l];
+    const auto hw = checked_output_size(op, {in.B, in.C, in.H, in.W}, packed[l], &biases[l], {s[2], s[3]},
+                                        {s[4], s[5]}, {s[6], s[7]}, {s[8], s[9]}, c_out);
+    values[n_in + l] = {in.B, c_out, hw[0], hw[1], l, 0, nullptr};
+    values[src].last_use = l;
+    if (res >= 0) {
+      const Value& r = values[res];
+      TORCH_CHECK(r.B == in.B && r.C == c_out && r.H == hw[0] && r.W == hw[1], op, ": layer ", l, "'s residual (",
+                  "value ", res, ") is ", r.B, " x ", r.C, " x ", r.H, " x ", r.W, ", not its output's ", in.B,
+                  " x ", c_out, " x ", hw[0], " x ", hw[1]);
+      values[res].last_use = l;
+    }
+  }
+  for (const int64_t o : outputs) {
+    TORCH_CHECK(o >= n_in && o < n_in + n && values[o].last_use < n, op, ": output ", o,
+                " is not a layer's output (values ", n_in, " to ", n_in + n - 1, ") or is named twice");
+    values[o].last_use = n;
+  }
+  // The outputs get tensors of their own. Each other layer's output takes the smallest free block of one arena
+  // that holds it (free: its last reader ran before this layer), or a new block: the arena holds the values live
+  // at once, not every layer's output.
+  std::vector<at::Tensor> result;
+  result.reserve(outputs.size());
+  for (const int64_t o : outputs) {
+    Value& v = values[o];
+    const auto options = inputs[0].options().memory_format(at::MemoryFormat::ChannelsLast);
+    result.push_back(at::empty({v.B, v.C, v.H, v.W}, options));
+    v.p = result.back().data_ptr<float>();
+  }
+  struct Block {
+    int64_t offset, size, busy_until;
+  };
+  std::vector<Block> blocks;
+  int64_t total = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    Value& v = values[n_in + l];
+    if (v.last_use == n) continue;  // an output: a tensor of its own
+    const int64_t need = (v.B * v.C * v.H * v.W + 15) / 16 * 16;
+    Block* fit = nullptr;
+    for (Block& b : blocks)
+      if (b.busy_until < l && b.size >= need && (fit == nullptr || b.size < fit->size)) fit = &b;
+    if (fit == nullptr) {
+      blocks.push_back({total, need, 0});
+      total += need;
+      fit = &blocks.back();
+    }
+    fit->busy_until = v.last_use;
+    v.offset = fit->offset;
+  }
+  at::Tensor arena = at::empty({total}, inputs[0].options());
+  float* base = arena.data_ptr<float>();
+  for (int64_t l = 0; l < n; ++l)
+    if (values[n_in + l].last_use < n) values[n_in + l].p = base + values[n_in + l].offset;
+  std::vector<Layer> layers(static_cast<size_t>(n));  // prepared in place, never moved
+  const int64_t threads = at::get_num_threads();
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t* s = spec.data() + l * kChainSpec;
+    const Value &in = values[s[0]], &out = values[n_in + l];
+    const ConvShapes shapes{in.B, in.C, in.H, in.W, in.H * in.W * in.C, in.W * in.C, in.C, out.C, out.H, out.W};
+    const float* b = biases[l].has_value() && biases[l]->defined() ? biases[l]->data_ptr<float>() : nullptr;
+    prepare(layers[l], shapes, in.p, packed[l], b, s[1] >= 0 ? values[s[1]].p : nullptr, const_cast<float*>(out.p),
+            {s[2], s[3]}, {s[4], s[5]}, {s[6], s[7]}, {s[8], s[9]}, s[11] != 0, threads);
+  }
+  run_chain(layers, threads);
+  return result;
 }
 
 }  // namespace cpu

@@ -145,6 +145,28 @@ def _prepacked_fake(x, packed, bias, residual, kernel_size, stride, padding, dil
                        memory_format=torch.channels_last)
 
 
+# Several prepacked convolutions run one after another in one parallel region, without a return to the caller
+# between them (sparsekern.conv_chain builds the calls). ``spec`` holds CHAIN_SPEC values per layer: (input value,
+# residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu), values numbering the inputs and then
+# each layer's output; an empty bias is none (TorchScript's tracer takes no list of optional tensors); returns the
+# values named by ``outputs``.
+CHAIN_SPEC = 12
+_LIB.define("_conv2d_nhwc_chain(Tensor[] inputs, Tensor[] packed, Tensor[] bias, int[] spec, int[] outputs) "
+            "-> Tensor[]")
+
+
+@torch.library.register_fake("sparsekern::_conv2d_nhwc_chain", lib=_LIB)
+def _chain_fake(inputs, packed, bias, spec, outputs):
+    shapes = [tuple(t.shape) for t in inputs]
+    for layer in range(len(packed)):
+        src, _, kh, kw, sh, sw, ph, pw, dh, dw, c_out, _ = spec[layer * CHAIN_SPEC:(layer + 1) * CHAIN_SPEC]
+        b, _, h, w = shapes[src]
+        shapes.append((b, c_out, *conv2d_output_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))))
+    x = inputs[0]
+    return [torch.empty(shapes[o], dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            for o in outputs]
+
+
 def _flop_count(x_shape, w_shape, *args, out_val=None, **kwargs) -> int:
     """FLOPs of the convolution, multiply-add = 2 (the epilogue counts 0, as torch counts a conv's bias)."""
     c_out, c_in, kh, kw = (int(s) for s in w_shape)

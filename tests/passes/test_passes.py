@@ -95,7 +95,7 @@ def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, list[bool]], x: to
 
 
 @pytest.mark.parametrize("passes", [("fold_bn",), ("channels_last",), ("onednn",), ("freeze",),
-                                    ("fold_bn", "onednn"), ("fold_bn", "channels_last", "freeze")])
+                                    ("fold_bn", "onednn", "conv_chain"), ("fold_bn", "channels_last", "freeze")])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_passes_leave_the_given_model_untouched(passes: tuple[str, ...], compiled: bool) -> None:
     model = randomize_bn(build("resnet20").eval())
