@@ -99,9 +99,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- bench
 
-#: flag -> default of the flags that define the cases of ``bench models --model``
-CASE_FLAGS = {"ratio": [0.3, 0.5], "batch": [1, 8], "size": 224, "scope": "all", "round_to": 16,
-              "passes": ["fold_bn,onednn,onednn_linear,attention,script"]}
+#: flag -> default of the flags that define the cases of ``bench models --model`` (``passes``: None stands for
+#: ``sk.optimize(..., script=True)``'s CPU path, ``sparsekern.bench.models.DEFAULT_PASSES``)
+CASE_FLAGS = {"ratio": [0.3, 0.5], "batch": [1, 8], "size": 224, "scope": "all", "round_to": 16, "passes": None}
 
 
 def _bench_models(args: argparse.Namespace) -> int:
@@ -112,12 +112,14 @@ def _bench_models(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UsageError(f"{flags} defines the cases of --model NAME; pass --model, or drop it to run the "
                          "standard set")
+    from sparsekern.bench.models import DEFAULT_PASSES
+    from sparsekern.passes import PASSES
+
     for k, default in CASE_FLAGS.items():
         if getattr(args, k) is None:
-            setattr(args, k, default)
+            setattr(args, k, default if k != "passes" else [",".join(DEFAULT_PASSES)])
     if args.model:
         check_image_model(args.model, args.size, flag="--size")
-    from sparsekern.passes import PASSES
 
     paths = [tuple(p for p in spec.split(",") if p) for spec in args.passes]
     unknown = sorted({p for path in paths for p in path} - set(PASSES))
@@ -654,7 +656,8 @@ def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argp
                         help="channel multiple (0: no rounding; default 16), or 'auto': the count this CPU's "
                              "convolution kernels compute anyway (whole SIMD vectors, or a half or quarter of one)")
     models.add_argument("--passes", nargs="+",
-                        help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze)")
+                        help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze; "
+                             "default: the CPU path of sk.optimize(..., script=True))")
     models.add_argument("--threads", type=count, default=2)
     models.add_argument("--warmup", type=nonnegative_int, default=10)
     models.add_argument("--repeats", type=count, default=50)

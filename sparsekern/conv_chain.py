@@ -99,7 +99,10 @@ def conv_chain(model: nn.Module, *, inplace: bool = False) -> torch.fx.GraphModu
             runs[-1].append(node)
         elif runs[-1]:
             runs.append([])
-    for k, run in enumerate(r for r in runs if len(r) >= 2):
+    k = 0
+    for run in (r for r in runs if len(r) >= 2):
+        while hasattr(gm, f"_sk_chain{k}"):  # a graph chained before keeps its chains' names
+            k += 1
         _replace(gm, run, f"_sk_chain{k}", modules)
     return finish_rewrite(gm, {})
 

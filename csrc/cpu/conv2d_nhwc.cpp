@@ -702,10 +702,10 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
   const int64_t n_in = static_cast<int64_t>(inputs.size()), n = static_cast<int64_t>(packed.size());
   TORCH_CHECK(n_in >= 1 && n >= 1 && static_cast<int64_t>(bias.size()) == n &&
                   static_cast<int64_t>(spec.size()) == n * kChainSpec,
-              op, ": expected at least one input and one layer, a bias (or None) per layer and ", kChainSpec,
+              op, ": expected at least one input and one layer, a bias (empty: none) per layer and ", kChainSpec,
               " spec values per layer; got ", n_in, " inputs, ", n, " packed weights, ", bias.size(), " biases and ",
               spec.size(), " spec values");
-  // values: the inputs, then each layer's output (NHWC-contiguous, in one arena)
+  // values: the inputs, then each layer's output (NHWC-contiguous)
   struct Value {
     int64_t B, C, H, W, last_use, offset;
     const float* p;

@@ -141,6 +141,7 @@ def test_pass_chains_zoo_models_without_changing_them(name: str, size: int, batc
         chains = [m for m in chained.modules() if isinstance(m, ConvChain)]
         assert chains and sum(len(c.layers) for c in chains) >= 10
         assert torch.equal(chained(x), plain(x))
+        assert torch.equal(sk.passes.apply(chained, ["conv_chain"])(x), plain(x))  # nothing left to chain
         scripted = sk.passes.apply(model, ["fold_bn", "onednn", "conv_chain", "script"], x)
         assert torch.equal(scripted(x), plain(x))
         other = torch.randn(batch + 2, 3, size, size)  # another batch size through the same chains
