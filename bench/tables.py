@@ -42,6 +42,7 @@ END = "<!-- /bench/tables.py -->"
 
 CHANNEL_SKIP = "channel_skip_conv2d/cpu/float32"
 NARROW_CONV = "fused_conv2d/cpu/float32"
+CONV_CHAIN = "conv_chain/cpu/float32"
 LOWRANK = "lowrank_linear/cpu/float32"
 ATTENTION = "attention/cpu/float32"
 SRU = "sru_recurrence/cpu/float32"
@@ -135,18 +136,40 @@ def onnx_table(results: Path = RESULTS) -> Table:
 def narrow_conv_table(results: Path = RESULTS) -> Table:
     """Per CIFAR ResNet stage, kept fraction and batch: GFLOP/s of oneDNN and of the direct convolution, and the
     faster one's rate against the dense layer's (``kernel_fused_conv2d``)."""
-    part = _load("cpu.json", results)["kernels"][NARROW_CONV]
-    rows = ["| images | dense layer | kept | channels | batch | oneDNN GFLOP/s | direct GFLOP/s | faster | vs dense "
-            "| spread |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in part["rows"]:
+    def cells(r: dict[str, Any]) -> list[str]:
         g = r["gflops"]
+        return [f"{g['onednn']:.0f}", f"{g['direct']:.0f}", r["best"], f"{r['vs_dense']:.2f}"]
+
+    return _stage_table("narrow_conv", NARROW_CONV, ["oneDNN GFLOP/s", "direct GFLOP/s", "faster", "vs dense"], cells,
+                        results)
+
+
+def conv_chain_table(results: Path = RESULTS) -> Table:
+    """Per stage, kept fraction and batch: microseconds per layer of a stack of convolutions as separate calls and
+    as one chain call (``kernel_conv_chain``)."""
+    def cells(r: dict[str, Any]) -> list[str]:
+        t = r["us_per_layer"]
+        return [f"{t['calls']:.1f}", f"{t['chain']:.1f}", f"{r['gain']:.2f}x"]
+
+    return _stage_table("conv_chain", CONV_CHAIN, ["separate calls, us/layer", "chain, us/layer", "gain"], cells,
+                        results)
+
+
+def _stage_table(name: str, key: str, columns: list[str], cells: Callable[[dict[str, Any]], list[str]],
+                 results: Path) -> Table:
+    """A table of a kernel benchmark over CIFAR/demo stages (``kernel_fused_conv2d.STAGES``): the stage columns,
+    ``columns`` filled by ``cells(row)``, and the row's largest spread."""
+    part = _load("cpu.json", results)["kernels"][key]
+    head = ["images", "dense layer", "kept", "channels", "batch", *columns, "spread"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in part["rows"]:
         images = "CIFAR 32x32" if r["network"] == "cifar" else "demo 16x16"
-        rows.append(f"| {images} | {r['dense_channels']} ch, {r['size']}x{r['size']} | {r['keep']:.0%} | "
-                    f"{r['channels']} | {r['batch']} | {g['onednn']:.0f} | {g['direct']:.0f} | {r['best']} | "
-                    f"{r['vs_dense']:.2f} | {max(r['spread'].values()):.0%} |")
-    text = _source("cpu.json", part["command"], f"`kernels[\"{NARROW_CONV}\"]`", part.get("environment")) + "\n\n" \
+        stage = [images, f"{r['dense_channels']} ch, {r['size']}x{r['size']}", f"{r['keep']:.0%}", str(r["channels"]),
+                 str(r["batch"])]
+        rows.append("| " + " | ".join([*stage, *cells(r), f"{max(r['spread'].values()):.0%}"]) + " |")
+    text = _source("cpu.json", part["command"], f"`kernels[\"{key}\"]`", part.get("environment")) + "\n\n" \
         + "\n".join(rows)
-    return Table("narrow_conv", "cpu.json", text)
+    return Table(name, "cpu.json", text)
 
 
 # -- cpu.json: channel_skip_conv2d -----------------------------------------------------------------------------
@@ -493,7 +516,8 @@ def flop_table(results: Path = RESULTS) -> Table:
 # -- all -------------------------------------------------------------------------------------------------------
 
 BUILDERS: tuple[Callable[[Path], Table | list[Table]], ...] = (
-    models_table, narrow_conv_table, onnx_table, channel_skip_table, lowrank_table, attention_table, sru_table,
+    models_table, narrow_conv_table, conv_chain_table, onnx_table, channel_skip_table, lowrank_table, attention_table,
+    sru_table,
     lm_models_table, sanp_table,
     sanp_models_table, static_methods_tables, flop_table)
 

@@ -151,7 +151,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
-KERNEL_OPS = ("attention", "channel_skip_conv2d", "fused_conv2d", "lowrank_linear")
+KERNEL_OPS = ("attention", "channel_skip_conv2d", "conv_chain", "fused_conv2d", "lowrank_linear")
 
 
 def _bench_kernels(args: argparse.Namespace) -> int:

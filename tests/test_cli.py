@@ -40,6 +40,18 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "model.sk").exists() and (tmp_path / "plan.json").exists()
 
 
+def test_bench_kernels_conv_chain_writes_its_rows(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    argv = ["bench", "kernels", "--op", "conv_chain", "--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    part = json.loads(out.read_text())["kernels"]["conv_chain/cpu/float32"]
+    assert len(part["rows"]) == 3 * 2  # the demo's three stages, kept 100% and 50%, batch 1
+    for r in part["rows"]:
+        assert r["batch"] == 1 and set(r["us_per_layer"]) == {"calls", "chain"}
+        assert r["gain"] == pytest.approx(r["us_per_layer"]["calls"] / r["us_per_layer"]["chain"])
+
+
 def test_bench_models_writes_json_and_plot(tmp_path: Path) -> None:
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
     argv = ["bench", "models", "--model", "resnet20", "--size", "16", "--batch", "2", "--ratio", "0.5",

@@ -19,7 +19,7 @@ as the one it replaces). Tests never time; this benchmark is run by hand::
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,7 +27,7 @@ from sparsekern.bench.timing import environment, set_threads, time_interleaved
 from sparsekern.ops.fused_conv2d import PreparedFusedConv2d
 from sparsekern.passes import onednn_weight
 
-__all__ = ["STAGES", "KEEP", "run", "table"]
+__all__ = ["STAGES", "KEEP", "STAGE_HEADER", "check_cpu_float32", "run", "stage_cases", "stage_table", "table"]
 
 #: (network, dense channels, map size) of the stages measured: CIFAR ResNet-20/56 on 32x32 images, and on the
 #: 16x16 digits of ``sparsekern demo``.
@@ -60,41 +60,63 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
     returns a JSON-able document with one row per layer: its GFLOP/s per candidate, the faster candidate, the
     spreads, and ``vs_dense``. CPU float32 only (the kernels compared); the time-budget options of the other
     kernel benchmarks are accepted and unused (every row runs ``repeats`` times)."""
-    if device != "cpu" or dtype != torch.float32:
-        raise ValueError(f"the fused_conv2d benchmark compares CPU float32 kernels; got {device} {dtype}")
-    stages = STAGES[3:] if quick else STAGES
-    batches = batches[:1] if quick else batches
+    check_cpu_float32("fused_conv2d", device, dtype)
     rows = []
     with set_threads(threads):
         env = environment("cpu")
         env.update(dtype="float32", batch=None)
         _row(STAGES[0][1], STAGES[0][2], batches[0], warmup, 1, seed)  # untimed: thread pool, kernels, allocator
-        for net, dense, h in stages:
-            for batch in batches:
-                base = None
-                for keep in KEEP:
-                    r = {"network": net, "dense_channels": dense, "keep": keep,
-                         **_row(max(1, round(dense * keep)), h, batch, warmup, repeats, seed)}
-                    base = base or r["gflops"][r["best"]]
-                    r["vs_dense"] = r["gflops"][r["best"]] / base
-                    rows.append(r)
-                    if progress:
-                        print(f"{net} C={r['channels']} {h}x{h} b{batch}: " + ", ".join(
-                            f"{k} {v:.0f}" for k, v in r["gflops"].items()) + f" GFLOP/s, {r['vs_dense']:.2f} of dense",
-                            file=sys.stderr, flush=True)
+        base = 0.0
+        for case in stage_cases(KEEP, quick, batches):
+            r = {**case, **_row(case["channels"], case["size"], case["batch"], warmup, repeats, seed)}
+            base = r["gflops"][r["best"]] if r["keep"] == KEEP[0] else base  # the dense row comes first
+            r["vs_dense"] = r["gflops"][r["best"]] / base
+            rows.append(r)
+            if progress:
+                print(f"{r['network']} C={r['channels']} {r['size']}x{r['size']} b{r['batch']}: " + ", ".join(
+                    f"{k} {v:.0f}" for k, v in r["gflops"].items()) + f" GFLOP/s, {r['vs_dense']:.2f} of dense",
+                    file=sys.stderr, flush=True)
     return {"op": "fused_conv2d", "environment": env, "rows": rows}
+
+
+def check_cpu_float32(op: str, device: str, dtype: torch.dtype) -> None:
+    """Refuse what a CPU float32 kernel benchmark cannot run."""
+    if device != "cpu" or dtype != torch.float32:
+        raise ValueError(f"the {op} benchmark compares CPU float32 kernels; got {device} {dtype}")
+
+
+def stage_cases(keeps: tuple[float, ...], quick: bool, batches: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Every stage x batch x kept fraction, in that nesting (``quick``: the demo's stages and the first batch):
+    the row fields ``network``, ``dense_channels``, ``size``, ``batch``, ``keep`` and ``channels``."""
+    stages = STAGES[3:] if quick else STAGES
+    return [{"network": net, "dense_channels": dense, "size": h, "batch": batch, "keep": keep,
+             "channels": max(1, round(dense * keep))}
+            for net, dense, h in stages for batch in (batches[:1] if quick else batches) for keep in keeps]
+
+
+#: the first columns of a fixed-width table of stage rows (:func:`stage_table`)
+STAGE_HEADER = f"{'stage':>14} {'keep':>5} {'C':>4} {'batch':>5}"
+
+
+def stage_table(doc: dict[str, Any], layers: str, unit: str, columns: str,
+                cells: Callable[[dict[str, Any]], str]) -> str:
+    """A fixed-width text table of a document whose rows are stages x kept fractions x batches: ``layers``
+    (what was timed) and ``unit`` in the title, the stage columns, then ``columns`` filled by ``cells(row)``."""
+    env = doc["environment"]
+    lines = [f"{layers}, channels-last float32 on {env['device_name']} ({env['threads']} threads); {unit} "
+             "(spread = IQR / median)", f"{STAGE_HEADER} {columns}"]
+    for r in doc["rows"]:
+        stage = f"{r['network']} {r['dense_channels']}@{r['size']}"
+        lines.append(f"{stage:>14} {r['keep']:>5.1f} {r['channels']:>4} {r['batch']:>5} {cells(r)}")
+    return "\n".join(lines)
 
 
 def table(doc: dict[str, Any]) -> str:
     """A fixed-width text table of a :func:`run` document."""
-    env = doc["environment"]
-    lines = [f"3x3 convolutions + bias + ReLU, channels-last float32 on {env['device_name']} ({env['threads']} "
-             f"threads); GFLOP/s (spread = IQR / median)",
-             f"{'stage':>14} {'keep':>5} {'C':>4} {'batch':>5} {'onednn':>14} {'direct':>14} {'best':>7} "
-             f"{'vs dense':>9}"]
-    for r in doc["rows"]:
+    def cells(r: dict[str, Any]) -> str:
         g, s = r["gflops"], r["spread"]
-        lines.append(f"{r['network'] + ' ' + str(r['dense_channels']) + '@' + str(r['size']):>14} {r['keep']:>5.1f} "
-                     f"{r['channels']:>4} {r['batch']:>5} {g['onednn']:>7.0f} ({s['onednn']:>4.0%}) "
-                     f"{g['direct']:>7.0f} ({s['direct']:>4.0%}) {r['best']:>7} {r['vs_dense']:>9.2f}")
-    return "\n".join(lines)
+        return (f"{g['onednn']:>7.0f} ({s['onednn']:>4.0%}) {g['direct']:>7.0f} ({s['direct']:>4.0%}) "
+                f"{r['best']:>7} {r['vs_dense']:>9.2f}")
+
+    return stage_table(doc, "3x3 convolutions + bias + ReLU", "GFLOP/s",
+                       f"{'onednn':>14} {'direct':>14} {'best':>7} {'vs dense':>9}", cells)
