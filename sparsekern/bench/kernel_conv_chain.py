@@ -23,7 +23,7 @@ import torch
 
 from sparsekern.bench.kernel_fused_conv2d import check_cpu_float32, stage_cases, stage_table
 from sparsekern.bench.timing import environment, set_threads, time_interleaved
-from sparsekern.ops import _ext
+from sparsekern.ops.fused_conv2d import PreparedFusedConv2d
 
 __all__ = ["LAYERS", "KEEP", "run", "table"]
 
@@ -46,8 +46,7 @@ def _row(c: int, h: int, batch: int, warmup: int, repeats: int, seed: int, calls
     x = torch.randn(batch, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
     weights = [torch.randn(c, c, 3, 3, generator=g) / (3 * c ** 0.5) for _ in range(LAYERS)]
     bias = [torch.randn(c, generator=g) * 0.1 for _ in range(LAYERS)]
-    pack = _ext.kernel("conv2d_nhwc_pack_cpu")
-    packed = [pack(w, True) for w in weights]
+    packed = [PreparedFusedConv2d(w, b, (1, 1), (1, 1), (1, 1), True, x.shape).packed for w, b in zip(weights, bias)]
     # value i + 1 is layer i's output; layer i (odd) adds value i - 1, the input of the layer before it
     spec = [v for i in range(LAYERS) for v in (i, i - 1 if i % 2 == 1 else -1, 3, 3, 1, 1, 1, 1, 1, 1, c, 1)]
     fns = {"calls": lambda: calls(x, packed, bias, c),
@@ -69,7 +68,6 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
     returns a JSON-able document with one row per stack. CPU float32 only; the time-budget options of the other
     kernel benchmarks are accepted and unused."""
     check_cpu_float32("conv_chain", device, dtype)
-    _ext.load()
     calls = torch.jit.script(_calls)
     rows = []
     with set_threads(threads):
