@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparsekern.bench.timing import environment, set_threads, time_interleaved
+from sparsekern.bench.timing import cpu_float32_run, time_interleaved
 from sparsekern.cost import attention_flops
 from sparsekern.ops.attention import attention
 
@@ -64,12 +64,8 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
     document with one row per (shape, causal): GFLOP/s, median ms and spread per candidate, ``vs_matmul`` and
     ``max_rel_error``. CPU float32 only (the kernel measured); the time-budget options of the other kernel
     benchmarks are accepted and unused (every row runs ``repeats`` times)."""
-    if device != "cpu" or dtype != torch.float32:
-        raise ValueError(f"the attention benchmark measures the CPU float32 kernel; got {device} {dtype}")
     rows = []
-    with set_threads(threads):
-        env = environment("cpu")
-        env.update(dtype="float32", batch=None)
+    with cpu_float32_run("attention", device, dtype, threads) as env:
         _row(*shapes[0], True, 1, 1, seed)  # untimed: the extension's build, thread pool, allocator
         for shape in shapes[:1] if quick else shapes:
             for causal in (True, False):

@@ -21,8 +21,9 @@ from typing import Any, List
 
 import torch
 
-from sparsekern.bench.kernel_fused_conv2d import check_cpu_float32, stage_cases, stage_table
-from sparsekern.bench.timing import environment, set_threads, time_interleaved
+from sparsekern.bench.kernel_fused_conv2d import stage_cases, stage_table
+from sparsekern.bench.timing import cpu_float32_run, time_interleaved
+from sparsekern.conv_chain import ConvChain
 from sparsekern.ops.fused_conv2d import PreparedFusedConv2d
 
 __all__ = ["LAYERS", "KEEP", "run", "table"]
@@ -46,11 +47,12 @@ def _row(c: int, h: int, batch: int, warmup: int, repeats: int, seed: int, calls
     x = torch.randn(batch, c, h, h, generator=g).contiguous(memory_format=torch.channels_last)
     weights = [torch.randn(c, c, 3, 3, generator=g) / (3 * c ** 0.5) for _ in range(LAYERS)]
     bias = [torch.randn(c, generator=g) * 0.1 for _ in range(LAYERS)]
-    packed = [PreparedFusedConv2d(w, b, (1, 1), (1, 1), (1, 1), True, x.shape).packed for w, b in zip(weights, bias)]
+    layers = [PreparedFusedConv2d(w, b, (1, 1), (1, 1), (1, 1), True, x.shape) for w, b in zip(weights, bias)]
     # value i + 1 is layer i's output; layer i (odd) adds value i - 1, the input of the layer before it
-    spec = [v for i in range(LAYERS) for v in (i, i - 1 if i % 2 == 1 else -1, 3, 3, 1, 1, 1, 1, 1, 1, c, 1)]
-    fns = {"calls": lambda: calls(x, packed, bias, c),
-           "chain": lambda: torch.ops.sparsekern._conv2d_nhwc_chain([x], packed, bias, spec, [LAYERS])}
+    chain = ConvChain(layers, [(i, i - 1 if i % 2 == 1 else -1) for i in range(LAYERS)], 1, [LAYERS])
+    packed = [m.packed for m in layers]
+    fns = {"calls": lambda: calls(x, packed, bias, c),  # the operator itself: no Python of ConvChain.forward
+           "chain": lambda: torch.ops.sparsekern._conv2d_nhwc_chain([x], packed, bias, chain.spec, chain.outputs)}
     with torch.inference_mode():
         if not torch.equal(fns["calls"](), fns["chain"]()[0]):
             raise RuntimeError(f"conv_chain benchmark: the chain's result differs from the separate calls' ({c} "
@@ -67,12 +69,9 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
     """Time every stage x kept fraction x batch (module docstring; ``quick``: the demo's stages at batch 1);
     returns a JSON-able document with one row per stack. CPU float32 only; the time-budget options of the other
     kernel benchmarks are accepted and unused."""
-    check_cpu_float32("conv_chain", device, dtype)
     calls = torch.jit.script(_calls)
     rows = []
-    with set_threads(threads):
-        env = environment("cpu")
-        env.update(dtype="float32", batch=None)
+    with cpu_float32_run("conv_chain", device, dtype, threads) as env:
         for case in stage_cases(KEEP, quick, batches):
             r = {**case, **_row(case["channels"], case["size"], case["batch"], warmup, repeats, seed, calls)}
             rows.append(r)

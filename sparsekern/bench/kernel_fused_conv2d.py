@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 import torch
 
-from sparsekern.bench.timing import environment, set_threads, time_interleaved
+from sparsekern.bench.timing import cpu_float32_run, time_interleaved
 from sparsekern.ops.fused_conv2d import PreparedFusedConv2d
 from sparsekern.passes import onednn_weight
 
-__all__ = ["STAGES", "KEEP", "STAGE_HEADER", "check_cpu_float32", "run", "stage_cases", "stage_table", "table"]
+__all__ = ["STAGES", "KEEP", "STAGE_HEADER", "run", "stage_cases", "stage_table", "table"]
 
 #: (network, dense channels, map size) of the stages measured: CIFAR ResNet-20/56 on 32x32 images, and on the
 #: 16x16 digits of ``sparsekern demo``.
@@ -60,11 +60,8 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
     returns a JSON-able document with one row per layer: its GFLOP/s per candidate, the faster candidate, the
     spreads, and ``vs_dense``. CPU float32 only (the kernels compared); the time-budget options of the other
     kernel benchmarks are accepted and unused (every row runs ``repeats`` times)."""
-    check_cpu_float32("fused_conv2d", device, dtype)
     rows = []
-    with set_threads(threads):
-        env = environment("cpu")
-        env.update(dtype="float32", batch=None)
+    with cpu_float32_run("fused_conv2d", device, dtype, threads) as env:
         _row(STAGES[0][1], STAGES[0][2], batches[0], warmup, 1, seed)  # untimed: thread pool, kernels, allocator
         base = 0.0
         for case in stage_cases(KEEP, quick, batches):
@@ -77,12 +74,6 @@ def run(*, device: str = "cpu", dtype: torch.dtype = torch.float32, threads: int
                     f"{k} {v:.0f}" for k, v in r["gflops"].items()) + f" GFLOP/s, {r['vs_dense']:.2f} of dense",
                     file=sys.stderr, flush=True)
     return {"op": "fused_conv2d", "environment": env, "rows": rows}
-
-
-def check_cpu_float32(op: str, device: str, dtype: torch.dtype) -> None:
-    """Refuse what a CPU float32 kernel benchmark cannot run."""
-    if device != "cpu" or dtype != torch.float32:
-        raise ValueError(f"the {op} benchmark compares CPU float32 kernels; got {device} {dtype}")
 
 
 def stage_cases(keeps: tuple[float, ...], quick: bool, batches: tuple[int, ...]) -> list[dict[str, Any]]:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["SERVING_BLOCK", "Timing", "time_interleaved", "set_threads", "environment", "allocator",
-           "hold_freed_memory", "rotation", "CudaGraphed"]
+__all__ = ["SERVING_BLOCK", "Timing", "time_interleaved", "set_threads", "cpu_float32_run", "environment",
+           "allocator", "hold_freed_memory", "rotation", "CudaGraphed"]
 
 
 @dataclass
@@ -237,6 +237,19 @@ def set_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def cpu_float32_run(op: str, device: str, dtype: torch.dtype, threads: int | None) -> Iterator[dict[str, Any]]:
+    """The setting of a benchmark of CPU float32 kernels: refuses another ``device`` or ``dtype`` (naming ``op``),
+    runs the block with ``threads`` (:func:`set_threads`) and yields its environment record (dtype float32, no
+    batch) for the document."""
+    if device != "cpu" or dtype != torch.float32:
+        raise ValueError(f"the {op} benchmark measures CPU float32 kernels; got {device} {dtype}")
+    with set_threads(threads):
+        env = environment("cpu")
+        env.update(dtype="float32", batch=None)
+        yield env
 
 
 def _cpu_model() -> str:
