@@ -35,14 +35,19 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
                                  int64_t out_channels, bool relu);
 
 // The CPU kernel of sparsekern::_conv2d_nhwc_chain (schema in sparsekern/ops/fused_conv2d.py): convolutions of
-// conv2d_nhwc_prepacked run one after another in one parallel region. Values are the inputs (channels-last
-// float32), then each layer's output; layer l's kChainSpec spec values are (input value, residual value or -1,
-// kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu), and it may read only the inputs and earlier layers'
-// outputs; an empty bias is none. Returns the values named by outputs (distinct layers' outputs), each a
-// channels-last tensor of its own; the other layers' outputs live in one scratch buffer.
-constexpr int64_t kChainSpec = 12;
+// conv2d_nhwc_prepacked and pooled-MLP gates (as _gate_guard's) run one after another in one parallel region.
+// Values are the inputs (channels-last float32), then each layer's output; layer l's kChainSpec spec values are
+// (input value, residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu, gate or -1), and it may
+// read only the inputs and earlier layers' outputs; an empty bias is none. Gate k's kGateSpec values are (input
+// value, granularity, out_channels, the layer it runs before (n: after the last)) and its kGateTensors tensors
+// (w1, b1, w2, b2, group_always, group_fixed, computed); a layer naming gate k multiplies its output by the
+// gate's per-sample mask of the computed channels after its epilogue. Returns the values named by outputs
+// (distinct layers' outputs), each a channels-last tensor of its own (the other layers' outputs live in one
+// scratch buffer), then, with gates, whether some sample left a gate's calibration classes (a 0-d bool).
+constexpr int64_t kChainSpec = 13, kGateSpec = 4, kGateTensors = 7;
 std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList packed, at::TensorList bias,
-                                          at::IntArrayRef spec, at::IntArrayRef outputs);
+                                          at::IntArrayRef spec, at::IntArrayRef outputs, at::TensorList gates,
+                                          at::IntArrayRef gate_spec);
 
 // The CPU kernel of the torch operator sparsekern::_gate_guard (schema and reference in
 // sparsekern/ops/gate_guard.py): a pooled-MLP gate's channel mask, whether the batch leaves the calibration classes,

@@ -10,9 +10,8 @@ the classes of each gated layer's outputs on calibration data: **never on**, **a
   channels of the layer that produced its input. Switching outputs are computed for the whole batch, then
   multiplied in place by the per-sample mask. A layer's output is **compact** (only its live channels) when
   every use of it reaches only the layers that read its mask (its consumers), possibly through channel-wise
-  ops (pooling, ReLU); otherwise it keeps every channel. Never-on channels that are computed (all of them in
-  a full-width output; in a compact one, enough to fill the CPU kernels' vector blocks,
-  :func:`sparsekern.compiler.kernel_rounding`) get zero weights and bias, so they come out exactly zero.
+  ops (pooling, ReLU); otherwise it keeps every channel, and its never-on channels get zero weights and bias,
+  so they come out exactly zero.
   Next to each conv, a :class:`GateGuard` evaluates the gate on the same (compact) input and says whether
   the batch leaves the classes: a never-on channel on, or an always-on channel off, for any sample. ``fast``
   returns ``(output, outside)``. Being static, it goes through every inference pass of
@@ -164,6 +163,15 @@ class GateGuard(nn.Module):
         for name, value in zip(("w1", "b1", "w2", "b2"), mlp() if callable(mlp) else (None,) * 4):
             self.register_buffer(name, None if value is None else value.detach().clone())
 
+    def sk_chain_gate(self) -> tuple | None:
+        """The pooled-MLP gate as a step of a convolution chain (:class:`sparsekern.conv_chain.ConvChain`): ``(w1,
+        b1, w2, b2, group_always, group_fixed, computed, granularity, out_channels)``, or None for a gate run as a
+        module or of another dtype than float32."""
+        if self.gate is not None or self.w1.dtype != torch.float32:
+            return None
+        return (self.w1, self.b1, self.w2, self.b2, self.group_always, self.group_fixed, self.computed,
+                self.granularity, self.out_channels)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.gate is None:
             m, scale, outside = gate_guard(x, self.w1, self.b1, self.w2, self.b2, self.group_always, self.group_fixed,
@@ -304,16 +312,11 @@ def _masked_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _computed_channels(never: torch.Tensor) -> torch.Tensor:
-    """The output channels a compact layer computes: those not never on, plus never-on ones (given zero weights,
-    so their outputs are exact zeros) up to the count the CPU kernels compute anyway
-    (:func:`sparsekern.compiler.kernel_rounding`); sorted indices."""
-    from sparsekern.compiler import kernel_rounding
-
-    live, spare = (~never).nonzero().flatten(), never.nonzero().flatten()
-    if not live.numel():
-        return live
-    extra = min(kernel_rounding(live.numel()), never.numel()) - live.numel()
-    return torch.cat([live, spare[:max(extra, 0)]]).sort().values
+    """The output channels a compact layer computes: those not never on (sorted indices). None is added to fill
+    a vector block: the CPU kernels compute an output block of 5 or of 8 channels in the same time (their lanes hold
+    a whole block either way, sparsekern.ops.fused_conv2d), but the layers reading the output pay for every
+    input channel."""
+    return (~never).nonzero().flatten()
 
 
 def _channel_mask(indices: Sequence[int] | None, channels: int) -> torch.Tensor:

@@ -30,6 +30,7 @@
 // The register blocking is the BLIS scheme (Goto & van de Geijn, "Anatomy of high-performance matrix
 // multiplication", ACM TOMS 2008).
 #include "cpu/common.h"
+#include "cpu/gate.h"
 #include "ops.h"
 
 #include <algorithm>
@@ -442,6 +443,50 @@ Split split_work(const Geometry& g, int MR, int64_t threads) {
   return split(k);
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// A gate of a chain: the pooled-MLP gate of each sample of an NHWC value, writing the samples' scales (B, kept)
+// when scale is not null and raising *outside for a sample that leaves the calibration classes. Work items are
+// (sample, pixel part) pairs (gate.h's kPoolParts): each pools its part, and the item that completes a sample's
+// parts decides the gate for it and marks the sample ready (state[b] == kDecided). No item allocates or throws.
+struct GateStep {
+  static constexpr int kDecided = kPoolParts + 1;
+  PooledMlpGate gate{};
+  const float* x = nullptr;  // (B, pixels, C_in)
+  int64_t B = 0, pixels = 0;
+  float* scale = nullptr;
+  std::atomic<bool>* outside = nullptr;
+  float* parts = nullptr;             // (B, kPoolParts, C_in)
+  float* scratch = nullptr;           // (B, gate_scratch(gate))
+  std::atomic<int>* state = nullptr;  // (B,): parts pooled so far, then kDecided
+
+  int64_t items() const { return B * kPoolParts; }
+  void run(int64_t u0, int64_t u1) const {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t b = u / kPoolParts;
+      const int part = static_cast<int>(u % kPoolParts);
+      float* sums = parts + b * kPoolParts * gate.c_in;
+      gate_pool_part(x + b * pixels * gate.c_in, gate.c_in, pixels, true, part, sums + part * gate.c_in);
+      if (state[b].fetch_add(1, std::memory_order_acq_rel) != kPoolParts - 1) continue;
+      if (gate_decide(gate, sums, pixels, scratch + b * gate_scratch(gate), nullptr,
+                      scale == nullptr ? nullptr : scale + b * gate.kept))
+        outside->store(true, std::memory_order_relaxed);
+      state[b].store(kDecided, std::memory_order_release);
+    }
+  }
+  // Waits until samples b0 .. b1 - 1 are decided (their items taken by running threads: see run_chain).
+  void wait(int64_t b0, int64_t b1) const {
+    for (int64_t b = b0; b < b1; ++b)
+      while (state[b].load(std::memory_order_acquire) != kDecided) cpu_relax();
+  }
+};
+
 // One convolution ready to run: its geometry, where it reads and writes, and how its work is split. Geometry
 // points into the layer (segments, bias_rep): a Layer is prepared in place and not moved after.
 struct Layer {
@@ -450,10 +495,37 @@ struct Layer {
   float bias_rep[kL];
   Split work{};
   const float *x = nullptr, *w = nullptr, *bias = nullptr, *residual = nullptr;
+  const float* scale = nullptr;       // (B, C_out): each sample's output channels multiplied by it last, or null
+  const GateStep* scale_gate = nullptr;  // the gate that writes scale, waited for per sample
   float* y = nullptr;
   void (*run)(const Layer&, int64_t, int64_t) = nullptr;  // work items [u0, u1)
   int64_t items() const { return work.chunks * work.parts; }
 };
+
+// y[m, :] *= scale[m / hw, :] for pixels m0 .. m1 - 1 of a chunk (y and scale from its first sample): the
+// per-sample channel mask of a gated layer, as a multiply (so -0 and NaN come out as torch's in-place multiply
+// gives them); samples whose row is all ones are left as they are. A sample's pixels are one run of floats whose
+// scale repeats every C: it is walked in whole vectors against the scale repeated over C vectors.
+void scale_pixels(float* y, int64_t m0, int64_t m1, int64_t hw, int64_t C, const float* scale) {
+  thread_local Buffer<float> repeated;
+  float* rep = repeated.get(static_cast<size_t>(C * kL));
+  for (int64_t m = m0; m < m1;) {
+    const int64_t b = m / hw, end = std::min(m1, (b + 1) * hw);
+    const float* s = scale + b * C;
+    if (!std::all_of(s, s + C, [](float v) { return v == 1.0f; })) {
+      for (int64_t r = 0; r < kL; ++r) std::copy_n(s, C, rep + r * C);
+      float* p = y + m * C;
+      const int64_t n = (end - m) * C;
+      int64_t i = 0, j = 0;  // j = i mod C kL
+      for (; i + kL <= n; i += kL, j = j + kL == C * kL ? 0 : j + kL) vstore(p + i, vmul(vload(p + i), vload(rep + j)));
+      if (i < n) {
+        const uint32_t lanes = (1u << (n - i)) - 1u;
+        vstore_mask(p + i, vmul(vload_mask(p + i, lanes), vload_mask(rep + j, lanes)), lanes);
+      }
+    }
+    m = end;
+  }
+}
 
 // Work items u0 .. u1 - 1 of L: tiles of MR pixels, in chunks of samples (split_work). Where the tiles read a
 // copy of x (g.copied), each chunk is copied into the thread's buffer (BorderedCopy, kept in cache for the tiles
@@ -503,6 +575,13 @@ void run_items(const Layer& L, int64_t u0, int64_t u1) {
           const int nv = static_cast<int>(std::min<int64_t>(kMaxNV, (g.Np - n0) / kL));
           run_tile<MR>(nv, g, base, L.w, L.bias, rc, yc, m0, rows, n0);
         }
+      }
+    }
+    if (L.scale != nullptr) {
+      const int64_t m_lo = tiles * part / parts * MR, m_hi = std::min(pixels, tiles * (part + 1) / parts * MR);
+      if (m_lo < m_hi) {
+        L.scale_gate->wait(b0 + m_lo / hw, b0 + (m_hi - 1) / hw + 1);
+        scale_pixels(yc, m_lo, m_hi, hw, g.C_out, L.scale + b0 * g.C_out);
       }
     }
   }
@@ -625,21 +704,32 @@ std::array<int64_t, 2> checked_output_size(const char* op, at::IntArrayRef x_siz
   return out;
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
 
-// Runs layers in order in one parallel region. Each layer's work items are cut into one share per thread (the
-// contiguous ranges a parallel call of that layer would give the threads); a thread first takes its own share,
-// then any share left, and starts the next layer once every item of this one is done. A thread waits only for
-// shares another thread has taken, so the chain completes with however many threads the region gets, one
-// included.
-void run_chain(const std::vector<Layer>& layers, int64_t threads) {
-  const size_t n = layers.size(), shares = static_cast<size_t>(std::max<int64_t>(threads, 1));
+// One unit of work of a chain: a convolution (work items: its Split) or a gate. A unit with `barrier` ends a
+// step: no thread starts the next unit before every unit of the step is done.
+struct Unit {
+  const Layer* layer = nullptr;
+  const GateStep* gate = nullptr;
+  bool barrier = false;
+  int64_t items() const { return layer != nullptr ? layer->items() : gate->items(); }
+  void run(int64_t u0, int64_t u1) const {
+    if (layer != nullptr) {
+      layer->run(*layer, u0, u1);
+    } else {
+      gate->run(u0, u1);
+    }
+  }
+};
+
+// Runs units in order in one parallel region. Each unit's work items are cut into one share per thread (the
+// contiguous ranges a parallel call of that unit would give the threads); a thread first takes its own share,
+// then any share left, and goes on to the next unit, waiting at the end of each step until all of its units are
+// done. A step is the gates that run before a layer, then the layer: the layer's items wait only for the
+// decisions of the samples they scale, and every share of the step's gates has been taken, by a running thread,
+// before any thread reaches the layer. So a thread waits only for shares another thread has taken, and the chain
+// completes with however many threads the region gets, one included.
+void run_chain(const std::vector<Unit>& units, int64_t threads) {
+  const size_t n = units.size(), shares = static_cast<size_t>(std::max<int64_t>(threads, 1));
   std::unique_ptr<std::atomic<bool>[]> taken(new std::atomic<bool>[n * shares]);
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[n]);
   for (size_t i = 0; i < n * shares; ++i) taken[i].store(false, std::memory_order_relaxed);
@@ -647,20 +737,24 @@ void run_chain(const std::vector<Layer>& layers, int64_t threads) {
   std::atomic<bool> failed{false};
   auto worker = [&](size_t first) {
     try {
+      size_t step_begin = 0;
       for (size_t l = 0; l < n; ++l) {
-        const Layer& L = layers[l];
-        const int64_t items = L.items(), per_share = (items + shares - 1) / shares;
+        const Unit& unit = units[l];
+        const int64_t items = unit.items(), per_share = (items + shares - 1) / shares;
         for (size_t k = 0; k < shares; ++k) {
           const size_t share = (first + k) % shares;
           const int64_t u0 = static_cast<int64_t>(share) * per_share, u1 = std::min(items, u0 + per_share);
           if (u0 >= u1 || taken[l * shares + share].exchange(true, std::memory_order_relaxed)) continue;
-          L.run(L, u0, u1);
+          unit.run(u0, u1);
           done[l].fetch_add(u1 - u0, std::memory_order_release);
         }
-        while (done[l].load(std::memory_order_acquire) < items) {
-          if (failed.load(std::memory_order_relaxed)) return;
-          cpu_relax();
-        }
+        if (!unit.barrier) continue;
+        for (size_t j = step_begin; j <= l; ++j)
+          while (done[j].load(std::memory_order_acquire) < units[j].items()) {
+            if (failed.load(std::memory_order_relaxed)) return;
+            cpu_relax();
+          }
+        step_begin = l + 1;
       }
     } catch (...) {
       failed.store(true, std::memory_order_relaxed);
@@ -697,14 +791,20 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
 }
 
 std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList packed, at::TensorList bias,
-                                          at::IntArrayRef spec, at::IntArrayRef outputs) {
+                                          at::IntArrayRef spec, at::IntArrayRef outputs, at::TensorList gates,
+                                          at::IntArrayRef gate_spec) {
   constexpr const char* op = "sparsekern::_conv2d_nhwc_chain";
   const int64_t n_in = static_cast<int64_t>(inputs.size()), n = static_cast<int64_t>(packed.size());
+  const int64_t n_gates = static_cast<int64_t>(gate_spec.size()) / kGateSpec;
   TORCH_CHECK(n_in >= 1 && n >= 1 && static_cast<int64_t>(bias.size()) == n &&
                   static_cast<int64_t>(spec.size()) == n * kChainSpec,
               op, ": expected at least one input and one layer, a bias (empty: none) per layer and ", kChainSpec,
               " spec values per layer; got ", n_in, " inputs, ", n, " packed weights, ", bias.size(), " biases and ",
               spec.size(), " spec values");
+  TORCH_CHECK(static_cast<int64_t>(gate_spec.size()) == n_gates * kGateSpec &&
+                  static_cast<int64_t>(gates.size()) == n_gates * kGateTensors,
+              op, ": expected ", kGateSpec, " gate_spec values and ", kGateTensors, " tensors per gate; got ",
+              gate_spec.size(), " gate_spec values and ", gates.size(), " gate tensors");
   // values: the inputs, then each layer's output (NHWC-contiguous)
   struct Value {
     int64_t B, C, H, W, last_use, offset;
@@ -722,10 +822,13 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
   std::vector<std::optional<at::Tensor>> biases(static_cast<size_t>(n));
   for (int64_t l = 0; l < n; ++l) {
     const int64_t* s = spec.data() + l * kChainSpec;
-    const int64_t src = s[0], res = s[1], c_out = s[10];
+    const int64_t src = s[0], res = s[1], c_out = s[10], scaled_by = s[12];
     TORCH_CHECK(src >= 0 && src < n_in + l && res >= -1 && res < n_in + l && c_out >= 1, op, ": layer ", l,
                 " reads value ", src, " with residual ", res, " and writes ", c_out, " channels; it may read only "
                 "the inputs and earlier layers' outputs (values 0 to ", n_in + l - 1, ")");
+    TORCH_CHECK(scaled_by >= -1 && scaled_by < n_gates && (scaled_by < 0 || gate_spec[scaled_by * kGateSpec + 3] <= l),
+                op, ": layer ", l, " is scaled by gate ", scaled_by, ", which is not one of the ", n_gates,
+                " gates or runs after it");
     const Value& in = values[src];
     if (bias[l].numel() > 0) biases[l] = bias[l];
     const auto hw = checked_output_size(op, {in.B, in.C, in.H, in.W}, packed[l], &biases[l], {s[2], s[3]},
@@ -739,6 +842,34 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
                   " x ", c_out, " x ", hw[0], " x ", hw[1]);
       values[res].last_use = l;
     }
+  }
+  // the gates: each reads a value while the layer at its position runs (its block stays live until then)
+  std::vector<GateTensors> gate_tensors(static_cast<size_t>(n_gates));
+  std::vector<GateStep> gate_steps(static_cast<size_t>(n_gates));
+  std::vector<at::Tensor> gate_scales(static_cast<size_t>(n_gates));
+  std::atomic<bool> outside{false};
+  for (int64_t k = 0; k < n_gates; ++k) {
+    const int64_t* s = gate_spec.data() + k * kGateSpec;
+    const int64_t src = s[0], at_layer = s[3];
+    TORCH_CHECK(at_layer >= 0 && at_layer <= n && src >= 0 && src < n_in + at_layer, op, ": gate ", k,
+                " runs before layer ", at_layer, " and reads value ", src, "; it may read only the inputs and the "
+                "outputs of the layers before it (values 0 to ", n_in + at_layer - 1, ")");
+    const at::Tensor* t = gates.data() + k * kGateTensors;
+    gate_tensors[k] = {t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
+    Value& in = values[src];
+    GateStep& step = gate_steps[k];
+    step.gate = checked_gate(op, in.C, gate_tensors[k], s[1], s[2]);
+    step.B = in.B, step.pixels = in.H * in.W, step.outside = &outside;
+    in.last_use = std::max(in.last_use, std::min(at_layer, n - 1));  // n - 1: no layer runs with or after it
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t k = spec[l * kChainSpec + 12];
+    if (k < 0) continue;
+    const Value& out = values[n_in + l];
+    TORCH_CHECK(gate_steps[k].gate.kept == out.C && gate_steps[k].B == out.B, op, ": layer ", l, " writes ", out.C,
+                " channels (batch ", out.B, "), but gate ", k, " scales ", gate_steps[k].gate.kept, " channels (batch ",
+                gate_steps[k].B, ")");
+    if (!gate_scales[k].defined()) gate_scales[k] = at::empty({out.B, out.C}, inputs[0].options());
   }
   for (const int64_t o : outputs) {
     TORCH_CHECK(o >= n_in && o < n_in + n && values[o].last_use < n, op, ": output ", o,
@@ -789,8 +920,35 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     const float* b = biases[l].has_value() && biases[l]->defined() ? biases[l]->data_ptr<float>() : nullptr;
     prepare(layers[l], shapes, in.p, packed[l], b, s[1] >= 0 ? values[s[1]].p : nullptr, const_cast<float*>(out.p),
             {s[2], s[3]}, {s[4], s[5]}, {s[6], s[7]}, {s[8], s[9]}, s[11] != 0, threads);
+    if (s[12] >= 0) layers[l].scale = gate_scales[s[12]].data_ptr<float>();
   }
-  run_chain(layers, threads);
+  // the gates' part sums and scratch, and their samples' states, in one allocation each
+  auto gate_floats_of = [](const GateStep& g) { return g.B * (kPoolParts * g.gate.c_in + gate_scratch(g.gate)); };
+  int64_t gate_floats = 0, samples = 0;
+  for (const GateStep& g : gate_steps) gate_floats += gate_floats_of(g), samples += g.B;
+  std::vector<float> gate_work(static_cast<size_t>(gate_floats));
+  std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[std::max<int64_t>(samples, 1)]);
+  for (int64_t i = 0; i < samples; ++i) state[i].store(0, std::memory_order_relaxed);
+  gate_floats = 0, samples = 0;
+  for (int64_t k = 0; k < n_gates; ++k) {
+    GateStep& g = gate_steps[k];
+    g.x = values[gate_spec[k * kGateSpec]].p;
+    if (gate_scales[k].defined()) g.scale = gate_scales[k].data_ptr<float>();
+    g.parts = gate_work.data() + gate_floats, g.scratch = g.parts + g.B * kPoolParts * g.gate.c_in;
+    g.state = state.get() + samples;
+    gate_floats += gate_floats_of(g), samples += g.B;
+  }
+  for (int64_t l = 0; l < n; ++l)
+    if (spec[l * kChainSpec + 12] >= 0) layers[l].scale_gate = &gate_steps[spec[l * kChainSpec + 12]];
+  // each layer after the gates that run before it, in the order given
+  std::vector<Unit> units;
+  for (int64_t l = 0; l <= n; ++l) {
+    for (int64_t k = 0; k < n_gates; ++k)
+      if (gate_spec[k * kGateSpec + 3] == l) units.push_back({nullptr, &gate_steps[k], l == n});
+    if (l < n) units.push_back({&layers[l], nullptr, true});
+  }
+  run_chain(units, threads);
+  if (n_gates > 0) result.push_back(at::scalar_tensor(outside.load(), inputs[0].options().dtype(at::kBool)));
   return result;
 }
 

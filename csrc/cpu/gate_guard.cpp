@@ -7,9 +7,9 @@
 //   scale (B, K, 1, 1) = mask[:, computed] as x's dtype
 //
 // One task per sample (torch's intra-op threads, common.h's parallel): the pooled input (sums over pixels in
-// Vec registers, along channels for NHWC and along pixels for NCHW), the two small matrix-vector products (Vec
-// dot products) and the decisions, with no operator call inside: at batch 1 the whole gate costs about what one
-// dispatch would.
+// Vec registers, along channels for NHWC and along pixels for NCHW, in the kPoolParts pixel ranges of gate.h), the
+// two small matrix-vector products (Vec dot products) and the decisions, with no operator call inside: at batch 1
+// the whole gate costs about what one dispatch would.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -18,46 +18,75 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "gate.h"
 
 namespace sparsekern {
 namespace cpu {
 namespace {
 
-// out[c] = sum over the pixels of one sample's channel c: NHWC (pixels x channels) or NCHW (channels x pixels).
-// Up to kChains vectors are summed side by side: one accumulator would wait on each add's latency.
+// Sums of a pixel range of NHWC rows, for up to kChains * kL channels starting at x: NV vectors of channels, each
+// summed in kChains / NV accumulators over interleaved pixels (one accumulator would wait on each add's latency),
+// combined in order at the end.
 constexpr int kChains = 4;
 
-void pool(const float* x, int64_t channels, int64_t pixels, bool nhwc, float* out) {
+template <int NV>
+void pool_nhwc(const float* x, int64_t stride, int64_t p0, int64_t p1, const uint32_t (&lanes)[kChains], float* out) {
+  constexpr int Q = kChains / NV;
+  Vec acc[Q][NV];
+  for (int i = 0; i < Q; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vzero();
+  int64_t p = p0;
+  for (; p + Q <= p1; p += Q)
+#pragma GCC unroll 4
+    for (int i = 0; i < Q; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = vadd(acc[i][j], vload_mask(x + (p + i) * stride + j * kL, lanes[j]));
+  for (; p < p1; ++p)
+    for (int j = 0; j < NV; ++j) acc[0][j] = vadd(acc[0][j], vload_mask(x + p * stride + j * kL, lanes[j]));
+  for (int j = 0; j < NV; ++j) {
+    Vec r = acc[0][j];
+    for (int i = 1; i < Q; ++i) r = vadd(r, acc[i][j]);
+    vstore_mask(out + j * kL, r, lanes[j]);
+  }
+}
+
+}  // namespace
+
+void gate_pool_part(const float* x, int64_t channels, int64_t pixels, bool nhwc, int part, float* out) {
+  const int64_t p0 = pixels * part / kPoolParts, p1 = pixels * (part + 1) / kPoolParts;
   if (nhwc) {
     for (int64_t c = 0; c < channels; c += kChains * kL) {
-      Vec acc[kChains];
       uint32_t lanes[kChains];
+      int nv = 0;
       for (int j = 0; j < kChains; ++j) {
         const int64_t n = std::clamp<int64_t>(channels - c - j * kL, 0, kL);
         lanes[j] = n == kL ? ~0u : (1u << n) - 1u;
-        acc[j] = vzero();
+        nv += n > 0;
       }
-      for (int64_t p = 0; p < pixels; ++p) {
-        const float* px = x + p * channels + c;
-        for (int j = 0; j < kChains; ++j) acc[j] = vadd(acc[j], vload_mask(px + j * kL, lanes[j]));
+      switch (nv) {
+        case 1: pool_nhwc<1>(x + c, channels, p0, p1, lanes, out + c); break;
+        case 2: pool_nhwc<2>(x + c, channels, p0, p1, lanes, out + c); break;
+        case 3: pool_nhwc<3>(x + c, channels, p0, p1, lanes, out + c); break;
+        default: pool_nhwc<4>(x + c, channels, p0, p1, lanes, out + c); break;
       }
-      for (int j = 0; j < kChains; ++j) vstore_mask(out + c + j * kL, acc[j], lanes[j]);
     }
     return;
   }
   for (int64_t c = 0; c < channels; ++c) {
     const float* row = x + c * pixels;
     Vec acc[kChains] = {vzero(), vzero(), vzero(), vzero()};
-    int64_t p = 0;
-    for (; p + kChains * kL <= pixels; p += kChains * kL) {
+    int64_t p = p0;
+    for (; p + kChains * kL <= p1; p += kChains * kL) {
       for (int j = 0; j < kChains; ++j) acc[j] = vadd(acc[j], vload(row + p + j * kL));
     }
-    for (; p + kL <= pixels; p += kL) acc[0] = vadd(acc[0], vload(row + p));
+    for (; p + kL <= p1; p += kL) acc[0] = vadd(acc[0], vload(row + p));
     float sum = hsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
-    for (; p < pixels; ++p) sum += row[p];
+    for (; p < p1; ++p) sum += row[p];
     out[c] = sum;
   }
 }
+
+namespace {
 
 // sum of a[i] * b[i] for i < n, in Vec registers (a plain loop would stay scalar: float sums are not reassociated)
 float dot(const float* a, const float* b, int64_t n) {
@@ -73,58 +102,79 @@ float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
+bool gate_decide(const PooledMlpGate& g, const float* parts, int64_t pixels, float* scratch, bool* mask,
+                 float* scale) {
+  float *pooled = scratch, *h = scratch + g.c_in, *decided = h + g.hidden;
+  std::copy_n(parts, g.c_in, pooled);
+  for (int part = 1; part < kPoolParts; ++part)
+    for (int64_t c = 0; c < g.c_in; ++c) pooled[c] += parts[part * g.c_in + c];
+  const float inv = pixels > 0 ? 1.0f / static_cast<float>(pixels) : 0.0f;
+  for (int64_t j = 0; j < g.hidden; ++j) h[j] = std::max(dot(g.w1 + j * g.c_in, pooled, g.c_in) * inv + g.b1[j], 0.0f);
+  bool flagged = false;
+  for (int64_t group = 0; group < g.groups; ++group) {
+    const bool on = dot(g.w2 + group * g.hidden, h, g.hidden) + g.b2[group] > 0.0f;
+    decided[group] = on ? 1.0f : 0.0f;
+    flagged |= g.fixed[group] && on != g.always[group];
+    if (mask != nullptr)
+      std::fill(mask + group * g.granularity, mask + std::min((group + 1) * g.granularity, g.out_channels), on);
+  }
+  if (scale != nullptr)
+    for (int64_t k = 0; k < g.kept; ++k) scale[k] = decided[g.computed[k] / g.granularity];
+  return flagged;
+}
+
+PooledMlpGate checked_gate(const char* op, int64_t c_in, GateTensors& t, int64_t granularity, int64_t out_channels) {
+  TORCH_CHECK(granularity >= 1 && out_channels >= 1, op, ": a gate's granularity and out_channels must be >= 1, got ",
+              granularity, " and ", out_channels);
+  const int64_t groups = (out_channels + granularity - 1) / granularity;
+  for (at::Tensor* p : {&t.w1, &t.b1, &t.w2, &t.b2}) {
+    TORCH_CHECK(p->scalar_type() == at::kFloat && p->device().is_cpu(), op,
+                ": the gate's weights must be float32 CPU tensors, got ", p->scalar_type());
+    *p = p->contiguous();
+  }
+  const int64_t hidden = t.w1.dim() == 2 ? t.w1.size(0) : -1;
+  TORCH_CHECK(t.w1.dim() == 2 && t.w1.size(1) == c_in && t.b1.numel() == hidden && t.w2.dim() == 2 &&
+                  t.w2.size(0) == groups && t.w2.size(1) == hidden && t.b2.numel() == groups,
+              op, ": a gate's w1 (h, C_in), b1 (h,), w2 (n, h), b2 (n,) with n = ceil(out_channels / granularity) = ",
+              groups, " do not fit its input's ", c_in, " channels: got ", t.w1.sizes(), ", ", t.b1.sizes(), ", ",
+              t.w2.sizes(), ", ", t.b2.sizes());
+  TORCH_CHECK(t.always.scalar_type() == at::kBool && t.fixed.scalar_type() == at::kBool &&
+                  t.always.numel() == groups && t.fixed.numel() == groups,
+              op, ": group_always and group_fixed must be bool tensors of ", groups, " groups");
+  TORCH_CHECK(t.computed.scalar_type() == at::kLong && t.computed.dim() == 1, op, ": computed must be 1-D int64");
+  t.always = t.always.contiguous(), t.fixed = t.fixed.contiguous(), t.computed = t.computed.contiguous();
+  const int64_t* idx = t.computed.data_ptr<int64_t>();
+  for (int64_t k = 0; k < t.computed.numel(); ++k)
+    TORCH_CHECK(idx[k] >= 0 && idx[k] < out_channels, op, ": computed channel ", idx[k], " is not one of the ",
+                out_channels, " output channels");
+  return {t.w1.data_ptr<float>(), t.b1.data_ptr<float>(), t.w2.data_ptr<float>(), t.b2.data_ptr<float>(),
+          t.always.data_ptr<bool>(), t.fixed.data_ptr<bool>(), idx, c_in, hidden, groups, granularity, out_channels,
+          t.computed.numel()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_guard_cpu(
     const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const at::Tensor& group_always, const at::Tensor& group_fixed, const at::Tensor& computed, int64_t granularity,
     int64_t out_channels) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "_gate_guard: x must be a float32 (B, C, H, W) tensor");
-  TORCH_CHECK(granularity >= 1 && out_channels >= 1, "_gate_guard: granularity and out_channels must be >= 1");
-  const int64_t groups = (out_channels + granularity - 1) / granularity;
-  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == groups, "_gate_guard: w2 must have ceil(out_channels / granularity) = ",
-              groups, " rows, got ", w2.sizes());
-  TORCH_CHECK(group_always.scalar_type() == at::kBool && group_fixed.scalar_type() == at::kBool &&
-                  group_always.numel() == groups && group_fixed.numel() == groups,
-              "_gate_guard: group_always and group_fixed must be bool tensors of ", groups, " groups");
-  TORCH_CHECK(computed.scalar_type() == at::kLong && computed.dim() == 1, "_gate_guard: computed must be 1-D int64");
   const at::Tensor xc = x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous();
   const bool nhwc = !xc.is_contiguous();  // NHWC-contiguous and not also NCHW-contiguous
-  const at::Tensor w1c = w1.contiguous(), b1c = b1.contiguous(), w2c = w2.contiguous(), b2c = b2.contiguous();
-  const at::Tensor always = group_always.contiguous(), fixed = group_fixed.contiguous(), index = computed.contiguous();
-  const int64_t batch = x.size(0), c_in = x.size(1), pixels = x.size(2) * x.size(3), hidden = w1c.size(0);
-  const int64_t kept = index.numel();
-  TORCH_CHECK(w1c.dim() == 2 && w1c.size(1) == c_in && b1c.numel() == hidden && w2c.size(1) == hidden &&
-                  b2c.numel() == groups,
-              "_gate_guard: w1 (h, C_in), b1 (h,), w2 (n, h), b2 (n,) do not fit x's ", c_in, " channels");
-  TORCH_CHECK(w1c.scalar_type() == at::kFloat && b1c.scalar_type() == at::kFloat && w2c.scalar_type() == at::kFloat &&
-                  b2c.scalar_type() == at::kFloat,
-              "_gate_guard: the gate's weights must be float32");
+  const int64_t batch = x.size(0), c_in = x.size(1), pixels = x.size(2) * x.size(3);
+  GateTensors t{w1, b1, w2, b2, group_always, group_fixed, computed};
+  const PooledMlpGate gate = checked_gate("_gate_guard", c_in, t, granularity, out_channels);
   at::Tensor mask = at::empty({batch, out_channels}, x.options().dtype(at::kBool));
-  at::Tensor scale = at::empty({batch, kept, 1, 1}, x.options());
+  at::Tensor scale = at::empty({batch, gate.kept, 1, 1}, x.options());
   const float* xp = xc.data_ptr<float>();
-  const float *p1 = w1c.data_ptr<float>(), *q1 = b1c.data_ptr<float>(), *p2 = w2c.data_ptr<float>(),
-              *q2 = b2c.data_ptr<float>();
-  const bool* a = always.data_ptr<bool>();
-  const bool* f = fixed.data_ptr<bool>();
-  const int64_t* idx = index.data_ptr<int64_t>();
   bool* m = mask.data_ptr<bool>();
   float* s = scale.data_ptr<float>();
-  for (int64_t k = 0; k < kept; ++k) {
-    TORCH_CHECK(idx[k] >= 0 && idx[k] < out_channels, "_gate_guard: computed channel ", idx[k], " out of range");
-  }
   std::vector<char> flagged(batch, 0);
-  const float inv = pixels > 0 ? 1.0f / static_cast<float>(pixels) : 0.0f;
   parallel(batch, [&](int64_t begin, int64_t end) {
-    std::vector<float> pooled(c_in), h(hidden);
+    std::vector<float> parts(kPoolParts * c_in), scratch(gate_scratch(gate));
     for (int64_t b = begin; b < end; ++b) {
-      pool(xp + b * c_in * pixels, c_in, pixels, nhwc, pooled.data());
-      for (int64_t j = 0; j < hidden; ++j) h[j] = std::max(dot(p1 + j * c_in, pooled.data(), c_in) * inv + q1[j], 0.0f);
-      bool* row = m + b * out_channels;
-      for (int64_t g = 0; g < groups; ++g) {
-        const bool on = dot(p2 + g * hidden, h.data(), hidden) + q2[g] > 0.0f;
-        flagged[b] |= f[g] && on != a[g];
-        std::fill(row + g * granularity, row + std::min((g + 1) * granularity, out_channels), on);
-      }
-      for (int64_t k = 0; k < kept; ++k) s[b * kept + k] = row[idx[k]] ? 1.0f : 0.0f;
+      for (int part = 0; part < kPoolParts; ++part)
+        gate_pool_part(xp + b * c_in * pixels, c_in, pixels, nhwc, part, parts.data() + part * c_in);
+      flagged[b] = gate_decide(gate, parts.data(), pixels, scratch.data(), m + b * gate.out_channels,
+                               s + b * gate.kept);
     }
   }, "_gate_guard");
   const bool outside = std::any_of(flagged.begin(), flagged.end(), [](char v) { return v != 0; });

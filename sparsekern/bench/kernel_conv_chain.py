@@ -51,8 +51,9 @@ def _row(c: int, h: int, batch: int, warmup: int, repeats: int, seed: int, calls
     # value i + 1 is layer i's output; layer i (odd) adds value i - 1, the input of the layer before it
     chain = ConvChain(layers, [(i, i - 1 if i % 2 == 1 else -1) for i in range(LAYERS)], 1, [LAYERS])
     packed = [m.packed for m in layers]
+    op = torch.ops.sparsekern._conv2d_nhwc_chain
     fns = {"calls": lambda: calls(x, packed, bias, c),  # the operator itself: no Python of ConvChain.forward
-           "chain": lambda: torch.ops.sparsekern._conv2d_nhwc_chain([x], packed, bias, chain.spec, chain.outputs)}
+           "chain": lambda: op([x], packed, bias, chain.spec, chain.outputs, [], [])}
     with torch.inference_mode():
         if not torch.equal(fns["calls"](), fns["chain"]()[0]):
             raise RuntimeError(f"conv_chain benchmark: the chain's result differs from the separate calls' ({c} "

@@ -145,26 +145,31 @@ def _prepacked_fake(x, packed, bias, residual, kernel_size, stride, padding, dil
                        memory_format=torch.channels_last)
 
 
-# Several prepacked convolutions run one after another in one parallel region, without a return to the caller
-# between them (sparsekern.conv_chain builds the calls). ``spec`` holds CHAIN_SPEC values per layer: (input value,
-# residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu), values numbering the inputs and then
-# each layer's output; an empty bias is none (TorchScript's tracer takes no list of optional tensors); returns the
-# values named by ``outputs``.
-CHAIN_SPEC = 12
-_LIB.define("_conv2d_nhwc_chain(Tensor[] inputs, Tensor[] packed, Tensor[] bias, int[] spec, int[] outputs) "
-            "-> Tensor[]")
+# Several prepacked convolutions, and pooled-MLP gates (sparsekern.ops.gate_guard's), run one after another in one
+# parallel region, without a return to the caller between them (sparsekern.conv_chain builds the calls). ``spec``
+# holds CHAIN_SPEC values per layer: (input value, residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw,
+# out_channels, relu, gate or -1), values numbering the inputs and then each layer's output; an empty bias is none
+# (TorchScript's tracer takes no list of optional tensors). Gate k has GATE_SPEC values in ``gate_spec`` (input
+# value, granularity, out_channels, the layer it runs before) and GATE_TENSORS tensors in ``gates`` (w1, b1, w2,
+# b2, group_always, group_fixed, computed); a layer naming it multiplies its output by the gate's per-sample mask of
+# the computed channels, last. Returns the values named by ``outputs``, then, with gates, whether some sample left
+# a gate's calibration classes (0-d bool).
+CHAIN_SPEC, GATE_SPEC, GATE_TENSORS = 13, 4, 7
+_LIB.define("_conv2d_nhwc_chain(Tensor[] inputs, Tensor[] packed, Tensor[] bias, int[] spec, int[] outputs, "
+            "Tensor[] gates, int[] gate_spec) -> Tensor[]")
 
 
 @torch.library.register_fake("sparsekern::_conv2d_nhwc_chain", lib=_LIB)
-def _chain_fake(inputs, packed, bias, spec, outputs):
+def _chain_fake(inputs, packed, bias, spec, outputs, gates, gate_spec):
     shapes = [tuple(t.shape) for t in inputs]
     for layer in range(len(packed)):
-        src, _, kh, kw, sh, sw, ph, pw, dh, dw, c_out, _ = spec[layer * CHAIN_SPEC:(layer + 1) * CHAIN_SPEC]
+        src, _, kh, kw, sh, sw, ph, pw, dh, dw, c_out, _, _ = spec[layer * CHAIN_SPEC:(layer + 1) * CHAIN_SPEC]
         b, _, h, w = shapes[src]
         shapes.append((b, c_out, *conv2d_output_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))))
     x = inputs[0]
-    return [torch.empty(shapes[o], dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-            for o in outputs]
+    values = [torch.empty(shapes[o], dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+              for o in outputs]
+    return values + [x.new_empty((), dtype=torch.bool)] if gate_spec else values
 
 
 def _flop_count(x_shape, w_shape, *args, out_val=None, **kwargs) -> int:
