@@ -288,3 +288,24 @@ def _replace(gm: torch.fx.GraphModule, run: list[torch.fx.Node], roles: dict[tor
                     n.replace_all_uses_with(outside, delete_user_cb=lambda user: user not in members)
     for node in reversed(run):
         gm.graph.erase_node(node)
+    if gates:
+        _merge_flags(gm, outside)
+
+
+def _merge_flags(gm: torch.fx.GraphModule, flag: torch.fx.Node) -> None:
+    """``torch.stack([..., flag, ..., flag, ...]).any()`` (the hybrid compile's guard, once the chain's one flag
+    replaced its gates' flags) with ``flag`` listed once, and as ``flag`` itself where it is the only one."""
+    for stack in list(flag.users):
+        if not (stack.op == "call_function" and stack.target is torch.stack and len(stack.args) == 1
+                and not stack.kwargs and isinstance(stack.args[0], (list, tuple)) and stack.users
+                and all(u.op == "call_method" and u.target == "any" and len(u.args) == 1 and not u.kwargs
+                        for u in stack.users)):
+            continue
+        flags = list(dict.fromkeys(stack.args[0]))
+        if flags == [flag]:
+            for u in list(stack.users):
+                u.replace_all_uses_with(flag)
+                gm.graph.erase_node(u)
+            gm.graph.erase_node(stack)
+        else:
+            stack.args = (flags,)

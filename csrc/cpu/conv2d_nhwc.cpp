@@ -846,7 +846,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
   // the gates: each reads a value while the layer at its position runs (its block stays live until then)
   std::vector<GateTensors> gate_tensors(static_cast<size_t>(n_gates));
   std::vector<GateStep> gate_steps(static_cast<size_t>(n_gates));
-  std::vector<at::Tensor> gate_scales(static_cast<size_t>(n_gates));
+  std::vector<int64_t> scale_at(static_cast<size_t>(n_gates), -1);  // where each gate's scales start, in scales
   std::atomic<bool> outside{false};
   for (int64_t k = 0; k < n_gates; ++k) {
     const int64_t* s = gate_spec.data() + k * kGateSpec;
@@ -862,6 +862,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     step.B = in.B, step.pixels = in.H * in.W, step.outside = &outside;
     in.last_use = std::max(in.last_use, std::min(at_layer, n - 1));  // n - 1: no layer runs with or after it
   }
+  int64_t scale_floats = 0;
   for (int64_t l = 0; l < n; ++l) {
     const int64_t k = spec[l * kChainSpec + 12];
     if (k < 0) continue;
@@ -869,8 +870,9 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     TORCH_CHECK(gate_steps[k].gate.kept == out.C && gate_steps[k].B == out.B, op, ": layer ", l, " writes ", out.C,
                 " channels (batch ", out.B, "), but gate ", k, " scales ", gate_steps[k].gate.kept, " channels (batch ",
                 gate_steps[k].B, ")");
-    if (!gate_scales[k].defined()) gate_scales[k] = at::empty({out.B, out.C}, inputs[0].options());
+    if (scale_at[k] < 0) scale_at[k] = scale_floats, scale_floats += out.B * out.C;
   }
+  std::vector<float> scales(static_cast<size_t>(scale_floats));
   for (const int64_t o : outputs) {
     TORCH_CHECK(o >= n_in && o < n_in + n && values[o].last_use < n, op, ": output ", o,
                 " is not a layer's output (values ", n_in, " to ", n_in + n - 1, ") or is named twice");
@@ -920,7 +922,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     const float* b = biases[l].has_value() && biases[l]->defined() ? biases[l]->data_ptr<float>() : nullptr;
     prepare(layers[l], shapes, in.p, packed[l], b, s[1] >= 0 ? values[s[1]].p : nullptr, const_cast<float*>(out.p),
             {s[2], s[3]}, {s[4], s[5]}, {s[6], s[7]}, {s[8], s[9]}, s[11] != 0, threads);
-    if (s[12] >= 0) layers[l].scale = gate_scales[s[12]].data_ptr<float>();
+    if (s[12] >= 0) layers[l].scale = scales.data() + scale_at[s[12]];
   }
   // the gates' part sums and scratch, and their samples' states, in one allocation each
   auto gate_floats_of = [](const GateStep& g) { return g.B * (kPoolParts * g.gate.c_in + gate_scratch(g.gate)); };
@@ -933,7 +935,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
   for (int64_t k = 0; k < n_gates; ++k) {
     GateStep& g = gate_steps[k];
     g.x = values[gate_spec[k * kGateSpec]].p;
-    if (gate_scales[k].defined()) g.scale = gate_scales[k].data_ptr<float>();
+    if (scale_at[k] >= 0) g.scale = scales.data() + scale_at[k];
     g.parts = gate_work.data() + gate_floats, g.scratch = g.parts + g.B * kPoolParts * g.gate.c_in;
     g.state = state.get() + samples;
     gate_floats += gate_floats_of(g), samples += g.B;

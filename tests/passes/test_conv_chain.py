@@ -309,6 +309,9 @@ def test_pass_chains_a_hybrid_sanp_model_with_its_gates(batch: int) -> None:
         assert sum(len(c.gates) for c in chains) == sum(isinstance(m, GateGuard) for m in plain.fast.modules())
         assert sum(len(c.gates) for c in chains) >= 6 and any(k >= 0 for c in chains for k in c.scales)
         assert not any(n.op == "call_method" and n.target == "mul_" for n in chained.fast.graph.nodes)
+        # the guard's flags: one per chain, each listed once
+        stacked = [a for n in chained.fast.graph.nodes if n.target is torch.stack for a in n.args[0]]
+        assert len(stacked) == len(set(stacked)) <= len(chains)
         scripted = sk.passes.apply(hybrid, ["fold_bn", "onednn", "conv_chain", "script"], x)
         for batch_x in (x, torch.randn(batch, 3, 16, 16, generator=g) * 3):  # the second leaves the classes
             (out, outside), (want, want_outside) = chained.fast(batch_x), plain.fast(batch_x)
