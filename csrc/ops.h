@@ -39,9 +39,9 @@ at::Tensor conv2d_nhwc_prepacked(const at::Tensor& x, const at::Tensor& packed, 
 // Values are the inputs (channels-last float32), then each layer's output; layer l's kChainSpec spec values are
 // (input value, residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw, out_channels, relu, gate or -1), and it may
 // read only the inputs and earlier layers' outputs; an empty bias is none. Gate k's kGateSpec values are (input
-// value, granularity, out_channels, the layer it runs before (n: after the last)) and its kGateTensors tensors
-// (w1, b1, w2, b2, group_always, group_fixed, computed); a layer naming gate k multiplies its output by the
-// gate's per-sample mask of the computed channels after its epilogue. Returns the values named by outputs
+// value, granularity, out_channels, the layer it runs with (n: after the last)) and its kGateTensors tensors
+// (w1, b1, w2, b2, group_always, group_fixed, computed); a layer naming gate k (the one it runs with or a later
+// one) multiplies its output by the gate's per-sample mask of the computed channels after its epilogue. Returns the values named by outputs
 // (distinct layers' outputs), each a channels-last tensor of its own (the other layers' outputs live in one
 // scratch buffer), then, with gates, whether some sample left a gate's calibration classes (a 0-d bool).
 constexpr int64_t kChainSpec = 13, kGateSpec = 4, kGateTensors = 7;

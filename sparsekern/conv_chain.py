@@ -41,9 +41,9 @@ class ConvChain(nn.Module):
     Values are numbered as the operator numbers them: the ``n_inputs`` inputs, then each layer's output. Layer
     ``i`` computes ``layers[i](value[sources[i][0]], value[sources[i][1]])`` (the second: its residual, or -1 for
     none) and may read only the inputs and earlier layers' outputs. Gate ``k`` (a module with ``sk_chain_gate()``,
-    as :class:`sparsekern.hybrid.GateGuard`) reads ``value[gate_sources[k][0]]`` before layer
-    ``gate_sources[k][1]`` runs; a layer with ``scales[i] = k`` multiplies its output by gate ``k``'s per-sample
-    scale, last. Float32 CPU 4-D inputs with the channels the layers expect run as one call (any batch and map
+    as :class:`sparsekern.hybrid.GateGuard`) reads ``value[gate_sources[k][0]]`` while layer
+    ``gate_sources[k][1]`` runs (``len(layers)``: after the last); a layer with ``scales[i] = k`` (that layer or a
+    later one) multiplies its output by gate ``k``'s per-sample scale, last. Float32 CPU 4-D inputs with the channels the layers expect run as one call (any batch and map
     size; channels-last copies of other layouts); any other input runs through the modules one by one, which
     take any input their convolution takes.
     """
@@ -73,7 +73,7 @@ class ConvChain(nn.Module):
             if _chain_gate(g) is None:
                 raise ValueError(f"ConvChain: gate {k} ({type(g).__name__}) has no sk_chain_gate() tensors")
             if not (0 <= at <= len(layers) and 0 <= src < n_inputs + at):
-                raise ValueError(f"ConvChain: gate {k} runs before layer {at} and reads value {src}; it may read only "
+                raise ValueError(f"ConvChain: gate {k} runs with layer {at} and reads value {src}; it may read only "
                                  f"the inputs and the outputs of the layers before it (0 to {n_inputs + at - 1})")
         for i, k in enumerate(scales):
             if not (k == -1 or (0 <= k < len(gates) and gate_sources[k][1] <= i)):
@@ -262,7 +262,7 @@ def _replace(gm: torch.fx.GraphModule, run: list[torch.fx.Node], roles: dict[tor
 
     sources = [(value(n.args[0]), value(n.args[1] if len(n.args) > 1 else None)) for n in convs]
     order = {n: i for i, n in enumerate(run)}
-    position = {g: sum(1 for c in convs if order[c] < order[g]) for g in gates}  # the layer each gate runs before
+    position = {g: sum(1 for c in convs if order[c] < order[g]) for g in gates}  # the layer each gate runs with
     scales = [-1] * len(convs)
     for n in run:
         if roles[n] == "scale":

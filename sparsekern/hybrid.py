@@ -50,7 +50,7 @@ from sparsekern.ops.gate_guard import gate_guard, guard_outputs
 from sparsekern.plan import DynamicLayer, Plan, PlanError
 from sparsekern.tuning import GuardedModelCall, Tuner, current_tuner
 
-__all__ = ["BiasOnly", "GateGuard", "GuardedModel", "NoChannels", "compile_hybrid", "is_calibrated"]
+__all__ = ["GateGuard", "GuardedModel", "compile_hybrid", "is_calibrated"]
 
 #: ops through which a gated layer's output may reach its consumers and stay compact (they act per channel)
 _CHANNELWISE_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.ReLU, nn.Identity, nn.Dropout)
@@ -207,45 +207,6 @@ def _input_sliced_gate(gate: nn.Module, live_in: torch.Tensor | None, channels: 
     return slicer(live_in) if callable(slicer) else _ExpandedInput(gate, live_in, channels)
 
 
-class _Geometry(nn.Module):
-    """A conv's output size for an input size; with stride 1 and "same" padding it is the input's own, taken
-    without arithmetic (a traced graph then records no size computation)."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
-        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
-        self.same = self.stride == (1, 1) and all(
-            2 * p == d * (k - 1) for p, d, k in zip(self.padding, self.dilation, self.kernel_size))
-
-    def out_size(self, x: torch.Tensor) -> list[int]:
-        if self.same:
-            return list(x.shape[2:])
-        return [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                for n, p, d, k, s in zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
-
-
-class NoChannels(_Geometry):
-    """A conv with no live output channel: (B, C_in, H, W) -> an empty (B, 0, H_out, W_out)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same:
-            return x.narrow(1, 0, 0)
-        return x.new_zeros(x.shape[0], 0, *self.out_size(x))
-
-
-class BiasOnly(_Geometry):
-    """A conv with no live input channel: (B, 0, H, W) -> its bias (ReLU'd if ``relu``) on every pixel,
-    (B, C_out, H_out, W_out), an expanded view (channel stride 1, so ops with NHWC tensors stay NHWC)."""
-
-    def __init__(self, conv: nn.Conv2d, bias: torch.Tensor, relu: bool) -> None:
-        super().__init__(conv)
-        self.register_buffer("bias", (F.relu(bias) if relu else bias).detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.to(x.dtype)[None, :, None, None].expand(x.shape[0], -1, *self.out_size(x))
-
-
 # ----------------------------------------------------------------------------- compile
 def compile_hybrid(gm: torch.fx.GraphModule, plan: Plan, example_inputs: Any = None) -> GuardedModel:
     """The :class:`GuardedModel` of a traced model whose gated layers are :class:`MaskedConv2d` and whose
@@ -312,11 +273,13 @@ def _masked_input(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _computed_channels(never: torch.Tensor) -> torch.Tensor:
-    """The output channels a compact layer computes: those not never on (sorted indices). None is added to fill
-    a vector block: the CPU kernels compute an output block of 5 or of 8 channels in the same time (their lanes hold
-    a whole block either way, sparsekern.ops.fused_conv2d), but the layers reading the output pay for every
-    input channel."""
-    return (~never).nonzero().flatten()
+    """The output channels a compact layer computes: those not never on (sorted indices), or, where every channel
+    is never on, one of them (zero weights: it comes out exactly zero), so that the layer and its readers stay
+    convolutions, which the inference passes run and chain. None is added to fill a vector block: the CPU kernels
+    compute an output block of 5 or of 8 channels in the same time (their lanes hold a whole block either way,
+    sparsekern.ops.fused_conv2d), but the layers reading the output pay for every input channel."""
+    live = (~never).nonzero().flatten()
+    return live if live.numel() else never.nonzero().flatten()[:1]
 
 
 def _channel_mask(indices: Sequence[int] | None, channels: int) -> torch.Tensor:
@@ -356,23 +319,23 @@ def _static_layer(gm: torch.fx.GraphModule, name: str, layer: MaskedConv2d, node
         mask, flags_node = graph.call_function(operator.getitem, (g, 0)), graph.call_function(operator.getitem, (g, 2))
         flags.append(flags_node)
         scale = graph.call_function(operator.getitem, (g, 1)) if scaled else None
-    relu = layer.relu
-    if w.shape[0] == 0:
-        static: nn.Module = NoChannels(conv)
-    elif w.shape[1] == 0:
-        static, relu = BiasOnly(conv, b, relu), False
-    else:
-        static = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-        with torch.no_grad():
-            static.weight.copy_(w)
-            static.bias.copy_(b)
-        static.requires_grad_(False)
+    kernel, padding, dilation = conv.kernel_size, conv.padding, conv.dilation
+    if layer.gated and bool(never[computed].all()) and all(
+            2 * p == d * (k - 1) for p, d, k in zip(padding, dilation, kernel)):
+        # nothing on: zeros, which a 1x1 kernel with the same stride gives on the same output size
+        kernel, padding, dilation = (1, 1), (0, 0), (1, 1)
+        w = w.new_zeros(w.shape[0], w.shape[1], 1, 1)
+    static = nn.Conv2d(w.shape[1], w.shape[0], kernel, conv.stride, padding, dilation)
+    with torch.no_grad():
+        static.weight.copy_(w)
+        static.bias.copy_(b)
+    static.requires_grad_(False)
     gm.delete_submodule(name)
     gm.add_submodule(name, static)
     y = graph.call_module(name, (x,))
-    if relu:
+    if layer.relu:
         y = graph.call_function(torch.relu, (y,))
-    if scale is not None and w.shape[0]:
+    if scale is not None:
         y = graph.call_method("mul_", (y, scale))
     return y, mask
 

@@ -443,12 +443,19 @@ Split split_work(const Geometry& g, int MR, int64_t threads) {
   return split(k);
 }
 
-inline void cpu_relax() {
+// One turn of a wait for another thread: a pause for the first kSpins turns (waits inside a chain are a few
+// microseconds), then a yield of the core, since the thread waited for may be descheduled (another process
+// busy on the cores) and spinning would only take its time.
+constexpr int kSpins = 256;
+inline void wait_turn(int& turns) {
+  if (turns < kSpins) {
+    ++turns;
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
+    __builtin_ia32_pause();
 #endif
+  } else {
+    std::this_thread::yield();
+  }
 }
 
 // A gate of a chain: the pooled-MLP gate of each sample of an NHWC value, writing the samples' scales (B, kept)
@@ -483,7 +490,7 @@ struct GateStep {
   // Waits until samples b0 .. b1 - 1 are decided (their items taken by running threads: see run_chain).
   void wait(int64_t b0, int64_t b1) const {
     for (int64_t b = b0; b < b1; ++b)
-      while (state[b].load(std::memory_order_acquire) != kDecided) cpu_relax();
+      for (int turns = 0; state[b].load(std::memory_order_acquire) != kDecided;) wait_turn(turns);
   }
 };
 
@@ -749,10 +756,11 @@ void run_chain(const std::vector<Unit>& units, int64_t threads) {
           done[l].fetch_add(u1 - u0, std::memory_order_release);
         }
         if (!unit.barrier) continue;
+        int turns = 0;
         for (size_t j = step_begin; j <= l; ++j)
           while (done[j].load(std::memory_order_acquire) < units[j].items()) {
             if (failed.load(std::memory_order_relaxed)) return;
-            cpu_relax();
+            wait_turn(turns);
           }
         step_begin = l + 1;
       }
@@ -852,7 +860,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     const int64_t* s = gate_spec.data() + k * kGateSpec;
     const int64_t src = s[0], at_layer = s[3];
     TORCH_CHECK(at_layer >= 0 && at_layer <= n && src >= 0 && src < n_in + at_layer, op, ": gate ", k,
-                " runs before layer ", at_layer, " and reads value ", src, "; it may read only the inputs and the "
+                " runs with layer ", at_layer, " and reads value ", src, "; it may read only the inputs and the "
                 "outputs of the layers before it (values 0 to ", n_in + at_layer - 1, ")");
     const at::Tensor* t = gates.data() + k * kGateTensors;
     gate_tensors[k] = {t[0], t[1], t[2], t[3], t[4], t[5], t[6]};
@@ -942,7 +950,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
   }
   for (int64_t l = 0; l < n; ++l)
     if (spec[l * kChainSpec + 12] >= 0) layers[l].scale_gate = &gate_steps[spec[l * kChainSpec + 12]];
-  // each layer after the gates that run before it, in the order given
+  // each layer after the gates that run with it, in the order given
   std::vector<Unit> units;
   for (int64_t l = 0; l <= n; ++l) {
     for (int64_t k = 0; k < n_gates; ++k)

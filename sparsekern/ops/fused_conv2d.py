@@ -150,9 +150,9 @@ def _prepacked_fake(x, packed, bias, residual, kernel_size, stride, padding, dil
 # holds CHAIN_SPEC values per layer: (input value, residual value or -1, kh, kw, sh, sw, ph, pw, dh, dw,
 # out_channels, relu, gate or -1), values numbering the inputs and then each layer's output; an empty bias is none
 # (TorchScript's tracer takes no list of optional tensors). Gate k has GATE_SPEC values in ``gate_spec`` (input
-# value, granularity, out_channels, the layer it runs before) and GATE_TENSORS tensors in ``gates`` (w1, b1, w2,
-# b2, group_always, group_fixed, computed); a layer naming it multiplies its output by the gate's per-sample mask of
-# the computed channels, last. Returns the values named by ``outputs``, then, with gates, whether some sample left
+# value, granularity, out_channels, the layer it runs with: n for after the last) and GATE_TENSORS tensors in
+# ``gates`` (w1, b1, w2, b2, group_always, group_fixed, computed); a layer naming it (the one it runs with or a
+# later one) multiplies its output by the gate's per-sample mask of the computed channels, last. Returns the values named by ``outputs``, then, with gates, whether some sample left
 # a gate's calibration classes (0-d bool).
 CHAIN_SPEC, GATE_SPEC, GATE_TENSORS = 13, 4, 7
 _LIB.define("_conv2d_nhwc_chain(Tensor[] inputs, Tensor[] packed, Tensor[] bias, int[] spec, int[] outputs, "

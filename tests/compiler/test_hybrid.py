@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsekern as sk
 import sparsekern.dynamic as dyn
 from sparsekern.dynamic import MaskedConv2d
-from sparsekern.hybrid import BiasOnly, GateGuard, GuardedModel, NoChannels, is_calibrated
+from sparsekern.hybrid import GateGuard, GuardedModel, is_calibrated
 from sparsekern.methods import sanp
 from sparsekern.models import build
 from sparsekern.plan import Plan, PlanError
@@ -155,13 +155,16 @@ def _forced_sanp_resnet(seed: int) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sanp_resnet_with_empty_and_full_layers_equals_masked(seed: int) -> None:
-    """Blocks whose gated conv keeps no channel (a conv with no output, its consumer a bias), full layers, and
-    switching ones; the SPM gates read compact inputs (their first linear sliced); batch 1 included."""
+    """Blocks whose gated conv keeps no channel (one channel of exact zeros, by a 1x1 conv of the same stride,
+    which its consumer reads), full layers, and switching ones; the SPM gates read compact inputs (their first
+    linear sliced); batch 1 included."""
     model, x = _forced_sanp_resnet(seed)
     cal = dyn.calibrate(sanp.to_plan(model, x), model, x)
     fast, ref = cpu_or_reference(sk.compile(model, cal, x).eval()), sk.masked(model, cal, x).eval()
     parts = dict(fast.fast.named_modules())
-    assert isinstance(parts["layer1.1.conv1"], NoChannels) and isinstance(parts["layer1.1.conv2"], BiasOnly)
+    empty, consumer = parts["layer1.1.conv1"], parts["layer1.1.conv2"]
+    assert empty.weight.shape == (1, 16, 1, 1) and not empty.weight.any() and not empty.bias.any()
+    assert consumer.in_channels == 1 and consumer.weight.shape[2:] == (3, 3)
     assert isinstance(parts["layer2.0.conv1"], nn.Conv2d) and not parts["layer2.0.conv1_guard"].scaled
     guard = parts["layer1.0.conv1_guard"]
     assert isinstance(guard, GateGuard) and guard.gate is None  # the SPM runs as one operator call

@@ -257,7 +257,7 @@ def test_gated_chain_rejects_bad_gates() -> None:
     chain, layers = _gated_chain(0, True)
     modules, sources = [m for *_, m in layers], [(s, r) for s, r, _ in layers]
     gates = list(chain.gates)
-    with pytest.raises(ValueError, match="gate 0 runs before layer 1 and reads value 3"):
+    with pytest.raises(ValueError, match="gate 0 runs with layer 1 and reads value 3"):
         ConvChain(modules, sources, 1, OUTPUTS, gates[:1], [(3, 1)], [-1] * len(layers))
     with pytest.raises(ValueError, match="layer 0 is scaled by gate 0, which is not one of the 1 gates or runs after"):
         ConvChain(modules, sources, 1, OUTPUTS, gates[:1], [(0, 1)], [0] + [-1] * (len(layers) - 1))
@@ -270,8 +270,8 @@ def test_gated_chain_rejects_bad_gates() -> None:
     packed, bias = [m.packed for m in modules], [chain._no_bias if m.bias is None else m.bias for m in modules]
     tensors = [t for g in gates for t in g.sk_chain_gate()[:7]]
     late = list(chain.gate_spec)
-    late[0] = 4  # gate 0 (before layer 0) reads layer 3's output
-    with pytest.raises(RuntimeError, match="gate 0 runs before layer 0 and reads value 4"):
+    late[0] = 4  # gate 0 (with layer 0) reads layer 3's output
+    with pytest.raises(RuntimeError, match="gate 0 runs with layer 0 and reads value 4"):
         op([x], packed, bias, chain.spec, OUTPUTS, tensors, late)
     with pytest.raises(RuntimeError, match="gate_spec values and 7 tensors per gate"):
         op([x], packed, bias, chain.spec, OUTPUTS, tensors[:-1], chain.gate_spec)
