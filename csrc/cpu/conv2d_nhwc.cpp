@@ -443,19 +443,12 @@ Split split_work(const Geometry& g, int MR, int64_t threads) {
   return split(k);
 }
 
-// One turn of a wait for another thread: a pause for the first kSpins turns (waits inside a chain are a few
-// microseconds), then a yield of the core, since the thread waited for may be descheduled (another process
-// busy on the cores) and spinning would only take its time.
-constexpr int kSpins = 256;
-inline void wait_turn(int& turns) {
-  if (turns < kSpins) {
-    ++turns;
+inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
 #endif
-  } else {
-    std::this_thread::yield();
-  }
 }
 
 // A gate of a chain: the pooled-MLP gate of each sample of an NHWC value, writing the samples' scales (B, kept)
@@ -490,7 +483,7 @@ struct GateStep {
   // Waits until samples b0 .. b1 - 1 are decided (their items taken by running threads: see run_chain).
   void wait(int64_t b0, int64_t b1) const {
     for (int64_t b = b0; b < b1; ++b)
-      for (int turns = 0; state[b].load(std::memory_order_acquire) != kDecided;) wait_turn(turns);
+      while (state[b].load(std::memory_order_acquire) != kDecided) cpu_relax();
   }
 };
 
@@ -756,11 +749,10 @@ void run_chain(const std::vector<Unit>& units, int64_t threads) {
           done[l].fetch_add(u1 - u0, std::memory_order_release);
         }
         if (!unit.barrier) continue;
-        int turns = 0;
         for (size_t j = step_begin; j <= l; ++j)
           while (done[j].load(std::memory_order_acquire) < units[j].items()) {
             if (failed.load(std::memory_order_relaxed)) return;
-            wait_turn(turns);
+            cpu_relax();
           }
         step_begin = l + 1;
       }
