@@ -43,9 +43,9 @@ class ConvChain(nn.Module):
     none) and may read only the inputs and earlier layers' outputs. Gate ``k`` (a module with ``sk_chain_gate()``,
     as :class:`sparsekern.hybrid.GateGuard`) reads ``value[gate_sources[k][0]]`` while layer
     ``gate_sources[k][1]`` runs (``len(layers)``: after the last); a layer with ``scales[i] = k`` (that layer or a
-    later one) multiplies its output by gate ``k``'s per-sample scale, last. Float32 CPU 4-D inputs with the channels the layers expect run as one call (any batch and map
-    size; channels-last copies of other layouts); any other input runs through the modules one by one, which
-    take any input their convolution takes.
+    later one) multiplies its output by gate ``k``'s per-sample scale, last. Float32 CPU 4-D inputs with the
+    channels the layers expect run as one call (any batch and map size; channels-last copies of other layouts);
+    any other input runs through the modules one by one, which take any input their convolution takes.
     """
 
     def __init__(self, layers: Sequence[PreparedFusedConv2d], sources: Sequence[tuple[int, int]], n_inputs: int,

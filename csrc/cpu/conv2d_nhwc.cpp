@@ -704,7 +704,6 @@ std::array<int64_t, 2> checked_output_size(const char* op, at::IntArrayRef x_siz
   return out;
 }
 
-
 // One unit of work of a chain: a convolution (work items: its Split) or a gate. A unit with `barrier` ends a
 // step: no thread starts the next unit before every unit of the step is done.
 struct Unit {
@@ -724,7 +723,7 @@ struct Unit {
 // Runs units in order in one parallel region. Each unit's work items are cut into one share per thread (the
 // contiguous ranges a parallel call of that unit would give the threads); a thread first takes its own share,
 // then any share left, and goes on to the next unit, waiting at the end of each step until all of its units are
-// done. A step is the gates that run before a layer, then the layer: the layer's items wait only for the
+// done. A step is the gates that run with a layer, then the layer: the layer's items wait only for the
 // decisions of the samples they scale, and every share of the step's gates has been taken, by a running thread,
 // before any thread reaches the layer. So a thread waits only for shares another thread has taken, and the chain
 // completes with however many threads the region gets, one included.
