@@ -1,5 +1,6 @@
 """The conv_chain pass and its operator: consecutive direct convolutions in one call compute bitwise what the
-separate calls compute, on any graph of inputs, residuals and outputs, with one thread or two."""
+separate calls compute, on any graph of inputs, residuals and outputs, with one thread or two; so do the gates
+of a hybrid SANP model and their mask multiplies inside the chain, the guard's flag included."""
 from __future__ import annotations
 
 import copy
