@@ -69,8 +69,9 @@ class ConvChain(nn.Module):
         if len(gates) != len(gate_sources) or len(scales) != len(layers):
             raise ValueError(f"ConvChain: {len(gates)} gates with {len(gate_sources)} sources and {len(scales)} "
                              f"scales for {len(layers)} layers; one source pair per gate and one scale per layer")
-        for k, (g, (src, at)) in enumerate(zip(gates, gate_sources)):
-            if _chain_gate(g) is None:
+        args = [_chain_gate(g) for g in gates]
+        for k, (g, a, (src, at)) in enumerate(zip(gates, args, gate_sources)):
+            if a is None:
                 raise ValueError(f"ConvChain: gate {k} ({type(g).__name__}) has no sk_chain_gate() tensors")
             if not (0 <= at <= len(layers) and 0 <= src < n_inputs + at):
                 raise ValueError(f"ConvChain: gate {k} runs with layer {at} and reads value {src}; it may read only "
@@ -79,9 +80,9 @@ class ConvChain(nn.Module):
             if not (k == -1 or (0 <= k < len(gates) and gate_sources[k][1] <= i)):
                 raise ValueError(f"ConvChain: layer {i} is scaled by gate {k}, which is not one of the {len(gates)} "
                                  "gates or runs after it")
-            if k >= 0 and _chain_gate(gates[k])[6].numel() != layers[i].out_shape[1]:
+            if k >= 0 and args[k][6].numel() != layers[i].out_shape[1]:
                 raise ValueError(f"ConvChain: layer {i} writes {layers[i].out_shape[1]} channels, but gate {k} scales "
-                                 f"{_chain_gate(gates[k])[6].numel()}")
+                                 f"{args[k][6].numel()}")
         self.layers = nn.ModuleList(layers)
         self.gates = nn.ModuleList(gates)
         self.register_buffer("_no_bias", torch.empty(0), persistent=False)  # the operator's "no bias"
@@ -91,8 +92,7 @@ class ConvChain(nn.Module):
         self.n_inputs, self.outputs = n_inputs, list(outputs)
         self.spec = [v for m, (src, res), k in zip(layers, self.sources, scales) for v in (
             src, res, *m._kernel_size, *m.stride, *m.padding, *m.dilation, m.out_shape[1], int(m.relu), k)]
-        self.gate_spec = [v for g, (src, at) in zip(gates, self.gate_sources)
-                          for v in (src, *_chain_gate(g)[GATE_TENSORS:], at)]
+        self.gate_spec = [v for a, (src, at) in zip(args, self.gate_sources) for v in (src, *a[GATE_TENSORS:], at)]
         # channels each value has, for the check that sends other inputs through the modules one by one
         self._in_channels = [-1] * n_inputs
         for m, (src, _) in zip(layers, self.sources):

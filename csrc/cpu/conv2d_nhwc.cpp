@@ -495,8 +495,7 @@ struct Layer {
   float bias_rep[kL];
   Split work{};
   const float *x = nullptr, *w = nullptr, *bias = nullptr, *residual = nullptr;
-  const float* scale = nullptr;       // (B, C_out): each sample's output channels multiplied by it last, or null
-  const GateStep* scale_gate = nullptr;  // the gate that writes scale, waited for per sample
+  const GateStep* scale_gate = nullptr;  // whose scale (B, C_out) multiplies the output last (per sample), or null
   float* y = nullptr;
   void (*run)(const Layer&, int64_t, int64_t) = nullptr;  // work items [u0, u1)
   int64_t items() const { return work.chunks * work.parts; }
@@ -577,11 +576,11 @@ void run_items(const Layer& L, int64_t u0, int64_t u1) {
         }
       }
     }
-    if (L.scale != nullptr) {
+    if (L.scale_gate != nullptr) {
       const int64_t m_lo = tiles * part / parts * MR, m_hi = std::min(pixels, tiles * (part + 1) / parts * MR);
       if (m_lo < m_hi) {
         L.scale_gate->wait(b0 + m_lo / hw, b0 + (m_hi - 1) / hw + 1);
-        scale_pixels(yc, m_lo, m_hi, hw, g.C_out, L.scale + b0 * g.C_out);
+        scale_pixels(yc, m_lo, m_hi, hw, g.C_out, L.scale_gate->scale + b0 * g.C_out);
       }
     }
   }
@@ -921,7 +920,7 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     const float* b = biases[l].has_value() && biases[l]->defined() ? biases[l]->data_ptr<float>() : nullptr;
     prepare(layers[l], shapes, in.p, packed[l], b, s[1] >= 0 ? values[s[1]].p : nullptr, const_cast<float*>(out.p),
             {s[2], s[3]}, {s[4], s[5]}, {s[6], s[7]}, {s[8], s[9]}, s[11] != 0, threads);
-    if (s[12] >= 0) layers[l].scale = scales.data() + scale_at[s[12]];
+    if (s[12] >= 0) layers[l].scale_gate = &gate_steps[s[12]];
   }
   // the gates' part sums and scratch, and their samples' states, in one allocation each
   auto gate_floats_of = [](const GateStep& g) { return g.B * (kPoolParts * g.gate.c_in + gate_scratch(g.gate)); };
@@ -939,8 +938,6 @@ std::vector<at::Tensor> conv2d_nhwc_chain(at::TensorList inputs, at::TensorList 
     g.state = state.get() + samples;
     gate_floats += gate_floats_of(g), samples += g.B;
   }
-  for (int64_t l = 0; l < n; ++l)
-    if (spec[l * kChainSpec + 12] >= 0) layers[l].scale_gate = &gate_steps[spec[l * kChainSpec + 12]];
   // each layer after the gates that run with it, in the order given
   std::vector<Unit> units;
   for (int64_t l = 0; l <= n; ++l) {
