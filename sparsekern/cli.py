@@ -654,7 +654,8 @@ def _add_bench_models_parser(bench_sub: argparse._SubParsersAction, common: argp
     models.add_argument("--scope", choices=("all", "internal"), help="channel groups pruned (default all)")
     models.add_argument("--round-to", type=round_to_arg,
                         help="channel multiple (0: no rounding; default 16), or 'auto': the count this CPU's "
-                             "convolution kernels compute anyway (whole SIMD vectors, or a half or quarter of one)")
+                             "convolution kernels compute anyway (quarters of a SIMD vector up to one and a half "
+                             "vectors, then whole vectors)")
     models.add_argument("--passes", nargs="+",
                         help="inference paths, each a comma-separated list of passes (e.g. fold_bn,freeze; "
                              "default: the CPU path of sk.optimize(..., script=True))")

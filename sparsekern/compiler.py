@@ -384,15 +384,17 @@ def vector_lanes() -> int:
 
 
 def kernel_rounding(kept: int, lanes: int | None = None) -> int:
-    """The output-channel count the CPU convolutions compute for ``kept`` output channels: whole vectors of
-    ``lanes`` (default :func:`vector_lanes`) above half a vector, else half or a quarter of a vector (the
-    channel groups of ``sparsekern.ops.fused_conv2d``'s channels-last kernel; oneDNN's blocked kernels pad to
-    whole vectors). Rounding a group's kept count up to it costs its producers nothing; its consumers read the
-    added channels (FLOPs that ``sparsekern.flops`` counts)."""
+    """The output-channel count the CPU convolutions compute for ``kept`` output channels: up to one and a half
+    vectors of ``lanes`` (default :func:`vector_lanes`), the next multiple of a quarter vector below one vector or
+    one and a half vectors (the channel groups of ``sparsekern.ops.fused_conv2d``'s channels-last kernel: four
+    input channels per output over up to three vectors, or two), above that whole vectors (oneDNN's blocked
+    kernels pad to whole vectors too). Rounding a group's kept count up to it costs its producers nothing; its
+    consumers read the added channels (FLOPs that ``sparsekern.flops`` counts)."""
     lanes = lanes or vector_lanes()
-    if kept > lanes // 2:
-        return math.ceil(kept / lanes) * lanes
-    return lanes // 4 if kept <= lanes // 4 else lanes // 2
+    for width in (lanes // 4, lanes // 2, 3 * lanes // 4, lanes, 3 * lanes // 2):
+        if kept <= width:
+            return width
+    return math.ceil(kept / lanes) * lanes
 
 
 def round_plan(cg: ChannelGraph, plan: Plan, multiple: int | str) -> Plan:

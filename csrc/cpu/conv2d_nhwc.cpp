@@ -21,9 +21,9 @@
 // registers, then per pixel CU broadcasts. The weights are packed once per layer (conv2d_nhwc_pack_cpu): W as
 // (K, Np), the output channels padded with zero columns to whole vectors.
 //
-// Layers of at most kL output channels use channel groups instead (channel_groups): lanes hold (output, input
-// channel mod G) pairs, so a narrow layer still fills its vectors, and where every lane is live the epilogue sums
-// the groups of several pixels into one full vector.
+// Narrow layers (at most 1.5 kL output channels) use channel groups instead where they need fewer FMAs
+// (channel_groups): lanes hold (output, input channel mod G) pairs, so a narrow layer still fills its vectors, and
+// where every lane is live the epilogue sums the groups of several pixels into one full vector.
 //
 // Epilogue in registers: bias, the residual (same NHWC layout as y) and ReLU, then masked stores of the last
 // partial vector. Tiles are split in contiguous ranges over torch's intra-op threads, so batch 1 uses them too.
@@ -59,9 +59,9 @@ constexpr int kAccumulators = 12, kWeightRegs = 2;
 constexpr int rows_for(int nv) { return kAccumulators / nv; }
 constexpr int channels_for(int nv) { return kWeightRegs / nv > 0 ? kWeightRegs / nv : 1; }
 
-// Channel groups, for layers of at most kL output channels, where one vector per pixel would leave lanes idle or
-// load one input value per FMA: lane o * G + g (over one or two vectors) accumulates output o over the input
-// channels c = g (mod G). One broadcast loads G consecutive input channels of a pixel (contiguous in NHWC) into
+// Channel groups, for narrow layers, where one vector per pixel would leave lanes idle or load one input value per
+// FMA: lane o * G + g (over at most kMaxGroupedNV vectors) accumulates output o over the input channels
+// c = g (mod G). One broadcast loads G consecutive input channels of a pixel (contiguous in NHWC) into
 // every group of G lanes, for every vector of the tile, and the epilogue sums each group. In a padded convolution,
 // whose input is copied anyway, the input channels are taken as Cp = C_in rounded up to a multiple of G: zero
 // channels (zero weights; zero inputs, written by the copy) complete the last group, where they add at most a
@@ -75,17 +75,20 @@ struct Grouping {
   int64_t Cp;  // input channels the kernel reads per pixel
 };
 
-// The grouping with the fewest FMAs per pixel and K value, (Cp / G) * vectors, among G = 1, 2, 4 with at most two
-// vectors of lanes; ties go to more groups (each loaded value then feeds more FMAs).
+// The grouping with the fewest FMAs per pixel and K value, (Cp / G) * vectors, among G = 1, 2, 4 with at most
+// kMaxGroupedNV vectors of lanes; ties go to more groups (each loaded value then feeds more FMAs). Three vectors
+// let 9-12 outputs (AVX-512; 5-6 with AVX2) take four groups and 17-24 (9-12) take two: a third fewer FMAs than
+// whole vectors of outputs, which leave a quarter to a third of the lanes idle (a 30%-pruned 16- or 32-channel
+// layer), for a tile of fewer pixels (rows_for(3)).
+constexpr int kMaxGroupedNV = 3;
 Grouping channel_groups(int64_t c_out, int64_t c_in, bool padded) {
   auto vectors = [&](int G) { return packed_columns(c_out, G) / kL; };
   Grouping best{1, c_in};
   int64_t best_fmas = c_in * vectors(1);
-  if (c_out > kL) return best;
   for (const int G : {2, 4}) {
     const int64_t cp = (c_in + G - 1) / G * G, fmas = cp / G * vectors(G);
     const bool zeros_ok = cp == c_in || (padded && 4 * (cp - c_in) <= c_in);
-    if (vectors(G) <= 2 && zeros_ok && fmas <= best_fmas) best = {G, cp}, best_fmas = fmas;
+    if (vectors(G) <= kMaxGroupedNV && zeros_ok && fmas <= best_fmas) best = {G, cp}, best_fmas = fmas;
   }
   return best;
 }
@@ -136,8 +139,8 @@ inline Vec pair_sums(Vec a, Vec b) {
 }
 
 // The group sums of G vectors of lanes o * G + g, outputs consecutive from r[0] to r[G - 1]: lane j of the result
-// is output j (all kL lanes live when every lane of r is). A pixel spanning NV < G vectors passes them first and any
-// vectors after them; its outputs are then lanes 0 .. NV kL / G - 1.
+// is output j (all kL lanes live when every lane of r is). Fewer than G live vectors go first, followed by any
+// vectors; their outputs are then lanes 0 .. (live vectors) kL / G - 1.
 template <int G>
 inline Vec group_sums(const Vec (&r)[G]) {
   static_assert(G == 2 || G == 4, "two or four channel groups");
@@ -152,8 +155,9 @@ struct Geometry {
   int G;                  // input channels per channel group (1: none)
   int64_t Cp;             // input channels per pixel of what the tiles read (channel_groups)
   bool copied;            // the tiles read a copy of x with a zero border (padding), not x
-  // With channel groups that fill every lane (C_out * G == Np), the outputs of kL / C_out consecutive pixels fill
-  // one vector: the epilogue reduces and stores them together, adding bias_rep (kL values: bias tiled, or null).
+  // With channel groups that fill every lane (C_out * G == Np) over a number of vectors that divides G, the outputs
+  // of kL / C_out consecutive pixels fill one vector: the epilogue reduces and stores them together, adding
+  // bias_rep (kL values: bias tiled, or null).
   bool pixels_packed;
   const float* bias_rep;
   bool relu;
@@ -331,7 +335,7 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
   Vec acc[MR][NV];
 #pragma GCC unroll 24
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
   const int64_t blocks = g.seg_len / G, b_main = blocks / CU * CU;
   for (int64_t s = 0; s < g.nseg; ++s) {
@@ -342,7 +346,7 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
       Vec wv[U][NV];
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) wv[u][v] = vload(wt + ((cb + u) * NV + v) * kL);
 #pragma GCC unroll 24
       for (int i = 0; i < MR; ++i) {
@@ -350,7 +354,7 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
 #pragma GCC unroll 4
         for (int u = 0; u < U; ++u) {
           const Vec a = broadcast_group<G>(pi + u * G);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) acc[i][v] = vfma(a, wv[u][v], acc[i][v]);
         }
       }
@@ -358,41 +362,49 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
     for (int64_t cb = 0; cb < b_main; cb += CU) step_grouped(cb, std::integral_constant<int, CU>{});
     for (int64_t cb = b_main; cb < blocks; ++cb) step_grouped(cb, std::integral_constant<int, 1>{});
   }
-  if (g.pixels_packed) {
-    constexpr int P = G / NV;  // pixels per output vector
-    static_assert(MR % P == 0, "whole output vectors per tile");
+  if constexpr (G % NV == 0) {
+    if (g.pixels_packed) {
+      constexpr int P = G / NV;  // pixels per output vector
+      static_assert(MR % P == 0, "whole output vectors per tile");
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; i += P) {
-      if (i >= rows) break;
+      for (int i = 0; i < MR; i += P) {
+        if (i >= rows) break;
+        Vec r[G];
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) r[p * NV + v] = acc[i + p][v];
+        finish_pixels(g, group_sums<G>(r), residual, y, m0 + i, std::min(P, rows - i));
+      }
+      return;
+    }
+  }
+  // pixel i's outputs: output vector j sums the groups of vectors j G .. j G + G - 1 (those past NV: copies of a live one)
+  auto pixel = [&](int i) {
+#pragma GCC unroll 2
+    for (int j = 0; j * G < NV; ++j) {
       Vec r[G];
 #pragma GCC unroll 4
-      for (int p = 0; p < P; ++p)
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) r[p * NV + v] = acc[i + p][v];
-      finish_pixels(g, group_sums<G>(r), residual, y, m0 + i, std::min(P, rows - i));
+      for (int k = 0; k < G; ++k) r[k] = acc[i][j * G + k < NV ? j * G + k : j * G];
+      finish(g, group_sums<G>(r), bias, residual, y, m0 + i, j * kL);
     }
-    return;
-  }
-  auto pixel_sums = [&](int i) {  // pixel i's vectors, then copies of its first as the vectors after them
-    Vec r[G];
-#pragma GCC unroll 4
-    for (int k = 0; k < G; ++k) r[k] = acc[i][k < NV ? k : 0];
-    return group_sums<G>(r);
   };
   if (rows == MR) {
 #pragma GCC unroll 24
-    for (int i = 0; i < MR; ++i) finish(g, pixel_sums(i), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < MR; ++i) pixel(i);
   } else {
-    for (int i = 0; i < rows; ++i) finish(g, pixel_sums(i), bias, residual, y, m0 + i, 0);
+    for (int i = 0; i < rows; ++i) pixel(i);
   }
 }
 
-// The grouped tile of MR rows (NV = 1 or 2 vectors, whichever MR was sized for).
+// The grouped tile of MR rows (NV = 1 to kMaxGroupedNV vectors, whichever MR was sized for).
 template <int MR, int G>
 void run_tile_grouped(const Geometry& g, const float* const* base, const float* w, const float* bias,
                       const float* residual, float* y, int64_t m0, int rows) {
+  static_assert(kMaxGroupedNV == 3, "a grouped tile per vector count");
   if constexpr (MR == rows_for(1)) return tile_grouped<MR, G, 1>(g, base, w, bias, residual, y, m0, rows);
   if constexpr (MR == rows_for(2)) return tile_grouped<MR, G, 2>(g, base, w, bias, residual, y, m0, rows);
+  if constexpr (MR == rows_for(3)) return tile_grouped<MR, G, 3>(g, base, w, bias, residual, y, m0, rows);
   TORCH_CHECK(false, "fused_conv2d (CPU, NHWC): internal: no ", MR, "-row grouped tile");
 }
 
@@ -609,7 +621,7 @@ void prepare(Layer& L, const ConvShapes& s, const float* x, const at::Tensor& pa
                   g.Np == packed_columns(g.C_out, g.G),
               "fused_conv2d (CPU, NHWC): the packed weight is ", packed.sizes(), ", not the packing of a ", g.C_out,
               " x ", g.C_in, " x ", g.kh, " x ", g.kw, " weight (conv2d_nhwc_pack_cpu, padded = ", g.copied, ")");
-  g.pixels_packed = g.G > 1 && g.C_out * g.G == g.Np;
+  g.pixels_packed = g.G > 1 && g.C_out * g.G == g.Np && g.G % (g.Np / kL) == 0;
   g.bias_rep = nullptr;
   if (g.pixels_packed && bias != nullptr) {
     for (int l = 0; l < kL; ++l) L.bias_rep[l] = bias[l % g.C_out];

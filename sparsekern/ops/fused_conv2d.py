@@ -10,11 +10,11 @@ One torch op, ``torch.ops.sparsekern.fused_conv2d`` (with a fake implementation)
 ========  ============================================================================================
 cpu       CPU float32 direct convolutions with bias, residual and ReLU applied in registers. Channels-last
           inputs: ``csrc/cpu/conv2d_nhwc.cpp``, a GEMM over output pixels taken across rows and samples
-          (so 4x4 and 8x8 maps fill a register tile), vectors along output channels, layers of at most 8
-          output channels packing several input channels into one vector; the weights are packed once per
-          call, or once per layer by :class:`PreparedFusedConv2d`. NCHW inputs:
-          ``csrc/cpu/channel_skip_conv2d.cpp``, the kernel of :func:`channel_skip_conv2d` without masks,
-          vectors along output pixels. Narrow layers (a few to a few dozen channels) and small maps are
+          (so 4x4 and 8x8 maps fill a register tile), vectors along output channels, layers of up to one
+          and a half vectors of outputs packing two or four input channels into each output's lanes where
+          that takes fewer FMAs (channel groups); the weights are packed once per call, or once per layer
+          by :class:`PreparedFusedConv2d`. NCHW inputs: ``csrc/cpu/channel_skip_conv2d.cpp``, the kernel
+          of :func:`channel_skip_conv2d` without masks, vectors along output pixels. Narrow layers (a few to a few dozen channels) and small maps are
           where they pay.
 aten      ``F.conv2d`` (oneDNN on CPU, cuDNN on GPU), then the add and the ReLU (any device and dtype)
 ========  ============================================================================================

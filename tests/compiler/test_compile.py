@@ -94,8 +94,9 @@ def test_rounding_adds_the_most_important_channels() -> None:
         assert_close_to_scale(fast(x), sk.masked(model, fast.sk_plan, x)(x))
 
 
-@pytest.mark.parametrize("lanes, expected", [(16, {1: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 32, 40: 48}),
-                                              (8, {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 9: 16}), (4, {1: 1, 2: 2, 3: 4})])
+@pytest.mark.parametrize("lanes, expected", [
+    (16, {1: 4, 4: 4, 5: 8, 8: 8, 9: 12, 11: 12, 13: 16, 16: 16, 17: 24, 22: 24, 25: 32, 40: 48}),
+    (8, {1: 2, 2: 2, 3: 4, 4: 4, 5: 6, 7: 8, 9: 12, 13: 16}), (4, {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 7: 8})])
 def test_kernel_rounding_is_whole_vectors_or_channel_groups(lanes, expected) -> None:
     assert {k: kernel_rounding(k, lanes) for k in expected} == expected
 

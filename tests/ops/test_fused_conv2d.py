@@ -38,6 +38,9 @@ SHAPES = [
     (3, 8, 8, 5, 7, 3, 1, 1), (1, 4, 4, 5, 5, 3, 1, 1), (2, 6, 16, 5, 5, 3, 2, 1), (1, 10, 8, 5, 5, 3, 1, 1),
     # odd input channels completed to a channel group by zero channels (padded), or not grouped (unpadded)
     (2, 11, 8, 5, 7, 3, 1, 1), (1, 13, 7, 6, 6, 3, 2, 1), (2, 5, 3, 6, 5, 3, 1, 1), (2, 11, 8, 5, 5, 1, 1, 0),
+    # channel groups over three vectors: four groups filling every lane (one pixel per output vector), two groups
+    # with a second, partial output vector
+    (2, 12, 12, 6, 5, 3, 1, 1), (3, 16, 17, 5, 6, 3, 1, 1), (1, 22, 22, 7, 7, 3, 2, 1), (2, 24, 10, 4, 4, 1, 1, 0),
 ]
 
 
