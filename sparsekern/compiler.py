@@ -384,12 +384,12 @@ def vector_lanes() -> int:
 
 
 def kernel_rounding(kept: int, lanes: int | None = None) -> int:
-    """The output-channel count the CPU convolutions compute for ``kept`` output channels: up to one and a half
-    vectors of ``lanes`` (default :func:`vector_lanes`), the next multiple of a quarter vector below one vector or
-    one and a half vectors (the channel groups of ``sparsekern.ops.fused_conv2d``'s channels-last kernel: four
-    input channels per output over up to three vectors, or two), above that whole vectors (oneDNN's blocked
-    kernels pad to whole vectors too). Rounding a group's kept count up to it costs its producers nothing; its
-    consumers read the added channels (FLOPs that ``sparsekern.flops`` counts)."""
+    """The output-channel count the CPU convolutions compute for ``kept`` output channels: the smallest of a
+    quarter, a half, three quarters, one and one and a half vectors of ``lanes`` (default :func:`vector_lanes`)
+    that holds them (the channel groups of ``sparsekern.ops.fused_conv2d``'s channels-last kernel: two or four
+    input channels per output over up to three vectors), else whole vectors (as oneDNN's blocked kernels).
+    Rounding a group's kept count up to it costs its producers nothing; its consumers read the added channels
+    (FLOPs that ``sparsekern.flops`` counts)."""
     lanes = lanes or vector_lanes()
     for width in (lanes // 4, lanes // 2, 3 * lanes // 4, lanes, 3 * lanes // 2):
         if kept <= width:

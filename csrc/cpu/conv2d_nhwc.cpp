@@ -77,8 +77,8 @@ struct Grouping {
 
 // The grouping with the fewest FMAs per pixel and K value, (Cp / G) * vectors, among G = 1, 2, 4 with at most
 // kMaxGroupedNV vectors of lanes; ties go to more groups (each loaded value then feeds more FMAs). Three vectors
-// let 9-12 outputs (AVX-512; 5-6 with AVX2) take four groups and 17-24 (9-12) take two: a third fewer FMAs than
-// whole vectors of outputs, which leave a quarter to a third of the lanes idle (a 30%-pruned 16- or 32-channel
+// let 9-12 outputs (AVX-512; 5-6 with AVX2) take four groups and 17-24 (9-12) take two: up to a quarter fewer FMAs
+// than whole vectors of outputs, which leave up to a third of their lanes idle (a 30%-pruned 16- or 32-channel
 // layer), for a tile of fewer pixels (rows_for(3)).
 constexpr int kMaxGroupedNV = 3;
 Grouping channel_groups(int64_t c_out, int64_t c_in, bool padded) {
@@ -379,7 +379,7 @@ void tile_grouped(const Geometry& g, const float* const* base, const float* __re
       return;
     }
   }
-  // pixel i's outputs: output vector j sums the groups of vectors j G .. j G + G - 1 (those past NV: copies of a live one)
+  // pixel i's outputs: output vector j sums the groups of vectors j G .. j G + G - 1 (past NV: copies of a live one)
   auto pixel = [&](int i) {
 #pragma GCC unroll 2
     for (int j = 0; j * G < NV; ++j) {

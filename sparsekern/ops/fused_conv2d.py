@@ -14,8 +14,8 @@ cpu       CPU float32 direct convolutions with bias, residual and ReLU applied i
           and a half vectors of outputs packing two or four input channels into each output's lanes where
           that takes fewer FMAs (channel groups); the weights are packed once per call, or once per layer
           by :class:`PreparedFusedConv2d`. NCHW inputs: ``csrc/cpu/channel_skip_conv2d.cpp``, the kernel
-          of :func:`channel_skip_conv2d` without masks, vectors along output pixels. Narrow layers (a few to a few dozen channels) and small maps are
-          where they pay.
+          of :func:`channel_skip_conv2d` without masks, vectors along output pixels. Narrow layers (a few
+          to a few dozen channels) and small maps are where they pay.
 aten      ``F.conv2d`` (oneDNN on CPU, cuDNN on GPU), then the add and the ReLU (any device and dtype)
 ========  ============================================================================================
 
